@@ -1,0 +1,171 @@
+//! `weft-iptables`: installs, removes and shows weft's transparent-proxy
+//! rules. Exit code 0 on success, 1 on invalid input or any failure.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use weft_iptables::{Change, Config, ModeChoice, config};
+
+/// Installs, removes and shows weft's transparent-proxy iptables rules.
+#[derive(Debug, Parser)]
+#[command(name = "weft-iptables", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the rules (replacing any earlier weft rules, atomically).
+    Install,
+    /// Remove every weft rule and chain, and nothing else.
+    Uninstall,
+    /// Print the weft rules that are installed.
+    Show,
+}
+
+#[derive(Debug, Args)]
+struct Opts {
+    /// Port of the proxy's outbound listener.
+    #[arg(long, global = true, env = "WEFT_REDIRECT_OUTBOUND_PORT", default_value_t = config::DEFAULT_OUTBOUND_PORT)]
+    redirect_outbound_port: u16,
+    /// Port of the proxy's inbound listener.
+    #[arg(long, global = true, env = "WEFT_REDIRECT_INBOUND_PORT", default_value_t = config::DEFAULT_INBOUND_PORT)]
+    redirect_inbound_port: u16,
+    /// Uid the proxy runs as; its traffic is not redirected.
+    #[arg(long, global = true, env = "WEFT_PROXY_UID", default_value_t = config::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// Inbound TCP ports that bypass the proxy (comma separated).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_EXCLUDE_INBOUND_PORTS",
+        value_delimiter = ','
+    )]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound TCP ports that bypass the proxy (comma separated).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_EXCLUDE_OUTBOUND_PORTS",
+        value_delimiter = ','
+    )]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination CIDRs that bypass the proxy (comma separated).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_EXCLUDE_OUTBOUND_IPS",
+        value_delimiter = ','
+    )]
+    exclude_outbound_ips: Vec<IpNet>,
+    /// Redirect UDP port 53 to the proxy's DNS port.
+    #[arg(long, global = true, env = "WEFT_REDIRECT_DNS")]
+    redirect_dns: bool,
+    /// Port of the proxy's DNS listener.
+    #[arg(long, global = true, env = "WEFT_REDIRECT_DNS_PORT", default_value_t = config::DEFAULT_DNS_PORT)]
+    redirect_dns_port: u16,
+    /// Also handle IPv6 with ip6tables (loop guard `::6`).
+    #[arg(long, global = true, env = "WEFT_IPV6")]
+    ipv6: bool,
+    /// Print the iptables-restore input instead of applying it.
+    #[arg(long, global = true, env = "WEFT_DRY_RUN")]
+    dry_run: bool,
+    /// Which iptables to use: nft, legacy, or auto (detect).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_IPTABLES_MODE",
+        default_value = "auto"
+    )]
+    iptables_mode: ModeChoice,
+}
+
+impl Opts {
+    fn config(&self) -> Config {
+        Config {
+            redirect_outbound_port: self.redirect_outbound_port,
+            redirect_inbound_port: self.redirect_inbound_port,
+            proxy_uid: self.proxy_uid,
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_ips: self.exclude_outbound_ips.clone(),
+            redirect_dns: self.redirect_dns,
+            redirect_dns_port: self.redirect_dns_port,
+            ipv6: self.ipv6,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-iptables: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let o = &cli.opts;
+    match cli.command {
+        Cmd::Install => {
+            let changes = weft_iptables::install(&o.config(), o.iptables_mode, o.dry_run)
+                .context("install failed")?;
+            report(&changes, o.dry_run, "installed");
+        }
+        Cmd::Uninstall => {
+            let changes = weft_iptables::uninstall(o.ipv6, o.iptables_mode, o.dry_run)
+                .context("uninstall failed")?;
+            report(&changes, o.dry_run, "removed");
+        }
+        Cmd::Show => {
+            for installed in weft_iptables::show(o.ipv6, o.iptables_mode).context("show failed")? {
+                println!("# {} (iptables-{})", installed.family, installed.mode);
+                if installed.rules.is_empty() {
+                    println!("# no weft rules installed");
+                } else {
+                    print!("{}", installed.rules);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(changes: &[Change], dry_run: bool, verb: &str) {
+    for c in changes {
+        if let Some(note) = &c.note {
+            eprintln!("weft-iptables: {} : {note}", c.family);
+        }
+        let mode = c
+            .mode
+            .map(|m| format!("iptables-{m}"))
+            .unwrap_or_else(|| "iptables".into());
+        match (&c.input, dry_run) {
+            (Some(input), true) => print!("{input}"),
+            (Some(_), false) => eprintln!("weft-iptables: {} rules {verb} ({mode})", c.family),
+            (None, _) => eprintln!(
+                "weft-iptables: {}: no weft rules installed ({mode})",
+                c.family
+            ),
+        }
+    }
+}
