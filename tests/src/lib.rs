@@ -1,1 +1,49 @@
-//! placeholder
+//! weft's end-to-end test support: a harness that builds small networks out
+//! of Linux network namespaces, runs processes and threads inside them, and
+//! always tears them down.
+//!
+//! - [`netns`]: [`Net`] (one test's network), [`Host`] (one namespace),
+//!   [`Link`]/[`Lan`] (how hosts are joined), [`Proc`] (a child process that
+//!   dies with its guard).
+//! - [`require_root!`]: skips a test, visibly, when not run as root.
+//!
+//! ```no_run
+//! use std::process::Command;
+//! use weft_tests::{Net, require_root};
+//!
+//! # fn main() -> Result<(), weft_tests::Error> {
+//! require_root!(Ok(()));
+//! let net = Net::new()?;
+//! let a = net.host("a")?;
+//! let b = net.host("b")?;
+//! net.link(&a, &b)?;
+//! let mut server = Command::new("sleep");
+//! server.arg("30");
+//! let _server = b.spawn(server)?; // killed when dropped
+//! let up = a.enter(|| std::net::TcpStream::connect((b.ip(), 22)).is_ok())?;
+//! # let _ = up;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod netns;
+
+pub use netns::{Error, Host, Iface, Lan, Link, Net, Proc, Result, TIMEOUT, is_root};
+
+/// Returns early from the calling test, printing `SKIPPED: needs root`, when
+/// the test is not running as root. `require_root!()` returns `()`;
+/// `require_root!(value)` returns `value` (e.g. `Ok(())`).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        $crate::require_root!(())
+    };
+    ($ret:expr) => {
+        if !$crate::is_root() {
+            eprintln!("SKIPPED: needs root ({}:{})", file!(), line!());
+            return $ret;
+        }
+    };
+}
