@@ -154,16 +154,14 @@ impl Config {
                 return invalid(format!("{flag} must not contain port 0"));
             }
         }
-        if !self.ipv6 {
-            if let Some(net) = self
-                .exclude_outbound_ips
-                .iter()
-                .find(|n| Family::V6.contains(n))
-            {
-                return invalid(format!(
-                    "--exclude-outbound-ips contains the IPv6 network {net}, but --ipv6 is not set"
-                ));
-            }
+        let v6 = self
+            .exclude_outbound_ips
+            .iter()
+            .find(|n| Family::V6.contains(n));
+        if let (false, Some(net)) = (self.ipv6, v6) {
+            return invalid(format!(
+                "--exclude-outbound-ips contains the IPv6 network {net}, but --ipv6 is not set"
+            ));
         }
         Ok(())
     }

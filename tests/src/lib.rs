@@ -32,6 +32,13 @@ pub mod netns;
 
 pub use netns::{Error, Host, Iface, Lan, Link, Net, Proc, Result, TIMEOUT, is_root};
 
+/// Prints `SKIPPED: <why>` straight to the process's stderr, past libtest's
+/// output capture, so a skipped test is visible in a normal `cargo test`.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 /// Returns early from the calling test, printing `SKIPPED: needs root`, when
 /// the test is not running as root. `require_root!()` returns `()`;
 /// `require_root!(value)` returns `value` (e.g. `Ok(())`).
@@ -42,7 +49,7 @@ macro_rules! require_root {
     };
     ($ret:expr) => {
         if !$crate::is_root() {
-            eprintln!("SKIPPED: needs root ({}:{})", file!(), line!());
+            $crate::skipped(concat!("needs root (", file!(), ":", line!(), ")"));
             return $ret;
         }
     };

@@ -108,7 +108,7 @@ fn output_is_bounded_in_time() {
 fn teardown_happens_even_on_panic() {
     require_root!();
     let mut names = Vec::new();
-    let mut pid = 0;
+    let mut leaked = None;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let net = Net::new().unwrap();
         let a = net.host("a").unwrap();
@@ -120,15 +120,26 @@ fn teardown_happens_even_on_panic() {
             .args(["netns", "exec", a.netns(), "sleep", "60"])
             .spawn()
             .unwrap();
-        pid = child.id();
+        leaked = Some(child);
         assert!(names.iter().all(|n| netns_exists(n)));
         panic!("boom");
     }));
     assert!(result.is_err());
     assert!(names.iter().all(|n| !netns_exists(n)), "namespaces deleted");
-    // The leaked child was killed; it is a zombie until reaped, so check its state.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(stat.is_empty() || stat.contains(") Z"), "{stat}");
+    // The leaked child was killed by the teardown.
+    let mut child = leaked.unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leaked child still running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!status.success());
 }
 
 #[test]
