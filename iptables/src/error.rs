@@ -60,3 +60,16 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_iptables_names_the_debian_package() {
+        let e = Error::NoIptables {
+            looked_for: "looked for iptables-nft-save".into(),
+        };
+        assert!(e.to_string().contains("Debian package `iptables`"), "{e}");
+    }
+}

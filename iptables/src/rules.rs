@@ -1,8 +1,8 @@
 //! The rules install writes, following Kuma's shape (`kuma.md` §5).
 //!
 //! Everything lives in the `nat` table. `PREROUTING` jumps to
-//! [`INBOUND`](crate::config::INBOUND), `OUTPUT` to
-//! [`OUTBOUND`](crate::config::OUTBOUND); the two `*_REDIRECT` chains hold the
+//! [`INBOUND`], `OUTPUT` to
+//! [`OUTBOUND`]; the two `*_REDIRECT` chains hold the
 //! `REDIRECT` targets. With `--redirect-dns`, three rules in `OUTPUT` (before
 //! the jump) send UDP port 53 to the DNS port, except the proxy's own queries,
 //! and keep the application's TCP DNS away from the outbound listener.

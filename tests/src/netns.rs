@@ -21,10 +21,40 @@
 //! **Running code inside a namespace.** [`Host::spawn`] and
 //! [`Host::output`] start an ordinary [`Command`] from a thread that has
 //! joined the namespace, so the child is in it too, and settings such as
-//! [`CommandExt::uid`](std::os::unix::process::CommandExt::uid) keep working.
+//! [`CommandExt::uid`] keep working.
 //! [`Host::enter`] and [`Host::thread`] run a closure on a thread inside the
 //! namespace: sockets it creates belong to the namespace for their whole
-//! life, whichever thread (or tokio runtime) uses them later.
+//! life, whichever thread (or tokio runtime) uses them later. For async
+//! code, bind a std socket in [`Host::enter`] and hand it to tokio
+//! (`set_nonblocking(true)`, then `tokio::net::TcpListener::from_std`), or
+//! build a current-thread runtime inside [`Host::thread`].
+//!
+//! ```no_run
+//! use std::net::{TcpListener, TcpStream};
+//! use std::process::Command;
+//! use weft_tests::Net;
+//!
+//! # fn main() -> weft_tests::Result<()> {
+//! let net = Net::new()?;
+//! let (client, server) = (net.host("client")?, net.host("server")?);
+//! net.link(&client, &server)?; // client 10.77.0.1, server 10.77.0.2
+//!
+//! // A real binary inside `server`, killed when `_proc` is dropped.
+//! let mut cmd = Command::new("sleep");
+//! cmd.arg("30");
+//! let _proc = server.spawn(cmd)?;
+//!
+//! // In-process sockets inside a namespace.
+//! let listener = server.enter(|| TcpListener::bind("0.0.0.0:8080"))?.expect("bind");
+//! let ip = server.ip();
+//! let _stream = client.enter(move || TcpStream::connect((ip, 8080)))?.expect("connect");
+//! let _conn = listener.accept().expect("accept");
+//!
+//! // Shell one-liners, bounded by `TIMEOUT`.
+//! println!("{}", client.sh("ip -br addr")?);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
