@@ -89,7 +89,7 @@ pub fn format_duration(d: Duration) -> String {
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms % div == 0 {
+        if ms.is_multiple_of(div) {
             return format!("{}{unit}", ms / div);
         }
     }

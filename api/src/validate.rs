@@ -134,16 +134,16 @@ fn validate_tags(path: &str, tags: &BTreeMap<String, String>, need_service: bool
             fail(format!("{path}.{k}"), "tag values must not be empty")?;
         }
     }
-    if let Some(p) = tags.get(PROTOCOL_TAG) {
-        if !PROTOCOLS.contains(&p.as_str()) {
-            fail(
-                format!("{path}.{PROTOCOL_TAG}"),
-                format!(
-                    "unknown protocol {p:?}, expected one of {}",
-                    PROTOCOLS.join(", ")
-                ),
-            )?;
-        }
+    if let Some(p) = tags.get(PROTOCOL_TAG)
+        && !PROTOCOLS.contains(&p.as_str())
+    {
+        fail(
+            format!("{path}.{PROTOCOL_TAG}"),
+            format!(
+                "unknown protocol {p:?}, expected one of {}",
+                PROTOCOLS.join(", ")
+            ),
+        )?;
     }
     Ok(())
 }
@@ -154,10 +154,10 @@ fn validate_backend_ref(
     name: Option<&str>,
     names: &HashSet<&str>,
 ) -> Result {
-    if let Some(n) = name.filter(|n| !n.is_empty()) {
-        if !names.contains(n) {
-            fail(path, format!("{kind} {n:?} is not one of the backends"))?;
-        }
+    if let Some(n) = name.filter(|n| !n.is_empty())
+        && !names.contains(n)
+    {
+        fail(path, format!("{kind} {n:?} is not one of the backends"))?;
     }
     Ok(())
 }
@@ -196,7 +196,7 @@ fn validate_data_source(path: &str, ds: Option<&DataSource>) -> Result {
     if let Some(b64) = &ds.inline {
         let clean: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
         let ok = !clean.is_empty()
-            && clean.len() % 4 == 0
+            && clean.len().is_multiple_of(4)
             && clean
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='));
@@ -272,10 +272,10 @@ fn validate_mesh(m: &MeshSpec) -> Result {
                 if let Some(port) = conf.port {
                     validate_port(&format!("{p}.port"), port)?;
                 }
-                if let Some(path) = &conf.path {
-                    if !path.starts_with('/') {
-                        fail(format!("{p}.path"), format!("{path:?} must start with '/'"))?;
-                    }
+                if let Some(path) = &conf.path
+                    && !path.starts_with('/')
+                {
+                    fail(format!("{p}.path"), format!("{path:?} must start with '/'"))?;
                 }
             }
         }
@@ -293,13 +293,13 @@ fn validate_mesh(m: &MeshSpec) -> Result {
         )?;
         for (i, b) in tracing.backends.iter().enumerate() {
             let p = format!("tracing.backends[{i}]");
-            if let Some(s) = b.sampling {
-                if !(0.0..=100.0).contains(&s) {
-                    fail(
-                        format!("{p}.sampling"),
-                        format!("{s} is out of range 0-100"),
-                    )?;
-                }
+            if let Some(s) = b.sampling
+                && !(0.0..=100.0).contains(&s)
+            {
+                fail(
+                    format!("{p}.sampling"),
+                    format!("{s} is out of range 0-100"),
+                )?;
             }
             let conf = b.conf.clone().unwrap_or_default();
             let (field, value, other) = match b.kind {
@@ -532,13 +532,13 @@ fn validate_traffic_route(r: &TrafficRouteSpec) -> Result {
                 "exactly one of `roundRobin`, `leastRequest` or `random` is required",
             )?;
         }
-        if let Some(c) = lb.least_request.as_ref().and_then(|l| l.choice_count) {
-            if c < 2 {
-                fail(
-                    "conf.loadBalancer.leastRequest.choiceCount",
-                    "must be at least 2",
-                )?;
-            }
+        if let Some(c) = lb.least_request.as_ref().and_then(|l| l.choice_count)
+            && c < 2
+        {
+            fail(
+                "conf.loadBalancer.leastRequest.choiceCount",
+                "must be at least 2",
+            )?;
         }
     }
     Ok(())

@@ -71,10 +71,10 @@ pub(crate) fn index(text: &str) -> Result<Vec<DocLines>, SyntaxError> {
                 root_is_empty = false;
             }
             Event::DocumentEnd => {
-                if let Some(doc) = current.take() {
-                    if !root_is_empty {
-                        docs.push(doc);
-                    }
+                if let Some(doc) = current.take()
+                    && !root_is_empty
+                {
+                    docs.push(doc);
                 }
             }
             Event::Scalar(value, style, ..) => {

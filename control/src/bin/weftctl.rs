@@ -1,1 +1,363 @@
-fn main() {}
+//! `weftctl`: the command line over weft's REST API.
+//!
+//! Exit status: 0 success; 1 invalid input or refused request; 2 control plane unreachable.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+use std::io::Read;
+use std::process::ExitCode;
+use weft_api::ResourceType;
+use weft_api::parse::parse_documents;
+use weft_control::client::{Client, ClientError};
+
+#[derive(Parser)]
+#[command(
+    name = "weftctl",
+    version,
+    about = "Manage a weft service mesh through its control plane's REST API"
+)]
+struct Cli {
+    /// URL of the control plane's REST API.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_API_URL",
+        default_value = "http://127.0.0.1:5681"
+    )]
+    api_url: String,
+    /// Admin token for mutating calls from another host.
+    #[arg(long, global = true, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update resources from a file (or - for stdin), applied in order.
+    Apply {
+        /// YAML or JSON file; multi-document YAML is applied document by document.
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// Show resources: `get meshes`, `get <plural> --mesh M`, `get <plural> NAME --mesh M`.
+    Get {
+        /// Resource collection, e.g. meshes, dataplanes, traffic-permissions, meshhttproutes.
+        kind: String,
+        /// One resource by name.
+        name: Option<String>,
+        /// The mesh.
+        #[arg(short, long, default_value = "default")]
+        mesh: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete a resource: `delete mesh NAME [--cascade]`, `delete <type> NAME --mesh M`.
+    Delete {
+        /// Resource type, e.g. mesh, dataplane, traffic-route, meshtrafficpermission.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// The mesh.
+        #[arg(short, long, default_value = "default")]
+        mesh: String,
+        /// Delete a mesh together with everything in it.
+        #[arg(long)]
+        cascade: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// A failure with its exit status.
+struct Failure(u8, String);
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match e {
+            ClientError::Unreachable { .. } => 2,
+            ClientError::Refused { .. } => 1,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("Error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn resource_type(kind: &str) -> Result<ResourceType, Failure> {
+    ResourceType::from_any_name(kind).ok_or_else(|| {
+        let known: Vec<&str> = ResourceType::ALL.iter().map(|t| t.plural()).collect();
+        Failure(
+            1,
+            format!(
+                "unknown resource type {kind:?}; expected one of {}",
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let client = Client::new(&cli.api_url, cli.admin_token)?;
+    match cli.command {
+        Command::Apply { file } => apply(&client, &file),
+        Command::Get {
+            kind,
+            name,
+            mesh,
+            output,
+        } => {
+            let ty = resource_type(&kind)?;
+            let path = match (&name, ty) {
+                (Some(n), _) => Client::path(ty, &mesh, n),
+                (None, ResourceType::Mesh) => "/meshes".to_string(),
+                (None, _) => format!("/meshes/{mesh}/{}", ty.plural()),
+            };
+            let body = client.get(&path)?;
+            print_output(ty, &body, name.is_some(), output)
+        }
+        Command::Delete {
+            kind,
+            name,
+            mesh,
+            cascade,
+        } => {
+            let ty = resource_type(&kind)?;
+            let mesh = if ty == ResourceType::Mesh {
+                name.clone()
+            } else {
+                mesh
+            };
+            let body = client.delete(ty, &mesh, &name, cascade)?;
+            let n = body
+                .get("deleted")
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .unwrap_or(1);
+            if n > 1 {
+                println!("deleted {ty} {name:?} and {} resource(s) in it", n - 1);
+            } else {
+                println!("deleted {ty} {name:?}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn apply(client: &Client, file: &str) -> Result<(), Failure> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure(1, format!("reading stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|e| Failure(1, format!("{file}: {e}")))?
+    };
+    let label = if file == "-" { "<stdin>" } else { file };
+    let docs = parse_documents(&text).map_err(|e| Failure(1, format!("{label}: {e}")))?;
+    if docs.is_empty() {
+        return Err(Failure(1, format!("{label}: no resources found")));
+    }
+    for (i, doc) in docs.iter().enumerate() {
+        let r = &doc.resource;
+        let what = format!("{} {:?}", r.resource_type(), r.name);
+        match client.put(r, doc.version) {
+            Ok((_, created)) => println!("{what} {}", if created { "created" } else { "updated" }),
+            Err(e @ ClientError::Refused { .. }) => {
+                return Err(Failure(
+                    1,
+                    format!("{label}: document {} ({what}): {e}", i + 1),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn print_output(
+    ty: ResourceType,
+    body: &Value,
+    single: bool,
+    output: Output,
+) -> Result<(), Failure> {
+    match output {
+        Output::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(body).map_err(|e| Failure(1, e.to_string()))?
+            );
+        }
+        Output::Yaml => {
+            print!(
+                "{}",
+                serde_saphyr::to_string(body).map_err(|e| Failure(1, e.to_string()))?
+            );
+        }
+        Output::Table => {
+            let items: Vec<Value> = if single {
+                vec![body.clone()]
+            } else {
+                body.get("items")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            print_table(ty, &items);
+        }
+    }
+    Ok(())
+}
+
+fn print_table(ty: ResourceType, items: &[Value]) {
+    let s = |v: &Value, p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match ty {
+        ResourceType::Mesh => (
+            vec![
+                "NAME",
+                "MTLS",
+                "PASSTHROUGH",
+                "METRICS",
+                "TRACING",
+                "LOGGING",
+                "AGE",
+            ],
+            items
+                .iter()
+                .map(|m| {
+                    let mtls = match m.pointer("/mtls/enabledBackend").and_then(Value::as_str) {
+                        Some(b) if !b.is_empty() => {
+                            let kind = m
+                                .pointer("/mtls/backends")
+                                .and_then(Value::as_array)
+                                .and_then(|bs| {
+                                    bs.iter()
+                                        .find(|x| x.get("name").and_then(Value::as_str) == Some(b))
+                                        .map(|x| s(x, "/type"))
+                                });
+                            format!("{}/{b}", kind.unwrap_or_default())
+                        }
+                        _ => "off".into(),
+                    };
+                    let passthrough = m
+                        .pointer("/networking/outbound/passthrough")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true);
+                    let or_off = |x: String| if x.is_empty() { "off".to_string() } else { x };
+                    vec![
+                        s(m, "/name"),
+                        mtls,
+                        if passthrough {
+                            "on".into()
+                        } else {
+                            "off".into()
+                        },
+                        or_off(s(m, "/metrics/enabledBackend")),
+                        or_off(s(m, "/tracing/defaultBackend")),
+                        or_off(s(m, "/logging/defaultBackend")),
+                        age(&s(m, "/creationTime")),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceType::Dataplane => (
+            vec!["MESH", "NAME", "ADDRESS", "SERVICES", "AGE"],
+            items
+                .iter()
+                .map(|d| {
+                    let services: Vec<String> = d
+                        .pointer("/networking/inbound")
+                        .and_then(Value::as_array)
+                        .map(|ib| {
+                            ib.iter()
+                                .map(|i| {
+                                    format!(
+                                        "{}:{}",
+                                        s(i, "/tags/kuma.io~1service"),
+                                        i.get("port").cloned().unwrap_or_default()
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        s(d, "/mesh"),
+                        s(d, "/name"),
+                        s(d, "/networking/address"),
+                        services.join(","),
+                        age(&s(d, "/creationTime")),
+                    ]
+                })
+                .collect(),
+        ),
+        _ => (
+            vec!["MESH", "NAME", "VERSION", "AGE"],
+            items
+                .iter()
+                .map(|p| {
+                    vec![
+                        s(p, "/mesh"),
+                        s(p, "/name"),
+                        p.get("version").map(|v| v.to_string()).unwrap_or_default(),
+                        age(&s(p, "/creationTime")),
+                    ]
+                })
+                .collect(),
+        ),
+    };
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("   ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn age(rfc3339: &str) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else {
+        return String::new();
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}

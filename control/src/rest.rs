@@ -1,0 +1,443 @@
+//! The REST API (Kuma's paths): read and write resources as universal JSON.
+//!
+//! `GET /`, `GET /meshes`, `GET|PUT|DELETE /meshes/{name}`, `GET /meshes/{mesh}/{plural}`,
+//! `GET|PUT|DELETE /meshes/{mesh}/{plural}/{name}`. Errors are JSON with a 4xx status and a
+//! message naming the problem. Mutating calls are accepted only from loopback unless the
+//! caller presents the configured admin token.
+
+use crate::store::{ResourceKey, Store, StoreError, StoredResource};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use weft_api::parse::parse_documents;
+use weft_api::{Resource, ResourceType};
+
+/// What the REST handlers share.
+pub struct ApiState {
+    /// The resource store.
+    pub store: Arc<dyn Store>,
+    /// When set, non-loopback callers may mutate by presenting `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
+    /// Bumped after every committed write through the API (discovery listens).
+    pub changes: watch::Sender<u64>,
+}
+
+/// An API error: status, a title, and what exactly is wrong.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    /// The HTTP status code.
+    #[serde(rename = "status")]
+    code: u16,
+    /// A short summary.
+    title: String,
+    /// The full message.
+    detail: String,
+    /// The fields at fault, when the body was invalid.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    invalid_parameters: Vec<InvalidParameter>,
+}
+
+/// One invalid field of a request body.
+#[derive(Debug, Serialize)]
+pub struct InvalidParameter {
+    /// Path of the field.
+    field: String,
+    /// Why it is invalid.
+    reason: String,
+    /// Line in the body, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, title: &str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: status.as_u16(),
+            title: title.into(),
+            detail: detail.into(),
+            invalid_parameters: vec![],
+        }
+    }
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "Bad Request", detail)
+    }
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Not Found", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::MeshNotFound(_) => StatusCode::BAD_REQUEST,
+            StoreError::Conflict { .. } | StoreError::MeshNotEmpty { .. } => StatusCode::CONFLICT,
+            StoreError::Corrupt { .. } | StoreError::Backend(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let title = status.canonical_reason().unwrap_or("Error");
+        ApiError::new(status, title, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Builds the REST router over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/meshes", get(list_meshes))
+        .route(
+            "/meshes/{name}",
+            get(get_mesh).put(put_mesh).delete(delete_mesh),
+        )
+        .route("/meshes/{mesh}/{plural}", get(list_in_mesh))
+        .route(
+            "/meshes/{mesh}/{plural}/{name}",
+            get(get_in_mesh).put(put_in_mesh).delete(delete_in_mesh),
+        )
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard_mutations,
+        ))
+        .with_state(state)
+}
+
+/// Refuses mutating calls from non-loopback peers unless they carry the admin token.
+async fn guard_mutations(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating && !peer.ip().to_canonical().is_loopback() {
+        let presented = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let allowed = match (&state.admin_token, presented) {
+            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+            _ => false,
+        };
+        if !allowed {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("mutating calls are accepted only from loopback (or with the admin token); refused {} from {}", req.method(), peer.ip()),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn index() -> Json<Value> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    Json(
+        json!({"product": "weft", "tagline": "weft", "version": env!("CARGO_PKG_VERSION"), "hostname": hostname}),
+    )
+}
+
+fn plural_type(plural: &str) -> ApiResult<ResourceType> {
+    ResourceType::ALL
+        .into_iter()
+        .find(|t| t.plural() == plural && t.is_mesh_scoped())
+        .ok_or_else(|| {
+            let known: Vec<&str> = ResourceType::ALL
+                .iter()
+                .filter(|t| t.is_mesh_scoped())
+                .map(|t| t.plural())
+                .collect();
+            ApiError::not_found(format!(
+                "unknown resource collection {plural:?}, expected one of {}",
+                known.join(", ")
+            ))
+        })
+}
+
+fn list_body(items: Vec<StoredResource>) -> Json<Value> {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|s| s.resource.to_universal(Some(&s.meta)))
+        .collect();
+    Json(json!({"total": items.len(), "items": items, "next": null}))
+}
+
+async fn list_meshes(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+    let store = s.store.clone();
+    Ok(list_body(
+        blocking(move || store.list(ResourceType::Mesh, None)).await?,
+    ))
+}
+
+async fn list_in_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path((mesh, plural)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let ty = plural_type(&plural)?;
+    let store = s.store.clone();
+    let items = blocking(move || {
+        let mesh_key = ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: mesh.clone(),
+            name: mesh.clone(),
+        };
+        if store.get(&mesh_key)?.is_none() {
+            return Err(StoreError::NotFound(mesh_key));
+        }
+        store.list(ty, Some(&mesh))
+    })
+    .await?;
+    Ok(list_body(items))
+}
+
+async fn get_one(s: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
+    let store = s.store.clone();
+    let k = key.clone();
+    match blocking(move || store.get(&k)).await? {
+        Some(r) => Ok(Json(r.resource.to_universal(Some(&r.meta)))),
+        None => Err(StoreError::NotFound(key).into()),
+    }
+}
+
+async fn get_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    get_one(
+        &s,
+        ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: name.clone(),
+            name,
+        },
+    )
+    .await
+}
+
+async fn get_in_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    get_one(
+        &s,
+        ResourceKey {
+            ty: plural_type(&plural)?,
+            mesh,
+            name,
+        },
+    )
+    .await
+}
+
+/// Parses a PUT body and checks it against the path.
+fn parse_body(
+    body: &str,
+    key: &ResourceKey,
+    headers: &HeaderMap,
+) -> ApiResult<(Resource, Option<u64>)> {
+    let mut docs = parse_documents(body).map_err(|e| {
+        let mut err = ApiError::bad_request(format!("invalid {}: {e}", key.ty));
+        err.title = "Could not process a resource".into();
+        if let Some(field) = &e.field {
+            err.invalid_parameters.push(InvalidParameter {
+                field: field.clone(),
+                reason: e.message.clone(),
+                line: e.line,
+            });
+        }
+        err
+    })?;
+    if docs.len() != 1 {
+        return Err(ApiError::bad_request(format!(
+            "expected exactly one resource in the body, found {}",
+            docs.len()
+        )));
+    }
+    let doc = docs.remove(0);
+    let r = &doc.resource;
+    if r.resource_type() != key.ty {
+        return Err(ApiError::bad_request(format!(
+            "the body is a {} but the path is for a {}",
+            r.resource_type(),
+            key.ty
+        )));
+    }
+    if r.name != key.name {
+        return Err(ApiError::bad_request(format!(
+            "name {:?} in the body does not match {:?} in the path",
+            r.name, key.name
+        )));
+    }
+    if r.mesh_name() != key.mesh {
+        return Err(ApiError::bad_request(format!(
+            "mesh {:?} in the body does not match {:?} in the path",
+            r.mesh_name(),
+            key.mesh
+        )));
+    }
+    let if_match = match headers
+        .get("if-match")
+        .map(|v| v.to_str().map(|s| s.trim_matches('"').parse::<u64>()))
+    {
+        None => None,
+        Some(Ok(Ok(v))) => Some(v),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "If-Match must be a resource version (a non-negative integer)",
+            ));
+        }
+    };
+    Ok((doc.resource, if_match.or(doc.version)))
+}
+
+async fn put_one(
+    s: &ApiState,
+    key: ResourceKey,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult<Response> {
+    let (resource, version) = parse_body(&body, &key, &headers)?;
+    let store = s.store.clone();
+    let (stored, created) = blocking(move || store.put(&resource, version)).await?;
+    s.changes.send_modify(|v| *v += 1);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(stored.resource.to_universal(Some(&stored.meta))),
+    )
+        .into_response())
+}
+
+async fn put_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult<Response> {
+    put_one(
+        &s,
+        ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: name.clone(),
+            name,
+        },
+        headers,
+        body,
+    )
+    .await
+}
+
+async fn put_in_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult<Response> {
+    put_one(
+        &s,
+        ResourceKey {
+            ty: plural_type(&plural)?,
+            mesh,
+            name,
+        },
+        headers,
+        body,
+    )
+    .await
+}
+
+/// Query parameters of DELETE.
+#[derive(Debug, Deserialize)]
+pub struct DeleteParams {
+    /// Delete a mesh together with everything in it.
+    #[serde(default)]
+    cascade: bool,
+}
+
+async fn delete_one(s: &ApiState, key: ResourceKey, cascade: bool) -> ApiResult<Json<Value>> {
+    let store = s.store.clone();
+    let deleted = blocking(move || store.delete(&key, cascade)).await?;
+    s.changes.send_modify(|v| *v += 1);
+    let names: Vec<Value> = deleted
+        .iter()
+        .map(|k| json!({"type": k.ty.name(), "mesh": k.mesh, "name": k.name}))
+        .collect();
+    Ok(Json(json!({"deleted": names})))
+}
+
+async fn delete_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteParams>,
+) -> ApiResult<Json<Value>> {
+    delete_one(
+        &s,
+        ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: name.clone(),
+            name,
+        },
+        q.cascade,
+    )
+    .await
+}
+
+async fn delete_in_mesh(
+    State(s): State<Arc<ApiState>>,
+    Path((mesh, plural, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    delete_one(
+        &s,
+        ResourceKey {
+            ty: plural_type(&plural)?,
+            mesh,
+            name,
+        },
+        false,
+    )
+    .await
+}

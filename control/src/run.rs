@@ -1,0 +1,200 @@
+//! Starting the control plane: open the store, create the default mesh on first start, and
+//! serve the REST API. Used by the `weft-control` binary and, in-process, by tests.
+
+use crate::rest::{ApiState, router};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weft_api::{Resource, Spec, mesh::MeshSpec};
+
+/// The name of the mesh created on first start.
+pub const DEFAULT_MESH: &str = "default";
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Where the embedded store and generated files live.
+    pub data_dir: PathBuf,
+    /// Store URL: `sqlite://PATH` (default: `<data-dir>/weft.db`).
+    pub store_url: Option<String>,
+    /// REST API listen address.
+    pub api_address: SocketAddr,
+    /// Do not create the `default` mesh on first start.
+    pub no_default_mesh: bool,
+    /// Token that lets non-loopback callers mutate through the API.
+    pub admin_token: Option<String>,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The store could not be opened or initialized.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// File-system trouble with the data directory.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// Where the REST API listens.
+    pub api_address: SocketAddr,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl ControlPlane {
+    /// Stops serving and waits for in-flight requests.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    /// Waits until the server stops (it stops only on error or after [`Self::shutdown`]).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.server).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Asks the server to stop without waiting.
+    pub fn trigger_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Opens the store the configuration names.
+pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
+    let path = match cfg.store_url.as_deref() {
+        None => {
+            create_private_dir(&cfg.data_dir)?;
+            cfg.data_dir.join("weft.db")
+        }
+        Some(url) if url.starts_with("sqlite:") => {
+            let p = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            if p.is_empty() {
+                return Err(RunError::Config(
+                    "--store sqlite:// needs a file path, e.g. sqlite:///var/lib/weft/weft.db"
+                        .into(),
+                ));
+            }
+            PathBuf::from(p)
+        }
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            return Err(RunError::Config(
+                "the PostgreSQL store is not available in this build yet; use the embedded store (omit --store)".into(),
+            ));
+        }
+        Some(url) => {
+            return Err(RunError::Config(format!(
+                "--store {url:?}: expected sqlite://PATH or postgres://…"
+            )));
+        }
+    };
+    Ok(Arc::new(SqliteStore::open(&path)?))
+}
+
+fn create_private_dir(path: &PathBuf) -> Result<(), RunError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| RunError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Creates the `default` mesh if this is the store's first start.
+pub fn initialize_store(store: &dyn Store, no_default_mesh: bool) -> Result<bool, StoreError> {
+    store.initialize_once(&|s| {
+        if !no_default_mesh {
+            let mesh = Resource {
+                name: DEFAULT_MESH.into(),
+                mesh: None,
+                labels: Default::default(),
+                spec: Spec::Mesh(MeshSpec::default()),
+            };
+            s.put(&mesh, Some(0)).map(|_| ()).or_else(|e| match e {
+                StoreError::Conflict { .. } => Ok(()),
+                e => Err(e),
+            })?;
+            tracing::info!("created mesh {DEFAULT_MESH:?} (first start)");
+        }
+        Ok(())
+    })
+}
+
+/// Starts the control plane and returns once it listens.
+pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
+    let store = open_store(&cfg)?;
+    {
+        let store = store.clone();
+        let no_default = cfg.no_default_mesh;
+        tokio::task::spawn_blocking(move || initialize_store(store.as_ref(), no_default))
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))??;
+    }
+    let listener = TcpListener::bind(cfg.api_address)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: cfg.api_address,
+            source,
+        })?;
+    let api_address = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: cfg.api_address,
+        source,
+    })?;
+    let (changes, _) = watch::channel(0);
+    let state = Arc::new(ApiState {
+        store: store.clone(),
+        admin_token: cfg.admin_token.clone(),
+        changes,
+    });
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (shutdown, mut stop) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%api_address, "REST API listening");
+    Ok(ControlPlane {
+        api_address,
+        store,
+        shutdown,
+        server,
+    })
+}

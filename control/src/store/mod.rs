@@ -1,0 +1,146 @@
+//! The resource store: where meshes, dataplanes, policies and secrets live.
+//!
+//! [`Store`] is the contract every backend keeps; [`sqlite::SqliteStore`] is the embedded
+//! default. Every write is one transaction, and every resource carries a version so that
+//! concurrent writers cannot silently overwrite each other (a stale write is a
+//! [`StoreError::Conflict`]). The SQL is kept portable so a PostgreSQL backend can follow.
+
+pub mod sqlite;
+
+use weft_api::{Resource, ResourceMeta, ResourceType};
+
+/// A resource as stored, with its version and timestamps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResource {
+    /// The resource.
+    pub resource: Resource,
+    /// Version and timestamps.
+    pub meta: ResourceMeta,
+}
+
+/// Identifies one resource: type, mesh (the mesh's own name for a `Mesh`) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResourceKey {
+    /// The type.
+    pub ty: ResourceType,
+    /// The owning mesh.
+    pub mesh: String,
+    /// The name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ty == ResourceType::Mesh {
+            write!(f, "Mesh/{}", self.name)
+        } else {
+            write!(f, "{}/{} (mesh {})", self.ty, self.name, self.mesh)
+        }
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The resource does not exist.
+    #[error("{0} not found")]
+    NotFound(ResourceKey),
+    /// The mesh a resource names does not exist.
+    #[error("mesh {0:?} does not exist: create it first")]
+    MeshNotFound(String),
+    /// A versioned write raced with another writer.
+    #[error(
+        "{key} was changed by another writer: expected version {expected}, found {actual}; read it again and retry"
+    )]
+    Conflict {
+        /// The resource.
+        key: ResourceKey,
+        /// The version the writer had read.
+        expected: u64,
+        /// The version in the store (0: it does not exist).
+        actual: u64,
+    },
+    /// A mesh still holds resources and the delete was not a cascade.
+    #[error("mesh {mesh:?} still has {} resource(s): {}; delete them first or delete the mesh with cascade", .contents.len(), list(.contents))]
+    MeshNotEmpty {
+        /// The mesh.
+        mesh: String,
+        /// What it holds.
+        contents: Vec<ResourceKey>,
+    },
+    /// A stored row could not be read back; the store was written by something else.
+    #[error("stored {key} is unreadable: {reason}")]
+    Corrupt {
+        /// The row.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+fn list(keys: &[ResourceKey]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = keys
+        .iter()
+        .take(SHOWN)
+        .map(|k| format!("{}/{}", k.ty, k.name))
+        .collect();
+    if keys.len() > SHOWN {
+        s.push(format!("and {} more", keys.len() - SHOWN));
+    }
+    s.join(", ")
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The contract of a resource store. Methods block; async callers use `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one resource.
+    fn get(&self, key: &ResourceKey) -> StoreResult<Option<StoredResource>>;
+
+    /// Lists the resources of a type, in one mesh or (for `None`) in all meshes, by name.
+    fn list(&self, ty: ResourceType, mesh: Option<&str>) -> StoreResult<Vec<StoredResource>>;
+
+    /// Creates or updates a resource. With `expected_version`, the write happens only if the
+    /// stored version equals it (0 = must not exist yet). Mesh-scoped resources need their
+    /// mesh to exist, checked in the same transaction. Returns the stored resource and
+    /// whether it was created.
+    fn put(
+        &self,
+        resource: &Resource,
+        expected_version: Option<u64>,
+    ) -> StoreResult<(StoredResource, bool)>;
+
+    /// Deletes a resource. Deleting a mesh that still holds resources fails with
+    /// [`StoreError::MeshNotEmpty`] unless `cascade`, which deletes them and the mesh's
+    /// secrets too. Returns every key deleted.
+    fn delete(&self, key: &ResourceKey, cascade: bool) -> StoreResult<Vec<ResourceKey>>;
+
+    /// Reads a secret (CA keys, token signing keys, revocations).
+    fn get_secret(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Stores a secret unless one exists; returns the stored value (the winner of a race).
+    fn create_secret_if_absent(&self, key: &str, value: &[u8]) -> StoreResult<Vec<u8>>;
+
+    /// Stores a secret, replacing any previous value.
+    fn put_secret(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+
+    /// Deletes a secret; returns whether it existed.
+    fn delete_secret(&self, key: &str) -> StoreResult<bool>;
+
+    /// A counter that grows with every committed write, for change detection.
+    fn revision(&self) -> StoreResult<u64>;
+
+    /// Runs `init` once in the life of the store (the first start with an empty store);
+    /// returns whether it ran.
+    fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool>;
+}
+
+/// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.
+pub fn mesh_secret_prefix(mesh: &str) -> String {
+    format!("mesh/{mesh}/")
+}

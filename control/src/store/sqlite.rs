@@ -1,0 +1,395 @@
+//! The embedded SQLite store: one file under the data directory.
+//!
+//! Writes run in `BEGIN IMMEDIATE` transactions, so two processes sharing the file serialize
+//! instead of interleaving. Resources are stored as their universal JSON; they are parsed and
+//! validated again when read, so a row edited by hand cannot smuggle an invalid resource in.
+
+use super::{ResourceKey, Store, StoreError, StoreResult, StoredResource, mesh_secret_prefix};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use weft_api::{Resource, ResourceMeta, ResourceType, parse};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    spec TEXT NOT NULL,
+    creation_time TEXT NOT NULL,
+    modification_time TEXT NOT NULL,
+    PRIMARY KEY (type, mesh, name)
+);
+CREATE INDEX IF NOT EXISTS resources_by_mesh ON resources (mesh);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_meta (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
+";
+
+/// A [`Store`] on an SQLite file.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file at `path`.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path).map_err(backend)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn in_memory() -> StoreResult<Self> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> StoreResult<Self> {
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(backend)?;
+        // WAL lets readers proceed during a write; it is not available in memory (harmless).
+        let _ = conn.pragma_update(None, "journal_mode", "WAL");
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with_tx<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+        f(&conn)
+    }
+}
+
+fn bump_revision(tx: &rusqlite::Transaction<'_>) -> StoreResult<()> {
+    tx.execute(
+        "UPDATE store_meta SET value = value + 1 WHERE name = 'revision'",
+        [],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn row_to_stored(
+    ty: &str,
+    mesh: &str,
+    name: &str,
+    version: i64,
+    spec: &str,
+    created: String,
+    modified: String,
+) -> StoreResult<StoredResource> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("{ty}/{mesh}/{name}"),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(spec).map_err(|e| corrupt(e.to_string()))?;
+    let doc = parse::parse_value(value).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredResource {
+        resource: doc.resource,
+        meta: ResourceMeta {
+            version: version.max(0) as u64,
+            creation_time: created,
+            modification_time: modified,
+        },
+    })
+}
+
+const SELECT: &str =
+    "SELECT type, mesh, name, version, spec, creation_time, modification_time FROM resources";
+
+fn query(
+    conn: &Connection,
+    sql: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> StoreResult<Vec<StoredResource>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (t, m, n, v, s, c, md) = row.map_err(backend)?;
+        out.push(row_to_stored(&t, &m, &n, v, &s, c, md)?);
+    }
+    Ok(out)
+}
+
+fn current_version(tx: &Connection, key: &ResourceKey) -> StoreResult<Option<(i64, String)>> {
+    tx.query_row(
+        "SELECT version, creation_time FROM resources WHERE type = ?1 AND mesh = ?2 AND name = ?3",
+        params![key.ty.name(), key.mesh, key.name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map_err(backend)
+}
+
+fn mesh_contents(conn: &Connection, mesh: &str) -> StoreResult<Vec<ResourceKey>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT type, name FROM resources WHERE mesh = ?1 AND type <> 'Mesh' ORDER BY type, name")
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params![mesh], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (t, n) = row.map_err(backend)?;
+        let ty = ResourceType::from_name(&t).ok_or_else(|| StoreError::Corrupt {
+            key: format!("{t}/{mesh}/{n}"),
+            reason: "unknown type".into(),
+        })?;
+        out.push(ResourceKey {
+            ty,
+            mesh: mesh.to_string(),
+            name: n,
+        });
+    }
+    Ok(out)
+}
+
+impl Store for SqliteStore {
+    fn get(&self, key: &ResourceKey) -> StoreResult<Option<StoredResource>> {
+        self.read(|c| {
+            let sql = format!("{SELECT} WHERE type = ?1 AND mesh = ?2 AND name = ?3");
+            Ok(query(c, &sql, &[&key.ty.name(), &key.mesh, &key.name])?
+                .into_iter()
+                .next())
+        })
+    }
+
+    fn list(&self, ty: ResourceType, mesh: Option<&str>) -> StoreResult<Vec<StoredResource>> {
+        self.read(|c| match mesh {
+            Some(m) => query(
+                c,
+                &format!("{SELECT} WHERE type = ?1 AND mesh = ?2 ORDER BY name"),
+                &[&ty.name(), &m],
+            ),
+            None => query(
+                c,
+                &format!("{SELECT} WHERE type = ?1 ORDER BY mesh, name"),
+                &[&ty.name()],
+            ),
+        })
+    }
+
+    fn put(
+        &self,
+        resource: &Resource,
+        expected_version: Option<u64>,
+    ) -> StoreResult<(StoredResource, bool)> {
+        let ty = resource.resource_type();
+        let key = ResourceKey {
+            ty,
+            mesh: resource.mesh_name().to_string(),
+            name: resource.name.clone(),
+        };
+        let spec = resource.to_universal(None).to_string();
+        self.with_tx(|tx| {
+            if ty.is_mesh_scoped() {
+                let mesh_key = ResourceKey { ty: ResourceType::Mesh, mesh: key.mesh.clone(), name: key.mesh.clone() };
+                if current_version(tx, &mesh_key)?.is_none() {
+                    return Err(StoreError::MeshNotFound(key.mesh.clone()));
+                }
+            }
+            let current = current_version(tx, &key)?;
+            let actual = current.as_ref().map(|(v, _)| *v as u64).unwrap_or(0);
+            if let Some(expected) = expected_version
+                && expected != actual {
+                    return Err(StoreError::Conflict { key: key.clone(), expected, actual });
+                }
+            let now = now();
+            let (version, created, is_new) = match current {
+                Some((v, created)) => {
+                    tx.execute(
+                        "UPDATE resources SET version = ?1, spec = ?2, modification_time = ?3 WHERE type = ?4 AND mesh = ?5 AND name = ?6 AND version = ?7",
+                        params![v + 1, spec, now, ty.name(), key.mesh, key.name, v],
+                    )
+                    .map_err(backend)?;
+                    (v + 1, created, false)
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO resources (type, mesh, name, version, spec, creation_time, modification_time) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5)",
+                        params![ty.name(), key.mesh, key.name, spec, now],
+                    )
+                    .map_err(backend)?;
+                    (1, now.clone(), true)
+                }
+            };
+            bump_revision(tx)?;
+            let meta = ResourceMeta { version: version as u64, creation_time: created, modification_time: now };
+            Ok((StoredResource { resource: resource.clone(), meta }, is_new))
+        })
+    }
+
+    fn delete(&self, key: &ResourceKey, cascade: bool) -> StoreResult<Vec<ResourceKey>> {
+        self.with_tx(|tx| {
+            if current_version(tx, key)?.is_none() {
+                return Err(StoreError::NotFound(key.clone()));
+            }
+            let mut deleted = Vec::new();
+            if key.ty == ResourceType::Mesh {
+                let contents = mesh_contents(tx, &key.name)?;
+                if !contents.is_empty() && !cascade {
+                    return Err(StoreError::MeshNotEmpty {
+                        mesh: key.name.clone(),
+                        contents,
+                    });
+                }
+                tx.execute(
+                    "DELETE FROM resources WHERE mesh = ?1 AND type <> 'Mesh'",
+                    params![key.name],
+                )
+                .map_err(backend)?;
+                let prefix = mesh_secret_prefix(&key.name);
+                tx.execute(
+                    "DELETE FROM secrets WHERE substr(name, 1, ?1) = ?2",
+                    params![prefix.len() as i64, prefix],
+                )
+                .map_err(backend)?;
+                deleted = contents;
+            }
+            tx.execute(
+                "DELETE FROM resources WHERE type = ?1 AND mesh = ?2 AND name = ?3",
+                params![key.ty.name(), key.mesh, key.name],
+            )
+            .map_err(backend)?;
+            deleted.push(key.clone());
+            bump_revision(tx)?;
+            Ok(deleted)
+        })
+    }
+
+    fn get_secret(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT value FROM secrets WHERE name = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    fn create_secret_if_absent(&self, key: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
+        self.with_tx(|tx| {
+            let existing: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT value FROM secrets WHERE name = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if let Some(v) = existing {
+                return Ok(v);
+            }
+            tx.execute(
+                "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(backend)?;
+            bump_revision(tx)?;
+            Ok(value.to_vec())
+        })
+    }
+
+    fn put_secret(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.with_tx(|tx| {
+            tx.execute("DELETE FROM secrets WHERE name = ?1", params![key])
+                .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(backend)?;
+            bump_revision(tx)
+        })
+    }
+
+    fn delete_secret(&self, key: &str) -> StoreResult<bool> {
+        self.with_tx(|tx| {
+            let n = tx
+                .execute("DELETE FROM secrets WHERE name = ?1", params![key])
+                .map_err(backend)?;
+            if n > 0 {
+                bump_revision(tx)?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    fn revision(&self) -> StoreResult<u64> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT value FROM store_meta WHERE name = 'revision'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v.max(0) as u64)
+            .map_err(backend)
+        })
+    }
+
+    fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool> {
+        let first = self.with_tx(|tx| {
+            let n = tx.execute("INSERT INTO store_meta (name, value) VALUES ('initialized', 1) ON CONFLICT (name) DO NOTHING", []).map_err(backend)?;
+            Ok(n == 1)
+        })?;
+        if first {
+            init(self)?;
+        }
+        Ok(first)
+    }
+}

@@ -1,0 +1,304 @@
+//! The control plane's resource side, end to end: the real `weft-control` process, the real
+//! `weftctl`, the embedded store on disk.
+
+mod support;
+
+use serde_json::Value;
+use std::sync::{Arc, Barrier};
+use support::{ControlPlane, examples_dir};
+use weft_api::parse::parse_documents;
+use weft_api::{Resource, ResourceType};
+use weft_control::client::ClientError;
+
+fn example_files() -> Vec<std::path::PathBuf> {
+    // Meshes first: everything else needs its mesh.
+    let mut files: Vec<_> = std::fs::read_dir(examples_dir())
+        .expect("examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort_by_key(|p| {
+        (
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("mesh")),
+            p.clone(),
+        )
+    });
+    files
+}
+
+fn read_back(cp: &ControlPlane, r: &Resource) -> Resource {
+    let path = weft_control::client::Client::path(r.resource_type(), r.mesh_name(), &r.name);
+    let body = cp.client().get(&path).expect("get");
+    parse_documents(&body.to_string())
+        .expect("stored form parses")
+        .remove(0)
+        .resource
+}
+
+#[test]
+fn every_example_applies_and_reads_back_equal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    for file in example_files() {
+        let (code, out, err) = cp.weftctl(&["apply", "-f", &file.to_string_lossy()], None);
+        assert_eq!(code, 0, "{}: {out}{err}", file.display());
+        let text = std::fs::read_to_string(&file).expect("read");
+        for doc in parse_documents(&text).expect("parse") {
+            let stored = read_back(&cp, &doc.resource);
+            // The default mesh example is empty and equals the mesh created on first start.
+            assert_eq!(stored, doc.resource, "{}", file.display());
+        }
+    }
+    // Applying again updates in place.
+    let (code, out, _) = cp.weftctl(
+        &[
+            "apply",
+            "-f",
+            &examples_dir().join("routes.yaml").to_string_lossy(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("updated"), "{out}");
+    // get in every format.
+    for o in ["table", "json", "yaml"] {
+        let (code, out, err) =
+            cp.weftctl(&["get", "dataplanes", "--mesh", "payments", "-o", o], None);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("backend-1") && out.contains("web-1"),
+            "{o}: {out}"
+        );
+    }
+    let (code, out, _) = cp.weftctl(&["get", "meshes"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("payments") && out.contains("builtin/ca-1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn state_survives_a_restart_and_default_mesh_is_created_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    let (code, _, err) = cp.weftctl(
+        &[
+            "apply",
+            "-f",
+            &examples_dir().join("mesh-payments.yaml").to_string_lossy(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cp.weftctl(
+        &[
+            "apply",
+            "-f",
+            &examples_dir().join("permissions.yaml").to_string_lossy(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cp.weftctl(&["delete", "mesh", "default"], None);
+    assert_eq!(code, 0, "{err}");
+    let before = cp
+        .client()
+        .get("/meshes/payments/traffic-permissions/web-to-backend")
+        .expect("get");
+    cp.stop();
+
+    let cp = ControlPlane::start(dir.path(), &[]);
+    let after = cp
+        .client()
+        .get("/meshes/payments/traffic-permissions/web-to-backend")
+        .expect("get after restart");
+    assert_eq!(before, after);
+    // The user deleted `default`; a restart must not bring it back.
+    assert!(matches!(
+        cp.client().get("/meshes/default"),
+        Err(ClientError::Refused { status: 404, .. })
+    ));
+}
+
+#[test]
+fn no_default_mesh_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &["--no-default-mesh"]);
+    let meshes = cp.client().get("/meshes").expect("list");
+    assert_eq!(meshes["total"], 0);
+}
+
+#[test]
+fn concurrent_writers_never_lose_an_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    let url = cp.url();
+    const WRITERS: usize = 4;
+    const EACH: usize = 10;
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let threads: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let url = url.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let client = weft_control::client::Client::new(&url, None).expect("client");
+                barrier.wait();
+                let mut conflicts = 0;
+                for i in 0..EACH {
+                    // Read-modify-write with the version read; retry on 409.
+                    loop {
+                        let body = client.get("/meshes/default").expect("get");
+                        let version = body["version"].as_u64().expect("version");
+                        let mut doc = parse_documents(&body.to_string())
+                            .expect("parse")
+                            .remove(0)
+                            .resource;
+                        doc.labels.insert(format!("w{w}-{i}"), "x".into());
+                        match client.put(&doc, Some(version)) {
+                            Ok(_) => break,
+                            Err(ClientError::Refused { status: 409, .. }) => conflicts += 1,
+                            Err(e) => panic!("writer {w}: {e}"),
+                        }
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: usize = threads.into_iter().map(|t| t.join().expect("writer")).sum();
+    let body = cp.client().get("/meshes/default").expect("get");
+    let labels = body["labels"].as_object().expect("labels");
+    assert_eq!(
+        labels.len(),
+        WRITERS * EACH,
+        "lost updates; {conflicts} conflicts seen"
+    );
+    assert_eq!(body["version"].as_u64(), Some((WRITERS * EACH + 1) as u64));
+}
+
+#[test]
+fn stale_version_is_a_conflict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    let c = cp.client();
+    let body = c.get("/meshes/default").expect("get");
+    let v = body["version"].as_u64().expect("version");
+    let doc = parse_documents(&body.to_string())
+        .expect("parse")
+        .remove(0)
+        .resource;
+    c.put(&doc, Some(v)).expect("first write wins");
+    match c.put(&doc, Some(v)) {
+        Err(ClientError::Refused {
+            status: 409,
+            message,
+        }) => assert!(message.contains("expected version"), "{message}"),
+        other => panic!("expected 409, got {other:?}"),
+    }
+}
+
+#[test]
+fn mesh_delete_refuses_non_empty_mesh_unless_cascade() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    for f in [
+        "mesh-payments.yaml",
+        "permissions.yaml",
+        "dataplane-backend.yaml",
+    ] {
+        assert_eq!(
+            cp.weftctl(
+                &["apply", "-f", &examples_dir().join(f).to_string_lossy()],
+                None
+            )
+            .0,
+            0
+        );
+    }
+    let (code, _, err) = cp.weftctl(&["delete", "mesh", "payments"], None);
+    assert_eq!(code, 1);
+    for name in [
+        "Dataplane/backend-1",
+        "TrafficPermission/web-to-backend",
+        "MeshTrafficPermission/backend-from-web",
+    ] {
+        assert!(err.contains(name), "{err}");
+    }
+    let (code, out, err) = cp.weftctl(&["delete", "mesh", "payments", "--cascade"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 resource(s)"), "{out}");
+    assert!(matches!(
+        cp.client().get("/meshes/payments/dataplanes/backend-1"),
+        Err(ClientError::Refused { status: 404, .. })
+    ));
+}
+
+#[test]
+fn references_and_paths_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    // A resource in a mesh that does not exist.
+    let (code, _, err) = cp.weftctl(
+        &[
+            "apply",
+            "-f",
+            &examples_dir().join("permissions.yaml").to_string_lossy(),
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("mesh \"payments\" does not exist"), "{err}");
+    // Invalid input names the file, document, line and field, and never reaches the store.
+    let (code, _, err) = cp.weftctl(
+        &["apply", "-f", "-"],
+        Some("type: Mesh\nname: ok\n---\ntype: Mesh\nname: bad\nmtls:\n  enabledBackend: nope\n"),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("<stdin>: document 2 (Mesh/bad), line 7, field `mtls.enabledBackend`"),
+        "{err}"
+    );
+    assert!(
+        matches!(
+            cp.client().get("/meshes/ok"),
+            Err(ClientError::Refused { status: 404, .. })
+        ),
+        "nothing applied"
+    );
+    // The REST API validates on its own too, and checks the body against the path.
+    let http = reqwest::blocking::Client::new();
+    let put = |path: &str, body: &str| {
+        let r = http
+            .put(format!("{}{path}", cp.url()))
+            .body(body.to_string())
+            .send()
+            .expect("put");
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().expect("json error body"))
+    };
+    let (status, body) = put("/meshes/a", r#"{"type":"Mesh","name":"b"}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = put(
+        "/meshes/default/dataplanes/d",
+        r#"{"type":"Dataplane","mesh":"default","name":"d","networking":{"address":"1.2.3.4","inbound":[{"port":0,"tags":{"kuma.io/service":"a"}}]}}"#,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["invalid_parameters"][0]["field"], "networking.inbound[0].port",
+        "{body}"
+    );
+    let (status, _) = put("/meshes/default/widgets/w", "{}");
+    assert_eq!(status, 404);
+    // Unknown types on the CLI, and an unreachable control plane.
+    assert_eq!(cp.weftctl(&["get", "widgets"], None).0, 1);
+    let (code, _, err) = support::weftctl(
+        &format!("http://127.0.0.1:{}", support::free_port()),
+        &["get", "meshes"],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+    let _ = ResourceType::ALL;
+}
