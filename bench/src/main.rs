@@ -94,8 +94,8 @@ struct LoadArgs {
     #[arg(short = 't', long)]
     threads: Option<usize>,
     /// Pin worker threads to these CPUs, e.g. 0 or 0,1 or 2-3.
-    #[arg(long, value_parser = cpu::parse_list)]
-    cpu: Option<Vec<usize>>,
+    #[arg(long, value_parser = parse_cpus)]
+    cpu: Option<CpuList>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -125,8 +125,8 @@ struct ServeArgs {
     #[arg(short = 't', long)]
     threads: Option<usize>,
     /// Pin server threads to these CPUs.
-    #[arg(long, value_parser = cpu::parse_list)]
-    cpu: Option<Vec<usize>>,
+    #[arg(long, value_parser = parse_cpus)]
+    cpu: Option<CpuList>,
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +209,14 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A `--cpu` list; a newtype so clap takes it as one value, not many.
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, cpu::CpuError> {
+    cpu::parse_list(s).map(CpuList)
+}
+
 fn small_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -223,9 +231,9 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
 }
 
 /// Threads: explicit, else one per pinned CPU, else one per available CPU.
-fn threads(explicit: Option<usize>, cpus: &Option<Vec<usize>>) -> usize {
+fn threads(explicit: Option<usize>, cpus: &Option<CpuList>) -> usize {
     explicit
-        .or_else(|| cpus.as_ref().map(Vec::len))
+        .or_else(|| cpus.as_ref().map(|c| c.0.len()))
         .unwrap_or_else(cpu::available)
         .max(1)
 }
@@ -242,7 +250,7 @@ fn load_config(args: &LoadArgs) -> LoadConfig {
         },
         timeout: args.timeout,
         threads: threads(args.threads, &args.cpu),
-        cpus: args.cpu.clone().unwrap_or_default(),
+        cpus: args.cpu.clone().map(|c| c.0).unwrap_or_default(),
         progress: !args.quiet,
     }
 }
@@ -275,7 +283,7 @@ fn run_stream(addr: SocketAddr, name: &str, size: usize, args: &LoadArgs) -> Res
         warmup: args.warmup,
         duration: args.duration.unwrap_or(Duration::from_secs(10)),
         threads: threads(args.threads, &args.cpu),
-        cpus: args.cpu.clone().unwrap_or_default(),
+        cpus: args.cpu.clone().map(|c| c.0).unwrap_or_default(),
         progress: !args.quiet,
     };
     let m = tcp::stream(&cfg)?;
@@ -304,7 +312,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         body_size: args.body_size,
         delay: args.delay,
         threads: threads(args.threads, &args.cpu),
-        cpus: args.cpu.unwrap_or_default(),
+        cpus: args.cpu.map(|c| c.0).unwrap_or_default(),
     };
     if cfg.http.is_empty() && cfg.grpc.is_empty() && cfg.tcp.is_empty() {
         cfg.http.push(SocketAddr::from(([127, 0, 0, 1], 8080)));
@@ -322,4 +330,92 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         eprintln!("tcp echo on {a}");
     }
     server.run_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("weft-bench").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn every_option_parses() {
+        let Command::Http { h2, load, .. } = parse(&[
+            "http",
+            "--h2",
+            "-c",
+            "8",
+            "--rate",
+            "1000",
+            "-w",
+            "500ms",
+            "-d",
+            "5s",
+            "--timeout",
+            "2s",
+            "-t",
+            "2",
+            "--cpu",
+            "0-1",
+            "--json",
+            "-q",
+            "http://127.0.0.1:8080/",
+        ])
+        .command
+        else {
+            panic!("not http");
+        };
+        assert!(h2);
+        let cfg = load_config(&load);
+        assert_eq!(cfg.connections, 8);
+        assert_eq!(cfg.rate, Some(1000.0));
+        assert_eq!(cfg.warmup, Duration::from_millis(500));
+        assert_eq!(cfg.stop, Stop::Duration(Duration::from_secs(5)));
+        assert_eq!(cfg.cpus, vec![0, 1]);
+        assert!(!cfg.progress);
+
+        let Command::Tcp { load, .. } = parse(&["tcp", "-n", "100", "--cpu", "1", "h:1"]).command
+        else {
+            panic!("not tcp");
+        };
+        let cfg = load_config(&load);
+        assert_eq!(cfg.stop, Stop::Requests(100));
+        assert_eq!(cfg.threads, 1);
+
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--http",
+            "127.0.0.1:1",
+            "--grpc",
+            "127.0.0.1:2",
+            "--tcp",
+            "127.0.0.1:3",
+            "--delay",
+            "20ms",
+            "--cpu",
+            "1",
+        ])
+        .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(s.delay, Duration::from_millis(20));
+        assert_eq!(s.cpu.map(|c| c.0), Some(vec![1]));
+
+        assert!(
+            Cli::try_parse_from(["weft-bench", "http", "-d", "5s", "-n", "3", "http://x/"])
+                .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["weft-bench", "http", "-d", "5 parsecs", "http://x/"]).is_err()
+        );
+    }
 }
