@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let fds = protox::compile(&protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // BTreeMap keeps map fields in a fixed order, so equal snapshots encode to equal bytes.
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(fds)?;
     Ok(())
 }

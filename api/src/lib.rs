@@ -11,9 +11,10 @@
 
 pub mod duration;
 pub mod parse;
+pub mod proto;
 pub mod resources;
 pub mod validate;
 mod yaml_lines;
 
-pub use resources::{Resource, ResourceMeta, ResourceType, Spec};
+pub use resources::{DataplaneSpec, MeshSpec, Resource, ResourceMeta, ResourceType, Spec};
 pub use resources::{dataplane, mesh, policy};

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod discovery;
 pub mod rest;
 pub mod run;
 pub mod store;
