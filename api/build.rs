@@ -14,8 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(&protos, ["proto"])?;
     // BTreeMap keeps map fields in a fixed order, so equal snapshots encode to equal bytes.
+    // JSON views of messages (proxy admin /config, REST _config) come from serde.
     tonic_prost_build::configure()
         .btree_map(".")
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .type_attribute(".", "#[serde(rename_all = \"camelCase\")]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! message naming the problem. Mutating calls are accepted only from loopback unless the
 //! caller presents the configured admin token.
 
+use crate::discovery::Hub;
 use crate::store::{ResourceKey, Store, StoreError, StoredResource};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -16,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::watch;
 use weft_api::parse::parse_documents;
 use weft_api::{Resource, ResourceType};
 
@@ -26,8 +26,8 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     /// When set, non-loopback callers may mutate by presenting `Authorization: Bearer <token>`.
     pub admin_token: Option<String>,
-    /// Bumped after every committed write through the API (discovery listens).
-    pub changes: watch::Sender<u64>,
+    /// Discovery: told about every write, and the source of insights and `_config`.
+    pub hub: Arc<Hub>,
 }
 
 /// An API error: status, a title, and what exactly is wrong.
@@ -113,6 +113,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/meshes/{mesh}/{plural}/{name}",
             get(get_in_mesh).put(put_in_mesh).delete(delete_in_mesh),
+        )
+        .route(
+            "/meshes/{mesh}/{plural}/{name}/{view}",
+            get(get_dataplane_view),
         )
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -213,6 +217,9 @@ async fn list_in_mesh(
     State(s): State<Arc<ApiState>>,
     Path((mesh, plural)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    if plural == "dataplanes+insights" {
+        return dataplanes_insights(&s, mesh).await;
+    }
     let ty = plural_type(&plural)?;
     let store = s.store.clone();
     let items = blocking(move || {
@@ -339,7 +346,7 @@ async fn put_one(
     let (resource, version) = parse_body(&body, &key, &headers)?;
     let store = s.store.clone();
     let (stored, created) = blocking(move || store.put(&resource, version)).await?;
-    s.changes.send_modify(|v| *v += 1);
+    s.hub.notify_change();
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -401,7 +408,7 @@ pub struct DeleteParams {
 async fn delete_one(s: &ApiState, key: ResourceKey, cascade: bool) -> ApiResult<Json<Value>> {
     let store = s.store.clone();
     let deleted = blocking(move || store.delete(&key, cascade)).await?;
-    s.changes.send_modify(|v| *v += 1);
+    s.hub.notify_change();
     let names: Vec<Value> = deleted
         .iter()
         .map(|k| json!({"type": k.ty.name(), "mesh": k.mesh, "name": k.name}))
@@ -440,4 +447,61 @@ async fn delete_in_mesh(
         false,
     )
     .await
+}
+
+/// `GET /meshes/{mesh}/dataplanes+insights`: each dataplane with its proxy's status.
+async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value>> {
+    let store = s.store.clone();
+    let m = mesh.clone();
+    let items = blocking(move || {
+        let mesh_key = ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: m.clone(),
+            name: m.clone(),
+        };
+        if store.get(&mesh_key)?.is_none() {
+            return Err(StoreError::NotFound(mesh_key));
+        }
+        store.list(ResourceType::Dataplane, Some(&m))
+    })
+    .await?;
+    let items: Vec<Value> = items
+        .iter()
+        .map(|d| {
+            let status = s.hub.status(&mesh, &d.resource.name);
+            let insight = match &status {
+                Some(st) => serde_json::to_value(st).unwrap_or(Value::Null),
+                None => json!({"online": false}),
+            };
+            json!({
+                "type": "DataplaneOverview",
+                "mesh": mesh,
+                "name": d.resource.name,
+                "dataplane": d.resource.to_universal(Some(&d.meta)),
+                "dataplaneInsight": insight,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"total": items.len(), "items": items, "next": null}),
+    ))
+}
+
+/// `GET /meshes/{mesh}/dataplanes/{name}/_config`: the snapshot last sent to that proxy.
+async fn get_dataplane_view(
+    State(s): State<Arc<ApiState>>,
+    Path((mesh, plural, name, view)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    if plural != "dataplanes" || view != "_config" {
+        return Err(ApiError::not_found(format!(
+            "no such view {plural}/{name}/{view}; try dataplanes/{name}/_config"
+        )));
+    }
+    let sent = s.hub.status(&mesh, &name).and_then(|st| st.last_sent);
+    match sent {
+        Some(snap) => Ok(Json(serde_json::to_value(&*snap).unwrap_or(Value::Null))),
+        None => Err(ApiError::not_found(format!(
+            "no configuration was sent to dataplane {name:?} of mesh {mesh:?}: its proxy never connected"
+        ))),
+    }
 }

@@ -1,6 +1,7 @@
 //! Starting the control plane: open the store, create the default mesh on first start, and
 //! serve the REST API. Used by the `weft-control` binary and, in-process, by tests.
 
+use crate::discovery::{DataplaneAuth, DiscoveryService, Hub, NoTrust};
 use crate::rest::{ApiState, router};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -24,6 +25,8 @@ pub struct RunConfig {
     pub store_url: Option<String>,
     /// REST API listen address.
     pub api_address: SocketAddr,
+    /// Dataplane gRPC (discovery, identity) listen address.
+    pub dp_server_address: SocketAddr,
     /// Do not create the `default` mesh on first start.
     pub no_default_mesh: bool,
     /// Token that lets non-loopback callers mutate through the API.
@@ -61,10 +64,16 @@ pub enum RunError {
 pub struct ControlPlane {
     /// Where the REST API listens.
     pub api_address: SocketAddr,
+    /// Where the dataplane gRPC server listens.
+    pub dp_server_address: SocketAddr,
+    /// Discovery state.
+    pub hub: Arc<Hub>,
     /// The store.
     pub store: Arc<dyn Store>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
+    dp_server: JoinHandle<Result<(), tonic::transport::Error>>,
+    reloader: JoinHandle<()>,
 }
 
 impl ControlPlane {
@@ -72,6 +81,16 @@ impl ControlPlane {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        // Discovery streams stay open as long as their proxies do; give them a moment to see
+        // the shutdown, then cut them (proxies reconnect to the next control plane).
+        let mut dp_server = self.dp_server;
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut dp_server)
+            .await
+            .is_err()
+        {
+            dp_server.abort();
+        }
+        self.reloader.abort();
     }
 
     /// Waits until the server stops (it stops only on error or after [`Self::shutdown`]).
@@ -175,26 +194,66 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         addr: cfg.api_address,
         source,
     })?;
-    let (changes, _) = watch::channel(0);
+    let hub = Hub::new(store.clone(), Arc::new(NoTrust));
+    let reloader = hub.spawn_reloader();
     let state = Arc::new(ApiState {
         store: store.clone(),
         admin_token: cfg.admin_token.clone(),
-        changes,
+        hub: hub.clone(),
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let (shutdown, mut stop) = watch::channel(false);
+    let (shutdown, stop) = watch::channel(false);
+    let mut api_stop = stop.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
+                let _ = api_stop.wait_for(|s| *s).await;
             })
             .await
     });
     tracing::info!(%api_address, "REST API listening");
+
+    let dp_listener = TcpListener::bind(cfg.dp_server_address)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: cfg.dp_server_address,
+            source,
+        })?;
+    let dp_server_address = dp_listener.local_addr().map_err(|source| RunError::Bind {
+        addr: cfg.dp_server_address,
+        source,
+    })?;
+    let discovery = DiscoveryService::new(hub.clone(), Arc::new(NoTokensYet));
+    let mut dp_stop = stop;
+    let dp_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(discovery.into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(dp_listener),
+                async move {
+                    let _ = dp_stop.wait_for(|s| *s).await;
+                },
+            ),
+    );
+    tracing::info!(%dp_server_address, "dataplane gRPC server listening");
     Ok(ControlPlane {
         api_address,
+        dp_server_address,
+        hub,
         store,
         shutdown,
         server,
+        dp_server,
+        reloader,
     })
+}
+
+/// Admits every proxy. Dataplane tokens arrive with mesh identity; until then the dataplane
+/// server must only be reachable by trusted proxies.
+struct NoTokensYet;
+
+impl DataplaneAuth for NoTokensYet {
+    fn authenticate(&self, _token: Option<&str>, _mesh: &str, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -35,6 +35,9 @@ struct RunArgs {
     /// REST API address.
     #[arg(long, env = "WEFT_API_ADDRESS", default_value = "127.0.0.1:5681")]
     api_address: SocketAddr,
+    /// Dataplane gRPC server address (discovery and identity).
+    #[arg(long, env = "WEFT_DP_SERVER_ADDRESS", default_value = "0.0.0.0:5678")]
+    dp_server_address: SocketAddr,
     /// Do not create the `default` mesh on first start.
     #[arg(long, env = "WEFT_NO_DEFAULT_MESH")]
     no_default_mesh: bool,
@@ -90,6 +93,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         store_url: args.store,
         api_address: args.api_address,
+        dp_server_address: args.dp_server_address,
         no_default_mesh: args.no_default_mesh,
         admin_token: args.admin_token,
     };
@@ -97,7 +101,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        r = cp.wait() => r.context("REST API server failed")?,
+        r = cp.wait() => r.context("the control plane's server failed")?,
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; shutting down"); cp.shutdown().await; }
         _ = term.recv() => { tracing::info!("SIGTERM; shutting down"); cp.shutdown().await; }
     }

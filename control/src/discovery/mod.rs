@@ -3,5 +3,13 @@
 //!
 //! - [`view`]: one read of the store, shared by every stream, rebuilt on change.
 //! - [`snapshot`]: one proxy's snapshot from its mesh's view (pure, hashed for its version).
+//! - [`hub`]: who is connected, what each was sent and acknowledged; the view reloader.
+//! - [`server`]: the `Discovery.Stream` gRPC service and the dataplane lifecycle.
+pub mod hub;
+pub mod server;
 pub mod snapshot;
 pub mod view;
+
+pub use hub::{Hub, ProxyStatus};
+pub use server::{DataplaneAuth, DiscoveryService};
+pub use view::{NoTrust, TrustSource};

@@ -1,0 +1,253 @@
+//! The hub: which proxies are connected, what each was last sent and acknowledged, and the
+//! shared [`Views`] that every stream builds its snapshots from.
+//!
+//! One reloader task rebuilds the views when the store changes (debounced, so a burst of
+//! writes costs one reload) and publishes them on a `watch` channel; each stream wakes, builds
+//! its proxy's snapshot from the new view, and sends it only if its version changed.
+
+use super::snapshot;
+use super::view::{self, TrustSource, Views};
+use crate::store::Store;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use weft_api::DataplaneSpec;
+use weft_api::proto::Snapshot;
+
+/// How long the reloader waits for more changes before rebuilding the views.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// How often the reloader checks the store revision without a notification (another
+/// control-plane replica may have written).
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// What the control plane knows about one proxy.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    /// Whether its stream is open.
+    pub online: bool,
+    /// When the current (or last) stream opened, RFC 3339.
+    pub connected_since: Option<String>,
+    /// When the stream was last seen alive, RFC 3339.
+    pub last_seen: Option<String>,
+    /// The proxy's version string.
+    pub proxy_version: String,
+    /// The last snapshot version sent.
+    pub sent_version: Option<String>,
+    /// The last snapshot version the proxy acknowledged.
+    pub acked_version: Option<String>,
+    /// The last NACK: version and reason.
+    pub last_nack: Option<String>,
+    /// Snapshots sent on the current stream.
+    pub snapshots_sent: u64,
+    /// When the proxy's certificate expires, RFC 3339 (set by the identity service).
+    pub cert_expiry: Option<String>,
+    /// Identifies the stream that owns this entry.
+    #[serde(skip)]
+    pub stream_id: u64,
+    /// The last snapshot sent, as sent.
+    #[serde(skip)]
+    pub last_sent: Option<Arc<Snapshot>>,
+}
+
+/// Shared discovery state.
+pub struct Hub {
+    pub(crate) store: Arc<dyn Store>,
+    trust: Arc<dyn TrustSource>,
+    views_tx: watch::Sender<Arc<Views>>,
+    reload_tx: watch::Sender<u64>,
+    proxies: Mutex<HashMap<(String, String), ProxyStatus>>,
+    next_stream: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Hub {
+    /// A hub over `store`; call [`Hub::spawn_reloader`] to keep its views current.
+    pub fn new(store: Arc<dyn Store>, trust: Arc<dyn TrustSource>) -> Arc<Hub> {
+        let (views_tx, _) = watch::channel(Arc::new(Views::default()));
+        let (reload_tx, _) = watch::channel(0);
+        Arc::new(Hub {
+            store,
+            trust,
+            views_tx,
+            reload_tx,
+            proxies: Mutex::new(HashMap::new()),
+            next_stream: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// Asks for the views to be rebuilt (after a write, or a proxy going on- or offline).
+    pub fn notify_change(&self) {
+        self.reload_tx.send_modify(|v| *v += 1);
+    }
+
+    /// The current views, and a receiver that wakes when they change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Views>> {
+        self.views_tx.subscribe()
+    }
+
+    fn offline_map(&self) -> HashMap<String, Vec<String>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        if let Ok(p) = self.proxies.lock() {
+            for ((mesh, name), st) in p.iter() {
+                if !st.online {
+                    out.entry(mesh.clone()).or_default().push(name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Rebuilds the views now.
+    pub async fn reload(self: &Arc<Self>) {
+        let hub = self.clone();
+        let offline = self.offline_map();
+        let loaded = tokio::task::spawn_blocking(move || {
+            view::load(hub.store.as_ref(), hub.trust.as_ref(), &offline)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(v)) => {
+                self.views_tx.send_replace(Arc::new(v));
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot load the mesh views; proxies keep their last snapshot")
+            }
+            Err(e) => tracing::error!(error = %e, "view loader panicked"),
+        }
+    }
+
+    /// Keeps the views current until the hub is dropped: reloads after notifications
+    /// (debounced) and when the store revision moves.
+    pub fn spawn_reloader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let mut notified = self.reload_tx.subscribe();
+        tokio::spawn(async move {
+            let mut last_revision = None;
+            loop {
+                let Some(hub) = weak.upgrade() else { return };
+                let store = hub.store.clone();
+                let revision = tokio::task::spawn_blocking(move || store.revision().ok())
+                    .await
+                    .ok()
+                    .flatten();
+                if revision != last_revision || last_revision.is_none() {
+                    hub.reload().await;
+                    last_revision = revision;
+                }
+                drop(hub);
+                tokio::select! {
+                    r = notified.changed() => {
+                        if r.is_err() { return; }
+                        tokio::time::sleep(DEBOUNCE).await;
+                        notified.borrow_and_update();
+                        let Some(hub) = weak.upgrade() else { return };
+                        hub.reload().await;
+                        let store = hub.store.clone();
+                        last_revision = tokio::task::spawn_blocking(move || store.revision().ok()).await.ok().flatten();
+                    }
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+            }
+        })
+    }
+
+    /// Builds the snapshot for a proxy from the given views; the dataplane as stored wins over
+    /// the registered copy once the views hold it.
+    pub fn snapshot_for(
+        views: &Views,
+        mesh: &str,
+        name: &str,
+        registered: &DataplaneSpec,
+    ) -> Option<Snapshot> {
+        let view = views.meshes.get(mesh)?;
+        let dp = view.dataplanes.get(name).unwrap_or(registered);
+        Some(snapshot::build(mesh, name, dp, view))
+    }
+
+    /// Claims (mesh, name) for a new stream; refuses a name that is online.
+    pub(crate) fn claim(&self, mesh: &str, name: &str, proxy_version: &str) -> Result<u64, String> {
+        let mut p = self
+            .proxies
+            .lock()
+            .map_err(|_| "registry lock poisoned".to_string())?;
+        let key = (mesh.to_string(), name.to_string());
+        if let Some(st) = p.get(&key)
+            && st.online
+        {
+            return Err(format!(
+                "dataplane {name:?} of mesh {mesh:?} is already online (connected since {}); a second proxy cannot register the same name",
+                st.connected_since.clone().unwrap_or_default()
+            ));
+        }
+        let id = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = now_rfc3339();
+        let cert_expiry = p.get(&key).and_then(|s| s.cert_expiry.clone());
+        p.insert(
+            key,
+            ProxyStatus {
+                online: true,
+                connected_since: Some(now.clone()),
+                last_seen: Some(now),
+                proxy_version: proxy_version.into(),
+                stream_id: id,
+                cert_expiry,
+                ..Default::default()
+            },
+        );
+        Ok(id)
+    }
+
+    /// Updates the entry of (mesh, name) if `stream_id` still owns it.
+    pub(crate) fn update(
+        &self,
+        mesh: &str,
+        name: &str,
+        stream_id: u64,
+        f: impl FnOnce(&mut ProxyStatus),
+    ) {
+        if let Ok(mut p) = self.proxies.lock()
+            && let Some(st) = p.get_mut(&(mesh.to_string(), name.to_string()))
+            && st.stream_id == stream_id
+        {
+            f(st);
+        }
+    }
+
+    /// Forgets (mesh, name) if `stream_id` owns it (graceful deregistration).
+    pub(crate) fn forget(&self, mesh: &str, name: &str, stream_id: u64) -> bool {
+        let Ok(mut p) = self.proxies.lock() else {
+            return false;
+        };
+        let key = (mesh.to_string(), name.to_string());
+        if p.get(&key).is_some_and(|s| s.stream_id == stream_id) {
+            p.remove(&key);
+            return true;
+        }
+        false
+    }
+
+    /// Records a certificate issued to (mesh, name).
+    pub fn record_certificate(&self, mesh: &str, name: &str, expiry: SystemTime) {
+        if let Ok(mut p) = self.proxies.lock() {
+            let st = p.entry((mesh.to_string(), name.to_string())).or_default();
+            st.cert_expiry = Some(humantime::format_rfc3339_seconds(expiry).to_string());
+        }
+    }
+
+    /// The status of (mesh, name), if a proxy ever connected for it.
+    pub fn status(&self, mesh: &str, name: &str) -> Option<ProxyStatus> {
+        self.proxies
+            .lock()
+            .ok()?
+            .get(&(mesh.to_string(), name.to_string()))
+            .cloned()
+    }
+}

@@ -1,0 +1,241 @@
+//! The `Discovery.Stream` gRPC service: registration, snapshot push, ACK/NACK, lifecycle.
+//!
+//! A stream's life: the first message must be a `Register` with the Dataplane; the token in
+//! the `authorization` metadata must be for that mesh and name; the name must not be online
+//! already. The Dataplane is validated like an apply and upserted, and the stream then gets a
+//! snapshot, and another each time its content changes. A stream that ends cleanly
+//! deregisters the dataplane (graceful exit); one that breaks leaves it offline.
+
+use super::hub::{Hub, now_rfc3339};
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::parse::parse_documents;
+use weft_api::proto::discovery_request::Kind;
+use weft_api::proto::discovery_server::{Discovery, DiscoveryServer};
+use weft_api::proto::{DiscoveryRequest, Snapshot};
+use weft_api::{DataplaneSpec, Spec};
+
+/// How long a new stream may take to send its `Register`.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decides whether a token may register or certify a dataplane.
+pub trait DataplaneAuth: Send + Sync + 'static {
+    /// `Ok` if `token` (from `authorization: Bearer …`) is valid for dataplane `name` of `mesh`;
+    /// otherwise a message for the proxy.
+    fn authenticate(&self, token: Option<&str>, mesh: &str, name: &str) -> Result<(), String>;
+}
+
+/// The gRPC service.
+pub struct DiscoveryService {
+    hub: Arc<Hub>,
+    auth: Arc<dyn DataplaneAuth>,
+    nonce: AtomicU64,
+}
+
+impl DiscoveryService {
+    /// A service over `hub`, admitting proxies that `auth` accepts.
+    pub fn new(hub: Arc<Hub>, auth: Arc<dyn DataplaneAuth>) -> Self {
+        DiscoveryService {
+            hub,
+            auth,
+            nonce: AtomicU64::new(1),
+        }
+    }
+
+    /// The tonic server wrapper.
+    pub fn into_server(self) -> DiscoveryServer<Self> {
+        DiscoveryServer::new(self)
+    }
+}
+
+/// Reads the bearer token of a request's metadata.
+pub fn bearer_token<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = SnapshotStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let token = bearer_token(&request);
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register within 10s"))??
+            .ok_or_else(|| Status::invalid_argument("stream closed before Register"))?;
+        let Some(Kind::Register(register)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be a Register",
+            ));
+        };
+        let mut docs = parse_documents(&register.dataplane)
+            .map_err(|e| Status::invalid_argument(format!("invalid Dataplane: {e}")))?;
+        if docs.len() != 1 {
+            return Err(Status::invalid_argument(format!(
+                "Register needs exactly one Dataplane, found {} documents",
+                docs.len()
+            )));
+        }
+        let resource = docs.remove(0).resource;
+        let Spec::Dataplane(dp) = resource.spec.clone() else {
+            return Err(Status::invalid_argument(format!(
+                "Register needs a Dataplane, found a {}",
+                resource.resource_type()
+            )));
+        };
+        let mesh = resource.mesh_name().to_string();
+        let name = resource.name.clone();
+        self.auth
+            .authenticate(token.as_deref(), &mesh, &name)
+            .map_err(Status::unauthenticated)?;
+        let stream_id = self
+            .hub
+            .claim(&mesh, &name, &register.proxy_version)
+            .map_err(Status::already_exists)?;
+
+        let store = self.hub.store.clone();
+        let upsert = resource.clone();
+        let stored = tokio::task::spawn_blocking(move || store.put(&upsert, None)).await;
+        match stored {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                self.hub.forget(&mesh, &name, stream_id);
+                return Err(Status::failed_precondition(e.to_string()));
+            }
+            Err(e) => {
+                self.hub.forget(&mesh, &name, stream_id);
+                return Err(Status::internal(e.to_string()));
+            }
+        }
+        tracing::info!(%mesh, %name, "dataplane registered");
+        self.hub.notify_change();
+        // The registration was just written; wait for the views to include it, so the first
+        // snapshot already lists this proxy's own inbounds as endpoints.
+        let mut views = self.hub.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            views.wait_for(|v| {
+                v.meshes
+                    .get(&mesh)
+                    .is_some_and(|m| m.dataplanes.contains_key(&name))
+            }),
+        )
+        .await;
+
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        let nonce_base = self.nonce.fetch_add(1, Ordering::Relaxed) << 32;
+        tokio::spawn(serve_stream(
+            hub, mesh, name, stream_id, dp, inbound, tx, views, nonce_base,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_stream(
+    hub: Arc<Hub>,
+    mesh: String,
+    name: String,
+    stream_id: u64,
+    registered: DataplaneSpec,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+    mut views: tokio::sync::watch::Receiver<Arc<super::view::Views>>,
+    nonce_base: u64,
+) {
+    let mut sent_version = String::new();
+    let mut pushes: u64 = 0;
+    let mut dirty = true;
+    let graceful = loop {
+        if dirty {
+            dirty = false;
+            let current = views.borrow_and_update().clone();
+            match Hub::snapshot_for(&current, &mesh, &name, &registered) {
+                Some(mut snap) if snap.version != sent_version => {
+                    pushes += 1;
+                    snap.nonce = format!("{:x}", nonce_base + pushes);
+                    sent_version = snap.version.clone();
+                    let snap = Arc::new(snap);
+                    let version = snap.version.clone();
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        st.sent_version = Some(version);
+                        st.snapshots_sent += 1;
+                        st.last_sent = Some(snap.clone());
+                    });
+                    if tx.send(Ok((*snap).clone())).await.is_err() {
+                        break false;
+                    }
+                }
+                Some(_) => {}
+                None => tracing::warn!(%mesh, %name, "mesh is gone; no snapshot to send"),
+            }
+        }
+        tokio::select! {
+            changed = views.changed() => {
+                if changed.is_err() { break false; }
+                dirty = true;
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Ack(ack)) })) => {
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        st.acked_version = Some(ack.version);
+                        st.last_seen = Some(now_rfc3339());
+                    });
+                }
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Nack(nack)) })) => {
+                    tracing::warn!(%mesh, %name, version = %nack.version, reason = %nack.reason, "proxy rejected a snapshot");
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        st.last_nack = Some(format!("version {}: {}", nack.version, nack.reason));
+                        st.last_seen = Some(now_rfc3339());
+                    });
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("only Ack and Nack may follow Register"))).await;
+                    break false;
+                }
+                Ok(None) => break true,
+                Err(status) => {
+                    tracing::info!(%mesh, %name, %status, "dataplane stream broke");
+                    break false;
+                }
+            },
+            _ = tx.closed() => break false,
+        }
+    };
+    if graceful {
+        if hub.forget(&mesh, &name, stream_id) {
+            let store = hub.store.clone();
+            let key = crate::store::ResourceKey {
+                ty: weft_api::ResourceType::Dataplane,
+                mesh: mesh.clone(),
+                name: name.clone(),
+            };
+            match tokio::task::spawn_blocking(move || store.delete(&key, false)).await {
+                Ok(Ok(_)) => tracing::info!(%mesh, %name, "dataplane deregistered"),
+                Ok(Err(e)) => tracing::warn!(%mesh, %name, error = %e, "deregistration failed"),
+                Err(e) => tracing::warn!(%mesh, %name, error = %e, "deregistration failed"),
+            }
+        }
+    } else {
+        hub.update(&mesh, &name, stream_id, |st| {
+            st.online = false;
+            st.last_seen = Some(now_rfc3339());
+        });
+        tracing::info!(%mesh, %name, "dataplane offline");
+    }
+    hub.notify_change();
+}

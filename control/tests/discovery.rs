@@ -1,0 +1,343 @@
+//! Discovery end to end against the real control plane (in process), with simulated proxies
+//! speaking the real gRPC protocol.
+
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use weft_api::proto::discovery_client::DiscoveryClient;
+use weft_api::proto::discovery_request::Kind;
+use weft_api::proto::{Ack, DiscoveryRequest, Nack, Register, Snapshot, permission_rule};
+use weft_control::run::{ControlPlane, RunConfig, start};
+
+async fn control_plane(dir: &std::path::Path) -> ControlPlane {
+    start(RunConfig {
+        data_dir: dir.to_path_buf(),
+        store_url: None,
+        api_address: "127.0.0.1:0".parse().expect("addr"),
+        dp_server_address: "127.0.0.1:0".parse().expect("addr"),
+        no_default_mesh: false,
+        admin_token: None,
+    })
+    .await
+    .expect("control plane starts")
+}
+
+fn put(cp: &ControlPlane, yaml: &str) {
+    for doc in weft_api::parse::parse_documents(yaml).expect("valid yaml") {
+        cp.store.put(&doc.resource, None).expect("stored");
+    }
+    cp.hub.notify_change();
+}
+
+/// A simulated proxy: the real protocol, no data path.
+struct FakeProxy {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<Snapshot>,
+}
+
+fn dataplane(mesh: &str, name: &str, service: &str, ip: &str) -> String {
+    format!(
+        "type: Dataplane\nmesh: {mesh}\nname: {name}\nnetworking:\n  address: {ip}\n  inbound:\n  - port: 8080\n    tags: {{kuma.io/service: {service}}}\n"
+    )
+}
+
+async fn connect(cp: &ControlPlane, dataplane: String) -> Result<FakeProxy, tonic::Status> {
+    let mut client = DiscoveryClient::connect(format!("http://{}", cp.dp_server_address))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        kind: Some(Kind::Register(Register {
+            dataplane,
+            proxy_version: "test".into(),
+        })),
+    })
+    .await
+    .expect("send register");
+    let resp = client.stream(ReceiverStream::new(rx)).await?;
+    Ok(FakeProxy {
+        tx,
+        rx: resp.into_inner(),
+    })
+}
+
+/// Connects from a runtime of its own, so the test can kill the connection abruptly by
+/// shutting that runtime down, as a killed process would.
+async fn connect_on_own_runtime(
+    cp: &ControlPlane,
+    dp: String,
+) -> (tokio::runtime::Runtime, FakeProxy) {
+    let addr = cp.dp_server_address;
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let proxy = rt.block_on(async move {
+            let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+            let (tx, rx) = mpsc::channel(8);
+            let register = Register {
+                dataplane: dp,
+                proxy_version: "test".into(),
+            };
+            tx.send(DiscoveryRequest {
+                kind: Some(Kind::Register(register)),
+            })
+            .await
+            .expect("send register");
+            let resp = client
+                .stream(ReceiverStream::new(rx))
+                .await
+                .expect("registers");
+            FakeProxy {
+                tx,
+                rx: resp.into_inner(),
+            }
+        });
+        (rt, proxy)
+    })
+    .await
+    .expect("connect thread")
+}
+
+impl FakeProxy {
+    async fn next(&mut self) -> Snapshot {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a snapshot within 5s")
+            .expect("stream ok")
+            .expect("stream open")
+    }
+
+    async fn ack(&self, s: &Snapshot) {
+        let ack = Ack {
+            version: s.version.clone(),
+            nonce: s.nonce.clone(),
+        };
+        self.tx
+            .send(DiscoveryRequest {
+                kind: Some(Kind::Ack(ack)),
+            })
+            .await
+            .expect("ack");
+    }
+
+    /// Reads snapshots until one satisfies `pred` (within 5 s).
+    async fn next_matching(&mut self, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.rx.message()).await {
+                Ok(Ok(Some(s))) if pred(&s) => return s,
+                Ok(Ok(Some(_))) => continue,
+                other => panic!("{what}: no matching snapshot ({other:?})"),
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for a while.
+    async fn expect_silence(&mut self, what: &str) {
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(400), self.rx.message()).await {
+            panic!("{what}: expected no snapshot, got {m:?}");
+        }
+    }
+}
+
+const PAYMENTS: &str = "type: Mesh\nname: payments\n---\ntype: Mesh\nname: other\n";
+
+#[tokio::test]
+async fn policies_reach_the_right_proxies_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let mut web = connect(&cp, dataplane("payments", "web-1", "web", "10.0.0.1"))
+        .await
+        .expect("web registers");
+    let s = web.next().await;
+    web.ack(&s).await;
+    let mut backend = connect(
+        &cp,
+        dataplane("payments", "backend-1", "backend", "10.0.0.2"),
+    )
+    .await
+    .expect("backend registers");
+    let b0 = backend.next().await;
+    backend.ack(&b0).await;
+    assert!(b0.inbounds[0].permissions.is_empty());
+    // web learns the new endpoint.
+    let s = web.next().await;
+    let svc = s
+        .outbounds
+        .iter()
+        .find(|o| o.service == "backend")
+        .expect("backend service");
+    assert_eq!(svc.endpoints[0].address, "10.0.0.2");
+    web.ack(&s).await;
+    let mut stranger = connect(&cp, dataplane("other", "backend-1", "backend", "10.0.0.3"))
+        .await
+        .expect("other mesh registers");
+    let o0 = stranger.next().await;
+    assert_eq!(o0.mesh.as_ref().expect("mesh").name, "other");
+    assert!(
+        o0.outbounds
+            .iter()
+            .all(|o| o.endpoints.iter().all(|e| e.address == "10.0.0.3")),
+        "no endpoints of another mesh"
+    );
+
+    put(
+        &cp,
+        "type: MeshTrafficPermission\nmesh: payments\nname: backend-from-web\nspec:\n  targetRef: {kind: MeshService, name: backend}\n  from:\n  - targetRef: {kind: MeshService, name: web}\n    default: {action: Allow}\n  - targetRef: {kind: Mesh}\n    default: {action: Deny}\n",
+    );
+    let b1 = backend.next().await;
+    let rules = &b1.inbounds[0].permissions;
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(
+        rules[0].source_service, "web",
+        "the more specific entry first"
+    );
+    assert_eq!(rules[0].action, permission_rule::Action::Allow as i32);
+    assert_eq!(rules[1].source_service, "*");
+    assert_eq!(rules[1].action, permission_rule::Action::Deny as i32);
+    backend.ack(&b1).await;
+    web.expect_silence("web's snapshot did not change").await;
+    stranger
+        .expect_silence("another mesh is not affected")
+        .await;
+
+    // What was sent is visible, and the ACK is recorded.
+    let status = cp.hub.status("payments", "backend-1").expect("status");
+    assert_eq!(status.sent_version.as_deref(), Some(b1.version.as_str()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = cp.hub.status("payments", "backend-1").expect("status");
+    assert_eq!(status.acked_version.as_deref(), Some(b1.version.as_str()));
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_name_is_refused_and_nack_is_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    let mut first = connect(&cp, dataplane("default", "dp-1", "web", "10.0.0.1"))
+        .await
+        .expect("first registers");
+    let s = first.next().await;
+    let err = connect(&cp, dataplane("default", "dp-1", "web", "10.0.0.9"))
+        .await
+        .err()
+        .expect("second is refused");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("already online"), "{err}");
+
+    let nack = Nack {
+        version: s.version.clone(),
+        nonce: s.nonce.clone(),
+        reason: "cannot bind port 8080".into(),
+    };
+    first
+        .tx
+        .send(DiscoveryRequest {
+            kind: Some(Kind::Nack(nack)),
+        })
+        .await
+        .expect("nack");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = cp.hub.status("default", "dp-1").expect("status");
+    assert!(
+        st.last_nack
+            .as_deref()
+            .is_some_and(|r| r.contains("cannot bind port 8080")),
+        "{st:?}"
+    );
+    assert_eq!(st.acked_version, None);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_registration_is_refused_with_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    let bad = "type: Dataplane\nmesh: default\nname: dp\nnetworking:\n  address: 10.0.0.1\n  inbound:\n  - port: 99999\n    tags: {kuma.io/service: a}\n";
+    let err = connect(&cp, bad.into()).await.err().expect("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("networking.inbound[0].port"),
+        "{err}"
+    );
+    let err = connect(&cp, dataplane("nowhere", "dp", "a", "10.0.0.1"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("mesh \"nowhere\" does not exist"),
+        "{err}"
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropped_proxy_goes_offline_and_graceful_exit_deregisters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    let mut watcher = connect(&cp, dataplane("default", "watcher", "web", "10.0.0.1"))
+        .await
+        .expect("registers");
+    watcher.next().await;
+    let (killed_rt, mut killed) =
+        connect_on_own_runtime(&cp, dataplane("default", "killed", "backend", "10.0.0.2")).await;
+    killed.next().await;
+    let s = watcher.next().await;
+    let ep = |s: &Snapshot| {
+        s.outbounds
+            .iter()
+            .find(|o| o.service == "backend")
+            .map(|o| o.endpoints[0].healthy)
+    };
+    assert_eq!(ep(&s), Some(true));
+
+    // A broken stream (the proxy died): offline, endpoint unhealthy, name free again.
+    // A killed proxy: its connection dies with its runtime, without a clean end of stream.
+    killed_rt.shutdown_background();
+    drop(killed);
+    watcher
+        .next_matching("the dead proxy's endpoint turns unhealthy", |s| {
+            ep(s) == Some(false)
+        })
+        .await;
+    let st = cp.hub.status("default", "killed").expect("status");
+    assert!(!st.online && st.last_seen.is_some(), "{st:?}");
+    let key = weft_control::store::ResourceKey {
+        ty: weft_api::ResourceType::Dataplane,
+        mesh: "default".into(),
+        name: "killed".into(),
+    };
+    assert!(
+        cp.store.get(&key).expect("get").is_some(),
+        "an offline dataplane stays listed"
+    );
+
+    // A clean close (graceful exit): deregistered.
+    let mut again = connect(&cp, dataplane("default", "killed", "backend", "10.0.0.2"))
+        .await
+        .expect("name is free once offline");
+    again.next().await;
+    let FakeProxy { tx, mut rx } = again;
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), rx.message()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        cp.store.get(&key).expect("get").is_none(),
+        "graceful exit deregisters"
+    );
+    watcher
+        .next_matching("its endpoints are gone", |s| {
+            s.outbounds.iter().all(|o| o.service != "backend")
+        })
+        .await;
+    cp.shutdown().await;
+}
