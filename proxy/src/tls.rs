@@ -167,7 +167,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         )?;
         let want = format!("spiffe://{}/{}", state.mesh, self.expected_service);
         let have = uri_sans(end_entity);
-        if !have.iter().any(|u| *u == want) {
+        if !have.contains(&want) {
             return Err(name_error(format!(
                 "server certificate is not {want} (it names {have:?})"
             )));

@@ -346,13 +346,16 @@ fn verified_csr_key(csr: &[u8]) -> Result<CsrKey, CaError> {
     })
 }
 
+type CachedCa = (Vec<u8>, Arc<MeshCa>);
+
 /// Finds (and for builtin backends, creates on first need) the CA of each
 /// (mesh, backend), keeping parsed CAs in memory. The store stays the source of
 /// truth: every call re-reads the stored secret (or the provided files), so a
 /// deleted mesh or a changed provided CA is noticed.
 pub struct CaManager {
     store: Arc<dyn SecretStore>,
-    cache: Mutex<HashMap<(String, String), (Vec<u8>, Arc<MeshCa>)>>,
+    /// (mesh, backend) -> (the bytes it was parsed from, the CA).
+    cache: Mutex<HashMap<(String, String), CachedCa>>,
 }
 
 impl std::fmt::Debug for CaManager {
@@ -431,10 +434,10 @@ impl CaManager {
         let id = (mesh.to_string(), backend.to_string());
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((src, ca)) = cache.get(&id) {
-                if *src == source {
-                    return Ok(ca.clone());
-                }
+            if let Some((src, ca)) = cache.get(&id)
+                && *src == source
+            {
+                return Ok(ca.clone());
             }
         }
         let ca = Arc::new(parse(&source)?);

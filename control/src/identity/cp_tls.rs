@@ -195,12 +195,11 @@ impl CpTls {
 /// `extra`, without duplicates.
 pub fn server_names(listen: &[SocketAddr], extra: &[String]) -> Vec<String> {
     let mut names = vec!["localhost".to_string()];
-    if let Ok(host) = nix::unistd::gethostname() {
-        if let Some(host) = host.to_str() {
-            if !host.is_empty() {
-                names.push(host.to_string());
-            }
-        }
+    if let Ok(host) = nix::unistd::gethostname()
+        && let Some(host) = host.to_str()
+        && !host.is_empty()
+    {
+        names.push(host.to_string());
     }
     let mut ips: Vec<IpAddr> = Vec::new();
     for addr in listen {
@@ -227,10 +226,10 @@ fn interface_addresses(v6: bool) -> Vec<IpAddr> {
                 let Some(addr) = ifa.address else { continue };
                 if let Some(sin) = addr.as_sockaddr_in() {
                     out.push(IpAddr::V4(sin.ip()));
-                } else if let Some(sin6) = addr.as_sockaddr_in6() {
-                    if v6 {
-                        out.push(IpAddr::V6(sin6.ip()));
-                    }
+                } else if let Some(sin6) = addr.as_sockaddr_in6()
+                    && v6
+                {
+                    out.push(IpAddr::V6(sin6.ip()));
                 }
             }
         }

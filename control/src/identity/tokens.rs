@@ -122,10 +122,13 @@ struct SigningKey {
     kid: String,
 }
 
+type CachedKey = (Vec<u8>, Arc<SigningKey>);
+
 /// Issues, verifies and revokes dataplane tokens.
 pub struct TokenIssuer {
     store: Arc<dyn SecretStore>,
-    keys: Mutex<HashMap<String, (Vec<u8>, Arc<SigningKey>)>>,
+    /// mesh -> (the PKCS#8 bytes it was parsed from, the key).
+    keys: Mutex<HashMap<String, CachedKey>>,
     rng: SystemRandom,
 }
 
@@ -323,10 +326,10 @@ impl TokenIssuer {
             None => return Err(TokenError::UnknownMesh(mesh.to_string())),
         };
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((stored, key)) = keys.get(mesh) {
-            if *stored == pkcs8 {
-                return Ok(key.clone());
-            }
+        if let Some((stored, key)) = keys.get(mesh)
+            && *stored == pkcs8
+        {
+            return Ok(key.clone());
         }
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
             .map_err(|_| TokenError::CorruptKey(mesh.to_string()))?;
