@@ -113,6 +113,36 @@ impl Client {
         self.send(req).map(|(status, v)| (v, status == 201))
     }
 
+    /// POSTs JSON and returns the plain-text answer (e.g. a token).
+    pub fn post_text(&self, path: &str, body: &Value) -> Result<String, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        if status >= 400 {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or(text);
+            return Err(ClientError::Refused { status, message });
+        }
+        Ok(text.trim().to_string())
+    }
+
     /// DELETEs a resource (a mesh with `cascade` takes its contents along).
     pub fn delete(
         &self,

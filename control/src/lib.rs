@@ -4,6 +4,8 @@
 //!   optimistic concurrency, and every write is one transaction.
 //! - [`rest`]: the REST API over the store (Kuma's paths, JSON, loopback-only mutations).
 //! - [`run`]: wiring for `weft-control run`: open the store, create `default`, serve.
+//! - [`identity`]: per-mesh CAs, dataplane tokens, and the `Identity.Certify` service.
+//! - [`discovery`]: the `Discovery.Stream` service and per-proxy snapshots.
 //! - [`client`]: a small blocking REST client, the engine of `weftctl`.
 //!
 //! A resource's life: `weftctl apply` parses and validates the file locally
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod discovery;
+pub mod identity;
 pub mod rest;
 pub mod run;
 pub mod store;

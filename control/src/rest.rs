@@ -6,6 +6,7 @@
 //! caller presents the configured admin token.
 
 use crate::discovery::Hub;
+use crate::identity::IdentityService;
 use crate::store::{ResourceKey, Store, StoreError, StoredResource};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -28,6 +29,8 @@ pub struct ApiState {
     pub admin_token: Option<String>,
     /// Discovery: told about every write, and the source of insights and `_config`.
     pub hub: Arc<Hub>,
+    /// Mesh identity, for dataplane tokens.
+    pub identity: IdentityService,
 }
 
 /// An API error: status, a title, and what exactly is wrong.
@@ -105,6 +108,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/meshes", get(list_meshes))
+        .route(
+            "/tokens/dataplane",
+            axum::routing::post(generate_dataplane_token),
+        )
         .route(
             "/meshes/{name}",
             get(get_mesh).put(put_mesh).delete(delete_mesh),
@@ -504,4 +511,65 @@ async fn get_dataplane_view(
             "no configuration was sent to dataplane {name:?} of mesh {mesh:?}: its proxy never connected"
         ))),
     }
+}
+
+/// Body of `POST /tokens/dataplane` (Kuma's shape).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokenRequest {
+    /// The dataplane's name.
+    name: String,
+    /// The dataplane's mesh.
+    mesh: String,
+    /// Validity, e.g. `24h` (default 10 years, as Kuma's).
+    #[serde(default)]
+    valid_for: Option<String>,
+}
+
+/// `POST /tokens/dataplane`: a signed token for one dataplane of one mesh, as plain text.
+async fn generate_dataplane_token(
+    State(s): State<Arc<ApiState>>,
+    body: String,
+) -> ApiResult<Response> {
+    let req: TokenRequest = serde_json::from_str(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid token request: {e}")))?;
+    weft_api::validate::validate_name(&req.name, 253, false)
+        .map_err(|m| ApiError::bad_request(format!("name: {m}")))?;
+    let valid_for = match req.valid_for.as_deref() {
+        None => std::time::Duration::from_secs(10 * 365 * 86_400),
+        Some(v) => weft_api::duration::parse_duration(v)
+            .map_err(|e| ApiError::bad_request(format!("validFor: {e}")))?,
+    };
+    let store = s.store.clone();
+    let mesh = req.mesh.clone();
+    let mesh_key = ResourceKey {
+        ty: ResourceType::Mesh,
+        mesh: mesh.clone(),
+        name: mesh,
+    };
+    if blocking(move || store.get(&mesh_key)).await?.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "mesh {:?} does not exist",
+            req.mesh
+        )));
+    }
+    let identity = s.identity.clone();
+    let issued = tokio::task::spawn_blocking(move || {
+        identity.tokens().issue(&req.mesh, &req.name, valid_for)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((
+        StatusCode::OK,
+        [("content-type", "text/plain")],
+        issued.token,
+    )
+        .into_response())
 }

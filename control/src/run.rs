@@ -1,7 +1,10 @@
 //! Starting the control plane: open the store, create the default mesh on first start, and
 //! serve the REST API. Used by the `weft-control` binary and, in-process, by tests.
 
-use crate::discovery::{DataplaneAuth, DiscoveryService, Hub, NoTrust};
+use crate::discovery::{DiscoveryService, Hub};
+use crate::identity::IdentityService;
+use crate::identity::adapter::{StoreIdentity, TokenAuth};
+use crate::identity::cp_tls::CpTls;
 use crate::rest::{ApiState, router};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -27,6 +30,10 @@ pub struct RunConfig {
     pub api_address: SocketAddr,
     /// Dataplane gRPC (discovery, identity) listen address.
     pub dp_server_address: SocketAddr,
+    /// Extra names or addresses for the dataplane server's certificate.
+    pub dp_server_sans: Vec<String>,
+    /// The user's own certificate and key for the dataplane server (instead of weft's CA).
+    pub dp_server_cert: Option<(PathBuf, PathBuf)>,
     /// Do not create the `default` mesh on first start.
     pub no_default_mesh: bool,
     /// Token that lets non-loopback callers mutate through the API.
@@ -50,6 +57,9 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+    /// The dataplane server's TLS could not be set up.
+    #[error("dataplane server TLS: {0}")]
+    Tls(String),
     /// File-system trouble with the data directory.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -68,6 +78,10 @@ pub struct ControlPlane {
     pub dp_server_address: SocketAddr,
     /// Discovery state.
     pub hub: Arc<Hub>,
+    /// The data directory (holds `cp-ca.pem`).
+    pub data_dir: PathBuf,
+    /// Mesh identity: CAs and dataplane tokens.
+    pub identity: IdentityService,
     /// The store.
     pub store: Arc<dyn Store>,
     shutdown: watch::Sender<bool>,
@@ -194,12 +208,15 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         addr: cfg.api_address,
         source,
     })?;
-    let hub = Hub::new(store.clone(), Arc::new(NoTrust));
+    let store_identity = Arc::new(StoreIdentity(store.clone()));
+    let identity = IdentityService::new(store_identity.clone(), store_identity);
+    let hub = Hub::new(store.clone(), Arc::new(identity.clone()));
     let reloader = hub.spawn_reloader();
     let state = Arc::new(ApiState {
         store: store.clone(),
         admin_token: cfg.admin_token.clone(),
         hub: hub.clone(),
+        identity: identity.clone(),
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (shutdown, stop) = watch::channel(false);
@@ -223,37 +240,36 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         addr: cfg.dp_server_address,
         source,
     })?;
-    let discovery = DiscoveryService::new(hub.clone(), Arc::new(NoTokensYet));
+    let tls = match &cfg.dp_server_cert {
+        Some((cert, key)) => CpTls::from_files(cert, key),
+        None => CpTls::load_or_create(&cfg.data_dir, &[dp_server_address], &cfg.dp_server_sans),
+    }
+    .map_err(|e| RunError::Tls(e.to_string()))?;
+    let discovery =
+        DiscoveryService::new(hub.clone(), Arc::new(TokenAuth(identity.tokens().clone())));
     let mut dp_stop = stop;
-    let dp_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(discovery.into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(dp_listener),
-                async move {
-                    let _ = dp_stop.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let grpc = tonic::transport::Server::builder()
+        .tls_config(tls.server_tls_config())
+        .map_err(|e| RunError::Tls(e.to_string()))?
+        .add_service(discovery.into_server())
+        .add_service(identity.clone().into_server());
+    let dp_server = tokio::spawn(grpc.serve_with_incoming_shutdown(
+        tonic::transport::server::TcpIncoming::from(dp_listener).with_nodelay(Some(true)),
+        async move {
+            let _ = dp_stop.wait_for(|s| *s).await;
+        },
+    ));
     tracing::info!(%dp_server_address, "dataplane gRPC server listening");
     Ok(ControlPlane {
         api_address,
         dp_server_address,
         hub,
+        data_dir: cfg.data_dir.clone(),
+        identity,
         store,
         shutdown,
         server,
         dp_server,
         reloader,
     })
-}
-
-/// Admits every proxy. Dataplane tokens arrive with mesh identity; until then the dataplane
-/// server must only be reachable by trusted proxies.
-struct NoTokensYet;
-
-impl DataplaneAuth for NoTokensYet {
-    fn authenticate(&self, _token: Option<&str>, _mesh: &str, _name: &str) -> Result<(), String> {
-        Ok(())
-    }
 }

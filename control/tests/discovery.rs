@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::proto::discovery_client::DiscoveryClient;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{Ack, DiscoveryRequest, Nack, Register, Snapshot, permission_rule};
@@ -16,6 +17,8 @@ async fn control_plane(dir: &std::path::Path) -> ControlPlane {
         store_url: None,
         api_address: "127.0.0.1:0".parse().expect("addr"),
         dp_server_address: "127.0.0.1:0".parse().expect("addr"),
+        dp_server_sans: vec![],
+        dp_server_cert: None,
         no_default_mesh: false,
         admin_token: None,
     })
@@ -42,20 +45,64 @@ fn dataplane(mesh: &str, name: &str, service: &str, ip: &str) -> String {
     )
 }
 
-async fn connect(cp: &ControlPlane, dataplane: String) -> Result<FakeProxy, tonic::Status> {
-    let mut client = DiscoveryClient::connect(format!("http://{}", cp.dp_server_address))
+/// A TLS channel to the dataplane server, trusting the control plane's CA.
+async fn channel(addr: std::net::SocketAddr, data_dir: &std::path::Path) -> Channel {
+    let ca = std::fs::read_to_string(data_dir.join("cp-ca.pem")).expect("cp-ca.pem");
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        .expect("tls")
+        .connect()
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+fn token(cp: &ControlPlane, mesh: &str, name: &str) -> String {
+    cp.identity
+        .tokens()
+        .issue(mesh, name, Duration::from_secs(3600))
+        .expect("token")
+        .token
+}
+
+fn mesh_and_name(dataplane: &str) -> (String, String) {
+    let doc = weft_api::parse::parse_documents(dataplane)
+        .expect("dataplane")
+        .remove(0)
+        .resource;
+    (doc.mesh_name().to_string(), doc.name)
+}
+
+async fn connect(cp: &ControlPlane, dataplane: String) -> Result<FakeProxy, tonic::Status> {
+    let (mesh, name) = mesh_and_name(&dataplane);
+    let token = token(cp, &mesh, &name);
+    connect_with(cp, dataplane, Some(token)).await
+}
+
+async fn connect_with(
+    cp: &ControlPlane,
+    dataplane: String,
+    token: Option<String>,
+) -> Result<FakeProxy, tonic::Status> {
+    let mut client = DiscoveryClient::new(channel(cp.dp_server_address, &cp.data_dir).await);
     let (tx, rx) = mpsc::channel(8);
+    let register = Register {
+        dataplane,
+        proxy_version: "test".into(),
+    };
     tx.send(DiscoveryRequest {
-        kind: Some(Kind::Register(Register {
-            dataplane,
-            proxy_version: "test".into(),
-        })),
+        kind: Some(Kind::Register(register)),
     })
     .await
     .expect("send register");
-    let resp = client.stream(ReceiverStream::new(rx)).await?;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("metadata"),
+        );
+    }
+    let resp = client.stream(req).await?;
     Ok(FakeProxy {
         tx,
         rx: resp.into_inner(),
@@ -69,6 +116,9 @@ async fn connect_on_own_runtime(
     dp: String,
 ) -> (tokio::runtime::Runtime, FakeProxy) {
     let addr = cp.dp_server_address;
+    let dir = cp.data_dir.clone();
+    let (mesh, name) = mesh_and_name(&dp);
+    let token = token(cp, &mesh, &name);
     tokio::task::spawn_blocking(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -76,9 +126,7 @@ async fn connect_on_own_runtime(
             .build()
             .expect("runtime");
         let proxy = rt.block_on(async move {
-            let mut client = DiscoveryClient::connect(format!("http://{addr}"))
-                .await
-                .expect("connect");
+            let mut client = DiscoveryClient::new(channel(addr, &dir).await);
             let (tx, rx) = mpsc::channel(8);
             let register = Register {
                 dataplane: dp,
@@ -89,10 +137,12 @@ async fn connect_on_own_runtime(
             })
             .await
             .expect("send register");
-            let resp = client
-                .stream(ReceiverStream::new(rx))
-                .await
-                .expect("registers");
+            let mut req = tonic::Request::new(ReceiverStream::new(rx));
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("metadata"),
+            );
+            let resp = client.stream(req).await.expect("registers");
             FakeProxy {
                 tx,
                 rx: resp.into_inner(),
@@ -262,7 +312,11 @@ async fn invalid_registration_is_refused_with_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = control_plane(dir.path()).await;
     let bad = "type: Dataplane\nmesh: default\nname: dp\nnetworking:\n  address: 10.0.0.1\n  inbound:\n  - port: 99999\n    tags: {kuma.io/service: a}\n";
-    let err = connect(&cp, bad.into()).await.err().expect("refused");
+    let t = token(&cp, "default", "dp");
+    let err = connect_with(&cp, bad.into(), Some(t))
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("networking.inbound[0].port"),
@@ -339,5 +393,41 @@ async fn dropped_proxy_goes_offline_and_graceful_exit_deregisters() {
             s.outbounds.iter().all(|o| o.service != "backend")
         })
         .await;
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_for_one_mesh_never_registers_a_proxy_in_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let dp = dataplane("payments", "backend-1", "backend", "10.0.0.2");
+    let err = connect_with(&cp, dp.clone(), Some(token(&cp, "other", "backend-1")))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = connect_with(&cp, dp.clone(), Some(token(&cp, "payments", "web-1")))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = connect_with(&cp, dp.clone(), None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.message().contains("missing dataplane token"), "{err}");
+    let key = weft_control::store::ResourceKey {
+        ty: weft_api::ResourceType::Dataplane,
+        mesh: "payments".into(),
+        name: "backend-1".into(),
+    };
+    assert!(
+        cp.store.get(&key).expect("get").is_none(),
+        "nothing registered"
+    );
+    connect_with(&cp, dp, Some(token(&cp, "payments", "backend-1")))
+        .await
+        .expect("the right token registers");
     cp.shutdown().await;
 }

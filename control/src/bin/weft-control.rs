@@ -38,6 +38,27 @@ struct RunArgs {
     /// Dataplane gRPC server address (discovery and identity).
     #[arg(long, env = "WEFT_DP_SERVER_ADDRESS", default_value = "0.0.0.0:5678")]
     dp_server_address: SocketAddr,
+    /// Extra name or IP for the dataplane server's certificate (repeatable).
+    #[arg(
+        long = "dp-server-san",
+        env = "WEFT_DP_SERVER_SANS",
+        value_delimiter = ','
+    )]
+    dp_server_sans: Vec<String>,
+    /// Your own certificate (PEM) for the dataplane server, instead of weft's CA.
+    #[arg(
+        long,
+        env = "WEFT_DP_SERVER_CERT_FILE",
+        requires = "dp_server_key_file"
+    )]
+    dp_server_cert_file: Option<PathBuf>,
+    /// The key (PEM) of --dp-server-cert-file.
+    #[arg(
+        long,
+        env = "WEFT_DP_SERVER_KEY_FILE",
+        requires = "dp_server_cert_file"
+    )]
+    dp_server_key_file: Option<PathBuf>,
     /// Do not create the `default` mesh on first start.
     #[arg(long, env = "WEFT_NO_DEFAULT_MESH")]
     no_default_mesh: bool,
@@ -94,6 +115,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         store_url: args.store,
         api_address: args.api_address,
         dp_server_address: args.dp_server_address,
+        dp_server_sans: args.dp_server_sans,
+        dp_server_cert: args.dp_server_cert_file.zip(args.dp_server_key_file),
         no_default_mesh: args.no_default_mesh,
         admin_token: args.admin_token,
     };

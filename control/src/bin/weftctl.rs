@@ -53,6 +53,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Generate credentials: `generate dataplane-token --mesh M --name N [--valid-for 24h]`.
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// Delete a resource: `delete mesh NAME [--cascade]`, `delete <type> NAME --mesh M`.
     Delete {
         /// Resource type, e.g. mesh, dataplane, traffic-route, meshtrafficpermission.
@@ -65,6 +70,22 @@ enum Command {
         /// Delete a mesh together with everything in it.
         #[arg(long)]
         cascade: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// A token that lets one proxy register and get certificates as one dataplane of one mesh.
+    DataplaneToken {
+        /// The mesh.
+        #[arg(short, long)]
+        mesh: String,
+        /// The dataplane's name.
+        #[arg(long)]
+        name: String,
+        /// How long the token is valid, e.g. 24h, 30d (default 10y).
+        #[arg(long)]
+        valid_for: Option<String>,
     },
 }
 
@@ -130,6 +151,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let body = client.get(&path)?;
             print_output(ty, &body, name.is_some(), output)
+        }
+        Command::Generate {
+            what:
+                Generate::DataplaneToken {
+                    mesh,
+                    name,
+                    valid_for,
+                },
+        } => {
+            let mut body = serde_json::json!({"mesh": mesh, "name": name});
+            if let Some(v) = valid_for {
+                body["validFor"] = Value::String(v);
+            }
+            let token = client.post_text("/tokens/dataplane", &body)?;
+            println!("{token}");
+            Ok(())
         }
         Command::Delete {
             kind,

@@ -141,6 +141,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.
+/// Mesh names are DNS labels (no dots), so `<mesh>.` belongs to exactly one mesh.
 pub fn mesh_secret_prefix(mesh: &str) -> String {
-    format!("mesh/{mesh}/")
+    format!("{mesh}.")
 }
