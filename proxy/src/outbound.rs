@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 /// How many endpoints a connection tries before it gives up.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -99,7 +100,21 @@ async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, se
             None => detect(&mut client, detect_timeout).await,
         }
     };
-    let (detection, upstream) = tokio::join!(detection, connect_endpoint(shared, cfg, service));
+    // Detection runs while the proxy connects and, with mTLS, handshakes: a mesh peer sends
+    // its ClientHello right after connecting, which is how a PERMISSIVE inbound tells it from
+    // plaintext within its detect timeout.
+    let upstream = async {
+        let (target, endpoint, tcp, own) = connect_endpoint(shared, cfg, service).await?;
+        let up = if cfg.mtls.is_some() {
+            Upstream::Tls(Box::new(
+                handshake(shared, cfg, target, endpoint, tcp).await?,
+            ))
+        } else {
+            Upstream::Plain(tcp)
+        };
+        Some((up, own))
+    };
+    let (detection, upstream) = tokio::join!(detection, upstream);
     let detection = match detection {
         Ok(d) => d,
         Err(e) => {
@@ -107,35 +122,49 @@ async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, se
             return;
         }
     };
-    let Some((target, endpoint, upstream, _own)) = upstream else {
+    let Some((upstream, _own)) = upstream else {
         return;
     };
     let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
-    if cfg.mtls.is_none() {
-        forward(shared, client, upstream, &detection.prefix).await;
-        return;
+    match upstream {
+        Upstream::Plain(up) => forward(shared, client, up, &detection.prefix).await,
+        Upstream::Tls(up) => forward(shared, client, *up, &detection.prefix).await,
     }
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Mesh mTLS to `endpoint`, which must prove it is `target`.
+async fn handshake(
+    shared: &Shared,
+    cfg: &ProxyConfig,
+    target: &str,
+    endpoint: SocketAddr,
+    tcp: TcpStream,
+) -> Option<TlsStream<TcpStream>> {
     let Some(tls) = shared.tls.client_config(&cfg.mesh, target, ALPN_TCP) else {
         tracing::warn!(service = target, "no mesh certificate yet: closing");
         shared.metrics.tls_failure(OUTBOUND);
-        return;
+        return None;
     };
     let name = ServerName::IpAddress(endpoint.ip().into());
-    let handshake = TlsConnector::from(tls).connect(name, upstream);
-    let upstream = match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
-        Ok(Ok(s)) => s,
+    let handshake = TlsConnector::from(tls).connect(name, tcp);
+    match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
+        Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::warn!(service = target, %endpoint, error = %e, "mesh TLS handshake failed");
             shared.metrics.tls_failure(OUTBOUND);
-            return;
+            None
         }
         Err(_) => {
             tracing::warn!(service = target, %endpoint, "mesh TLS handshake timed out");
             shared.metrics.tls_failure(OUTBOUND);
-            return;
+            None
         }
-    };
-    forward(shared, client, upstream, &detection.prefix).await;
+    }
 }
 
 /// Connects to the next endpoint of `service`, trying a few on connect errors.
