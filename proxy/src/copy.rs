@@ -26,6 +26,12 @@ pub trait ReadReady {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
+impl<T: ReadReady + ?Sized> ReadReady for Box<T> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
 impl ReadReady for TcpStream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
@@ -68,6 +74,28 @@ impl ReadReady for tokio::io::DuplexStream {
     }
 }
 
+/// Buffers kept per thread for reuse, so that bursts on many connections do not churn (and
+/// fragment) the heap.
+const POOL_PER_THREAD: usize = 32;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(buf);
+        }
+    });
+}
+
 /// One direction of the copy.
 #[derive(Default)]
 struct Direction {
@@ -78,6 +106,12 @@ struct Direction {
     need_flush: bool,
     done: bool,
     bytes: u64,
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Direction {
@@ -112,14 +146,14 @@ impl Direction {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
                 ready!(Pin::new(&mut *w).poll_shutdown(cx)).or_else(ignore_not_connected)?;
                 self.done = true;
-                self.buf = None;
+                self.release();
                 continue;
             }
             // Wait for data without holding a buffer.
             if self.buf.is_none() {
                 match r.poll_read_ready(cx) {
                     Poll::Ready(Ok(())) => {
-                        self.buf = Some(vec![0u8; BUFFER_SIZE].into_boxed_slice());
+                        self.buf = Some(take_buffer());
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return self.flush_then_pending(cx, w),
@@ -146,10 +180,16 @@ impl Direction {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    self.buf = None;
+                    self.release();
                     return self.flush_then_pending(cx, w);
                 }
             }
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_back(buf);
         }
     }
 

@@ -262,13 +262,55 @@ async fn accept_loop(
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
         let sh = shared.clone();
-        shared.drain.spawn(async move {
+        let fut = async move {
             match kind {
                 ListenerKind::TransparentOutbound => outbound::transparent(sh, stream, peer).await,
                 ListenerKind::Outbound => outbound::explicit(sh, stream, local).await,
                 ListenerKind::TransparentInbound => inbound::transparent(sh, stream, peer).await,
                 ListenerKind::Inbound => inbound::explicit(sh, stream, local).await,
             }
+        };
+        shared.drain.spawn(fut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_futures_stay_small() {
+        let snap = weft_api::proto::Snapshot {
+            dataplane: Some(weft_api::proto::DataplaneIdentity {
+                mesh: "m".into(),
+                address: "127.0.0.1".into(),
+                ..Default::default()
+            }),
+            mesh: Some(Default::default()),
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            config: ArcSwap::from_pointee(ProxyConfig::from_snapshot(&snap).unwrap()),
+            tls: Arc::new(crate::mesh_tls::NoMeshTls),
+            metrics: DataPathMetrics::new(),
+            opts: DataPathOptions::default(),
+            drain: Drain::new(),
+            own: OwnSockets::default(),
         });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let s = || async { tokio::net::TcpStream::connect(a).await.unwrap() };
+        // Every idle connection holds its task's future: keep set-up state and TLS sessions
+        // boxed so that this stays small (it was 4.3 KiB before they were).
+        let sizes = [
+            std::mem::size_of_val(&outbound::explicit(shared.clone(), s().await, a)),
+            std::mem::size_of_val(&outbound::transparent(shared.clone(), s().await, a)),
+            std::mem::size_of_val(&inbound::explicit(shared.clone(), s().await, a)),
+            std::mem::size_of_val(&inbound::transparent(shared.clone(), s().await, a)),
+        ];
+        assert!(
+            sizes.iter().all(|s| *s <= 1536),
+            "connection futures grew: {sizes:?}"
+        );
     }
 }

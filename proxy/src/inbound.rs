@@ -64,7 +64,8 @@ pub(crate) async fn explicit(shared: Arc<Shared>, stream: TcpStream, listener: S
 /// Inbound passthrough: a port nobody meshed goes on unchanged.
 async fn passthrough(shared: &Shared, stream: TcpStream, orig: SocketAddr) {
     let source = Some(listen::inbound_source(orig));
-    let upstream = match listen::connect(orig, source, shared.opts.connect_timeout).await {
+    let upstream = match Box::pin(listen::connect(orig, source, shared.opts.connect_timeout)).await
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%orig, error = %e, "inbound passthrough connect failed");
@@ -72,7 +73,7 @@ async fn passthrough(shared: &Shared, stream: TcpStream, orig: SocketAddr) {
         }
     };
     let _active = shared.metrics.opened(INBOUND, "tcp");
-    forward_with(shared, INBOUND, stream, upstream, &[]).await;
+    forward_with(shared, INBOUND, stream, upstream, Vec::new()).await;
 }
 
 async fn serve(
@@ -86,7 +87,7 @@ async fn serve(
         None => plaintext(shared, inbound, stream, transparent).await,
         Some(MtlsMode::Strict) => mesh_tls(shared, cfg, inbound, stream, transparent).await,
         Some(MtlsMode::Permissive) => {
-            if looks_like_tls(shared, &stream).await {
+            if Box::pin(looks_like_tls(shared, &stream)).await {
                 mesh_tls(shared, cfg, inbound, stream, transparent).await;
             } else {
                 plaintext(shared, inbound, stream, transparent).await;
@@ -127,12 +128,13 @@ async fn plaintext(shared: &Shared, inbound: &Inbound, mut stream: TcpStream, tr
             None => detect(&mut stream, shared.opts.detect_timeout).await,
         }
     };
-    let (detection, up) = tokio::join!(detection, upstream(shared, inbound, transparent));
+    let (detection, up) =
+        Box::pin(async { tokio::join!(detection, upstream(shared, inbound, transparent)) }).await;
     let (Ok(detection), Some(up)) = (detection, up) else {
         return;
     };
     let _active = shared.metrics.opened(INBOUND, detection.protocol.label());
-    forward_with(shared, INBOUND, stream, up, &detection.prefix).await;
+    forward_with(shared, INBOUND, stream, up, detection.prefix).await;
 }
 
 async fn mesh_tls(
@@ -149,8 +151,9 @@ async fn mesh_tls(
         return;
     };
     let accept = TlsAcceptor::from(server).accept(stream);
-    let tls = match tokio::time::timeout(shared.opts.handshake_timeout, accept).await {
-        Ok(Ok(s)) => s,
+    let tls = match Box::pin(tokio::time::timeout(shared.opts.handshake_timeout, accept)).await {
+        // Boxed: the TLS state is large and must not be copied into each future layer.
+        Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             tracing::info!(?peer, service = %inbound.service, error = %e,
                 "inbound mesh TLS handshake failed");
@@ -184,9 +187,9 @@ async fn mesh_tls(
             return;
         }
     }
-    let Some(up) = upstream(shared, inbound, transparent).await else {
+    let Some(up) = Box::pin(upstream(shared, inbound, transparent)).await else {
         return;
     };
     let _active = shared.metrics.opened(INBOUND, protocol.label());
-    forward_with(shared, INBOUND, tls, up, &[]).await;
+    forward_with(shared, INBOUND, tls, up, Vec::new()).await;
 }

@@ -71,7 +71,7 @@ pub(crate) async fn explicit(shared: Arc<Shared>, client: TcpStream, listener: S
 }
 
 async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
-    let upstream = match listen::connect(orig, None, shared.opts.connect_timeout).await {
+    let upstream = match Box::pin(listen::connect(orig, None, shared.opts.connect_timeout)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%orig, error = %e, "passthrough connect failed");
@@ -80,7 +80,7 @@ async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
     };
     let _own = shared.own.register(&upstream);
     let _active = shared.metrics.opened(OUTBOUND, "tcp");
-    forward(shared, client, upstream, &[]).await;
+    forward(shared, client, upstream, Vec::new()).await;
 }
 
 /// The mesh path to `service`.
@@ -106,15 +106,14 @@ async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, se
     let upstream = async {
         let (target, endpoint, tcp, own) = connect_endpoint(shared, cfg, service).await?;
         let up = if cfg.mtls.is_some() {
-            Upstream::Tls(Box::new(
-                handshake(shared, cfg, target, endpoint, tcp).await?,
-            ))
+            Upstream::Tls(handshake(shared, cfg, target, endpoint, tcp).await?)
         } else {
             Upstream::Plain(tcp)
         };
         Some((up, own))
     };
-    let (detection, upstream) = tokio::join!(detection, upstream);
+    // Boxed: the set-up's state is freed once the connection settles into copying.
+    let (detection, upstream) = Box::pin(async { tokio::join!(detection, upstream) }).await;
     let detection = match detection {
         Ok(d) => d,
         Err(e) => {
@@ -127,8 +126,9 @@ async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, se
     };
     let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
     match upstream {
-        Upstream::Plain(up) => forward(shared, client, up, &detection.prefix).await,
-        Upstream::Tls(up) => forward(shared, client, *up, &detection.prefix).await,
+        Upstream::Plain(up) => forward(shared, client, up, detection.prefix).await,
+        // Kept boxed: the TLS state is large and must not be copied into each future layer.
+        Upstream::Tls(up) => forward(shared, client, up, detection.prefix).await,
     }
 }
 
@@ -144,7 +144,7 @@ async fn handshake(
     target: &str,
     endpoint: SocketAddr,
     tcp: TcpStream,
-) -> Option<TlsStream<TcpStream>> {
+) -> Option<Box<TlsStream<TcpStream>>> {
     let Some(tls) = shared.tls.client_config(&cfg.mesh, target, ALPN_TCP) else {
         tracing::warn!(service = target, "no mesh certificate yet: closing");
         shared.metrics.tls_failure(OUTBOUND);
@@ -153,7 +153,7 @@ async fn handshake(
     let name = ServerName::IpAddress(endpoint.ip().into());
     let handshake = TlsConnector::from(tls).connect(name, tcp);
     match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
-        Ok(Ok(s)) => Some(s),
+        Ok(Ok(s)) => Some(Box::new(s)),
         Ok(Err(e)) => {
             tracing::warn!(service = target, %endpoint, error = %e, "mesh TLS handshake failed");
             shared.metrics.tls_failure(OUTBOUND);
@@ -193,35 +193,35 @@ async fn connect_endpoint<'c>(
     None
 }
 
-/// Sends `prefix` upstream, then copies both ways; counts the bytes.
+/// Sends `prefix` upstream (and frees it), then copies both ways; counts the bytes.
 pub(crate) async fn forward_with<D, U>(
     shared: &Shared,
     direction: &'static str,
     mut down: D,
     mut up: U,
-    prefix: &[u8],
+    prefix: Vec<u8>,
 ) where
     D: AsyncRead + AsyncWrite + ReadReady + Unpin,
     U: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
+    let prefix_len = prefix.len() as u64;
     if !prefix.is_empty()
-        && let Err(e) = up.write_all(prefix).await
+        && let Err(e) = up.write_all(&prefix).await
     {
         tracing::debug!(error = %e, "upstream write failed");
         return;
     }
+    drop(prefix);
     let result: io::Result<(u64, u64)> = copy_bidirectional(&mut down, &mut up).await;
     match result {
         Ok((sent, received)) => {
-            shared
-                .metrics
-                .bytes(direction, sent + prefix.len() as u64, received);
+            shared.metrics.bytes(direction, sent + prefix_len, received);
         }
         Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
     }
 }
 
-async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: &[u8])
+async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: Vec<u8>)
 where
     U: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {

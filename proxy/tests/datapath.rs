@@ -490,3 +490,53 @@ async fn no_certificate_yet_refuses_mesh_traffic() {
     assert!(reply.map(|r| r.is_empty()).unwrap_or(true));
     assert_eq!(tls_failures(&proxy.metrics, "inbound"), 1);
 }
+
+#[tokio::test]
+async fn transparent_inbound_by_original_port_and_inbound_passthrough() {
+    let p = pair(Some(Mode::Strict)).await;
+    // A second server-side proxy in transparent mode for the same inbound.
+    let redirect = free_port();
+    let orig = FakeOrigDst::default();
+    let mut snap = p.server_snap.clone();
+    snap.dataplane.as_mut().unwrap().redirect_port_inbound = u32::from(redirect);
+    let opts = DataPathOptions {
+        orig_dst: Arc::new(orig.clone()),
+        ..local_opts()
+    };
+    let server_tls = TestMeshTls::new(&p.ca, &["echo"]);
+    let proxy = start(&snap, server_tls, opts);
+    let inbound_listener = SocketAddr::from(([127, 0, 0, 1], redirect));
+    // No explicit inbound listener in transparent mode.
+    assert_eq!(proxy.dp.listeners().len(), 1);
+
+    // The client proxy's mesh connection "to" the inbound port lands on the redirect port.
+    let mut client_snap = p.client_snap.clone();
+    let port = free_port();
+    client_snap.outbound_listeners[0].port = u32::from(port);
+    client_snap.outbounds = vec![service("echo", &[redirect])];
+    let client = start(&client_snap, p.client_tls.clone(), local_opts());
+    orig.set(p.inbound);
+    let out = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(roundtrip(out, b"via 15006").await.unwrap(), b"via 15006");
+
+    // A port that is no inbound goes on unchanged, from the loop-guard source address.
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = l.local_addr().unwrap();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let (mut s, peer) = l.accept().await.unwrap();
+        *seen2.lock().unwrap() = Some(peer.ip());
+        s.write_all(b"ssh banner").await.unwrap();
+    });
+    orig.set(other);
+    let mut s = TcpStream::connect(inbound_listener).await.unwrap();
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ssh banner");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some("127.0.0.6".parse::<std::net::IpAddr>().unwrap())
+    );
+    drop(client);
+}
