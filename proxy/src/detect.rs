@@ -135,6 +135,9 @@ enum Line {
     Partial,
 }
 
+/// Longer method tokens are not taken for HTTP.
+const MAX_METHOD_LEN: usize = 24;
+
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
@@ -150,13 +153,13 @@ fn request_line(buf: &[u8]) -> Line {
     let partial = line_end.is_none();
     // Method.
     let Some(sp1) = line.iter().position(|&b| !is_tchar(b)) else {
-        return if partial && line.len() <= 24 {
+        return if partial && line.len() <= MAX_METHOD_LEN {
             Line::Partial
         } else {
             Line::NotHttp
         };
     };
-    if sp1 == 0 || line[sp1] != b' ' {
+    if sp1 == 0 || sp1 > MAX_METHOD_LEN || line[sp1] != b' ' {
         return Line::NotHttp;
     }
     // Request target: visible ASCII up to the next space.
@@ -217,6 +220,30 @@ mod tests {
         assert_eq!(classify(b"hello world\r\n", false), Some(Protocol::Opaque));
         assert_eq!(classify(b"", false), None);
         assert_eq!(classify(b"", true), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn decisions_do_not_change_with_more_bytes() {
+        let long_method = format!("{} / HTTP/1.1\r\n", "A".repeat(30));
+        let samples: [&[u8]; 8] = [
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET / HTTP/1.1\rX",
+            H2_PREFACE,
+            b"PRI * HTTP/2.0\r\n\r\nXX",
+            b"OPTIONS * HTTP/1.0\n",
+            b"\x16\x03\x01",
+            b"GET /a b HTTP/1.1\r\n",
+            long_method.as_bytes(),
+        ];
+        for data in samples {
+            let whole = classify(data, true).unwrap();
+            for cut in 0..=data.len() {
+                if let Some(early) = classify(&data[..cut], false) {
+                    let later = classify(data, false).unwrap_or(whole);
+                    assert_eq!(early, later, "{:?} at {cut}", String::from_utf8_lossy(data));
+                }
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
