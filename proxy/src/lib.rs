@@ -1,16 +1,73 @@
 //! weft-proxy: the sidecar data plane of the weft service mesh.
 //!
 //! The proxy takes its identity and configuration from the control plane and
-//! carries the application's traffic over mesh mTLS. Modules, one concern each:
+//! carries the application's traffic over mesh mTLS. Identity and control:
 //! - [`identity`]: key generation, `Identity.Certify`, renewal; the current
 //!   certificate lives in a lock-free [`identity::CertHandle`].
 //! - [`tls`]: rustls client/server configs for mesh mTLS (TLS 1.3, SPIFFE checks).
 //! - [`admin`]: the loopback admin endpoint (`/live`, `/ready`, `/certs`, `/metrics`).
 //! - [`metrics`]: the Prometheus registry and every metric.
+//!
+//! # The life of a connection
+//!
+//! 1. The app connects somewhere. With transparent proxying, iptables redirects the
+//!    connection to the outbound listener (`redirectPortOutbound`, 15001); in explicit mode the
+//!    app connects to a `networking.outbound[]` listener. Listeners are bound and kept in step
+//!    with the config by [`datapath::DataPath`], with the socket details in [`listen`].
+//! 2. [`outbound`] reads the original destination (`SO_ORIGINAL_DST`). A mesh destination
+//!    takes the mesh path; anything else is passed through or closed, per the mesh.
+//! 3. On the mesh path, [`detect`] sniffs HTTP/1.x or the HTTP/2 preface (100 ms at most) while
+//!    the proxy connects to an endpoint chosen from [`config`], then speaks mesh mTLS with
+//!    configs from a [`mesh_tls::MeshTls`] provider: TLS 1.3, ALPN naming the mesh transport,
+//!    the server's SPIFFE identity checked.
+//! 4. On the server's host, [`inbound`] terminates mesh mTLS (redirected to
+//!    `redirectPortInbound`, 15006, or on the inbound's own port in explicit mode), reads the
+//!    client's SPIFFE identity, applies the inbound's permissions and forwards to the app.
+//! 5. Both sides move bytes with [`copy`]: buffers taken only while data flows, half-close
+//!    carried through.
+//!
+//! A new config ([`config::ProxyConfig`], from a discovery snapshot) or certificate applies
+//! to new connections; established ones keep what they started with. [`drain`] stops the
+//! listeners on SIGTERM and lets connections finish within the drain window. The counters are
+//! in [`datapath_metrics`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod config;
+pub mod copy;
+pub mod datapath;
+pub mod datapath_metrics;
+pub mod detect;
+pub mod drain;
 pub mod identity;
+pub mod inbound;
+pub mod listen;
+pub mod mesh_tls;
 pub mod metrics;
+pub mod outbound;
 pub mod tls;
+
+pub use config::{ConfigError, ProxyConfig};
+pub use datapath::{DataPath, DataPathOptions};
+
+/// Errors of the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPathError {
+    /// The snapshot cannot be applied.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({kind:?}): {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The listener's kind.
+        kind: config::ListenerKind,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A lock was poisoned by a panic elsewhere.
+    #[error("the data path's listener table is poisoned")]
+    Poisoned,
+}

@@ -1,0 +1,271 @@
+//! Forwarding bytes both ways between two streams, with half-close and bounded memory.
+//!
+//! Unlike `tokio::io::copy_bidirectional`, a direction holds no buffer while its source is
+//! idle: it waits for readiness ([`ReadReady`]) first, takes a [`BUFFER_SIZE`] buffer only
+//! when bytes are there, keeps it while data flows, and gives it back as soon as a read would
+//! block. Ten thousand idle connections therefore cost no copy buffers at all, while a busy
+//! connection moves data in large reads.
+//!
+//! When one side finishes sending (EOF, or a TLS `close_notify`), the other side's write half
+//! is shut down (TCP FIN, or `close_notify` then FIN) and the opposite direction carries on
+//! until it finishes too.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The copy buffer taken by a direction while data flows.
+pub const BUFFER_SIZE: usize = 32 * 1024;
+
+/// A stream that can wait until a read would make progress without being handed a buffer.
+pub trait ReadReady {
+    /// Ready when a read would return data, EOF or an error.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl<T: ReadReady + ?Sized> ReadReady for Box<T> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+impl ReadReady for TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+fn tls_read_ready<C>(
+    io: &mut TcpStream,
+    conn: &mut rustls::ConnectionCommon<C>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    match conn.process_new_packets() {
+        // Decrypted bytes, a close_notify, or an error waiting to be read out.
+        Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
+            Poll::Ready(Ok(()))
+        }
+        Err(_) => Poll::Ready(Ok(())),
+        Ok(_) => TcpStream::poll_read_ready(io, cx),
+    }
+}
+
+impl ReadReady for tokio_rustls::client::TlsStream<TcpStream> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, conn) = self.get_mut();
+        tls_read_ready(io, conn, cx)
+    }
+}
+
+impl ReadReady for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, conn) = self.get_mut();
+        tls_read_ready(io, conn, cx)
+    }
+}
+
+impl ReadReady for tokio::io::DuplexStream {
+    fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // In-memory pipes (tests) have no readiness of their own: read at once.
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Buffers kept per thread for reuse, so that bursts on many connections do not churn (and
+/// fragment) the heap.
+const POOL_PER_THREAD: usize = 32;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(buf);
+        }
+    });
+}
+
+/// One direction of the copy.
+#[derive(Default)]
+struct Direction {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    end: usize,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Direction {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ReadReady + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Write out what was read.
+            if self.pos < self.end {
+                let Some(buf) = self.buf.as_deref() else {
+                    return Poll::Ready(Err(io::Error::other("copy buffer lost")));
+                };
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.need_flush = true;
+                continue;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx)).or_else(ignore_not_connected)?;
+                self.done = true;
+                self.release();
+                continue;
+            }
+            // Wait for data without holding a buffer.
+            if self.buf.is_none() {
+                match r.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.buf = Some(take_buffer());
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return self.flush_then_pending(cx, w),
+                }
+            }
+            let Some(buf) = self.buf.as_deref_mut() else {
+                continue;
+            };
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.read_done = true;
+                    } else {
+                        self.pos = 0;
+                        self.end = n;
+                        self.bytes += n as u64;
+                    }
+                }
+                // A peer that closes TCP without TLS close_notify ends its stream all the same.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.release();
+                    return self.flush_then_pending(cx, w);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_back(buf);
+        }
+    }
+
+    fn flush_then_pending<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if self.need_flush {
+            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
+    }
+}
+
+fn ignore_not_connected(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotConnected {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Copies `a`→`b` and `b`→`a` until both directions have finished, and returns the bytes
+/// moved each way (`a`→`b`, `b`→`a`). An error on either side ends both.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    B: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    let mut ab = Direction::default();
+    let mut ba = Direction::default();
+    poll_fn(|cx| {
+        let ab_state = ab.poll_copy(cx, a, b)?;
+        let ba_state = ba.poll_copy(cx, b, a)?;
+        ready!(ab_state);
+        ready!(ba_state);
+        Poll::Ready(Ok((ab.bytes, ba.bytes)))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.unwrap(), s.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close() {
+        // client <-> (a | b) <-> server
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let fwd = tokio::spawn(async move { copy_bidirectional(&mut a, &mut b).await });
+
+        let big = vec![7u8; 1 << 20];
+        client.write_all(&big).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), big.len());
+        // The other direction still works after the half-close.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply");
+        let (up, down) = fwd.await.unwrap().unwrap();
+        assert_eq!((up, down), (1 << 20, 5));
+    }
+}

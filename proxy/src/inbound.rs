@@ -1,0 +1,195 @@
+//! The inbound side: connections from the mesh (or anyone) to this proxy's inbounds.
+//!
+//! The inbound is found by port: the original destination's for the transparent listener,
+//! the listener's own for explicit ones. A transparent connection to a port that is no
+//! inbound goes on to that same port unchanged (inbound passthrough).
+//!
+//! With mTLS on, mesh TLS is terminated: the client's chain must lead to this mesh's CA (a
+//! proxy of another mesh fails the handshake), and the services named by its SPIFFE URI SANs
+//! are checked against the inbound's permission rules; a denied source is closed and counted
+//! in `weft_authz_denied_total`. STRICT refuses plaintext; PERMISSIVE tells TLS from plaintext
+//! by peeking for a ClientHello and forwards plaintext unchecked. With mTLS off, everything is
+//! plaintext and no permission applies. Traffic then goes to `serviceAddress:servicePort`,
+//! from `127.0.0.6` in transparent mode so the iptables loop guard lets it through.
+
+use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
+use crate::datapath::Shared;
+use crate::datapath_metrics::INBOUND;
+use crate::detect::{Detection, Protocol, detect};
+use crate::listen;
+use crate::mesh_tls::{ALPN_H2, peer_services};
+use crate::outbound::forward_with;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A connection redirected to the transparent inbound listener.
+pub(crate) async fn transparent(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let cfg = shared.config.load_full();
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let orig = match shared.opts.orig_dst.original_dst(&stream) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "no original destination");
+            local
+        }
+    };
+    if orig == local || (cfg.own_ports.contains(&orig.port()) && cfg.is_own_ip(orig.ip())) {
+        tracing::warn!(%peer, %orig, "refusing a connection that would loop into the proxy");
+        shared.metrics.loop_refused.inc();
+        return;
+    }
+    match cfg.inbounds.get(&orig.port()) {
+        Some(inbound) => serve(&shared, &cfg, inbound, stream, true).await,
+        None => passthrough(&shared, stream, orig).await,
+    }
+}
+
+/// A connection to the explicit listener of inbound port `listener.port()`.
+pub(crate) async fn explicit(shared: Arc<Shared>, stream: TcpStream, listener: SocketAddr) {
+    let cfg = shared.config.load_full();
+    let Some(inbound) = cfg.inbounds.get(&listener.port()) else {
+        tracing::debug!(%listener, "no inbound on this port any more");
+        return;
+    };
+    serve(&shared, &cfg, inbound, stream, false).await;
+}
+
+/// Inbound passthrough: a port nobody meshed goes on unchanged.
+async fn passthrough(shared: &Shared, stream: TcpStream, orig: SocketAddr) {
+    let source = Some(listen::inbound_source(orig));
+    let upstream = match Box::pin(listen::connect(orig, source, shared.opts.connect_timeout)).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%orig, error = %e, "inbound passthrough connect failed");
+            return;
+        }
+    };
+    let _active = shared.metrics.opened(INBOUND, "tcp");
+    forward_with(shared, INBOUND, stream, upstream, Vec::new()).await;
+}
+
+async fn serve(
+    shared: &Shared,
+    cfg: &ProxyConfig,
+    inbound: &Inbound,
+    stream: TcpStream,
+    transparent: bool,
+) {
+    match cfg.mtls {
+        None => plaintext(shared, inbound, stream, transparent).await,
+        Some(MtlsMode::Strict) => mesh_tls(shared, cfg, inbound, stream, transparent).await,
+        Some(MtlsMode::Permissive) => {
+            if Box::pin(looks_like_tls(shared, &stream)).await {
+                mesh_tls(shared, cfg, inbound, stream, transparent).await;
+            } else {
+                plaintext(shared, inbound, stream, transparent).await;
+            }
+        }
+    }
+}
+
+/// Peeks at the first byte (within the detect timeout): a TLS handshake record?
+async fn looks_like_tls(shared: &Shared, stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(shared.opts.detect_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE_RECORD,
+        _ => false,
+    }
+}
+
+async fn upstream(shared: &Shared, inbound: &Inbound, transparent: bool) -> Option<TcpStream> {
+    let source = transparent.then(|| listen::inbound_source(inbound.upstream));
+    match listen::connect(inbound.upstream, source, shared.opts.connect_timeout).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(service = %inbound.service, upstream = %inbound.upstream, error = %e,
+                "cannot reach the app");
+            None
+        }
+    }
+}
+
+async fn plaintext(shared: &Shared, inbound: &Inbound, mut stream: TcpStream, transparent: bool) {
+    let detection = async {
+        match inbound.protocol {
+            Some(protocol) => Ok(Detection {
+                protocol,
+                timed_out: false,
+                prefix: Vec::new(),
+            }),
+            None => detect(&mut stream, shared.opts.detect_timeout).await,
+        }
+    };
+    let (detection, up) =
+        Box::pin(async { tokio::join!(detection, upstream(shared, inbound, transparent)) }).await;
+    let (Ok(detection), Some(up)) = (detection, up) else {
+        return;
+    };
+    let _active = shared.metrics.opened(INBOUND, detection.protocol.label());
+    forward_with(shared, INBOUND, stream, up, detection.prefix).await;
+}
+
+async fn mesh_tls(
+    shared: &Shared,
+    cfg: &ProxyConfig,
+    inbound: &Inbound,
+    stream: TcpStream,
+    transparent: bool,
+) {
+    let peer = stream.peer_addr().ok();
+    let Some(server) = shared.tls.server_config() else {
+        tracing::warn!(service = %inbound.service, "no mesh certificate yet: closing");
+        shared.metrics.tls_failure(INBOUND);
+        return;
+    };
+    let accept = TlsAcceptor::from(server).accept(stream);
+    let tls = match Box::pin(tokio::time::timeout(shared.opts.handshake_timeout, accept)).await {
+        // Boxed: the TLS state is large and must not be copied into each future layer.
+        Ok(Ok(s)) => Box::new(s),
+        Ok(Err(e)) => {
+            tracing::info!(?peer, service = %inbound.service, error = %e,
+                "inbound mesh TLS handshake failed");
+            shared.metrics.tls_failure(INBOUND);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, service = %inbound.service, "inbound mesh TLS handshake timed out");
+            shared.metrics.tls_failure(INBOUND);
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let sources = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| peer_services(c.as_ref(), &cfg.mesh))
+        .unwrap_or_default();
+    let protocol = match conn.alpn_protocol() {
+        Some(p) if p == ALPN_H2 => Protocol::Http2,
+        _ => Protocol::Opaque,
+    };
+    match inbound.authorize(&sources) {
+        Authz::Allow(origin) => {
+            tracing::trace!(?peer, ?sources, %origin, "allowed");
+        }
+        Authz::Deny(origin) => {
+            tracing::info!(?peer, ?sources, service = %inbound.service, ?origin,
+                "denied by the mesh's permissions");
+            shared.metrics.authz_denied.inc();
+            return;
+        }
+    }
+    let Some(up) = Box::pin(upstream(shared, inbound, transparent)).await else {
+        return;
+    };
+    let _active = shared.metrics.opened(INBOUND, protocol.label());
+    forward_with(shared, INBOUND, tls, up, Vec::new()).await;
+}

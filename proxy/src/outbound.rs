@@ -1,0 +1,229 @@
+//! The outbound side: connections from the local app to somewhere else.
+//!
+//! A transparent connection (redirected to `redirectPortOutbound`) is judged by its original
+//! destination: an inbound `address:port` of the mesh takes the mesh path; anything else is
+//! passed through as is or closed at once, per the mesh's `passthrough`. An explicit listener
+//! (`networking.outbound[]`) always takes the mesh path to its service.
+//!
+//! The mesh path picks an endpoint (the default route's tag subsets by weight, round robin
+//! within one), detects the protocol while it connects, and speaks mesh mTLS (TLS 1.3, ALPN
+//! [`ALPN_TCP`], server identity `spiffe://<mesh>/<service>`) or, with mTLS off, plaintext.
+
+use crate::config::ProxyConfig;
+use crate::copy::{ReadReady, copy_bidirectional};
+use crate::datapath::Shared;
+use crate::datapath_metrics::OUTBOUND;
+use crate::detect::{Detection, detect};
+use crate::listen::{self, OwnSocketEntry};
+use crate::mesh_tls::ALPN_TCP;
+use rustls_pki_types::ServerName;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How many endpoints a connection tries before it gives up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// A connection redirected to the transparent outbound listener.
+pub(crate) async fn transparent(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let cfg = shared.config.load_full();
+    let Ok(local) = client.local_addr() else {
+        return;
+    };
+    let orig = match shared.opts.orig_dst.original_dst(&client) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "no original destination");
+            local
+        }
+    };
+    if orig == local
+        || shared.own.contains(&peer)
+        || (cfg.own_ports.contains(&orig.port()) && cfg.is_own_ip(orig.ip()))
+    {
+        tracing::warn!(%peer, %orig, "refusing a connection that would loop into the proxy");
+        shared.metrics.loop_refused.inc();
+        return;
+    }
+    if let Some(service) = cfg.mesh_destinations.get(&orig) {
+        mesh(&shared, &cfg, client, service).await;
+    } else if cfg.passthrough {
+        shared.metrics.passthrough(true);
+        passthrough(&shared, client, orig).await;
+    } else {
+        shared.metrics.passthrough(false);
+        tracing::debug!(%peer, %orig, "passthrough is off: closing");
+    }
+}
+
+/// A connection to an explicit outbound listener bound at `listener`.
+pub(crate) async fn explicit(shared: Arc<Shared>, client: TcpStream, listener: SocketAddr) {
+    let cfg = shared.config.load_full();
+    let Some(service) = cfg.outbound_listeners.get(&listener) else {
+        tracing::debug!(%listener, "no outbound listener in the config any more");
+        return;
+    };
+    mesh(&shared, &cfg, client, service).await;
+}
+
+async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
+    let upstream = match Box::pin(listen::connect(orig, None, shared.opts.connect_timeout)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%orig, error = %e, "passthrough connect failed");
+            return;
+        }
+    };
+    let _own = shared.own.register(&upstream);
+    let _active = shared.metrics.opened(OUTBOUND, "tcp");
+    forward(shared, client, upstream, Vec::new()).await;
+}
+
+/// The mesh path to `service`.
+async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, service: &str) {
+    let Some(svc) = cfg.services.get(service) else {
+        tracing::warn!(service, "unknown mesh service: closing");
+        return;
+    };
+    let detect_timeout = shared.opts.detect_timeout;
+    let detection = async {
+        match svc.protocol {
+            Some(protocol) => Ok(Detection {
+                protocol,
+                timed_out: false,
+                prefix: Vec::new(),
+            }),
+            None => detect(&mut client, detect_timeout).await,
+        }
+    };
+    // Detection runs while the proxy connects and, with mTLS, handshakes: a mesh peer sends
+    // its ClientHello right after connecting, which is how a PERMISSIVE inbound tells it from
+    // plaintext within its detect timeout.
+    let upstream = async {
+        let (target, endpoint, tcp, own) = connect_endpoint(shared, cfg, service).await?;
+        let up = if cfg.mtls.is_some() {
+            Upstream::Tls(handshake(shared, cfg, target, endpoint, tcp).await?)
+        } else {
+            Upstream::Plain(tcp)
+        };
+        Some((up, own))
+    };
+    // Boxed: the set-up's state is freed once the connection settles into copying.
+    let (detection, upstream) = Box::pin(async { tokio::join!(detection, upstream) }).await;
+    let detection = match detection {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(service, error = %e, "client failed during detection");
+            return;
+        }
+    };
+    let Some((upstream, _own)) = upstream else {
+        return;
+    };
+    let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
+    match upstream {
+        Upstream::Plain(up) => forward(shared, client, up, detection.prefix).await,
+        // Kept boxed: the TLS state is large and must not be copied into each future layer.
+        Upstream::Tls(up) => forward(shared, client, up, detection.prefix).await,
+    }
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Mesh mTLS to `endpoint`, which must prove it is `target`.
+async fn handshake(
+    shared: &Shared,
+    cfg: &ProxyConfig,
+    target: &str,
+    endpoint: SocketAddr,
+    tcp: TcpStream,
+) -> Option<Box<TlsStream<TcpStream>>> {
+    let Some(tls) = shared.tls.client_config(&cfg.mesh, target, ALPN_TCP) else {
+        tracing::warn!(service = target, "no mesh certificate yet: closing");
+        shared.metrics.tls_failure(OUTBOUND);
+        return None;
+    };
+    let name = ServerName::IpAddress(endpoint.ip().into());
+    let handshake = TlsConnector::from(tls).connect(name, tcp);
+    match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::warn!(service = target, %endpoint, error = %e, "mesh TLS handshake failed");
+            shared.metrics.tls_failure(OUTBOUND);
+            None
+        }
+        Err(_) => {
+            tracing::warn!(service = target, %endpoint, "mesh TLS handshake timed out");
+            shared.metrics.tls_failure(OUTBOUND);
+            None
+        }
+    }
+}
+
+/// Connects to the next endpoint of `service`, trying a few on connect errors.
+async fn connect_endpoint<'c>(
+    shared: &Shared,
+    cfg: &'c ProxyConfig,
+    service: &str,
+) -> Option<(&'c str, SocketAddr, TcpStream, OwnSocketEntry)> {
+    let svc = cfg.services.get(service)?;
+    for attempt in 1..=CONNECT_ATTEMPTS {
+        let Some((target, endpoint)) = svc.pick() else {
+            tracing::warn!(service, "no healthy endpoint: closing");
+            return None;
+        };
+        match listen::connect(endpoint, None, shared.opts.connect_timeout).await {
+            Ok(s) => {
+                let own = shared.own.register(&s);
+                return Some((target, endpoint, s, own));
+            }
+            Err(e) => {
+                tracing::debug!(service, %endpoint, attempt, error = %e, "endpoint connect failed");
+            }
+        }
+    }
+    tracing::warn!(service, "no endpoint reachable: closing");
+    None
+}
+
+/// Sends `prefix` upstream (and frees it), then copies both ways; counts the bytes.
+pub(crate) async fn forward_with<D, U>(
+    shared: &Shared,
+    direction: &'static str,
+    mut down: D,
+    mut up: U,
+    prefix: Vec<u8>,
+) where
+    D: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    let prefix_len = prefix.len() as u64;
+    if !prefix.is_empty()
+        && let Err(e) = up.write_all(&prefix).await
+    {
+        tracing::debug!(error = %e, "upstream write failed");
+        return;
+    }
+    drop(prefix);
+    let result: io::Result<(u64, u64)> = copy_bidirectional(&mut down, &mut up).await;
+    match result {
+        Ok((sent, received)) => {
+            shared.metrics.bytes(direction, sent + prefix_len, received);
+        }
+        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+    }
+}
+
+async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: Vec<u8>)
+where
+    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    forward_with(shared, OUTBOUND, client, up, prefix).await;
+}
