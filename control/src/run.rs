@@ -211,6 +211,13 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     let store_identity = Arc::new(StoreIdentity(store.clone()));
     let identity = IdentityService::new(store_identity.clone(), store_identity);
     let hub = Hub::new(store.clone(), Arc::new(identity.clone()));
+    let observed = Arc::downgrade(&hub);
+    let identity =
+        identity.with_issue_observer(Arc::new(move |mesh: &str, name: &str, not_after| {
+            if let Some(hub) = observed.upgrade() {
+                hub.record_certificate(mesh, name, not_after);
+            }
+        }));
     let reloader = hub.spawn_reloader();
     let state = Arc::new(ApiState {
         store: store.clone(),

@@ -100,7 +100,11 @@ pub struct IdentityService {
     tokens: Arc<TokenIssuer>,
     cas: Arc<CaManager>,
     lookup: Arc<dyn MeshIdentityLookup>,
+    on_issued: Option<IssueObserver>,
 }
+
+/// Told (mesh, dataplane, notAfter) after each certificate issued, e.g. for insights.
+pub type IssueObserver = Arc<dyn Fn(&str, &str, std::time::SystemTime) + Send + Sync>;
 
 impl std::fmt::Debug for IdentityService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,7 +134,14 @@ impl IdentityService {
             tokens,
             cas,
             lookup,
+            on_issued: None,
         }
+    }
+
+    /// Calls `observer` after every certificate issued.
+    pub fn with_issue_observer(mut self, observer: IssueObserver) -> Self {
+        self.on_issued = Some(observer);
+        self
     }
 
     /// The token issuer.
@@ -235,10 +246,25 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let token = bearer(request.metadata()).map(str::to_owned);
         let req = request.into_inner();
-        match IdentityService::certify(self, token.as_deref(), &req) {
+        // Certify reads and may write the store (a CA on first need): keep it off the runtime.
+        let this = self.clone();
+        let (req, result) = tokio::task::spawn_blocking(move || {
+            let result = IdentityService::certify(&this, token.as_deref(), &req);
+            (req, result)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match result {
             Ok(resp) => {
                 tracing::info!(mesh = %req.mesh, dataplane = %req.dataplane,
                     not_after = resp.not_after_unix, "certified dataplane");
+                if let Some(observe) = &self.on_issued {
+                    let not_after = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(
+                            u64::try_from(resp.not_after_unix).unwrap_or(0),
+                        );
+                    observe(&req.mesh, &req.dataplane, not_after);
+                }
                 Ok(Response::new(resp))
             }
             Err(err) => {
