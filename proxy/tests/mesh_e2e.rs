@@ -431,6 +431,14 @@ fn proxies_survive_a_control_plane_restart() {
         assert_eq!(s.metric(connected), 1.0);
     }
 
+    let versions = (
+        mesh.client.config()["version"].clone(),
+        mesh.server.config()["version"].clone(),
+    );
+    assert!(
+        versions.0.is_string() && versions.1.is_string(),
+        "{versions:?}"
+    );
     mesh.cp.kill();
     for s in [&mesh.client, &mesh.server] {
         wait_for(&format!("{} to notice", s.name), WAIT, || {
@@ -446,6 +454,8 @@ fn proxies_survive_a_control_plane_restart() {
     }
     assert_eq!(mesh.client.admin("/ready").0, 200);
     assert_eq!(mesh.server.admin("/ready").0, 200);
+    assert_eq!(mesh.client.config()["version"], versions.0);
+    assert_eq!(mesh.server.config()["version"], versions.1);
 
     mesh.cp.restart();
     for s in [&mesh.client, &mesh.server] {

@@ -42,9 +42,11 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// Cargo gives integration tests only their own package's binaries; the others are
-    /// built by `cargo test --workspace` (which builds every binary before running any test)
-    /// or `cargo build --workspace --bins`. `None` names what is missing.
+    /// Cargo hands integration tests only their own package's binaries, and builds a
+    /// package's binaries only for its own integration tests: `cargo test --workspace` builds
+    /// all four because `control/`, `iptables/` and `proxy/` each have some (so keep
+    /// `iptables/tests/cli.rs`). Otherwise `cargo build --workspace --bins` first. The error
+    /// names what is missing.
     pub fn find() -> Result<Bins, String> {
         let proxy = PathBuf::from(env!("CARGO_BIN_EXE_weft-proxy"));
         let dir = proxy.parent().expect("a target directory").to_path_buf();
