@@ -97,10 +97,10 @@ impl Discovery {
     pub async fn run(&self, apply: Apply, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
-            let outcome = tokio::select! {
-                r = self.session(&apply, &shutdown) => r,
-                _ = shutdown.cancelled() => return,
-            };
+            // The session watches `shutdown` itself: cancelling it from out here could drop an
+            // open stream before its clean end, and the control plane would then mark the
+            // dataplane offline instead of deregistering it.
+            let outcome = self.session(&apply, &shutdown).await;
             self.metrics.cp_connected.set(0);
             match outcome {
                 Ok(true) => return,
@@ -137,11 +137,12 @@ impl Discovery {
             .map_err(|_| "the dataplane token is not valid ASCII".to_string())?;
         req.metadata_mut().insert("authorization", bearer);
         let mut client = GrpcClient::new(self.channel.clone());
-        let mut stream = client
-            .stream(req)
-            .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-            .into_inner();
+        let mut stream = tokio::select! {
+            r = client.stream(req) => r
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .into_inner(),
+            _ = shutdown.cancelled() => return Ok(true),
+        };
         self.metrics.cp_connected.set(1);
         tracing::info!("connected to the control plane");
         loop {
