@@ -237,6 +237,12 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     });
     tracing::info!(%api_address, "REST API listening");
 
+    // The CA file exists before the port opens: a proxy that sees the port can read it.
+    let tls = match &cfg.dp_server_cert {
+        Some((cert, key)) => CpTls::from_files(cert, key),
+        None => CpTls::load_or_create(&cfg.data_dir, &[cfg.dp_server_address], &cfg.dp_server_sans),
+    }
+    .map_err(|e| RunError::Tls(e.to_string()))?;
     let dp_listener = TcpListener::bind(cfg.dp_server_address)
         .await
         .map_err(|source| RunError::Bind {
@@ -247,11 +253,6 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         addr: cfg.dp_server_address,
         source,
     })?;
-    let tls = match &cfg.dp_server_cert {
-        Some((cert, key)) => CpTls::from_files(cert, key),
-        None => CpTls::load_or_create(&cfg.data_dir, &[dp_server_address], &cfg.dp_server_sans),
-    }
-    .map_err(|e| RunError::Tls(e.to_string()))?;
     let discovery =
         DiscoveryService::new(hub.clone(), Arc::new(TokenAuth(identity.tokens().clone())));
     let mut dp_stop = stop;

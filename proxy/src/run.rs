@@ -6,9 +6,10 @@
 //! snapshot starts the data path; later ones are applied to it. A change of the mesh's mTLS
 //! backend or trust bundle asks identity to re-certify at once.
 //!
-//! Shutdown (SIGTERM/SIGINT or `POST /drain`): stop accepting and fail `/ready`, let
-//! connections finish within the drain window, then end the discovery stream cleanly so the
-//! control plane deregisters this proxy, and exit.
+//! Shutdown (SIGTERM/SIGINT or `POST /drain`): end the discovery stream cleanly at once, so
+//! the control plane deregisters this proxy and the other proxies stop picking it for new
+//! connections; stop accepting and fail `/ready`; let in-flight connections finish within the
+//! drain window; exit.
 
 use crate::admin::Admin;
 use crate::datapath::{DataPath, DataPathOptions};
