@@ -32,6 +32,7 @@ impl ControlPlane {
             .args(["run", "--data-dir"])
             .arg(data_dir)
             .args(["--api-address", &api.to_string()])
+            .args(["--dp-server-address", "127.0.0.1:0"])
             .args(extra)
             .env("WEFT_LOG", "warn")
             .stdout(Stdio::null())
