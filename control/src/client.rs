@@ -113,6 +113,16 @@ impl Client {
         self.send(req).map(|(status, v)| (v, status == 201))
     }
 
+    /// POSTs JSON and returns the JSON answer.
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        self.send(req).map(|(_, v)| v)
+    }
+
     /// POSTs JSON and returns the plain-text answer (e.g. a token).
     pub fn post_text(&self, path: &str, body: &Value) -> Result<String, ClientError> {
         let req = self

@@ -113,6 +113,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             axum::routing::post(generate_dataplane_token),
         )
         .route(
+            "/tokens/dataplane/revocations",
+            axum::routing::post(revoke_dataplane_token),
+        )
+        .route(
             "/meshes/{name}",
             get(get_mesh).put(put_mesh).delete(delete_mesh),
         )
@@ -566,10 +570,47 @@ async fn generate_dataplane_token(
         )
     })?
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The token id lets the user revoke it later (`weftctl revoke dataplane-token`).
+    let id = issued.claims.jti.clone();
     Ok((
         StatusCode::OK,
-        [("content-type", "text/plain")],
+        [
+            ("content-type", "text/plain"),
+            ("x-weft-token-id", id.as_str()),
+        ],
         issued.token,
     )
         .into_response())
+}
+
+/// Body of `POST /tokens/dataplane/revocations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The token's mesh.
+    mesh: String,
+    /// The token's id (its `jti` claim).
+    id: String,
+}
+
+/// `POST /tokens/dataplane/revocations`: revokes a token by id; it fails at its next use.
+async fn revoke_dataplane_token(
+    State(s): State<Arc<ApiState>>,
+    body: String,
+) -> ApiResult<Json<Value>> {
+    let req: RevokeRequest = serde_json::from_str(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid revocation request: {e}")))?;
+    let identity = s.identity.clone();
+    let (mesh, id) = (req.mesh.clone(), req.id.clone());
+    tokio::task::spawn_blocking(move || identity.tokens().revoke(&mesh, &id))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"revoked": req.id, "mesh": req.mesh})))
 }

@@ -431,3 +431,42 @@ async fn a_token_for_one_mesh_never_registers_a_proxy_in_another() {
         .expect("the right token registers");
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_revoked_token_stops_working_at_its_next_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    let issued = cp
+        .identity
+        .tokens()
+        .issue("default", "dp-1", Duration::from_secs(3600))
+        .expect("token");
+    let dp = dataplane("default", "dp-1", "web", "10.0.0.1");
+    let FakeProxy { tx, mut rx } = connect_with(&cp, dp.clone(), Some(issued.token.clone()))
+        .await
+        .expect("valid token registers");
+    // Graceful exit, so the name is free again.
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = rx.message().await {}
+    })
+    .await;
+
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "http://{}/tokens/dataplane/revocations",
+            cp.api_address
+        ))
+        .body(serde_json::json!({"mesh": "default", "id": issued.claims.jti}).to_string())
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(resp.status().as_u16(), 200);
+    let err = connect_with(&cp, dp, Some(issued.token))
+        .await
+        .err()
+        .expect("revoked token refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{err}");
+    cp.shutdown().await;
+}

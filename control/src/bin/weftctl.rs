@@ -58,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         what: Generate,
     },
+    /// Revoke credentials: `revoke dataplane-token --mesh M --id ID`.
+    Revoke {
+        #[command(subcommand)]
+        what: Revoke,
+    },
     /// Delete a resource: `delete mesh NAME [--cascade]`, `delete <type> NAME --mesh M`.
     Delete {
         /// Resource type, e.g. mesh, dataplane, traffic-route, meshtrafficpermission.
@@ -86,6 +91,19 @@ enum Generate {
         /// How long the token is valid, e.g. 24h, 30d (default 10y).
         #[arg(long)]
         valid_for: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Revoke {
+    /// Revoke a dataplane token by its id; it stops working at its next use.
+    DataplaneToken {
+        /// The token's mesh.
+        #[arg(short, long)]
+        mesh: String,
+        /// The token's id (printed by `generate dataplane-token` on stderr; the `jti` claim).
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -152,6 +170,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let body = client.get(&path)?;
             print_output(ty, &body, name.is_some(), output)
         }
+        Command::Revoke {
+            what: Revoke::DataplaneToken { mesh, id },
+        } => {
+            client.post_json(
+                "/tokens/dataplane/revocations",
+                &serde_json::json!({"mesh": mesh, "id": id}),
+            )?;
+            println!("revoked dataplane token {id} of mesh {mesh:?}");
+            Ok(())
+        }
         Command::Generate {
             what:
                 Generate::DataplaneToken {
@@ -165,6 +193,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 body["validFor"] = Value::String(v);
             }
             let token = client.post_text("/tokens/dataplane", &body)?;
+            if let Some(id) = token_id(&token) {
+                eprintln!(
+                    "token id: {id} (weftctl revoke dataplane-token --mesh {mesh} --id {id})"
+                );
+            }
             println!("{token}");
             Ok(())
         }
@@ -397,4 +430,15 @@ fn age(rfc3339: &str) -> String {
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
+}
+
+/// The `jti` claim of a JWT, read without verifying it (for the user's information only).
+fn token_id(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("jti")?.as_str().map(str::to_string)
 }
