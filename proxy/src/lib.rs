@@ -39,6 +39,7 @@ pub mod copy;
 pub mod datapath;
 pub mod datapath_metrics;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod identity;
 pub mod inbound;
@@ -46,6 +47,7 @@ pub mod listen;
 pub mod mesh_tls;
 pub mod metrics;
 pub mod outbound;
+pub mod run;
 pub mod tls;
 
 pub use config::{ConfigError, ProxyConfig};

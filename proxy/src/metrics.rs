@@ -26,6 +26,10 @@ pub struct Metrics {
     pub cert_expiry: Gauge<i64, AtomicI64>,
     /// `weft_identity_certify_total{result}`: certify attempts.
     pub certify: Family<ResultLabel, Counter>,
+    /// `weft_control_plane_connected`: 1 while the discovery stream is up.
+    pub cp_connected: Gauge<i64, AtomicI64>,
+    /// `weft_config_updates_total{result}`: snapshots applied (`ack`) or refused (`nack`).
+    pub config_updates: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -37,7 +41,25 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
+        Self::with_extra(|_| {})
+    }
+
+    /// Creates and registers every metric, plus those `extra` registers (the data path's).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        extra(&mut registry);
+        let cp_connected = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "weft_control_plane_connected",
+            "1 while the proxy's discovery stream to the control plane is up",
+            cp_connected.clone(),
+        );
+        let config_updates = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "weft_config_updates",
+            "Configuration snapshots received, by result (ack or nack)",
+            config_updates.clone(),
+        );
         let cert_expiry = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "weft_identity_cert_expiry_timestamp_seconds",
@@ -54,6 +76,8 @@ impl Metrics {
             registry,
             cert_expiry,
             certify,
+            cp_connected,
+            config_updates,
         }
     }
 

@@ -282,3 +282,62 @@ impl ClientCertVerifier for MeshClientVerifier {
             .supported_schemes()
     }
 }
+
+/// Client configs by (destination service, ALPN).
+type ClientConfigCache = std::collections::HashMap<(String, &'static [u8]), Arc<ClientConfig>>;
+
+/// The data path's [`MeshTls`](crate::mesh_tls::MeshTls) backed by the proxy's identity: one
+/// client config per (service, ALPN) and one server config, built once and cached. They read
+/// the current certificate and trust bundle at each handshake, so renewals need no rebuild.
+pub struct IdentityTls {
+    cert: CertHandle,
+    clients: std::sync::Mutex<ClientConfigCache>,
+    server: std::sync::OnceLock<Option<Arc<ServerConfig>>>,
+}
+
+impl IdentityTls {
+    /// Mesh TLS from the certificate in `cert`.
+    pub fn new(cert: CertHandle) -> Self {
+        IdentityTls {
+            cert,
+            clients: Default::default(),
+            server: Default::default(),
+        }
+    }
+}
+
+impl crate::mesh_tls::MeshTls for IdentityTls {
+    fn client_config(
+        &self,
+        _mesh: &str,
+        service: &str,
+        alpn: &'static [u8],
+    ) -> Option<Arc<ClientConfig>> {
+        self.cert.load()?;
+        let mut cache = self.clients.lock().ok()?;
+        if let Some(c) = cache.get(&(service.to_string(), alpn)) {
+            return Some(c.clone());
+        }
+        let mut config = client_config(&self.cert, service).ok()?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        // The data path connects by IP; the identity check is the SPIFFE SAN, not SNI.
+        config.enable_sni = false;
+        let config = Arc::new(config);
+        cache.insert((service.to_string(), alpn), config.clone());
+        Some(config)
+    }
+
+    fn server_config(&self) -> Option<Arc<ServerConfig>> {
+        self.cert.load()?;
+        self.server
+            .get_or_init(|| {
+                let mut config = server_config(&self.cert).ok()?;
+                config.alpn_protocols = crate::mesh_tls::MESH_ALPN_PROTOCOLS
+                    .iter()
+                    .map(|p| p.to_vec())
+                    .collect();
+                Some(Arc::new(config))
+            })
+            .clone()
+    }
+}

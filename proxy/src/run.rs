@@ -1,0 +1,238 @@
+//! `weft-proxy run`: identity, discovery, the data path and the admin endpoint, wired
+//! together, and the shutdown sequence.
+//!
+//! Start-up: read and template the Dataplane; start the admin endpoint (loopback); start the
+//! identity client (it retries until the dataplane is registered); connect discovery. The first
+//! snapshot starts the data path; later ones are applied to it. A change of the mesh's mTLS
+//! backend or trust bundle asks identity to re-certify at once.
+//!
+//! Shutdown (SIGTERM/SIGINT or `POST /drain`): stop accepting and fail `/ready`, let
+//! connections finish within the drain window, then end the discovery stream cleanly so the
+//! control plane deregisters this proxy, and exit.
+
+use crate::admin::Admin;
+use crate::datapath::{DataPath, DataPathOptions};
+use crate::datapath_metrics::DataPathMetrics;
+use crate::discovery::{Apply, Discovery, render_template};
+use crate::drain::{Drain, DrainOutcome};
+use crate::identity::{Identity, IdentityConfig, TokenSource};
+use crate::metrics::Metrics;
+use crate::tls::IdentityTls;
+use crate::{ProxyConfig, mesh_tls::MeshTls};
+use axum::routing::{get, post};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use weft_api::proto::Snapshot;
+
+/// Everything `weft-proxy run` is told.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The control plane's dataplane server, `https://HOST:5678`.
+    pub cp_address: String,
+    /// The control plane's CA (`<data-dir>/cp-ca.pem` of the control plane).
+    pub ca_cert_file: PathBuf,
+    /// The Dataplane resource (a template when `dataplane_vars` are given).
+    pub dataplane_file: PathBuf,
+    /// `--dataplane-var key=value` pairs.
+    pub dataplane_vars: Vec<(String, String)>,
+    /// The dataplane token.
+    pub token_file: PathBuf,
+    /// Admin endpoint address (loopback).
+    pub admin_address: SocketAddr,
+    /// How long in-flight connections may take to finish on shutdown.
+    pub drain_time: Duration,
+    /// Data-path options (detection timeout, …).
+    pub options: DataPathOptions,
+}
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad input: a file, the Dataplane, a flag. Exit 1.
+    #[error("{0}")]
+    Invalid(String),
+    /// A port could not be bound. Exit 2.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Reads, templates and validates the Dataplane file; returns its text, mesh and name.
+pub fn load_dataplane(cfg: &RunConfig) -> Result<(String, String, String), RunError> {
+    let file = cfg.dataplane_file.display().to_string();
+    let template = std::fs::read_to_string(&cfg.dataplane_file)
+        .map_err(|e| RunError::Invalid(format!("{file}: {e}")))?;
+    let text = render_template(&template, &cfg.dataplane_vars)
+        .map_err(|e| RunError::Invalid(format!("{file}: {e}")))?;
+    let mut docs = weft_api::parse::parse_documents(&text)
+        .map_err(|e| RunError::Invalid(format!("{file}: {e}")))?;
+    if docs.len() != 1 || docs[0].resource.resource_type() != weft_api::ResourceType::Dataplane {
+        return Err(RunError::Invalid(format!(
+            "{file}: expected exactly one Dataplane"
+        )));
+    }
+    let r = docs.remove(0).resource;
+    Ok((text, r.mesh_name().to_string(), r.name))
+}
+
+/// Runs the proxy until it is told to stop; returns how the drain ended.
+pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
+    crate::tls::install_default_crypto_provider();
+    let (dataplane, mesh, name) = load_dataplane(&cfg)?;
+    let ca = std::fs::read(&cfg.ca_cert_file).map_err(|e| {
+        RunError::Invalid(format!(
+            "--ca-cert-file {}: {e}",
+            cfg.ca_cert_file.display()
+        ))
+    })?;
+    let token = TokenSource::File(cfg.token_file.clone());
+    std::fs::metadata(&cfg.token_file).map_err(|e| {
+        RunError::Invalid(format!(
+            "--dataplane-token-file {}: {e}",
+            cfg.token_file.display()
+        ))
+    })?;
+
+    let dp_metrics = DataPathMetrics::new();
+    let metrics = Arc::new(Metrics::with_extra(|r| dp_metrics.register(r)));
+    let identity = Identity::new(
+        IdentityConfig::new(&cfg.cp_address, ca, &mesh, &name, token.clone()),
+        metrics.clone(),
+    );
+    let channel = identity
+        .channel()
+        .map_err(|e| RunError::Invalid(e.to_string()))?;
+    let discovery = Arc::new(Discovery::new(channel, dataplane, token, metrics.clone()));
+    let applied = discovery.applied();
+    let drain = Drain::new();
+    let stop = CancellationToken::new();
+
+    let admin = {
+        let applied = applied.clone();
+        let drain = drain.clone();
+        Admin::new(identity.clone(), metrics.clone())
+            .with_ready_check("config", move || applied.borrow().is_some())
+            .with_ready_check("not-draining", move || !drain.is_draining())
+    };
+    let config_view = applied.clone();
+    let drain_stop = stop.clone();
+    let router = admin
+        .router()
+        .route(
+            "/config",
+            get(move || {
+                let snap = config_view.borrow().clone();
+                async move {
+                    match snap {
+                        Some(s) => axum::Json(serde_json::to_value(&*s).unwrap_or_default())
+                            .into_response_ok(),
+                        None => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "no configuration yet\n",
+                        )
+                            .into_response_ok(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/drain",
+            post(move || {
+                drain_stop.cancel();
+                async { "draining\n" }
+            }),
+        );
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_address)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: cfg.admin_address,
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, router).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    tracing::info!(admin = %cfg.admin_address, %mesh, %name, "weft-proxy starting");
+    let identity_task = identity.spawn();
+
+    let tls: Arc<dyn MeshTls> = Arc::new(IdentityTls::new(identity.cert().clone()));
+    let datapath: Arc<Mutex<Option<DataPath>>> = Arc::new(Mutex::new(None));
+    let last_trust: Arc<Mutex<Option<(String, String)>>> = Arc::new(Mutex::new(None));
+    let apply: Apply = {
+        let datapath = datapath.clone();
+        let identity = identity.clone();
+        let drain = drain.clone();
+        let options = cfg.options.clone();
+        Arc::new(move |snap: &Snapshot| {
+            let config = ProxyConfig::from_snapshot(snap).map_err(|e| e.to_string())?;
+            let mut dp = datapath
+                .lock()
+                .map_err(|_| "data path lock poisoned".to_string())?;
+            match dp.as_ref() {
+                Some(running) => running.apply(config).map_err(|e| e.to_string())?,
+                None => {
+                    let started = DataPath::start(
+                        config,
+                        tls.clone(),
+                        dp_metrics.clone(),
+                        drain.clone(),
+                        options.clone(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    *dp = Some(started);
+                }
+            }
+            // Re-certify when the mesh's CA changes (and once the dataplane is registered).
+            let mtls = snap.mesh.as_ref().and_then(|m| m.mtls.as_ref());
+            let trust = (
+                mtls.map(|m| m.backend.clone()).unwrap_or_default(),
+                snap.trust_bundle_pem.clone(),
+            );
+            if let Ok(mut last) = last_trust.lock()
+                && last.as_ref() != Some(&trust)
+            {
+                *last = Some(trust);
+                identity.renew_now();
+            }
+            Ok(())
+        })
+    };
+    let discovery_task = {
+        let discovery = discovery.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { discovery.run(apply, stop).await })
+    };
+
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        if crate::drain::shutdown_signal().await.is_ok() {
+            signal_stop.cancel();
+        }
+    });
+    stop.cancelled().await;
+    tracing::info!(window = ?cfg.drain_time, "draining");
+    let outcome = drain.drain(cfg.drain_time).await;
+    tracing::info!(?outcome, "drained; deregistering");
+    let _ = tokio::time::timeout(Duration::from_secs(5), discovery_task).await;
+    identity_task.abort();
+    Ok(outcome)
+}
+
+/// Small helper so both match arms of `/config` return one type.
+trait IntoResponseOk {
+    fn into_response_ok(self) -> axum::response::Response;
+}
+
+impl<T: axum::response::IntoResponse> IntoResponseOk for T {
+    fn into_response_ok(self) -> axum::response::Response {
+        self.into_response()
+    }
+}
