@@ -336,6 +336,12 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         match weft::find(&cfg.weft_bin_dir) {
             Ok(b) => {
                 paths.extend(cfg.modes.iter().map(|&m| PathKind::Weft(m)));
+                if cfg.weft_transparent {
+                    note(
+                        "weft paths use transparent interception (weft-iptables)".into(),
+                        log,
+                    );
+                }
                 Some(b)
             }
             Err(why) => {

@@ -108,10 +108,12 @@ impl ControlPlane {
             &["apply", "-f", &mesh.display().to_string()],
         )
         .map_err(|why| topo.start_failure("weft-control", &why))?;
-        let ca = data.join("cp-ca.pem");
-        if !ca.is_file() {
-            return Err(topo.start_failure("weft-control", &format!("{} missing", ca.display())));
-        }
+        // A copy the proxies can read when they run as their own uid (the
+        // data dir may be private to the control plane).
+        let ca = topo.dir().join("weft-cp-ca.pem");
+        std::fs::copy(data.join("cp-ca.pem"), &ca)
+            .and_then(|_| std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)))
+            .map_err(|e| topo.start_failure("weft-control", &format!("cp-ca.pem: {e}")))?;
         Ok(ControlPlane {
             bins: bins.clone(),
             ca,
