@@ -297,9 +297,18 @@ pub fn start(
                 let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644));
             }
         }
+        // The server side reaches the control plane over loopback: with
+        // iptables, the proxy's own calls to its host's address are sent to
+        // its inbound (as in Kuma's rules).
+        let cp_host = if side == "in" {
+            "127.0.0.1".to_owned()
+        } else {
+            server_ip.clone()
+        };
+        let cp_address = format!("https://{cp_host}:{DP_PORT}");
         let mut cmd = pinned(topo.opts.sidecar_cpu, &cp.bins.proxy);
         cmd.arg("run")
-            .args(["--cp-address", &format!("https://{server_ip}:{DP_PORT}")])
+            .args(["--cp-address", &cp_address])
             .arg("--ca-cert-file")
             .arg(&cp.ca)
             .arg("--dataplane-file")
