@@ -1,5 +1,5 @@
-//! weft-bench: the load generator behind `weft-bench`, and (to come) the
-//! side-by-side mesh benchmark of SPEC §8.
+//! weft-bench: the load generator behind `weft-bench`, and the side-by-side
+//! mesh benchmark of SPEC §8.
 //!
 //! # How the pieces fit
 //! - [`load`] is the engine. It owns threads, connections, the closed and
@@ -16,6 +16,9 @@
 //!   are designed to slot into.
 //! - [`serve`] runs the upstream apps (HTTP/1.1 + h2c, gRPC echo, TCP echo),
 //!   in-process for tests or as `weft-bench serve`.
+//! - [`mesh`] is `weft-bench mesh`: network namespaces, the sidecar pairs
+//!   (weft, HAProxy, nginx), `/proc` accounting, rounds and medians; it
+//!   drives [`load`] in-process from inside the client namespace.
 //! - [`duration`], [`cpu`] and [`target`] are small helpers: `5s`-style
 //!   durations, CPU lists and pinning, address resolution.
 //!
@@ -55,6 +58,7 @@ pub mod duration;
 pub mod grpc;
 pub mod http;
 pub mod load;
+pub mod mesh;
 pub mod progress;
 pub mod report;
 pub mod serve;

@@ -2,6 +2,7 @@
 //! the library is laid out.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use weft_bench::load::{self, Client, LoadConfig, Measurement, Stop};
+use weft_bench::mesh::{self, MeshConfig, ProxyMode, peers::PeerKind};
 use weft_bench::report::{Mode, Protocol, RunReport, Summary};
 use weft_bench::{cpu, duration, grpc, http, serve, target, tcp};
 
@@ -64,7 +66,8 @@ enum Command {
     /// With no listener flags, serves HTTP on 127.0.0.1:8080, gRPC on :8081
     /// and TCP echo on :8082.
     Serve(ServeArgs),
-    /// Side-by-side mesh benchmark in network namespaces (not implemented yet).
+    /// Side-by-side mesh benchmark in network namespaces: direct, weft,
+    /// HAProxy and nginx sidecar pairs (needs root).
     Mesh(MeshArgs),
 }
 
@@ -131,18 +134,60 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct MeshArgs {
-    /// Finish in under 60 s (CI smoke check).
+    /// Smoke check: one round of 1.5 s runs, under 60 s in all.
     #[arg(long)]
     quick: bool,
-    /// Peer proxies to measure beside weft, e.g. haproxy,nginx.
-    #[arg(long, value_delimiter = ',')]
+    /// Peer proxies to measure beside weft when installed (haproxy, nginx);
+    /// `none` for none.
+    #[arg(long, value_delimiter = ',', default_value = "haproxy,nginx")]
     peers: Vec<String>,
-    /// Repeated rounds; figures are medians.
-    #[arg(long, default_value_t = 3)]
-    rounds: u32,
-    /// Fixed rate for the latency runs.
+    /// Proxy modes: http (the pair parses HTTP), tcp (opaque bytes).
+    #[arg(long, value_delimiter = ',', default_value = "http,tcp")]
+    modes: Vec<String>,
+    /// Repeated rounds; figures are medians (default 3, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Fixed rate of the latency runs, req/s.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
+    /// Length of each throughput run (default 10s, 1500ms with --quick).
+    #[arg(short = 'd', long, value_parser = duration::parse)]
+    duration: Option<Duration>,
+    /// Length of each latency run (default 10s, 1500ms with --quick).
+    #[arg(long, value_parser = duration::parse)]
+    latency_duration: Option<Duration>,
+    /// Unmeasured load before each run (default 1s, 300ms with --quick).
+    #[arg(short = 'w', long, value_parser = duration::parse)]
+    warmup: Option<Duration>,
+    /// Connections of the throughput runs.
+    #[arg(short = 'c', long, default_value_t = 32)]
+    connections: usize,
+    /// Connections of the latency runs.
+    #[arg(long, default_value_t = 16)]
+    latency_connections: usize,
+    /// Upstream response body bytes.
+    #[arg(long, default_value_t = 1024)]
+    body_size: usize,
+    /// Skip the weft paths.
+    #[arg(long)]
+    no_weft: bool,
+    /// Where weft-proxy, weft-control and weftctl are (default: beside
+    /// this executable).
+    #[arg(long)]
+    weft_bin_dir: Option<PathBuf>,
+    /// Run weft with transparent interception (weft-iptables) instead of
+    /// explicit outbound/inbound ports.
+    #[arg(long)]
+    weft_transparent: bool,
+    /// The load generator's CPU.
+    #[arg(long, default_value_t = 0)]
+    generator_cpu: usize,
+    /// The sidecars' and the upstream's CPU.
+    #[arg(long, default_value_t = 1)]
+    sidecar_cpu: usize,
+    /// Do not keep idle CPUs awake with idle-priority busy loops.
+    #[arg(long)]
+    no_spin: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -201,11 +246,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Serve(args) => run_serve(args),
-        Command::Mesh(_) => bail!(
-            "`weft-bench mesh` is not implemented yet: it needs the weft-proxy data path \
-             (transparent interception and the mTLS sidecar pair). Until then, run \
-             `weft-bench serve` and point `weft-bench http|grpc|tcp` at it through your sidecars."
-        ),
+        Command::Mesh(args) => run_mesh(args),
     }
 }
 
@@ -330,6 +371,64 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         eprintln!("tcp echo on {a}");
     }
     server.run_forever()
+}
+
+fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut cfg = if args.quick {
+        MeshConfig::quick(exe)
+    } else {
+        MeshConfig::full(exe)
+    };
+    cfg.peers = Vec::new();
+    for p in args.peers.iter().filter(|p| p.as_str() != "none") {
+        match PeerKind::parse(p) {
+            Some(k) => cfg.peers.push(k),
+            None => bail!("unknown peer {p:?} (known: haproxy, nginx)"),
+        }
+    }
+    cfg.modes = Vec::new();
+    for m in &args.modes {
+        match ProxyMode::parse(m) {
+            Some(m) => cfg.modes.push(m),
+            None => bail!("unknown mode {m:?} (known: http, tcp)"),
+        }
+    }
+    cfg.rounds = args.rounds.unwrap_or(cfg.rounds);
+    cfg.rate = args.rate;
+    cfg.duration = args.duration.unwrap_or(cfg.duration);
+    cfg.latency_duration = args.latency_duration.unwrap_or(cfg.latency_duration);
+    cfg.warmup = args.warmup.unwrap_or(cfg.warmup);
+    cfg.connections = args.connections;
+    cfg.latency_connections = args.latency_connections;
+    cfg.body_size = args.body_size;
+    cfg.weft = !args.no_weft;
+    if let Some(dir) = &args.weft_bin_dir {
+        cfg.weft_bin_dir = dir.clone();
+    }
+    cfg.weft_transparent = args.weft_transparent;
+    cfg.generator_cpu = args.generator_cpu;
+    cfg.sidecar_cpu = args.sidecar_cpu;
+    cfg.spin = !args.no_spin;
+    Ok(cfg)
+}
+
+fn run_mesh(args: MeshArgs) -> Result<()> {
+    let cfg = mesh_config(&args)?;
+    let report = mesh::run(&cfg, &mut |line| eprintln!("{line}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !report.failures.is_empty() {
+        bail!(
+            "{} path(s) failed: {}",
+            report.failures.len(),
+            report.failures.join("; ")
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -244,9 +244,7 @@ impl RunReport {
     }
 }
 
-/// The `weft-bench mesh --json` object (SPEC §8). Not produced yet: `mesh`
-/// needs the weft data path. Defined now so single runs and mesh runs share
-/// one vocabulary.
+/// The `weft-bench mesh --json` object (SPEC §8).
 #[derive(Debug, Clone, Serialize)]
 pub struct MeshReport {
     /// When the run ended, UTC, RFC 3339.
@@ -257,29 +255,168 @@ pub struct MeshReport {
     pub rounds: u32,
     /// The command line.
     pub command: String,
-    /// One entry per path and protocol.
+    /// How the load was driven.
+    pub settings: MeshSettings,
+    /// One entry per measured path, `direct` first.
     pub paths: Vec<PathReport>,
+    /// Paths skipped (peer not installed, weft binaries not found) and the
+    /// peers' versions.
+    pub notes: Vec<String>,
+    /// Paths that were meant to run but failed to start; the run exits
+    /// non-zero when there are any.
+    pub failures: Vec<String>,
 }
 
-/// One `paths[]` entry of [`MeshReport`]: the path's [`Summary`] (median of
-/// the rounds) plus what only a side-by-side run can say.
+/// The load every path of a mesh run gets.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshSettings {
+    /// Connections of the closed-loop (throughput) runs.
+    pub connections: usize,
+    /// Connections of the open-loop (latency) runs.
+    pub latency_connections: usize,
+    /// The fixed rate of the latency runs, req/s.
+    pub rate: f64,
+    /// Unmeasured load before each run, seconds.
+    pub warmup_s: f64,
+    /// Length of each throughput run, seconds.
+    pub duration_s: f64,
+    /// Length of each latency run, seconds.
+    pub latency_duration_s: f64,
+    /// Upstream response body, bytes.
+    pub body_size: usize,
+    /// The generator's CPU.
+    pub generator_cpu: usize,
+    /// The sidecars' and the upstream's CPU.
+    pub sidecar_cpu: usize,
+    /// Idle-priority busy loops kept both CPUs awake.
+    pub spin: bool,
+    /// weft ran with iptables interception instead of explicit ports.
+    pub weft_transparent: bool,
+}
+
+/// One `paths[]` entry of [`MeshReport`]: the path's [`Summary`] (medians
+/// of the rounds) plus what only a side-by-side run can say.
+///
+/// `rps` is the closed-loop throughput; the latency keys (`p50_ms`, ...)
+/// come from the open-loop runs at the fixed rate; `errors` counts every
+/// failed request of every run of the path. Memory figures are per sidecar
+/// (the larger of the two, to compare with a per-sidecar budget), with
+/// each side also given on its own.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathReport {
     /// Throughput and latency of this path; `name` is the path.
     #[serde(flatten)]
     pub summary: Summary,
+    /// `none` for direct, else how the pair handled the app's HTTP/1.1:
+    /// `http` (parsed) or `tcp` (opaque bytes).
+    pub proxy_mode: String,
+    /// The rate achieved in the latency runs (should be the fixed rate).
+    pub latency_rps: f64,
     /// Closed-loop throughput over the direct path's.
     pub rps_vs_direct: f64,
     /// p50 at the fixed rate minus the direct path's.
     pub added_p50_ms: f64,
     /// p99 at the fixed rate minus the direct path's.
     pub added_p99_ms: f64,
-    /// Both sidecars' resident memory before load, MiB.
+    /// Resident memory of the larger sidecar after one request, before
+    /// load, MiB.
     pub rss_idle_mib: f64,
-    /// Both sidecars' peak resident memory under load, MiB.
+    /// Peak resident memory of the larger sidecar under the closed-loop
+    /// load, MiB.
     pub rss_load_mib: f64,
-    /// Both sidecars' CPU time over requests served, microseconds.
+    /// The outbound (client-side) sidecar's idle RSS, MiB.
+    pub rss_idle_out_mib: f64,
+    /// The inbound (server-side) sidecar's idle RSS, MiB.
+    pub rss_idle_in_mib: f64,
+    /// The outbound sidecar's peak RSS under load, MiB.
+    pub rss_load_out_mib: f64,
+    /// The inbound sidecar's peak RSS under load, MiB.
+    pub rss_load_in_mib: f64,
+    /// Both sidecars' CPU time (user + system) over the closed-loop run,
+    /// divided by its requests, microseconds.
     pub cpu_us_per_req: f64,
+    /// The upstream app's CPU time per request over the same window.
+    pub upstream_cpu_us_per_req: f64,
+}
+
+impl MeshReport {
+    /// The table for humans, with the date, machine and command it came from.
+    pub fn to_table(&self) -> String {
+        let s = &self.settings;
+        let mut out = format!(
+            "weft-bench mesh · {} · {}\n{}\n\
+             HTTP/1.1 keep-alive, {} B body · throughput: closed loop, {} connections, {} s ·\n\
+             latency: {} req/s, {} connections, {} s, corrected for coordinated omission ·\n\
+             medians of {} round(s) · generator on CPU {}, sidecars + upstream on CPU {}{}\n\n",
+            self.date,
+            self.machine,
+            self.command,
+            s.body_size,
+            s.connections,
+            s.duration_s,
+            s.rate,
+            s.latency_connections,
+            s.latency_duration_s,
+            self.rounds,
+            s.generator_cpu,
+            s.sidecar_cpu,
+            if s.spin {
+                " (idle CPUs kept awake)"
+            } else {
+                ""
+            },
+        );
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13} {:>9} {:>7}\n",
+            "path",
+            "req/s",
+            "×direct",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "+p50 ms",
+            "+p99 ms",
+            "RSS idle o/i",
+            "RSS load o/i",
+            "CPU µs/req",
+            "errors",
+        ));
+        for p in &self.paths {
+            let sm = &p.summary;
+            let (rss_idle, rss_load, cpu) = if p.proxy_mode == "none" {
+                ("–".to_owned(), "–".to_owned(), "–".to_owned())
+            } else {
+                (
+                    format!("{:.1}/{:.1}", p.rss_idle_out_mib, p.rss_idle_in_mib),
+                    format!("{:.1}/{:.1}", p.rss_load_out_mib, p.rss_load_in_mib),
+                    format!("{:.1}", p.cpu_us_per_req),
+                )
+            };
+            out.push_str(&format!(
+                "{:<12} {:>9.0} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>13} {:>9} {:>7}\n",
+                sm.name,
+                sm.rps,
+                p.rps_vs_direct,
+                sm.p50_ms,
+                sm.p99_ms,
+                sm.p999_ms,
+                p.added_p50_ms,
+                p.added_p99_ms,
+                rss_idle,
+                rss_load,
+                cpu,
+                sm.errors,
+            ));
+        }
+        out.push_str("\nRSS in MiB (outbound/inbound sidecar); CPU µs/req: both sidecars' user+system time per request under closed-loop load.\n");
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
+        for f in &self.failures {
+            out.push_str(&format!("FAILED: {f}\n"));
+        }
+        out
+    }
 }
 
 /// CPU model, CPU count and kernel release, from /proc.
@@ -356,20 +493,43 @@ mod tests {
     fn mesh_paths_carry_the_spec_keys() {
         let path = PathReport {
             summary: summary(),
+            proxy_mode: "none".into(),
+            latency_rps: 1000.0,
             rps_vs_direct: 1.0,
             added_p50_ms: 0.0,
             added_p99_ms: 0.0,
             rss_idle_mib: 0.0,
             rss_load_mib: 0.0,
+            rss_idle_out_mib: 0.0,
+            rss_idle_in_mib: 0.0,
+            rss_load_out_mib: 0.0,
+            rss_load_in_mib: 0.0,
             cpu_us_per_req: 0.0,
+            upstream_cpu_us_per_req: 0.0,
         };
         let report = MeshReport {
             date: utc_now_rfc3339(),
             machine: machine(),
             rounds: 3,
             command: String::new(),
+            settings: MeshSettings {
+                connections: 32,
+                latency_connections: 16,
+                rate: 1000.0,
+                warmup_s: 1.0,
+                duration_s: 10.0,
+                latency_duration_s: 10.0,
+                body_size: 1024,
+                generator_cpu: 0,
+                sidecar_cpu: 1,
+                spin: true,
+                weft_transparent: false,
+            },
             paths: vec![path],
+            notes: vec![],
+            failures: vec![],
         };
+        assert!(report.to_table().contains("direct"));
         let v = serde_json::to_value(&report).unwrap();
         for key in ["date", "machine", "rounds", "paths"] {
             assert!(v.get(key).is_some(), "{key}");

@@ -1,0 +1,752 @@
+//! `weft-bench mesh`: the side-by-side sidecar benchmark of SPEC §8.
+//!
+//! One run measures every path with the same load, in rounds, and reports
+//! medians:
+//! - `direct`: the generator calls the upstream, no proxy;
+//! - `weft`, `weft-tcp`: a `weft-control` and two `weft-proxy` sidecars,
+//!   mTLS between them, the inbound tagged `http` or `tcp` ([`weft`]);
+//! - `haproxy`, `haproxy-tcp`, `nginx`, `nginx-tcp`: the same sidecar job
+//!   done by the installed peers ([`peers`]), as in the peer baseline.
+//!
+//! [`topology`] builds the two namespaces and the upstream; [`procstat`]
+//! reads the sidecars' memory and CPU time from `/proc`. Per path and round:
+//! start the pair, wait until a request passes, read idle RSS, warm up,
+//! then a closed-loop run (throughput; CPU time of both sidecars over it ÷
+//! requests; RSS sampled every 100 ms) and an open-loop run at `rate`
+//! (latency, corrected for coordinated omission); then stop the pair.
+//! Rounds go through all paths in turn, so drift hits every path alike.
+
+pub mod peers;
+pub mod procstat;
+pub mod topology;
+pub mod weft;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use weft_tests::{Host, Proc};
+
+use crate::http::{HttpClient, Version};
+use crate::load::{self, LoadConfig, LoadError, Measurement, Stop};
+use crate::report::{self, MeshReport, MeshSettings, Mode, PathReport, Protocol, Summary};
+use crate::stats::ErrorCounts;
+use procstat::Usage;
+use topology::{Topology, TopologyOptions, UPSTREAM_PORT};
+
+/// What can stop a mesh run.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// Namespaces need root.
+    #[error("weft-bench mesh builds network namespaces and must run as root")]
+    NotRoot,
+    /// The namespace harness failed.
+    #[error(transparent)]
+    Net(#[from] weft_tests::Error),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A proxy, the control plane or the upstream did not come up.
+    #[error("{what} did not start: {why}{}", if log.is_empty() { String::new() } else { format!("\n--- end of its log ---\n{log}") })]
+    Start {
+        /// Which process.
+        what: String,
+        /// What was seen.
+        why: String,
+        /// The end of its log.
+        log: String,
+    },
+    /// Certificates for the peers could not be made.
+    #[error("cannot make certificates: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// The load generator refused its configuration.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The target URL is malformed (a bug).
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
+    /// The configuration asks for nothing measurable.
+    #[error("invalid mesh configuration: {0}")]
+    Config(String),
+}
+
+impl MeshError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> MeshError {
+        MeshError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// How a proxy pair handles the app's HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// The proxies parse HTTP (and pool connections between them).
+    Http,
+    /// The proxies copy opaque bytes, one mTLS connection per app connection.
+    Tcp,
+}
+
+impl ProxyMode {
+    /// `http` or `tcp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyMode::Http => "http",
+            ProxyMode::Tcp => "tcp",
+        }
+    }
+
+    /// Parses a `--modes` entry.
+    pub fn parse(s: &str) -> Option<ProxyMode> {
+        [ProxyMode::Http, ProxyMode::Tcp]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
+}
+
+/// One path through the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// No proxy.
+    Direct,
+    /// weft-proxy pair.
+    Weft(ProxyMode),
+    /// A peer's pair.
+    Peer(peers::PeerKind, ProxyMode),
+}
+
+impl PathKind {
+    /// The report name: `direct`, `weft`, `weft-tcp`, `haproxy-tcp`, ...
+    pub fn name(self) -> String {
+        let (base, mode) = match self {
+            PathKind::Direct => return "direct".into(),
+            PathKind::Weft(m) => ("weft", m),
+            PathKind::Peer(p, m) => (p.name(), m),
+        };
+        match mode {
+            ProxyMode::Http => base.into(),
+            ProxyMode::Tcp => format!("{base}-tcp"),
+        }
+    }
+
+    fn mode(self) -> Option<ProxyMode> {
+        match self {
+            PathKind::Direct => None,
+            PathKind::Weft(m) | PathKind::Peer(_, m) => Some(m),
+        }
+    }
+}
+
+/// One sidecar process.
+pub struct Sidecar {
+    /// `out` (client side) or `in` (server side).
+    pub side: &'static str,
+    /// The process (group) to read from `/proc` and to stop.
+    pub proc: Proc,
+    /// Stop with SIGTERM first (so a weft proxy deregisters).
+    pub graceful: bool,
+}
+
+/// A running pair; stopping it (or dropping it) stops both sidecars.
+pub struct SidecarPair {
+    sidecars: Vec<Sidecar>,
+    on_stop: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl SidecarPair {
+    /// Wraps started sidecars, outbound and inbound in any order.
+    pub fn new(sidecars: Vec<Sidecar>) -> SidecarPair {
+        SidecarPair {
+            sidecars,
+            on_stop: Vec::new(),
+        }
+    }
+
+    /// Runs `f` after the sidecars are stopped (e.g. remove iptables rules).
+    pub fn on_stop(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.on_stop.push(f);
+    }
+
+    /// The sidecars' pids in report order: outbound, then inbound.
+    fn pids(&self) -> [u32; 2] {
+        let pid = |side| {
+            self.sidecars
+                .iter()
+                .find(|s| s.side == side)
+                .map_or(0, |s| s.proc.pid())
+        };
+        [pid("out"), pid("in")]
+    }
+
+    /// Stops both sidecars: SIGTERM and a short wait where graceful, then
+    /// SIGKILL of the whole process group.
+    pub fn stop(mut self) {
+        for s in &mut self.sidecars {
+            if s.graceful {
+                if let Ok(pid) = i32::try_from(s.proc.pid()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                let _ = s.proc.wait_timeout(Duration::from_secs(3));
+            }
+            s.proc.kill();
+        }
+        for f in self.on_stop.drain(..) {
+            f();
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr` inside `host`,
+/// failing at once if `proc` exits first.
+pub fn wait_listening(host: &Host, addr: SocketAddr, proc: &mut Proc) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = host
+            .enter(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        if up.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = proc.child().try_wait() {
+            return Err(format!("exited ({status}) before listening on {addr}"));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("nothing listens on {addr} after 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything a mesh run is told.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Rounds; figures are medians over them.
+    pub rounds: u32,
+    /// The fixed rate of the latency runs, requests per second.
+    pub rate: f64,
+    /// Unmeasured load before each run.
+    pub warmup: Duration,
+    /// Length of each closed-loop (throughput) run.
+    pub duration: Duration,
+    /// Length of each open-loop (latency) run.
+    pub latency_duration: Duration,
+    /// Connections of the throughput runs (wrk -c32 in the baseline).
+    pub connections: usize,
+    /// Connections of the latency runs (oha -c16 in the baseline).
+    pub latency_connections: usize,
+    /// Upstream response body bytes.
+    pub body_size: usize,
+    /// Measure the weft paths (when the binaries are found).
+    pub weft: bool,
+    /// Where `weft-proxy`, `weft-control` and `weftctl` are.
+    pub weft_bin_dir: PathBuf,
+    /// Run weft with iptables interception instead of explicit ports.
+    pub weft_transparent: bool,
+    /// Peers to measure when installed.
+    pub peers: Vec<peers::PeerKind>,
+    /// Proxy modes to measure.
+    pub modes: Vec<ProxyMode>,
+    /// The generator's CPU.
+    pub generator_cpu: usize,
+    /// The sidecars' and upstream's CPU.
+    pub sidecar_cpu: usize,
+    /// Idle-priority busy loops on both CPUs while measuring.
+    pub spin: bool,
+    /// The `weft-bench` executable (for the upstream).
+    pub self_exe: PathBuf,
+}
+
+impl MeshConfig {
+    /// The full benchmark: 3 rounds of 10 s throughput and 10 s latency runs.
+    pub fn full(self_exe: PathBuf) -> MeshConfig {
+        let weft_bin_dir = self_exe
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        MeshConfig {
+            rounds: 3,
+            rate: 1000.0,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(10),
+            latency_duration: Duration::from_secs(10),
+            connections: 32,
+            latency_connections: 16,
+            body_size: 1024,
+            weft: true,
+            weft_bin_dir,
+            weft_transparent: false,
+            peers: peers::PeerKind::ALL.to_vec(),
+            modes: vec![ProxyMode::Http, ProxyMode::Tcp],
+            generator_cpu: 0,
+            sidecar_cpu: 1,
+            spin: true,
+            self_exe,
+        }
+    }
+
+    /// The smoke check: one round of short runs, under 60 s for all paths.
+    pub fn quick(self_exe: PathBuf) -> MeshConfig {
+        MeshConfig {
+            rounds: 1,
+            warmup: Duration::from_millis(300),
+            duration: Duration::from_millis(1500),
+            latency_duration: Duration::from_millis(1500),
+            ..MeshConfig::full(self_exe)
+        }
+    }
+}
+
+/// One round of one path.
+#[derive(Debug, Clone)]
+struct RoundResult {
+    closed: Measurement,
+    open: Measurement,
+    /// Outbound, inbound.
+    idle: [Usage; 2],
+    /// Peak RSS seen under load, KiB: outbound, inbound.
+    load_rss_kib: [u64; 2],
+    sidecar_ticks: u64,
+    upstream_ticks: u64,
+}
+
+/// Runs the benchmark. `log` receives progress lines and notes.
+pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, MeshError> {
+    if cfg.rounds == 0 {
+        return Err(MeshError::Config("--rounds must be at least 1".into()));
+    }
+    let mut notes = Vec::new();
+    let mut note = |s: String, log: &mut dyn FnMut(&str)| {
+        log(&format!("note: {s}"));
+        notes.push(s);
+    };
+
+    let mut paths = vec![PathKind::Direct];
+    let weft_bins = if cfg.weft {
+        match weft::find(&cfg.weft_bin_dir) {
+            Ok(b) => {
+                paths.extend(cfg.modes.iter().map(|&m| PathKind::Weft(m)));
+                if cfg.weft_transparent {
+                    note(
+                        "weft paths use transparent interception (weft-iptables)".into(),
+                        log,
+                    );
+                }
+                Some(b)
+            }
+            Err(why) => {
+                note(format!("skipping weft: {why}"), log);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut installed = Vec::new();
+    for &kind in &cfg.peers {
+        match peers::find(kind) {
+            Ok(p) => {
+                for &m in &cfg.modes {
+                    if m == ProxyMode::Tcp
+                        && let Some(why) = &p.no_tcp
+                    {
+                        note(format!("skipping {}-tcp: {why}", kind.name()), log);
+                        continue;
+                    }
+                    paths.push(PathKind::Peer(kind, m));
+                }
+                note(format!("{}: {}", kind.name(), p.version), log);
+                installed.push(p);
+            }
+            Err(why) => note(format!("skipping {}: {why}", kind.name()), log),
+        }
+    }
+
+    let topo = Topology::build(TopologyOptions {
+        self_exe: cfg.self_exe.clone(),
+        body_size: cfg.body_size,
+        generator_cpu: cfg.generator_cpu,
+        sidecar_cpu: cfg.sidecar_cpu,
+        spin: cfg.spin,
+    })?;
+    if cfg.spin && !topo.spinning() {
+        note("CPU spinners not running".into(), log);
+    }
+    let certs = if installed.is_empty() {
+        None
+    } else {
+        Some(peers::Certs::generate(topo.dir())?)
+    };
+    let mut failures = Vec::new();
+    let cp = match &weft_bins {
+        Some(bins) => match weft::ControlPlane::start(bins, &topo) {
+            Ok(cp) => Some(cp),
+            Err(e) => {
+                failures.push(format!("weft: {e}"));
+                log(&format!("FAILED weft: {e}"));
+                paths.retain(|p| !matches!(p, PathKind::Weft(_)));
+                None
+            }
+        },
+        None => None,
+    };
+
+    let mut results: Vec<Vec<RoundResult>> = vec![Vec::new(); paths.len()];
+    let mut failed = vec![false; paths.len()];
+    for round in 1..=cfg.rounds {
+        for (i, &path) in paths.iter().enumerate() {
+            if failed[i] {
+                continue;
+            }
+            log(&format!("round {round}/{}: {}", cfg.rounds, path.name()));
+            let ports = (15100 + i as u16, 15200 + i as u16);
+            let started = match path {
+                PathKind::Direct => Ok((None, SocketAddr::from((topo.server_ip, UPSTREAM_PORT)))),
+                PathKind::Weft(mode) => {
+                    let cp = cp.as_ref().expect("weft paths need the control plane");
+                    let p = weft::Ports {
+                        outbound: ports.0,
+                        inbound: ports.1,
+                    };
+                    weft::start(cp, mode, p, cfg.weft_transparent, &topo).and_then(|(pair, url)| {
+                        let addr = url_addr(&url)?;
+                        Ok((Some(pair), addr))
+                    })
+                }
+                PathKind::Peer(kind, mode) => {
+                    let peer = installed
+                        .iter()
+                        .find(|p| p.kind == kind)
+                        .expect("only installed peers are measured");
+                    let p = peers::Ports {
+                        outbound: ports.0,
+                        inbound: ports.1,
+                    };
+                    let certs = certs.as_ref().expect("certificates exist with peers");
+                    peers::start(peer, mode, p, certs, &topo)
+                        .map(|pair| (Some(pair), SocketAddr::from(([127, 0, 0, 1], ports.0))))
+                }
+            };
+            let outcome = started.and_then(|(pair, addr)| {
+                let r = measure(cfg, &topo, addr, pair.as_ref());
+                if let Some(pair) = pair {
+                    pair.stop();
+                }
+                r
+            });
+            match outcome {
+                Ok(r) => {
+                    log(&format!(
+                        "  {:.0} req/s, p50 {:.3} ms at {} req/s, {} errors",
+                        r.closed.rps(),
+                        Summary::new("", Protocol::Http1, Mode::Open, 0, None, &r.open).p50_ms,
+                        cfg.rate,
+                        r.closed.recorder.errors.total() + r.open.recorder.errors.total()
+                    ));
+                    results[i].push(r);
+                }
+                Err(e) => {
+                    log(&format!("FAILED {}: {e}", path.name()));
+                    failures.push(format!("{}: {e}", path.name()));
+                    failed[i] = true;
+                }
+            }
+        }
+    }
+    drop(cp);
+    drop(topo);
+
+    let mut reports: Vec<PathReport> = Vec::new();
+    for (path, rounds) in paths.iter().zip(&results) {
+        if rounds.is_empty() {
+            continue;
+        }
+        reports.push(aggregate(*path, rounds, cfg));
+    }
+    if let Some(direct) = reports.first().cloned() {
+        for p in &mut reports {
+            p.rps_vs_direct = ratio(p.summary.rps, direct.summary.rps);
+            p.added_p50_ms = p.summary.p50_ms - direct.summary.p50_ms;
+            p.added_p99_ms = p.summary.p99_ms - direct.summary.p99_ms;
+        }
+    }
+    Ok(MeshReport {
+        date: report::utc_now_rfc3339(),
+        machine: report::machine(),
+        rounds: cfg.rounds,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        settings: MeshSettings {
+            connections: cfg.connections,
+            latency_connections: cfg.latency_connections,
+            rate: cfg.rate,
+            warmup_s: cfg.warmup.as_secs_f64(),
+            duration_s: cfg.duration.as_secs_f64(),
+            latency_duration_s: cfg.latency_duration.as_secs_f64(),
+            body_size: cfg.body_size,
+            generator_cpu: cfg.generator_cpu,
+            sidecar_cpu: cfg.sidecar_cpu,
+            spin: cfg.spin,
+            weft_transparent: cfg.weft_transparent,
+        },
+        paths: reports,
+        notes,
+        failures,
+    })
+}
+
+fn url_addr(url: &str) -> Result<SocketAddr, MeshError> {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| {
+            crate::target::TargetError::Url(url.to_owned(), "expected http://ip:port/").into()
+        })
+}
+
+/// One round of one path whose sidecars (if any) are up.
+fn measure(
+    cfg: &MeshConfig,
+    topo: &Topology,
+    addr: SocketAddr,
+    pair: Option<&SidecarPair>,
+) -> Result<RoundResult, MeshError> {
+    topology::wait_http_ok(&topo.client, addr, "/", Duration::from_secs(20), None).map_err(
+        |why| MeshError::Start {
+            what: format!("the path to {addr}"),
+            why: format!("no request got through: {why}"),
+            log: String::new(),
+        },
+    )?;
+    let pids = pair.map(SidecarPair::pids);
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = pids.map_or([Usage::default(); 2], |p| p.map(procstat::usage));
+
+    let url = format!("http://{addr}/");
+    let closed_cfg = |d: Duration| LoadConfig {
+        connections: cfg.connections,
+        rate: None,
+        warmup: Duration::ZERO,
+        stop: Stop::Duration(d),
+        timeout: Duration::from_secs(5),
+        threads: 1,
+        cpus: vec![cfg.generator_cpu],
+        progress: false,
+    };
+    if !cfg.warmup.is_zero() {
+        run_load(topo, &url, closed_cfg(cfg.warmup))?;
+    }
+    // CPU over the closed-loop run only: no warm-up in the window, so every
+    // request it counts is one the CPU time paid for.
+    let ticks = |pids: Option<[u32; 2]>| {
+        pids.map_or(0, |p| {
+            p.iter().map(|&pid| procstat::usage(pid).cpu_ticks).sum()
+        })
+    };
+    let up_before = procstat::usage(topo.upstream_pid()).cpu_ticks;
+    let before = ticks(pids);
+    let sampler = pids.map(RssSampler::start);
+    let closed = run_load(topo, &url, closed_cfg(cfg.duration))?;
+    let sidecar_ticks = ticks(pids).saturating_sub(before);
+    let upstream_ticks = procstat::usage(topo.upstream_pid())
+        .cpu_ticks
+        .saturating_sub(up_before);
+    let load_rss_kib = sampler.map_or([0; 2], RssSampler::finish);
+
+    let open = run_load(
+        topo,
+        &url,
+        LoadConfig {
+            connections: cfg.latency_connections,
+            rate: Some(cfg.rate),
+            warmup: cfg.warmup,
+            stop: Stop::Duration(cfg.latency_duration),
+            ..closed_cfg(cfg.latency_duration)
+        },
+    )?;
+    Ok(RoundResult {
+        closed,
+        open,
+        idle,
+        load_rss_kib,
+        sidecar_ticks,
+        upstream_ticks,
+    })
+}
+
+/// Runs the generator in-process on threads inside the client namespace.
+fn run_load(topo: &Topology, url: &str, cfg: LoadConfig) -> Result<Measurement, MeshError> {
+    let url = url.to_owned();
+    topo.client.enter(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| MeshError::io("starting a runtime", e))?;
+        let client = rt.block_on(HttpClient::new(&url, Version::Http1))?;
+        drop(rt);
+        // Worker threads started from here inherit the namespace.
+        Ok(load::run(Arc::new(client), &cfg)?)
+    })?
+}
+
+/// Samples both sidecars' RSS every 100 ms and keeps each one's peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<[u64; 2]>,
+}
+
+impl RssSampler {
+    fn start(pids: [u32; 2]) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = [0u64; 2];
+            while !flag.load(Ordering::Relaxed) {
+                for (p, &pid) in peak.iter_mut().zip(&pids) {
+                    *p = (*p).max(procstat::usage(pid).rss_kib);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn finish(self) -> [u64; 2] {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+/// Medians over rounds; errors are summed over every run of every round.
+fn aggregate(path: PathKind, rounds: &[RoundResult], cfg: &MeshConfig) -> PathReport {
+    let name = path.name();
+    let open: Vec<Summary> = rounds
+        .iter()
+        .map(|r| {
+            Summary::new(
+                name.clone(),
+                Protocol::Http1,
+                Mode::Open,
+                cfg.latency_connections,
+                Some(cfg.rate),
+                &r.open,
+            )
+        })
+        .collect();
+    let med = |f: &dyn Fn(&RoundResult) -> f64| median(rounds.iter().map(f).collect());
+    let med_open = |f: &dyn Fn(&Summary) -> f64| median(open.iter().map(f).collect());
+    let mut errors = ErrorCounts::default();
+    let mut requests = 0;
+    for r in rounds {
+        errors.merge(&r.closed.recorder.errors);
+        errors.merge(&r.open.recorder.errors);
+        requests += r.closed.recorder.ok + r.open.recorder.ok;
+    }
+    let mut summary = open[0].clone();
+    summary.rps = med(&|r| r.closed.rps());
+    summary.p50_ms = med_open(&|s| s.p50_ms);
+    summary.p90_ms = med_open(&|s| s.p90_ms);
+    summary.p99_ms = med_open(&|s| s.p99_ms);
+    summary.p999_ms = med_open(&|s| s.p999_ms);
+    summary.max_ms = open.iter().map(|s| s.max_ms).fold(0.0, f64::max);
+    summary.mean_ms = med_open(&|s| s.mean_ms);
+    summary.stdev_ms = med_open(&|s| s.stdev_ms);
+    summary.sched_lag_p99_ms = Some(med_open(&|s| s.sched_lag_p99_ms.unwrap_or(0.0)));
+    summary.duration_s = med_open(&|s| s.duration_s);
+    summary.errors = errors.total();
+    summary.errors_by_kind = errors;
+    summary.requests = requests + errors.total();
+    let us_per_req = |ticks: u64, r: &RoundResult| {
+        let n = r.closed.recorder.ok + r.closed.recorder.errors.total();
+        if n == 0 {
+            0.0
+        } else {
+            procstat::ticks_to_duration(ticks).as_secs_f64() * 1e6 / n as f64
+        }
+    };
+    let sidecars = path != PathKind::Direct;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let idle = [med(&|r| r.idle[0].rss_mib()), med(&|r| r.idle[1].rss_mib())];
+    let load = [
+        med(&|r| mib(r.load_rss_kib[0])),
+        med(&|r| mib(r.load_rss_kib[1])),
+    ];
+    PathReport {
+        latency_rps: med_open(&|s| s.rps),
+        summary,
+        proxy_mode: path.mode().map_or("none", ProxyMode::name).to_owned(),
+        rps_vs_direct: 0.0,
+        added_p50_ms: 0.0,
+        added_p99_ms: 0.0,
+        rss_idle_mib: idle[0].max(idle[1]),
+        rss_load_mib: load[0].max(load[1]),
+        rss_idle_out_mib: idle[0],
+        rss_idle_in_mib: idle[1],
+        rss_load_out_mib: load[0],
+        rss_load_in_mib: load[1],
+        cpu_us_per_req: if sidecars {
+            med(&|r| us_per_req(r.sidecar_ticks, r))
+        } else {
+            0.0
+        },
+        upstream_cpu_us_per_req: med(&|r| us_per_req(r.upstream_ticks, r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn path_names() {
+        use peers::PeerKind::*;
+        assert_eq!(PathKind::Direct.name(), "direct");
+        assert_eq!(PathKind::Weft(ProxyMode::Http).name(), "weft");
+        assert_eq!(PathKind::Weft(ProxyMode::Tcp).name(), "weft-tcp");
+        assert_eq!(PathKind::Peer(Haproxy, ProxyMode::Http).name(), "haproxy");
+        assert_eq!(PathKind::Peer(Nginx, ProxyMode::Tcp).name(), "nginx-tcp");
+    }
+
+    #[test]
+    fn urls_give_addresses() {
+        assert_eq!(
+            url_addr("http://127.0.0.1:15101/").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], 15101))
+        );
+        assert!(url_addr("http://host/").is_err());
+    }
+}

@@ -1,0 +1,384 @@
+//! The weft paths: one `weft-control` and, per path, two `weft-proxy`
+//! sidecars in mesh `bench` (builtin CA, mTLS STRICT, every service allowed).
+//!
+//! Explicit mode (the default) needs no iptables: the app calls the client
+//! sidecar's outbound port on 127.0.0.1, and the server sidecar's inbound
+//! port forwards to the upstream on 127.0.0.1:8080. Transparent mode
+//! installs `weft-iptables` rules in both namespaces, runs the proxies as
+//! uid 5678, and the app calls the upstream's own address.
+//!
+//! The inbound is tagged `kuma.io/protocol: http` for path `weft` (HTTP/1.1
+//! from the app, carried as HTTP/2 between the proxies) and `tcp` for
+//! `weft-tcp` (opaque bytes over one mTLS connection per app connection).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use weft_tests::{Host, Proc};
+
+use super::topology::{Topology, UPSTREAM_PORT, pinned, wait_http_ok};
+use super::{MeshError, ProxyMode, Sidecar, SidecarPair};
+
+/// The mesh the bench creates.
+pub const MESH: &str = "bench";
+/// The control plane's REST API, inside the server namespace.
+const API: &str = "127.0.0.1:5681";
+/// The control plane's dataplane (gRPC over TLS) port.
+const DP_PORT: u16 = 5678;
+/// The proxies' admin address, inside each namespace.
+const ADMIN: &str = "127.0.0.1:9901";
+/// The uid transparent proxies run as (exempt from redirection).
+const PROXY_UID: u32 = 5678;
+/// Transparent redirect ports (SPEC §1).
+const REDIRECT_OUTBOUND: u16 = 15001;
+const REDIRECT_INBOUND: u16 = 15006;
+
+/// The weft executables.
+#[derive(Debug, Clone)]
+pub struct WeftBins {
+    /// `weft-control`.
+    pub control: PathBuf,
+    /// `weftctl`.
+    pub ctl: PathBuf,
+    /// `weft-proxy`.
+    pub proxy: PathBuf,
+    /// `weft-iptables`, for transparent mode.
+    pub iptables: Option<PathBuf>,
+}
+
+/// Finds the weft binaries in `dir` (default: beside this executable); `Err`
+/// says which one is missing.
+pub fn find(dir: &Path) -> Result<WeftBins, String> {
+    let get = |name: &str| {
+        let p = dir.join(name);
+        p.is_file().then_some(p)
+    };
+    let missing = |name: &str| {
+        format!(
+            "{name} not found in {}: build it (cargo build --release -p weft-proxy -p weft-control) \
+             or pass --weft-bin-dir",
+            dir.display()
+        )
+    };
+    Ok(WeftBins {
+        proxy: get("weft-proxy").ok_or_else(|| missing("weft-proxy"))?,
+        control: get("weft-control").ok_or_else(|| missing("weft-control"))?,
+        ctl: get("weftctl").ok_or_else(|| missing("weftctl"))?,
+        iptables: get("weft-iptables"),
+    })
+}
+
+/// A running `weft-control` in the server namespace with mesh `bench`.
+pub struct ControlPlane {
+    bins: WeftBins,
+    ca: PathBuf,
+    _proc: Proc,
+}
+
+impl ControlPlane {
+    /// Starts the control plane pinned to the sidecar CPU (it is idle while
+    /// measuring), waits for its API and applies the mesh.
+    pub fn start(bins: &WeftBins, topo: &Topology) -> Result<ControlPlane, MeshError> {
+        let data = topo.dir().join("weft-control");
+        let mut cmd = pinned(topo.opts.sidecar_cpu, &bins.control);
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--api-address", API])
+            .args(["--dp-server-address", &format!("0.0.0.0:{DP_PORT}")]);
+        let mut proc = topo.spawn(&topo.server, cmd, "weft-control")?;
+        let api: SocketAddr = API.parse().expect("constant address");
+        wait_http_ok(
+            &topo.server,
+            api,
+            "/",
+            Duration::from_secs(20),
+            Some(&mut proc),
+        )
+        .map_err(|why| topo.start_failure("weft-control", &why))?;
+        let mesh = topo.dir().join("weft-mesh.yaml");
+        write(&mesh, &mesh_yaml())?;
+        ctl(
+            bins,
+            &topo.server,
+            &["apply", "-f", &mesh.display().to_string()],
+        )
+        .map_err(|why| topo.start_failure("weft-control", &why))?;
+        // A copy the proxies can read when they run as their own uid (the
+        // data dir may be private to the control plane).
+        let ca = topo.dir().join("weft-cp-ca.pem");
+        std::fs::copy(data.join("cp-ca.pem"), &ca)
+            .and_then(|_| std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)))
+            .map_err(|e| topo.start_failure("weft-control", &format!("cp-ca.pem: {e}")))?;
+        Ok(ControlPlane {
+            bins: bins.clone(),
+            ca,
+            _proc: proc,
+        })
+    }
+}
+
+/// Runs `weftctl --api-url http://API <args>` in the server namespace and
+/// returns its stdout.
+fn ctl(bins: &WeftBins, server: &Host, args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new(&bins.ctl);
+    cmd.args(["--api-url", &format!("http://{API}")]).args(args);
+    let out = server
+        .output(cmd, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "weftctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn write(path: &Path, text: &str) -> Result<(), MeshError> {
+    std::fs::write(path, text).map_err(|e| MeshError::io(format!("writing {}", path.display()), e))
+}
+
+/// Mesh `bench`: builtin CA, STRICT mTLS, every service may call every
+/// service.
+fn mesh_yaml() -> String {
+    format!(
+        "type: Mesh\nname: {MESH}\nmtls:\n  enabledBackend: ca-1\n  backends:\n    - name: ca-1\n      \
+         type: builtin\n      mode: STRICT\n---\ntype: TrafficPermission\nmesh: {MESH}\nname: allow-all\n\
+         sources:\n  - match:\n      kuma.io/service: '*'\ndestinations:\n  - match:\n      kuma.io/service: '*'\n"
+    )
+}
+
+/// Where one weft pair listens in explicit mode.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// The client sidecar's outbound port on 127.0.0.1.
+    pub outbound: u16,
+    /// The server sidecar's inbound port on the server's address.
+    pub inbound: u16,
+}
+
+/// The `Dataplane` of the server side: one inbound in front of the upstream.
+fn server_dataplane(mode: ProxyMode, address: &str, inbound: u16, transparent: bool) -> String {
+    let mut s = format!(
+        "type: Dataplane\nmesh: {MESH}\nname: server-{m}\nnetworking:\n  address: {address}\n  inbound:\n    \
+         - port: {inbound}\n      servicePort: {UPSTREAM_PORT}\n      serviceAddress: 127.0.0.1\n      tags:\n        \
+         kuma.io/service: upstream-{m}\n        kuma.io/protocol: {m}\n",
+        m = mode.name(),
+    );
+    if transparent {
+        s.push_str(&transparent_yaml());
+    }
+    s
+}
+
+/// The `Dataplane` of the client side: an inbound (every dataplane has
+/// one) and, in explicit mode, the outbound the app calls.
+fn client_dataplane(mode: ProxyMode, address: &str, outbound: u16, transparent: bool) -> String {
+    let mut s = format!(
+        "type: Dataplane\nmesh: {MESH}\nname: client-{m}\nnetworking:\n  address: {address}\n  inbound:\n    \
+         - port: 15099\n      servicePort: 9\n      tags:\n        kuma.io/service: bench-client\n",
+        m = mode.name(),
+    );
+    if transparent {
+        s.push_str(&transparent_yaml());
+    } else {
+        s.push_str(&format!(
+            "  outbound:\n    - port: {outbound}\n      tags:\n        kuma.io/service: upstream-{}\n",
+            mode.name()
+        ));
+    }
+    s
+}
+
+fn transparent_yaml() -> String {
+    format!(
+        "  transparentProxying:\n    redirectPortInbound: {REDIRECT_INBOUND}\n    \
+         redirectPortOutbound: {REDIRECT_OUTBOUND}\n"
+    )
+}
+
+/// Starts the pair for `mode`: server side first (its endpoint must be
+/// known before the client asks for it), each proxy waited for on
+/// `/ready`. Returns the pair and the URL the app calls.
+pub fn start(
+    cp: &ControlPlane,
+    mode: ProxyMode,
+    ports: Ports,
+    transparent: bool,
+    topo: &Topology,
+) -> Result<(SidecarPair, String), MeshError> {
+    if transparent {
+        let Some(ipt) = &cp.bins.iptables else {
+            return Err(MeshError::Start {
+                what: "weft-iptables".into(),
+                why: "not found beside weft-proxy".into(),
+                log: String::new(),
+            });
+        };
+        // The tempdir is 0700; the proxies run as their own uid.
+        std::fs::set_permissions(topo.dir(), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| MeshError::io("opening the scratch dir to the proxy uid", e))?;
+        for (host, name) in [(&topo.server, "server"), (&topo.client, "client")] {
+            let mut cmd = Command::new(ipt);
+            cmd.args([
+                "install",
+                "--redirect-outbound-port",
+                &REDIRECT_OUTBOUND.to_string(),
+                "--redirect-inbound-port",
+                &REDIRECT_INBOUND.to_string(),
+                "--proxy-uid",
+                &PROXY_UID.to_string(),
+                "--exclude-inbound-ports",
+                &DP_PORT.to_string(),
+            ]);
+            let out = host.output(cmd, Duration::from_secs(20))?;
+            if !out.status.success() {
+                return Err(MeshError::Start {
+                    what: format!("weft-iptables install ({name})"),
+                    why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    log: String::new(),
+                });
+            }
+        }
+    }
+    let m = mode.name();
+    let server_ip = topo.server_ip.to_string();
+    let inbound = if transparent {
+        UPSTREAM_PORT
+    } else {
+        ports.inbound
+    };
+    let sides = [
+        (
+            "in",
+            &topo.server,
+            format!("server-{m}"),
+            server_dataplane(mode, &server_ip, inbound, transparent),
+        ),
+        (
+            "out",
+            &topo.client,
+            format!("client-{m}"),
+            client_dataplane(
+                mode,
+                &topo.client_ip.to_string(),
+                ports.outbound,
+                transparent,
+            ),
+        ),
+    ];
+    let mut pair = Vec::new();
+    for (side, host, name, dataplane) in sides {
+        let dp_file = topo.dir().join(format!("weft-{name}.yaml"));
+        write(&dp_file, &dataplane)?;
+        let token = ctl(
+            &cp.bins,
+            &topo.server,
+            &[
+                "generate",
+                "dataplane-token",
+                "--mesh",
+                MESH,
+                "--name",
+                &name,
+            ],
+        )
+        .map_err(|why| topo.start_failure("weft-control", &why))?;
+        let token_file = topo.dir().join(format!("weft-{name}.token"));
+        write(&token_file, token.trim())?;
+        if transparent {
+            for f in [&dp_file, &token_file] {
+                let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644));
+            }
+        }
+        // The server side reaches the control plane over loopback: with
+        // iptables, the proxy's own calls to its host's address are sent to
+        // its inbound (as in Kuma's rules).
+        let cp_host = if side == "in" {
+            "127.0.0.1".to_owned()
+        } else {
+            server_ip.clone()
+        };
+        let cp_address = format!("https://{cp_host}:{DP_PORT}");
+        let mut cmd = pinned(topo.opts.sidecar_cpu, &cp.bins.proxy);
+        cmd.arg("run")
+            .args(["--cp-address", &cp_address])
+            .arg("--ca-cert-file")
+            .arg(&cp.ca)
+            .arg("--dataplane-file")
+            .arg(&dp_file)
+            .arg("--dataplane-token-file")
+            .arg(&token_file)
+            .args(["--admin-address", ADMIN, "--drain-time", "1s"])
+            // One data-path worker, like the peers' one worker each.
+            .env("TOKIO_WORKER_THREADS", "1");
+        if transparent {
+            cmd.uid(PROXY_UID).gid(PROXY_UID);
+        }
+        let log = format!("weft-proxy-{name}");
+        let mut proc = topo.spawn(host, cmd, &log)?;
+        let admin: SocketAddr = ADMIN.parse().expect("constant address");
+        wait_http_ok(
+            host,
+            admin,
+            "/ready",
+            Duration::from_secs(20),
+            Some(&mut proc),
+        )
+        .map_err(|why| topo.start_failure(&log, &why))?;
+        pair.push(Sidecar {
+            side,
+            proc,
+            graceful: true,
+        });
+    }
+    let url = if transparent {
+        format!("http://{server_ip}:{UPSTREAM_PORT}/")
+    } else {
+        format!("http://127.0.0.1:{}/", ports.outbound)
+    };
+    let mut pair = SidecarPair::new(pair);
+    if transparent {
+        let ipt = cp.bins.iptables.clone();
+        let hosts = [topo.server.clone(), topo.client.clone()];
+        pair.on_stop(Box::new(move || {
+            for host in hosts {
+                if let Some(ipt) = &ipt {
+                    let mut cmd = Command::new(ipt);
+                    cmd.arg("uninstall");
+                    let _ = host.output(cmd, Duration::from_secs(20));
+                }
+            }
+        }));
+    }
+    Ok((pair, url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataplanes_follow_the_spec_shape() {
+        let s = server_dataplane(ProxyMode::Tcp, "10.77.0.2", 15206, false);
+        assert!(s.contains("name: server-tcp") && s.contains("kuma.io/protocol: tcp"));
+        assert!(s.contains("port: 15206") && s.contains("servicePort: 8080"));
+        let c = client_dataplane(ProxyMode::Http, "10.77.0.1", 15101, false);
+        assert!(c.contains("outbound:") && c.contains("kuma.io/service: upstream-http"));
+        let t = client_dataplane(ProxyMode::Http, "10.77.0.1", 15101, true);
+        assert!(t.contains("redirectPortOutbound: 15001") && !t.contains("outbound:\n"));
+    }
+
+    #[test]
+    fn missing_binaries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find(dir.path()).unwrap_err();
+        assert!(err.contains("weft-proxy not found"), "{err}");
+    }
+}
