@@ -2,15 +2,15 @@
 # weft's local demo mesh: the control plane on the embedded store, two services (web and
 # backend) each with a sidecar, mTLS on, and traffic flowing from web to backend.
 #
-#   ./demo/run.sh            # builds (release) and runs until Ctrl-C, then cleans up
+#   ./demo/run.sh            # builds (debug: quick to build) and runs until Ctrl-C, then cleans up
 #
 # Explicit mode (no iptables, no root needed): web's app calls its sidecar on 127.0.0.1:10001,
 # which carries the call over mesh mTLS to backend's sidecar, which hands it to backend's app.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -q -p weft-control -p weft-proxy -p weft-bench
-bin=$PWD/target/release
+cargo build -q -p weft-control -p weft-proxy -p weft-bench
+bin=$PWD/target/debug
 work=$(mktemp -d /tmp/weft-demo.XXXXXX)
 pids=()
 cleanup() {
@@ -97,7 +97,7 @@ done
 
 echo
 echo "weft demo mesh is up (logs in $work):"
-echo "  REST API         http://$api   (try: target/release/weftctl get meshes; weftctl get dataplanes)"
+echo "  REST API         http://$api   (try: target/debug/weftctl --api-url http://$api get dataplanes)"
 echo "  dataplanes       http://$api/meshes/default/dataplanes+insights"
 echo "  backend sidecar  admin http://127.0.0.1:9901  (/ready /config /certs /metrics)"
 echo "  web sidecar      admin http://127.0.0.1:9902"

@@ -262,13 +262,21 @@ impl MeshTls for TestMeshTls {
     }
 }
 
-/// A free port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1, below Linux's ephemeral range (32768+), so the kernel does not
+/// hand it to some other test's outgoing connection between our check and our bind; ports are
+/// spread by process id and a counter, so parallel tests rarely try the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..1000 {
+        let n = base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found below the ephemeral range");
 }
 
 /// An echo app: writes back what it reads; on EOF it half-closes too.
