@@ -16,6 +16,9 @@
 //!   are designed to slot into.
 //! - [`serve`] runs the upstream apps (HTTP/1.1 + h2c, gRPC echo, TCP echo),
 //!   in-process for tests or as `weft-bench serve`.
+//! - [`discovery`] is the control-plane benchmark: simulated proxies on
+//!   discovery streams against a `weft-control` process, apply → ACK latency
+//!   and the control plane's RSS.
 //! - [`duration`], [`cpu`] and [`target`] are small helpers: `5s`-style
 //!   durations, CPU lists and pinning, address resolution.
 //!
@@ -51,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod discovery;
 pub mod duration;
 pub mod grpc;
 pub mod http;
