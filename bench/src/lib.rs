@@ -19,6 +19,9 @@
 //! - [`mesh`] is `weft-bench mesh`: network namespaces, the sidecar pairs
 //!   (weft, HAProxy, nginx), `/proc` accounting, rounds and medians; it
 //!   drives [`load`] in-process from inside the client namespace.
+//! - [`discovery`] is the control-plane benchmark: simulated proxies on
+//!   discovery streams against a `weft-control` process, apply → ACK latency
+//!   and the control plane's RSS.
 //! - [`duration`], [`cpu`] and [`target`] are small helpers: `5s`-style
 //!   durations, CPU lists and pinning, address resolution.
 //!
@@ -54,6 +57,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod discovery;
 pub mod duration;
 pub mod grpc;
 pub mod http;

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use weft_bench::load::{self, Client, LoadConfig, Measurement, Stop};
 use weft_bench::mesh::{self, MeshConfig, ProxyMode, peers::PeerKind};
 use weft_bench::report::{Mode, Protocol, RunReport, Summary};
-use weft_bench::{cpu, duration, grpc, http, serve, target, tcp};
+use weft_bench::{cpu, discovery, duration, grpc, http, serve, target, tcp};
 
 /// Load generator and mesh benchmark for weft.
 #[derive(Debug, Parser)]
@@ -69,6 +69,43 @@ enum Command {
     /// Side-by-side mesh benchmark in network namespaces: direct, weft,
     /// HAProxy and nginx sidecar pairs (needs root).
     Mesh(MeshArgs),
+    /// N simulated proxies on discovery streams against a weft-control process: time from
+    /// a policy apply to every proxy's ACK, and the control plane's RSS.
+    Discovery(DiscoveryArgs),
+}
+
+#[derive(Debug, Args)]
+struct DiscoveryArgs {
+    /// Simulated proxies (discovery streams).
+    #[arg(short = 'n', long, default_value_t = 100)]
+    proxies: usize,
+    /// Services the proxies are spread over.
+    #[arg(long, default_value_t = 10)]
+    services: usize,
+    /// Streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Proxies waiting for their first snapshot at once.
+    #[arg(long, default_value_t = 100)]
+    register_concurrency: usize,
+    /// Policy applies to measure.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Quiet time after each round.
+    #[arg(long, default_value = "500ms", value_parser = duration::parse)]
+    pause: Duration,
+    /// Limit for registration, convergence and each round.
+    #[arg(long, default_value = "60s", value_parser = duration::parse)]
+    timeout: Duration,
+    /// The weft-control binary (default: beside weft-bench, else from PATH).
+    #[arg(long)]
+    control_bin: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(short = 'q', long)]
+    quiet: bool,
 }
 
 /// Options shared by every load-generating subcommand.
@@ -247,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => run_serve(args),
         Command::Mesh(args) => run_mesh(args),
+        Command::Discovery(args) => run_discovery(args),
     }
 }
 
@@ -341,6 +379,36 @@ fn print_result(summary: Summary, m: &Measurement, args: &LoadArgs) -> Result<()
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", summary.to_text());
+    }
+    Ok(())
+}
+
+fn run_discovery(args: DiscoveryArgs) -> Result<()> {
+    let cfg = discovery::Config {
+        proxies: args.proxies,
+        services: args.services,
+        streams_per_connection: args.streams_per_connection,
+        register_concurrency: args.register_concurrency,
+        rounds: args.rounds,
+        pause: args.pause,
+        timeout: args.timeout,
+        progress: !args.quiet,
+    };
+    let bin = args
+        .control_bin
+        .unwrap_or_else(discovery::control::default_binary);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let report = runtime.block_on(async {
+        let cp = discovery::control::Process::start(&bin).await?;
+        discovery::run(&cfg, cp.target()).await
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
     }
     Ok(())
 }

@@ -510,7 +510,9 @@ async fn get_dataplane_view(
     }
     let sent = s.hub.status(&mesh, &name).and_then(|st| st.last_sent);
     match sent {
-        Some(snap) => Ok(Json(serde_json::to_value(&*snap).unwrap_or(Value::Null))),
+        Some(sent) => Ok(Json(
+            serde_json::to_value(sent.snapshot()).unwrap_or(Value::Null),
+        )),
         None => Err(ApiError::not_found(format!(
             "no configuration was sent to dataplane {name:?} of mesh {mesh:?}: its proxy never connected"
         ))),

@@ -265,6 +265,12 @@ async fn policies_reach_the_right_proxies_only() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let status = cp.hub.status("payments", "backend-1").expect("status");
     assert_eq!(status.acked_version.as_deref(), Some(b1.version.as_str()));
+    // _config rebuilds what was sent from the view it was built from: the same snapshot,
+    // nonce included, also for a proxy whose snapshot the last change left alone.
+    let sent = status.last_sent.expect("sent").snapshot();
+    assert_eq!(sent, b1);
+    let web_sent = cp.hub.status("payments", "web-1").expect("status");
+    assert_eq!(web_sent.last_sent.expect("sent").snapshot(), s);
     cp.shutdown().await;
 }
 

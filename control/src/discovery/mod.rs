@@ -10,6 +10,6 @@ pub mod server;
 pub mod snapshot;
 pub mod view;
 
-pub use hub::{Hub, ProxyStatus};
+pub use hub::{Hub, ProxyStatus, SentSnapshot};
 pub use server::{DataplaneAuth, DiscoveryService};
 pub use view::{NoTrust, TrustSource};

@@ -6,7 +6,7 @@
 //! snapshot, and another each time its content changes. A stream that ends cleanly
 //! deregisters the dataplane (graceful exit); one that breaks leaves it offline.
 
-use super::hub::{Hub, now_rfc3339};
+use super::hub::{Hub, SentSnapshot, now_rfc3339};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -157,6 +157,7 @@ async fn serve_stream(
     mut views: tokio::sync::watch::Receiver<Arc<super::view::Views>>,
     nonce_base: u64,
 ) {
+    let registered = Arc::new(registered);
     let mut sent_version = String::new();
     let mut pushes: u64 = 0;
     let mut dirty = true;
@@ -164,24 +165,44 @@ async fn serve_stream(
         if dirty {
             dirty = false;
             let current = views.borrow_and_update().clone();
-            match Hub::snapshot_for(&current, &mesh, &name, &registered) {
-                Some(mut snap) if snap.version != sent_version => {
+            let view = current.meshes.get(&mesh).cloned();
+            match (view, Hub::snapshot_for(&current, &mesh, &name, &registered)) {
+                (Some(view), Some(mut snap)) if snap.version != sent_version => {
                     pushes += 1;
                     snap.nonce = format!("{:x}", nonce_base + pushes);
                     sent_version = snap.version.clone();
-                    let snap = Arc::new(snap);
+                    let sent = SentSnapshot {
+                        mesh: mesh.clone(),
+                        name: name.clone(),
+                        registered: registered.clone(),
+                        view,
+                        nonce: snap.nonce.clone(),
+                    };
                     let version = snap.version.clone();
+                    let mut old = None;
                     hub.update(&mesh, &name, stream_id, |st| {
                         st.sent_version = Some(version);
                         st.snapshots_sent += 1;
-                        st.last_sent = Some(snap.clone());
+                        old = st.last_sent.replace(sent);
                     });
-                    if tx.send(Ok((*snap).clone())).await.is_err() {
+                    // Possibly the last reference to an old view: free it outside the lock.
+                    drop(old);
+                    if tx.send(Ok(snap)).await.is_err() {
                         break false;
                     }
                 }
-                Some(_) => {}
-                None => tracing::warn!(%mesh, %name, "mesh is gone; no snapshot to send"),
+                (Some(view), Some(_)) => {
+                    // Same content: rebuilding from the newest view gives the same snapshot,
+                    // and the older view can be freed.
+                    let mut old = None;
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        if let Some(sent) = &mut st.last_sent {
+                            old = Some(std::mem::replace(&mut sent.view, view));
+                        }
+                    });
+                    drop(old);
+                }
+                _ => tracing::warn!(%mesh, %name, "mesh is gone; no snapshot to send"),
             }
         }
         tokio::select! {

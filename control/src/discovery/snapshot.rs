@@ -66,18 +66,40 @@ pub fn build(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> pb:
     snap
 }
 
-/// A stable hash (FNV-1a, 64 bit) of the snapshot's encoding without version and nonce.
+/// A stable 64-bit hash of the snapshot's encoding without version and nonce.
+///
+/// Fields encode in tag order, so version (1) and nonce (2) lead the encoding and are cut
+/// off its front: no copy of the snapshot, which lists every endpoint of the mesh.
 pub fn content_version(snap: &pb::Snapshot) -> String {
-    let mut copy = snap.clone();
-    copy.version.clear();
-    copy.nonce.clear();
-    let bytes = copy.encode_to_vec();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let bytes = snap.encode_to_vec();
+    let field = |tag: u32, v: &String| {
+        if v.is_empty() {
+            0
+        } else {
+            prost::encoding::string::encoded_len(tag, v)
+        }
+    };
+    let skip = field(1, &snap.version) + field(2, &snap.nonce);
+    format!("{:016x}", hash(&bytes[skip..]))
+}
+
+/// FNV-1a over 8-byte words with a shift folded in after each multiply (so high bits reach
+/// the low ones): a few cycles per word where byte-wise FNV took a few per byte, which at
+/// 1,000 endpoints a snapshot and 1,000 proxies was a tenth of a second per change.
+fn hash(bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+        h = (h ^ w).wrapping_mul(PRIME);
+        h ^= h >> 29;
     }
-    format!("{h:016x}")
+    for &b in words.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    h ^= h >> 32;
+    h
 }
 
 fn mesh_settings(mesh: &str, view: &MeshView) -> pb::MeshSettings {
@@ -542,4 +564,50 @@ fn mesh_http_route_rules(
         }
     }
     rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> pb::Snapshot {
+        pb::Snapshot {
+            trust_bundle_pem: "PEM".into(),
+            outbounds: vec![pb::OutboundService {
+                service: "backend".into(),
+                endpoints: vec![pb::Endpoint {
+                    address: "10.0.0.2".into(),
+                    port: 8080,
+                    healthy: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_version_hashes_content_only() {
+        let bare = sample();
+        let mut sent = sample();
+        sent.version = content_version(&bare);
+        sent.nonce = "1f".into();
+        assert_eq!(content_version(&sent), content_version(&bare));
+        let mut other = sample();
+        other.outbounds[0].endpoints[0].healthy = false;
+        assert_ne!(content_version(&other), content_version(&bare));
+    }
+
+    #[test]
+    fn the_hash_sees_every_byte() {
+        let base = vec![7u8; 21];
+        let h = hash(&base);
+        for i in 0..base.len() {
+            let mut v = base.clone();
+            v[i] ^= 0x80;
+            assert_ne!(hash(&v), h, "byte {i}");
+        }
+        assert_ne!(hash(&base[..20]), h);
+    }
 }
