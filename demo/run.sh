@@ -75,8 +75,8 @@ networking:
     tags: {kuma.io/service: backend}
 YAML
 (umask 077
- weftctl generate dataplane-token --mesh default --name backend-1 >"$work/backend.token"
- weftctl generate dataplane-token --mesh default --name web-1 >"$work/web.token")
+ weftctl generate dataplane-token --mesh default --name backend-1 >"$work/backend.token" 2>/dev/null
+ weftctl generate dataplane-token --mesh default --name web-1 >"$work/web.token" 2>/dev/null)
 
 # backend's app answers HTTP; web's app is the curl loop below.
 "$bin/weft-bench" serve --http 127.0.0.1:18081 --body-size 64 >"$work/backend-app.log" 2>&1 &

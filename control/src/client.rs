@@ -49,29 +49,37 @@ impl Client {
         })
     }
 
-    fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<(u16, Value), ClientError> {
+    /// Sends with the admin token, if any; a 4xx/5xx becomes [`ClientError::Refused`] with the
+    /// server's `detail` message. Returns the status and the body text.
+    fn send_raw(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<(u16, String), ClientError> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().map_err(|e| ClientError::Unreachable {
+        let unreachable = |reason: String| ClientError::Unreachable {
             url: self.base.clone(),
-            reason: root_cause(&e),
-        })?;
+            reason,
+        };
+        let resp = req.send().map_err(|e| unreachable(root_cause(&e)))?;
         let status = resp.status().as_u16();
-        let text = resp.text().map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: e.to_string(),
-        })?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let text = resp.text().map_err(|e| unreachable(e.to_string()))?;
         if status >= 400 {
-            let message = body
-                .get("detail")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| body.to_string());
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or(text);
             return Err(ClientError::Refused { status, message });
         }
+        Ok((status, text))
+    }
+
+    /// [`Self::send_raw`], with the body read as JSON (or as a JSON string if it is not JSON).
+    fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<(u16, Value), ClientError> {
+        let (status, text) = self.send_raw(req)?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, body))
     }
 
@@ -130,27 +138,7 @@ impl Client {
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body.to_string());
-        let req = match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        let resp = req.send().map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: root_cause(&e),
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp.text().map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: e.to_string(),
-        })?;
-        if status >= 400 {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or(text);
-            return Err(ClientError::Refused { status, message });
-        }
-        Ok(text.trim().to_string())
+        self.send_raw(req).map(|(_, text)| text.trim().to_string())
     }
 
     /// DELETEs a resource (a mesh with `cascade` takes its contents along).
