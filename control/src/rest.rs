@@ -234,11 +234,7 @@ async fn list_in_mesh(
     let ty = plural_type(&plural)?;
     let store = s.store.clone();
     let items = blocking(move || {
-        let mesh_key = ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: mesh.clone(),
-            name: mesh.clone(),
-        };
+        let mesh_key = ResourceKey::mesh(mesh.clone());
         if store.get(&mesh_key)?.is_none() {
             return Err(StoreError::NotFound(mesh_key));
         }
@@ -261,15 +257,7 @@ async fn get_mesh(
     State(s): State<Arc<ApiState>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    get_one(
-        &s,
-        ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: name.clone(),
-            name,
-        },
-    )
-    .await
+    get_one(&s, ResourceKey::mesh(name)).await
 }
 
 async fn get_in_mesh(
@@ -376,17 +364,7 @@ async fn put_mesh(
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
-    put_one(
-        &s,
-        ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: name.clone(),
-            name,
-        },
-        headers,
-        body,
-    )
-    .await
+    put_one(&s, ResourceKey::mesh(name), headers, body).await
 }
 
 async fn put_in_mesh(
@@ -432,16 +410,7 @@ async fn delete_mesh(
     Path(name): Path<String>,
     Query(q): Query<DeleteParams>,
 ) -> ApiResult<Json<Value>> {
-    delete_one(
-        &s,
-        ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: name.clone(),
-            name,
-        },
-        q.cascade,
-    )
-    .await
+    delete_one(&s, ResourceKey::mesh(name), q.cascade).await
 }
 
 async fn delete_in_mesh(
@@ -465,11 +434,7 @@ async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value
     let store = s.store.clone();
     let m = mesh.clone();
     let items = blocking(move || {
-        let mesh_key = ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: m.clone(),
-            name: m.clone(),
-        };
+        let mesh_key = ResourceKey::mesh(m.clone());
         if store.get(&mesh_key)?.is_none() {
             return Err(StoreError::NotFound(mesh_key));
         }
@@ -548,11 +513,7 @@ async fn generate_dataplane_token(
     };
     let store = s.store.clone();
     let mesh = req.mesh.clone();
-    let mesh_key = ResourceKey {
-        ty: ResourceType::Mesh,
-        mesh: mesh.clone(),
-        name: mesh,
-    };
+    let mesh_key = ResourceKey::mesh(mesh);
     if blocking(move || store.get(&mesh_key)).await?.is_none() {
         return Err(ApiError::bad_request(format!(
             "mesh {:?} does not exist",

@@ -98,11 +98,7 @@ pub fn mesh_mtls(spec: &MeshSpec) -> MeshMtls {
 
 impl MeshIdentityLookup for StoreIdentity {
     fn mesh_mtls(&self, mesh: &str) -> Result<Option<MeshMtls>, StoreError> {
-        let key = ResourceKey {
-            ty: ResourceType::Mesh,
-            mesh: mesh.into(),
-            name: mesh.into(),
-        };
+        let key = ResourceKey::mesh(mesh);
         Ok(self
             .0
             .get(&key)

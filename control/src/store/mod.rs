@@ -29,6 +29,18 @@ pub struct ResourceKey {
     pub name: String,
 }
 
+impl ResourceKey {
+    /// The key of mesh `name` (a mesh belongs to itself).
+    pub fn mesh(name: impl Into<String>) -> Self {
+        let name = name.into();
+        ResourceKey {
+            ty: ResourceType::Mesh,
+            mesh: name.clone(),
+            name,
+        }
+    }
+}
+
 impl std::fmt::Display for ResourceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.ty == ResourceType::Mesh {

@@ -236,7 +236,7 @@ impl Store for SqliteStore {
         let spec = resource.to_universal(None).to_string();
         self.with_tx(|tx| {
             if ty.is_mesh_scoped() {
-                let mesh_key = ResourceKey { ty: ResourceType::Mesh, mesh: key.mesh.clone(), name: key.mesh.clone() };
+                let mesh_key = ResourceKey::mesh(key.mesh.clone());
                 if current_version(tx, &mesh_key)?.is_none() {
                     return Err(StoreError::MeshNotFound(key.mesh.clone()));
                 }
