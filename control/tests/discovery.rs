@@ -84,7 +84,17 @@ async fn connect_with(
     dataplane: String,
     token: Option<String>,
 ) -> Result<FakeProxy, tonic::Status> {
-    let mut client = DiscoveryClient::new(channel(cp.dp_server_address, &cp.data_dir).await);
+    let channel = channel(cp.dp_server_address, &cp.data_dir).await;
+    register(channel, dataplane, token).await
+}
+
+/// Opens a discovery stream on `channel` and sends the Register, as a proxy does.
+async fn register(
+    channel: Channel,
+    dataplane: String,
+    token: Option<String>,
+) -> Result<FakeProxy, tonic::Status> {
+    let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
     let register = Register {
         dataplane,
@@ -126,27 +136,9 @@ async fn connect_on_own_runtime(
             .build()
             .expect("runtime");
         let proxy = rt.block_on(async move {
-            let mut client = DiscoveryClient::new(channel(addr, &dir).await);
-            let (tx, rx) = mpsc::channel(8);
-            let register = Register {
-                dataplane: dp,
-                proxy_version: "test".into(),
-            };
-            tx.send(DiscoveryRequest {
-                kind: Some(Kind::Register(register)),
-            })
-            .await
-            .expect("send register");
-            let mut req = tonic::Request::new(ReceiverStream::new(rx));
-            req.metadata_mut().insert(
-                "authorization",
-                format!("Bearer {token}").parse().expect("metadata"),
-            );
-            let resp = client.stream(req).await.expect("registers");
-            FakeProxy {
-                tx,
-                rx: resp.into_inner(),
-            }
+            register(channel(addr, &dir).await, dp, Some(token))
+                .await
+                .expect("registers")
         });
         (rt, proxy)
     })
