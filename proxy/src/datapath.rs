@@ -85,6 +85,12 @@ pub(crate) struct Shared {
     pub(crate) opts: DataPathOptions,
     pub(crate) drain: Drain,
     pub(crate) own: OwnSockets,
+    /// Pooled HTTP/2 connections to mesh endpoints.
+    pub(crate) pool: crate::http::pool::MeshPool,
+    /// Pooled HTTP clients to the local apps.
+    pub(crate) app_clients: crate::http::inbound::AppClientRegistry,
+    /// What the proxy learned of each endpoint (latency, ejection).
+    pub(crate) endpoints: Arc<crate::balance::EndpointStates>,
 }
 
 type ListenerKey = (SocketAddr, ListenerKind);
@@ -113,6 +119,9 @@ impl DataPath {
             opts,
             drain,
             own: OwnSockets::default(),
+            pool: Default::default(),
+            app_clients: Default::default(),
+            endpoints: Default::default(),
         });
         let dp = DataPath {
             shared,
@@ -141,6 +150,12 @@ impl DataPath {
             .lock()
             .map(|l| l.iter().map(|((a, k), (b, _))| (*a, *k, *b)).collect())
             .unwrap_or_default()
+    }
+
+    /// Endpoint state to build the next config with ([`ProxyConfig::from_snapshot_with`]), so
+    /// latency estimates and ejections survive config changes.
+    pub fn endpoint_states(&self) -> Arc<crate::balance::EndpointStates> {
+        self.shared.endpoints.clone()
     }
 
     /// The metrics the data path counts into.
@@ -296,6 +311,9 @@ mod tests {
             opts: DataPathOptions::default(),
             drain: Drain::new(),
             own: OwnSockets::default(),
+            pool: Default::default(),
+            app_clients: Default::default(),
+            endpoints: Default::default(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();

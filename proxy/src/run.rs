@@ -173,10 +173,14 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
         let drain = drain.clone();
         let options = cfg.options.clone();
         Arc::new(move |snap: &Snapshot| {
-            let config = ProxyConfig::from_snapshot(snap).map_err(|e| e.to_string())?;
             let mut dp = datapath
                 .lock()
                 .map_err(|_| "data path lock poisoned".to_string())?;
+            let config = match dp.as_ref() {
+                Some(running) => ProxyConfig::from_snapshot_with(snap, &running.endpoint_states()),
+                None => ProxyConfig::from_snapshot(snap),
+            }
+            .map_err(|e| e.to_string())?;
             match dp.as_ref() {
                 Some(running) => running.apply(config).map_err(|e| e.to_string())?,
                 None => {
