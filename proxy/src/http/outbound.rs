@@ -7,13 +7,14 @@
 //! the request timeout on the response head (504). Hop-by-hop headers are dropped both ways;
 //! `Host`/`:authority` is kept as the app sent it and no `x-forwarded-*` is added.
 
+use crate::balance::InFlight;
 use crate::config::ProxyConfig;
 use crate::datapath::Shared;
 use crate::detect::Protocol;
 use crate::http::body::Body;
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
-    REQUEST_TIMEOUT, local_response, strip_hop_by_hop, tunnel,
+    local_response, strip_hop_by_hop, tunnel,
 };
 use crate::route::{HttpRule, Service, Target};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -169,22 +170,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     parts.uri = uri;
     parts.version = Version::HTTP_2;
 
-    let (target, mut sender) = match connect(&ctx, svc, rule).await {
-        Ok(c) => c,
-        Err(resp) => return resp,
-    };
-    let in_flight = target.endpoint.start();
     let req = Request::from_parts(parts, Body::incoming(body));
-    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr, error = %e,
-                "mesh request failed");
-            return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
-        }
-        Err(_) => {
-            return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
-        }
+    let (resp, in_flight) = match send(&ctx, svc, rule, req).await {
+        Ok(r) => r,
+        Err(local) => return local,
     };
     in_flight.observe();
     let (mut rp, rb) = resp.into_parts();
@@ -198,6 +187,54 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Version::HTTP_2
     };
     Response::from_parts(rp, Body::incoming(rb).hold(in_flight))
+}
+
+/// Sends `req` to an endpoint and waits for the response head. A request the connection
+/// hands back unsent (it closed under us) goes to another endpoint; one that was sent is never
+/// retried, as it may not be idempotent.
+async fn send(
+    ctx: &Ctx,
+    svc: &Service,
+    rule: Option<&HttpRule>,
+    mut req: Request<Body>,
+) -> Result<(Response<Incoming>, InFlight), Response<Body>> {
+    for _ in 0..CONNECT_ATTEMPTS {
+        let (target, mut sender) = connect(ctx, svc, rule).await?;
+        let in_flight = target.endpoint.start();
+        let sent = tokio::time::timeout(
+            ctx.shared.opts.request_timeout,
+            sender.try_send_request(req),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => return Ok((resp, in_flight)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => {
+                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                        error = %e.error(), "connection closed before the request went out; retrying");
+                    req = unsent;
+                }
+                None => {
+                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                        error = %e.error(), "mesh request failed");
+                    return Err(local_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream request failed\n",
+                    ));
+                }
+            },
+            Err(_) => {
+                return Err(local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout\n",
+                ));
+            }
+        }
+    }
+    Err(local_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no endpoint reachable\n",
+    ))
 }
 
 /// Picks an endpoint for the request and gets a pooled connection to it, trying up to

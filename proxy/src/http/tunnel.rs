@@ -10,7 +10,7 @@
 use crate::http::body::Body;
 use crate::http::inbound::AppClients;
 use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
-use crate::http::{REQUEST_TIMEOUT, local_response, strip_hop_by_hop};
+use crate::http::{local_response, strip_hop_by_hop};
 use crate::route::Service;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -100,14 +100,18 @@ pub(crate) async fn outbound(
         Err(resp) => return resp,
     };
     let req = Request::from_parts(parts, Body::empty());
-    let mut resp = match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::debug!(endpoint = %target.endpoint.addr, error = %e, "mesh tunnel failed");
-            return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
-        }
-        Err(_) => return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
-    };
+    let mut resp =
+        match tokio::time::timeout(ctx.shared.opts.request_timeout, sender.send_request(req)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %target.endpoint.addr, error = %e, "mesh tunnel failed");
+                return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
+            }
+            Err(_) => {
+                return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+            }
+        };
     let upstream = hyper::upgrade::on(&mut resp);
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
