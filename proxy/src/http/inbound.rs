@@ -78,7 +78,9 @@ impl AppClients {
             .pool_idle_timeout(APP_POOL_IDLE)
             .set_host(false);
         let http1 = b.build(connector.clone());
-        b.http2_only(true).http2_adaptive_window(true);
+        b.http2_only(true)
+            .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
+            .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW);
         let http2 = b.build(connector);
         Self { http1, http2 }
     }

@@ -37,6 +37,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_HEADERS: usize = 100;
 /// The most bytes of request head (HTTP/1.1) or header list (HTTP/2) (431 beyond).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// HTTP/2 flow-control window per stream between proxies (and towards apps).
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window per connection.
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// How many endpoints a request tries to connect to before it fails.
 pub const CONNECT_ATTEMPTS: usize = 3;
 

@@ -96,7 +96,8 @@ pub(crate) async fn serve_connection<I, S>(
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .adaptive_window(true)
+            .initial_stream_window_size(crate::http::STREAM_WINDOW)
+            .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
             .enable_connect_protocol()
             .serve_connection(io, svc);
         let mut conn = std::pin::pin!(conn);

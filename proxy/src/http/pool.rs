@@ -195,7 +195,10 @@ where
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        // Fixed windows: adaptive windows cost a PING per data burst, and the bandwidth-delay
+        // product between two sidecars is small.
+        .initial_stream_window_size(crate::http::STREAM_WINDOW)
+        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
         .max_header_list_size(crate::http::MAX_HEADER_BYTES as u32)
         .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
