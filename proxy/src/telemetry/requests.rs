@@ -3,13 +3,14 @@
 //! allocation on the request path.
 //!
 //! prometheus-client's `Family::get_or_create` takes a lock and clones the label set, and its
-//! `Histogram` sits behind a mutex. So the series are resolved ahead of time instead:
-//! [`ServiceHandles`] holds, for one `(direction, service)`, the duration histogram (an
-//! atomic [`DurationHistogram`] of our own) and a table of request counters by status code
-//! whose slots are filled on first use ([`OnceLock`]). The handles of every service of the
-//! current snapshot sit in a [`HandleTable`] that the proxy swaps whole (`arc-swap`) when the
-//! service set changes, reusing the handles of services that stay. After the first request of
-//! a `(direction, service, code)`, recording one is a map lookup and a few atomic adds.
+//! `Histogram` sits behind a mutex. So the series are resolved once and kept: [`ServiceHandles`]
+//! holds, for one `(direction, service)`, a slot for the duration histogram (an atomic
+//! [`DurationHistogram`] of our own) and a table of slots for request counters by status code,
+//! each filled on first use ([`OnceLock`]; a service without traffic adds nothing to a
+//! scrape). The handles of every service of the current snapshot sit in a [`HandleTable`] that
+//! the proxy swaps whole (`arc-swap`) when the service set changes, reusing the handles of
+//! services that stay. After the first request of a `(direction, service, code)`, recording
+//! one is a map lookup and a few atomic adds.
 //!
 //! Labels stay bounded: `service` is a service of the snapshot or `unknown`, `code` is the
 //! HTTP status (`100`–`999`) or `0` when no response status was sent (transport failure,
@@ -180,16 +181,11 @@ impl RequestMetrics {
     }
 
     fn handles(&self, direction: Direction, service: &str) -> ServiceHandles {
-        let labels = ServiceLabels {
-            direction: direction.as_str(),
-            service: service.to_string(),
-        };
-        // The family keeps its member alive; the handle shares it.
-        let duration = self.duration.get_or_create(&labels).clone();
         ServiceHandles {
             direction,
             service: Arc::from(service),
-            duration,
+            duration: OnceLock::new(),
+            durations: self.duration.clone(),
             requests: self.requests.clone(),
             totals: Arc::clone(&self.totals),
             codes: Default::default(),
@@ -200,11 +196,13 @@ impl RequestMetrics {
 /// Status codes are grouped by hundred; each group's 100 slots are allocated on first use.
 type CodeSlots = Box<[OnceLock<Counter>; 100]>;
 
-/// The pre-resolved series of one `(direction, service)`.
+/// The pre-resolved series of one `(direction, service)`. Series are created on the first
+/// request that needs them, so a service without traffic adds nothing to a scrape.
 pub struct ServiceHandles {
     direction: Direction,
     service: Arc<str>,
-    duration: DurationHistogram,
+    duration: OnceLock<DurationHistogram>,
+    durations: Family<ServiceLabels, DurationHistogram, HistogramConstructor>,
     requests: Family<RequestLabels, Counter>,
     totals: Arc<Totals>,
     /// Index `code / 100`; group 0 holds only code 0 ("no status").
@@ -243,10 +241,23 @@ impl ServiceHandles {
         })
     }
 
+    /// The duration histogram; resolved through the family only on first use.
+    pub fn histogram(&self) -> &DurationHistogram {
+        self.duration.get_or_init(|| {
+            // The family keeps its member; the handle shares it.
+            self.durations
+                .get_or_create(&ServiceLabels {
+                    direction: self.direction.as_str(),
+                    service: self.service.to_string(),
+                })
+                .clone()
+        })
+    }
+
     /// Records one finished request; `failed` counts it in the error total too.
     pub fn record(&self, code: u16, elapsed: Duration, failed: bool) {
         self.counter(code).inc();
-        self.duration.observe(elapsed);
+        self.histogram().observe(elapsed);
         self.totals.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
             self.totals.errors.fetch_add(1, Ordering::Relaxed);
@@ -362,6 +373,8 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(!text.contains("/api/users"), "{text}");
+        // A known service without traffic shows no series.
+        assert!(!text.contains("service=\"web\""), "{text}");
         assert!(!text.contains("10.0.0.7"), "{text}");
         assert!(text.contains(
             "weft_request_duration_seconds_sum{direction=\"outbound\",service=\"backend\"} 4.006"
