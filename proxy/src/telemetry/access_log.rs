@@ -4,7 +4,8 @@
 //! The request path only builds an [`AccessLogEntry`] and `try_send`s it into a bounded
 //! queue; a writer task serializes and writes. A full queue drops the line and counts it
 //! (`weft_access_log_lines_dropped_total{reason="queue_full"}`); a line the writer cannot
-//! write is dropped and counted too (`reason="write_failed"`). The TCP writer reconnects with
+//! write is dropped and counted too (`reason="write_failed"`), and so is a line sent after
+//! the writer stopped (`reason="closed"`). The TCP writer reconnects with
 //! capped backoff; the file writer reopens the file after a failure (so rotation by rename
 //! works once a write fails, and a missing directory is retried).
 //!
@@ -116,18 +117,21 @@ pub struct AccessLogMetrics {
     pub dropped: Family<ReasonLabel, Counter>,
     queue_full: Counter,
     write_failed: Counter,
+    closed: Counter,
 }
 
 impl Default for AccessLogMetrics {
     fn default() -> Self {
         let dropped = Family::<ReasonLabel, Counter>::default();
         let get = |reason| dropped.get_or_create(&ReasonLabel { reason }).clone();
-        let (queue_full, write_failed) = (get("queue_full"), get("write_failed"));
+        let (queue_full, write_failed, closed) =
+            (get("queue_full"), get("write_failed"), get("closed"));
         Self {
             written: Counter::default(),
             dropped,
             queue_full,
             write_failed,
+            closed,
         }
     }
 }
@@ -227,9 +231,13 @@ impl AccessLog {
 
     /// Queues one line; drops and counts it when the queue is full.
     pub fn send(&self, entry: AccessLogEntry) {
-        if self.tx.try_send(entry).is_err() {
-            self.metrics.queue_full.inc();
-        }
+        let counter = match self.tx.try_send(entry) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => &self.metrics.queue_full,
+            // The task is gone (the runtime is shutting down).
+            Err(mpsc::error::TrySendError::Closed(_)) => &self.metrics.closed,
+        };
+        counter.inc();
     }
 }
 
@@ -300,6 +308,17 @@ async fn write_loop(
                 Ok(s) => {
                     sink = Some(s);
                     backoff = Duration::from_millis(100);
+                }
+                Err(e) if rx.is_closed() => {
+                    // This backend was replaced or the proxy is stopping: give up on it.
+                    let mut lost = entries.len() as u64;
+                    while rx.try_recv().is_ok() {
+                        lost += 1;
+                    }
+                    tracing::warn!(destination = ?dest, error = %e, lines = lost,
+                        "access log backend unavailable; its last lines are dropped");
+                    metrics.write_failed.inc_by(lost);
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(destination = ?dest, error = %e, retry_in = ?backoff,
@@ -394,6 +413,26 @@ mod tests {
         assert!(Destination::from_backend(&b("tcp", "logstash")).is_err());
         assert!(Destination::from_backend(&b("file", "")).is_err());
         assert!(Destination::from_backend(&b("syslog", "x")).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_log_with_a_dead_backend_gives_up_and_counts() {
+        let metrics = AccessLogMetrics::default();
+        let dest = Destination::File("/nonexistent-dir/weft/access.log".into());
+        let log = AccessLog::start(dest, &TelemetryOptions::default(), &metrics).expect("start");
+        for _ in 0..3 {
+            log.send(entry());
+        }
+        // Replaced by a new backend: the writer must not retry forever.
+        drop(log);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.dropped_write_failed() < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the writer gave up and counted the lines");
+        assert_eq!(metrics.written.get(), 0);
     }
 
     #[tokio::test]

@@ -360,8 +360,10 @@ impl Telemetry {
     /// or the local inbound service (inbound); `peer_service` the other side's service when
     /// known. With tracing on, reads the caller's trace context from `headers` (W3C
     /// `traceparent`; B3 single and multi too for zipkin), starts a client (outbound) or
-    /// server (inbound) span as its child or as a new sampled-by-percentage root, and
-    /// rewrites `headers` so the forwarded request carries the new span as its parent. With
+    /// server (inbound) span as its child (or a new root when there is none or it is
+    /// malformed), sampled by the backend's percentage (decided by trace id, so every proxy
+    /// of the mesh agrees: see [`trace`]), and rewrites `headers` so the forwarded request
+    /// carries the new span as its parent. With
     /// tracing off, `headers` are left alone. With tracing and logging off, this allocates
     /// nothing and takes no lock.
     pub fn begin(

@@ -58,15 +58,10 @@ pub struct Extracted {
 }
 
 impl Extracted {
-    /// The remote span context to start a child of; `deferred_sampled` resolves a B3
-    /// "no decision".
-    pub fn span_context(&self, deferred_sampled: bool) -> SpanContext {
-        let sampled = match self.sampled {
-            Sampled::Yes => true,
-            Sampled::No => false,
-            Sampled::Deferred => deferred_sampled,
-        };
-        let flags = if sampled {
+    /// The remote span context to start a child of (a B3 "no decision" reads as not
+    /// sampled; weft's sampler decides by trace id anyway).
+    pub fn span_context(&self) -> SpanContext {
+        let flags = if self.sampled == Sampled::Yes {
             TraceFlags::SAMPLED
         } else {
             TraceFlags::default()

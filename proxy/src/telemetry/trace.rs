@@ -2,16 +2,23 @@
 //! made with the OpenTelemetry SDK and exported to the mesh's tracing backend.
 //!
 //! [`Tracing`] is built from one `TracingBackend` of a snapshot: a tracer provider whose
-//! resource has `service.name` = the proxy's service, a parent-based sampler over the
-//! backend's percentage (a new trace is sampled with that probability; a continued trace
-//! follows the caller's decision), and a [`QueueProcessor`] feeding an exporter task:
+//! resource has `service.name` = the proxy's service, a trace-id-ratio sampler over the
+//! backend's percentage, and a [`QueueProcessor`] feeding an exporter task:
 //! OTLP/gRPC (`opentelemetry`) or Zipkin v2 JSON (`zipkin`, see [`super::zipkin`]).
+//!
+//! Sampling: the decision is a function of the trace id (the SDK's `TraceIdRatioBased`), for
+//! new and continued traces alike. So `0` exports nothing and `100` everything, whatever the
+//! caller's headers say, and every weft proxy of the mesh (same percentage) makes the same
+//! decision for one trace: a sampled trace has all its mesh spans. The decision travels on in
+//! the `traceparent`/B3 sampled flag, for the application's own tracing to follow. (Envoy
+//! instead follows an incoming sampled flag; a caller's flag does not force weft's hand.)
 //!
 //! Exporting never slows or fails traffic: a finished span goes into a bounded queue with
 //! `try_send`, and a span that does not fit is dropped and counted
 //! (`weft_trace_spans_dropped_total{reason="queue_full"}`). The exporter task sends batches of
 //! up to `batch` spans at least every `export_interval`, each bounded by `export_timeout`; a
-//! failed batch is dropped and counted (`reason="export_failed"`), never retried past that.
+//! failed batch is dropped and counted (`reason="export_failed"`), never retried past that;
+//! a span that ends after its exporter task stopped counts as `reason="closed"`.
 //! When a new snapshot changes the backend, a new [`Tracing`] replaces this one; spans still
 //! open finish on the old one, whose task flushes and exits once the last of them is gone.
 
@@ -20,7 +27,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use opentelemetry::trace::{
-    SpanBuilder, SpanContext, SpanKind, TraceContextExt, TraceId, Tracer as _, TracerProvider as _,
+    SpanBuilder, SpanContext, SpanKind, TraceContextExt, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
@@ -55,26 +62,21 @@ pub struct TraceMetrics {
     pub dropped: Family<ReasonLabel, Counter>,
     queue_full: Counter,
     export_failed: Counter,
+    closed: Counter,
 }
 
 impl Default for TraceMetrics {
     fn default() -> Self {
         let dropped = Family::<ReasonLabel, Counter>::default();
-        let queue_full = dropped
-            .get_or_create(&ReasonLabel {
-                reason: "queue_full",
-            })
-            .clone();
-        let export_failed = dropped
-            .get_or_create(&ReasonLabel {
-                reason: "export_failed",
-            })
-            .clone();
+        let get = |reason| dropped.get_or_create(&ReasonLabel { reason }).clone();
+        let (queue_full, export_failed, closed) =
+            (get("queue_full"), get("export_failed"), get("closed"));
         Self {
             exported: Counter::default(),
             dropped,
             queue_full,
             export_failed,
+            closed,
         }
     }
 }
@@ -110,7 +112,6 @@ impl TraceMetrics {
 pub struct Tracing {
     tracer: SdkTracer,
     b3: bool,
-    ratio: f64,
     settings: TracingBackend,
 }
 
@@ -206,15 +207,12 @@ impl Tracing {
                 tx,
                 metrics: metrics.clone(),
             })
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                ratio,
-            ))))
+            .with_sampler(Sampler::TraceIdRatioBased(ratio))
             .with_resource(resource)
             .build();
         Ok(Self {
             tracer: provider.tracer("weft-proxy"),
             b3,
-            ratio,
             settings: backend.clone(),
         })
     }
@@ -240,10 +238,7 @@ impl Tracing {
     ) -> Span {
         let extracted: Option<Extracted> = propagation::extract(headers, self.b3);
         let parent_cx = match &extracted {
-            Some(e) => {
-                let deferred = ratio_sampled(e.trace_id, self.ratio);
-                Context::new().with_remote_span_context(e.span_context(deferred))
-            }
+            Some(e) => Context::new().with_remote_span_context(e.span_context()),
             None => Context::new(),
         };
         let builder = SpanBuilder::from_name(name)
@@ -263,19 +258,6 @@ impl Tracing {
     }
 }
 
-/// The SDK's trace-id-ratio rule (used for B3's "no decision"): the low 63 bits of the trace
-/// id below `ratio` × 2⁶³.
-fn ratio_sampled(trace_id: TraceId, ratio: f64) -> bool {
-    if ratio >= 1.0 {
-        return true;
-    }
-    let bytes = trace_id.to_bytes();
-    let mut low = [0u8; 8];
-    low.copy_from_slice(&bytes[8..16]);
-    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
-    (u64::from_be_bytes(low) >> 1) < bound
-}
-
 /// Hands finished spans to the exporter task without blocking; counts what does not fit.
 #[derive(Debug)]
 struct QueueProcessor {
@@ -287,9 +269,13 @@ impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
-            self.metrics.queue_full.inc();
-        }
+        let counter = match self.tx.try_send(span) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => &self.metrics.queue_full,
+            // The task is gone (the runtime is shutting down).
+            Err(mpsc::error::TrySendError::Closed(_)) => &self.metrics.closed,
+        };
+        counter.inc();
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -365,14 +351,6 @@ mod tests {
     }
 
     #[test]
-    fn ratio_rule_matches_its_bounds() {
-        let id = TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736);
-        assert!(ratio_sampled(id, 1.0));
-        assert!(!ratio_sampled(id, 0.0));
-        assert!(!ratio_sampled(TraceId::from(1), 0.0));
-    }
-
-    #[test]
     fn endpoints_are_checked() {
         assert_eq!(
             otlp_endpoint("collector:4317").ok().as_deref(),
@@ -410,21 +388,21 @@ mod tests {
             let tp = h.get("traceparent").expect("injected");
             assert!(tp.as_bytes().ends_with(b"-00"));
         }
-        // A sampled caller is followed even at 0 %.
-        let mut h = HeaderMap::new();
-        h.insert(
-            "traceparent",
-            http::HeaderValue::from_static(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
-        );
-        let s = none.start(SpanKind::Server, "GET".into(), vec![], &mut h);
-        assert!(s.span_context().is_sampled());
-        let cx = Context::new().with_remote_span_context(s.span_context().clone());
-        assert_eq!(
-            cx.span().span_context().trace_id().to_string(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
+        // The caller's flag does not override the percentage either way; the trace continues.
+        for (tracing, flag, sampled) in [(&none, "01", false), (&all, "00", true)] {
+            let mut h = HeaderMap::new();
+            let tp = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flag}");
+            h.insert(
+                "traceparent",
+                http::HeaderValue::from_str(&tp).expect("header"),
+            );
+            let s = tracing.start(SpanKind::Server, "GET".into(), vec![], &mut h);
+            assert_eq!(s.span_context().is_sampled(), sampled);
+            assert_eq!(
+                s.span_context().trace_id().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+        }
     }
 
     #[tokio::test]
