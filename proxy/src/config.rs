@@ -7,14 +7,14 @@
 //! `arc_swap::ArcSwap<ProxyConfig>`: each connection takes the config current when it is
 //! accepted and keeps it to the end, so a new config applies to new connections only.
 
+use crate::balance::EndpointStates;
 use crate::detect::Protocol;
+use crate::route::{EndpointsByService, build_service};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use weft_api::proto::{self as pb, mtls::Mode, permission_rule::Action};
 
-/// The tag that names a service.
-pub const SERVICE_TAG: &str = "kuma.io/service";
+pub use crate::route::{SERVICE_TAG, Service};
 
 /// Why a snapshot cannot be applied (becomes the NACK reason).
 #[derive(Debug, thiserror::Error)]
@@ -105,61 +105,6 @@ impl Inbound {
     }
 }
 
-/// A set of endpoints traffic to a service may go to, with its share of the traffic.
-#[derive(Debug)]
-pub struct Route {
-    /// The relative weight of this subset.
-    pub weight: u32,
-    /// The service the endpoints belong to (a route may send traffic to another service).
-    pub service: String,
-    /// Healthy endpoints carrying the subset's tags.
-    pub endpoints: Vec<SocketAddr>,
-    next: AtomicUsize,
-}
-
-/// A mesh service as a client of it sees it.
-#[derive(Debug)]
-pub struct Service {
-    /// The service name.
-    pub name: String,
-    /// The protocol all its endpoints declare; `None` means detect.
-    pub protocol: Option<Protocol>,
-    /// Where traffic goes (the default route); routes with no endpoints are kept out.
-    pub routes: Vec<Route>,
-    total_weight: u64,
-    next: AtomicUsize,
-}
-
-impl Service {
-    /// Picks the next endpoint: a route by weight, then round robin within the route.
-    /// Returns the target service (for the certificate check) and the endpoint.
-    pub fn pick(&self) -> Option<(&str, SocketAddr)> {
-        let route = if self.routes.len() == 1 {
-            &self.routes[0]
-        } else {
-            if self.total_weight == 0 {
-                return None;
-            }
-            let total = self.total_weight;
-            let mut at = (self.next.fetch_add(1, Ordering::Relaxed) as u64) % total;
-            let mut chosen = self.routes.first()?;
-            for r in &self.routes {
-                if at < u64::from(r.weight) {
-                    chosen = r;
-                    break;
-                }
-                at -= u64::from(r.weight);
-            }
-            chosen
-        };
-        if route.endpoints.is_empty() {
-            return None;
-        }
-        let i = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
-        Some((route.service.as_str(), route.endpoints[i]))
-    }
-}
-
 /// The kinds of listeners the data path runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ListenerKind {
@@ -235,7 +180,18 @@ pub fn protocol_hint(v: &str) -> Result<Option<Protocol>, String> {
 
 impl ProxyConfig {
     /// Converts and validates a snapshot. Errors name the field the proxy cannot apply.
+    /// Endpoint state (latency, ejection) starts fresh; a running data path uses
+    /// [`ProxyConfig::from_snapshot_with`] to keep it.
     pub fn from_snapshot(snap: &pb::Snapshot) -> Result<Self, ConfigError> {
+        Self::from_snapshot_with(snap, &EndpointStates::default())
+    }
+
+    /// Like [`ProxyConfig::from_snapshot`], taking endpoint state from `states` (see
+    /// [`crate::DataPath::endpoint_states`]) so what the old config learned carries over.
+    pub fn from_snapshot_with(
+        snap: &pb::Snapshot,
+        states: &EndpointStates,
+    ) -> Result<Self, ConfigError> {
         let dp = snap
             .dataplane
             .as_ref()
@@ -337,8 +293,7 @@ impl ProxyConfig {
         // Endpoints of other dataplanes: one unusable endpoint must not make every proxy of
         // the mesh refuse its config, so it is skipped with a warning.
         let mut mesh_destinations = HashMap::new();
-        let mut endpoints_by_service: HashMap<&str, Vec<(SocketAddr, &pb::Endpoint)>> =
-            HashMap::new();
+        let mut endpoints_by_service: EndpointsByService<'_> = HashMap::new();
         for out in &snap.outbounds {
             for ep in &out.endpoints {
                 let (Ok(a), Ok(p)) = (ep.address.parse::<IpAddr>(), u16::try_from(ep.port)) else {
@@ -366,60 +321,17 @@ impl ProxyConfig {
             if out.service.is_empty() {
                 return Err(invalid(format!("outbounds[{i}].service"), "is empty"));
             }
-            let protocol = protocol_hint(&out.protocol).unwrap_or(None);
-            let mut routes = Vec::new();
-            let default_route: Vec<pb::WeightedDestination> = if out.default_route.is_empty() {
-                vec![pb::WeightedDestination {
-                    weight: 1,
-                    tags: [(SERVICE_TAG.to_string(), out.service.clone())].into(),
-                }]
-            } else {
-                out.default_route.clone()
-            };
-            for dest in &default_route {
-                if dest.weight == 0 {
-                    continue;
-                }
-                let target = dest
-                    .tags
-                    .get(SERVICE_TAG)
-                    .cloned()
-                    .unwrap_or_else(|| out.service.clone());
-                let endpoints: Vec<SocketAddr> = endpoints_by_service
-                    .get(target.as_str())
-                    .map(|eps| {
-                        eps.iter()
-                            .filter(|(_, ep)| ep.healthy)
-                            .filter(|(_, ep)| {
-                                dest.tags.iter().all(|(k, v)| {
-                                    k == SERVICE_TAG || ep.tags.get(k).is_some_and(|t| t == v)
-                                })
-                            })
-                            .map(|(sa, _)| *sa)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if endpoints.is_empty() {
-                    continue;
-                }
-                routes.push(Route {
-                    weight: dest.weight,
-                    service: target,
-                    endpoints,
-                    next: AtomicUsize::new(0),
-                });
-            }
-            let total_weight = routes.iter().map(|r| u64::from(r.weight)).sum();
-            services.insert(
-                out.service.clone(),
-                Service {
-                    name: out.service.clone(),
-                    protocol,
-                    routes,
-                    total_weight,
-                    next: AtomicUsize::new(0),
-                },
-            );
+            let svc = build_service(
+                out,
+                &format!("outbounds[{i}]"),
+                &endpoints_by_service,
+                states,
+            )
+            .map_err(|e| match e.split_once(": ") {
+                Some((field, reason)) => invalid(field, reason),
+                None => invalid(format!("outbounds[{i}]"), e),
+            })?;
+            services.insert(out.service.clone(), svc);
         }
 
         let mut outbound_listeners = BTreeMap::new();
@@ -618,10 +530,9 @@ mod tests {
         let svc = &cfg.services["backend"];
         // Only the healthy v2 endpoint is in the subset.
         for _ in 0..3 {
-            assert_eq!(
-                svc.pick(),
-                Some(("backend", "10.0.0.3:10001".parse().unwrap()))
-            );
+            let t = svc.pick(&[]).unwrap();
+            assert_eq!(t.service, "backend");
+            assert_eq!(t.endpoint.addr, "10.0.0.3:10001".parse().unwrap());
         }
         let ib = &cfg.inbounds[&10001];
         assert_eq!(
@@ -650,7 +561,7 @@ mod tests {
         let cfg = ProxyConfig::from_snapshot(&s).unwrap();
         let svc = &cfg.services["backend"];
         let picks: Vec<_> = (0..8)
-            .map(|_| svc.pick().unwrap().1.ip().to_string())
+            .map(|_| svc.pick(&[]).unwrap().endpoint.addr.ip().to_string())
             .collect();
         assert_eq!(picks.iter().filter(|p| *p == "10.0.0.2").count(), 2);
         assert_eq!(picks.iter().filter(|p| *p == "10.0.0.3").count(), 6);

@@ -44,6 +44,8 @@ pub struct DataPathOptions {
     pub connect_timeout: Duration,
     /// Mesh TLS handshake timeout.
     pub handshake_timeout: Duration,
+    /// How long an HTTP request may wait for its response head (504 after).
+    pub request_timeout: Duration,
     /// The address transparent listeners bind (normally `0.0.0.0`).
     pub transparent_ip: IpAddr,
     /// Also bind transparent listeners on `[::]` (v6-only), when the host allows.
@@ -58,6 +60,7 @@ impl Default for DataPathOptions {
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            request_timeout: crate::http::REQUEST_TIMEOUT,
             transparent_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             transparent_ipv6: true,
             orig_dst: Arc::new(SoOriginalDst),
@@ -71,6 +74,7 @@ impl std::fmt::Debug for DataPathOptions {
             .field("detect_timeout", &self.detect_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("transparent_ip", &self.transparent_ip)
             .field("transparent_ipv6", &self.transparent_ipv6)
             .finish_non_exhaustive()
@@ -85,6 +89,12 @@ pub(crate) struct Shared {
     pub(crate) opts: DataPathOptions,
     pub(crate) drain: Drain,
     pub(crate) own: OwnSockets,
+    /// Pooled HTTP/2 connections to mesh endpoints.
+    pub(crate) pool: crate::http::pool::MeshPool,
+    /// Pooled HTTP clients to the local apps.
+    pub(crate) app_clients: crate::http::inbound::AppClientRegistry,
+    /// What the proxy learned of each endpoint (latency, ejection).
+    pub(crate) endpoints: Arc<crate::balance::EndpointStates>,
 }
 
 type ListenerKey = (SocketAddr, ListenerKind);
@@ -113,6 +123,9 @@ impl DataPath {
             opts,
             drain,
             own: OwnSockets::default(),
+            pool: Default::default(),
+            app_clients: Default::default(),
+            endpoints: Default::default(),
         });
         let dp = DataPath {
             shared,
@@ -141,6 +154,12 @@ impl DataPath {
             .lock()
             .map(|l| l.iter().map(|((a, k), (b, _))| (*a, *k, *b)).collect())
             .unwrap_or_default()
+    }
+
+    /// Endpoint state to build the next config with ([`ProxyConfig::from_snapshot_with`]), so
+    /// latency estimates and ejections survive config changes.
+    pub fn endpoint_states(&self) -> Arc<crate::balance::EndpointStates> {
+        self.shared.endpoints.clone()
     }
 
     /// The metrics the data path counts into.
@@ -296,6 +315,9 @@ mod tests {
             opts: DataPathOptions::default(),
             drain: Drain::new(),
             own: OwnSockets::default(),
+            pool: Default::default(),
+            app_clients: Default::default(),
+            endpoints: Default::default(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();

@@ -16,6 +16,7 @@ use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::{Detection, Protocol, detect};
+use crate::http::{self, PrefixedIo, inbound::Caller};
 use crate::listen;
 use crate::mesh_tls::{ALPN_H2, peer_services};
 use crate::outbound::forward_with;
@@ -77,20 +78,20 @@ async fn passthrough(shared: &Shared, stream: TcpStream, orig: SocketAddr) {
 }
 
 async fn serve(
-    shared: &Shared,
-    cfg: &ProxyConfig,
+    shared: &Arc<Shared>,
+    cfg: &Arc<ProxyConfig>,
     inbound: &Inbound,
     stream: TcpStream,
     transparent: bool,
 ) {
     match cfg.mtls {
-        None => plaintext(shared, inbound, stream, transparent).await,
+        None => plaintext(shared, cfg, inbound, stream, transparent).await,
         Some(MtlsMode::Strict) => mesh_tls(shared, cfg, inbound, stream, transparent).await,
         Some(MtlsMode::Permissive) => {
             if Box::pin(looks_like_tls(shared, &stream)).await {
                 mesh_tls(shared, cfg, inbound, stream, transparent).await;
             } else {
-                plaintext(shared, inbound, stream, transparent).await;
+                plaintext(shared, cfg, inbound, stream, transparent).await;
             }
         }
     }
@@ -117,29 +118,50 @@ async fn upstream(shared: &Shared, inbound: &Inbound, transparent: bool) -> Opti
     }
 }
 
-async fn plaintext(shared: &Shared, inbound: &Inbound, mut stream: TcpStream, transparent: bool) {
-    let detection = async {
-        match inbound.protocol {
-            Some(protocol) => Ok(Detection {
-                protocol,
-                timed_out: false,
-                prefix: Vec::new(),
-            }),
-            None => detect(&mut stream, shared.opts.detect_timeout).await,
-        }
-    };
-    let (detection, up) =
-        Box::pin(async { tokio::join!(detection, upstream(shared, inbound, transparent)) }).await;
-    let (Ok(detection), Some(up)) = (detection, up) else {
-        return;
+async fn plaintext(
+    shared: &Arc<Shared>,
+    cfg: &Arc<ProxyConfig>,
+    inbound: &Inbound,
+    mut stream: TcpStream,
+    transparent: bool,
+) {
+    let detection = match inbound.protocol {
+        Some(protocol) => Detection {
+            protocol,
+            timed_out: false,
+            prefix: Vec::new(),
+        },
+        None => match Box::pin(detect(&mut stream, shared.opts.detect_timeout)).await {
+            Ok(d) => d,
+            Err(_) => return,
+        },
     };
     let _active = shared.metrics.opened(INBOUND, detection.protocol.label());
+    if detection.protocol != Protocol::Opaque {
+        // Plaintext HTTP (mTLS off, or PERMISSIVE): no identity, so no permission applies.
+        let io = PrefixedIo::new(detection.prefix, stream);
+        let caller = Caller::default();
+        Box::pin(http::inbound::serve(
+            shared.clone(),
+            cfg.clone(),
+            inbound,
+            io,
+            detection.protocol,
+            caller,
+            transparent,
+        ))
+        .await;
+        return;
+    }
+    let Some(up) = Box::pin(upstream(shared, inbound, transparent)).await else {
+        return;
+    };
     forward_with(shared, INBOUND, stream, up, detection.prefix).await;
 }
 
 async fn mesh_tls(
-    shared: &Shared,
-    cfg: &ProxyConfig,
+    shared: &Arc<Shared>,
+    cfg: &Arc<ProxyConfig>,
     inbound: &Inbound,
     stream: TcpStream,
     transparent: bool,
@@ -176,7 +198,28 @@ async fn mesh_tls(
         Some(p) if p == ALPN_H2 => Protocol::Http2,
         _ => Protocol::Opaque,
     };
-    match inbound.authorize(&sources) {
+    let verdict = inbound.authorize(&sources);
+    if protocol == Protocol::Http2 {
+        // HTTP between proxies: the verdict applies to each request (403 when denied).
+        let denied = match verdict {
+            Authz::Allow(_) => None,
+            Authz::Deny(origin) => Some(origin),
+        };
+        let _active = shared.metrics.opened(INBOUND, protocol.label());
+        let caller = Caller { sources, denied };
+        Box::pin(http::inbound::serve(
+            shared.clone(),
+            cfg.clone(),
+            inbound,
+            tls,
+            protocol,
+            caller,
+            transparent,
+        ))
+        .await;
+        return;
+    }
+    match verdict {
         Authz::Allow(origin) => {
             tracing::trace!(?peer, ?sources, %origin, "allowed");
         }

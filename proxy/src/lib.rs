@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod copy;
 pub mod datapath;
@@ -48,12 +49,14 @@ pub mod datapath_metrics;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod listen;
 pub mod mesh_tls;
 pub mod metrics;
 pub mod outbound;
+pub mod route;
 pub mod run;
 pub mod telemetry;
 pub mod tls;

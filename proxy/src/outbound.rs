@@ -13,7 +13,8 @@ use crate::config::ProxyConfig;
 use crate::copy::{ReadReady, copy_bidirectional};
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
-use crate::detect::{Detection, detect};
+use crate::detect::{Detection, Protocol, detect};
+use crate::http::PrefixedIo;
 use crate::listen::{self, OwnSocketEntry};
 use crate::mesh_tls::ALPN_TCP;
 use rustls_pki_types::ServerName;
@@ -83,26 +84,42 @@ async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
     forward(shared, client, upstream, Vec::new()).await;
 }
 
-/// The mesh path to `service`.
-async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, service: &str) {
+/// The mesh path to `service`: HTTP is handled request by request ([`crate::http::outbound`]);
+/// anything else is one mesh connection per app connection, carrying bytes.
+async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStream, service: &str) {
     let Some(svc) = cfg.services.get(service) else {
         tracing::warn!(service, "unknown mesh service: closing");
         return;
     };
-    let detect_timeout = shared.opts.detect_timeout;
-    let detection = async {
-        match svc.protocol {
-            Some(protocol) => Ok(Detection {
-                protocol,
-                timed_out: false,
-                prefix: Vec::new(),
-            }),
-            None => detect(&mut client, detect_timeout).await,
-        }
+    // Detection comes first: an HTTP connection needs no connection of its own to the
+    // endpoint. A server-speaks-first client says nothing and is opaque after the timeout.
+    let detection = match svc.protocol {
+        Some(protocol) => Detection {
+            protocol,
+            timed_out: false,
+            prefix: Vec::new(),
+        },
+        None => match Box::pin(detect(&mut client, shared.opts.detect_timeout)).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(service, error = %e, "client failed during detection");
+                return;
+            }
+        },
     };
-    // Detection runs while the proxy connects and, with mTLS, handshakes: a mesh peer sends
-    // its ClientHello right after connecting, which is how a PERMISSIVE inbound tells it from
-    // plaintext within its detect timeout.
+    if detection.protocol != Protocol::Opaque {
+        let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
+        let io = PrefixedIo::new(detection.prefix, client);
+        Box::pin(crate::http::outbound::serve(
+            shared.clone(),
+            cfg.clone(),
+            io,
+            detection.protocol,
+            service.to_string(),
+        ))
+        .await;
+        return;
+    }
     let upstream = async {
         let (target, endpoint, tcp, own) = connect_endpoint(shared, cfg, service).await?;
         let up = if cfg.mtls.is_some() {
@@ -113,15 +130,7 @@ async fn mesh(shared: &Shared, cfg: &Arc<ProxyConfig>, mut client: TcpStream, se
         Some((up, own))
     };
     // Boxed: the set-up's state is freed once the connection settles into copying.
-    let (detection, upstream) = Box::pin(async { tokio::join!(detection, upstream) }).await;
-    let detection = match detection {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(service, error = %e, "client failed during detection");
-            return;
-        }
-    };
-    let Some((upstream, _own)) = upstream else {
+    let Some((upstream, _own)) = Box::pin(upstream).await else {
         return;
     };
     let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
@@ -167,24 +176,30 @@ async fn handshake(
     }
 }
 
-/// Connects to the next endpoint of `service`, trying a few on connect errors.
+/// Connects to an endpoint of `service`, trying others on connect errors; an endpoint that
+/// cannot be reached is ejected for a while.
 async fn connect_endpoint<'c>(
     shared: &Shared,
     cfg: &'c ProxyConfig,
     service: &str,
 ) -> Option<(&'c str, SocketAddr, TcpStream, OwnSocketEntry)> {
     let svc = cfg.services.get(service)?;
+    let mut failed = Vec::new();
     for attempt in 1..=CONNECT_ATTEMPTS {
-        let Some((target, endpoint)) = svc.pick() else {
+        let Some(target) = svc.pick(&failed) else {
             tracing::warn!(service, "no healthy endpoint: closing");
             return None;
         };
+        let endpoint = target.endpoint.addr;
         match listen::connect(endpoint, None, shared.opts.connect_timeout).await {
             Ok(s) => {
+                target.endpoint.connect_succeeded();
                 let own = shared.own.register(&s);
-                return Some((target, endpoint, s, own));
+                return Some((target.service, endpoint, s, own));
             }
             Err(e) => {
+                target.endpoint.connect_failed();
+                failed.push(endpoint);
                 tracing::debug!(service, %endpoint, attempt, error = %e, "endpoint connect failed");
             }
         }

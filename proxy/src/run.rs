@@ -190,9 +190,15 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
         let drain = drain.clone();
         let options = cfg.options.clone();
         Arc::new(move |snap: &Snapshot| {
-            let config = ProxyConfig::from_snapshot(snap)
-                .map_err(|e| e.to_string())?
-                .with_telemetry(telemetry.clone());
+            let mut dp = datapath
+                .lock()
+                .map_err(|_| "data path lock poisoned".to_string())?;
+            let config = match dp.as_ref() {
+                Some(running) => ProxyConfig::from_snapshot_with(snap, &running.endpoint_states()),
+                None => ProxyConfig::from_snapshot(snap),
+            }
+            .map_err(|e| e.to_string())?
+            .with_telemetry(telemetry.clone());
             // Before the data path, so its new connections find the new services' series.
             if let Err(e) = telemetry.apply(&TelemetrySettings::from_snapshot(snap)) {
                 tracing::warn!(error = %e, "telemetry backend not applied (left off)");
@@ -201,9 +207,6 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
             if let Err(e) = prom.apply(backend) {
                 tracing::warn!(error = %e, "mesh prometheus endpoint not served");
             }
-            let mut dp = datapath
-                .lock()
-                .map_err(|_| "data path lock poisoned".to_string())?;
             match dp.as_ref() {
                 Some(running) => running.apply(config).map_err(|e| e.to_string())?,
                 None => {

@@ -1,0 +1,250 @@
+//! The inbound HTTP proxy: serves HTTP/2 streams from mesh peers (or a plaintext HTTP client,
+//! where the mesh lets one in) and forwards each request to the local app in the app's own
+//! protocol, over hyper's pooled client.
+//!
+//! The source's permission is decided once per connection (its certificate) and applied to
+//! every request: a denied source gets 403 and is counted in `weft_authz_denied_total`.
+
+use crate::config::{Inbound, ProxyConfig};
+use crate::datapath::Shared;
+use crate::detect::Protocol;
+use crate::http::body::Body;
+use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
+use crate::http::{
+    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, local_response, strip_hop_by_hop, tunnel,
+};
+use crate::listen;
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// How long an idle connection to the app stays in the pool.
+const APP_POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// Connects to one app address, whatever the request's URI says (the URI keeps the caller's
+/// authority, which HTTP/2 sends as `:authority`).
+#[derive(Debug, Clone)]
+pub struct AppConnector {
+    upstream: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let c = self.clone();
+        Box::pin(async move {
+            listen::connect(c.upstream, c.source, c.timeout)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+/// Pooled clients to one app address: HTTP/1.1 and h2c.
+#[derive(Clone)]
+pub struct AppClients {
+    /// HTTP/1.1 (also used for Upgrade and CONNECT).
+    pub http1: Client<AppConnector, Body>,
+    /// h2c, prior knowledge.
+    pub http2: Client<AppConnector, Body>,
+}
+
+impl AppClients {
+    fn new(connector: AppConnector) -> Self {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
+            .set_host(false);
+        let http1 = b.build(connector.clone());
+        b.http2_only(true).http2_adaptive_window(true);
+        let http2 = b.build(connector);
+        Self { http1, http2 }
+    }
+}
+
+/// The app clients of every inbound, kept across config changes so pooled app connections
+/// survive them.
+#[derive(Default)]
+pub struct AppClientRegistry {
+    clients: Mutex<HashMap<(SocketAddr, Option<IpAddr>), AppClients>>,
+}
+
+impl std::fmt::Debug for AppClientRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppClientRegistry").finish_non_exhaustive()
+    }
+}
+
+impl AppClientRegistry {
+    /// The clients for `upstream`, connecting from `source`. Called once per downstream
+    /// connection, not per request.
+    pub fn get(
+        &self,
+        upstream: SocketAddr,
+        source: Option<IpAddr>,
+        timeout: Duration,
+    ) -> AppClients {
+        let connector = AppConnector {
+            upstream,
+            source,
+            timeout,
+        };
+        let Ok(mut map) = self.clients.lock() else {
+            return AppClients::new(connector);
+        };
+        map.entry((upstream, source))
+            .or_insert_with(|| AppClients::new(connector))
+            .clone()
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    service: String,
+    app_protocol: Option<Protocol>,
+    upstream: SocketAddr,
+    clients: AppClients,
+    /// `Some(origin)` when the source is denied.
+    denied: Option<Option<String>>,
+    sources: Vec<String>,
+}
+
+/// Who is calling, as far as the connection tells.
+#[derive(Debug, Default)]
+pub(crate) struct Caller {
+    /// The services in the client certificate (empty for plaintext).
+    pub(crate) sources: Vec<String>,
+    /// `Some(policy)` when the permissions deny the caller (`Some(None)`: no rule allows).
+    pub(crate) denied: Option<Option<String>>,
+}
+
+/// Serves one connection to `inbound` that carries HTTP (`protocol`: HTTP/1 or HTTP/2).
+pub(crate) async fn serve<I>(
+    shared: Arc<Shared>,
+    _cfg: Arc<ProxyConfig>,
+    inbound: &Inbound,
+    io: I,
+    protocol: Protocol,
+    caller: Caller,
+    transparent: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let source = transparent.then(|| listen::inbound_source(inbound.upstream));
+    let clients = shared
+        .app_clients
+        .get(inbound.upstream, source, shared.opts.connect_timeout);
+    let drain = shared.drain.clone();
+    let ctx = Arc::new(Ctx {
+        shared,
+        service: inbound.service.clone(),
+        app_protocol: inbound.protocol,
+        upstream: inbound.upstream,
+        clients,
+        denied: caller.denied,
+        sources: caller.sources,
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    serve_connection(TokioIo::new(io), protocol, svc, &drain).await;
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(origin) = &ctx.denied {
+        tracing::info!(sources = ?ctx.sources, service = %ctx.service, ?origin,
+            "request denied by the mesh's permissions");
+        ctx.shared.metrics.authz_denied.inc();
+        return local_response(StatusCode::FORBIDDEN, "denied by the mesh's permissions\n");
+    }
+    if req.headers().len() > MAX_HEADERS {
+        return local_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many header fields\n",
+        );
+    }
+    let downstream_http1 = req.version() < Version::HTTP_2;
+    let upstream_authority = Authority::try_from(ctx.upstream.to_string().as_str()).ok();
+    if tunnel::is_tunnel(&req) {
+        let Some(a) = upstream_authority else {
+            return local_response(StatusCode::BAD_GATEWAY, "bad app address\n");
+        };
+        return tunnel::inbound(&ctx.clients, req, a).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let caller_http1 =
+        downstream_http1 || parts.headers.get(&DOWNSTREAM_PROTOCOL) == Some(&DOWNSTREAM_HTTP1);
+    let app_http2 = match ctx.app_protocol {
+        Some(Protocol::Http2) => true,
+        Some(Protocol::Http1) => false,
+        _ => !caller_http1,
+    };
+    parts.headers.remove(&DOWNSTREAM_PROTOCOL);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::EXPECT);
+    let Some(authority) = authority_of(&parts.uri, &parts.headers).or(upstream_authority) else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    if app_http2 {
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(h) = HeaderValue::try_from(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.version = Version::HTTP_11;
+    }
+    let Some(uri) = absolute_uri(authority, &parts.uri) else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    parts.uri = uri;
+    let client = if app_http2 {
+        &ctx.clients.http2
+    } else {
+        &ctx.clients.http1
+    };
+    let resp = match client
+        .request(Request::from_parts(parts, Body::incoming(body)))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, error = %e,
+                "app request failed");
+            return local_response(StatusCode::BAD_GATEWAY, "app request failed\n");
+        }
+    };
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    rp.version = if downstream_http1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_2
+    };
+    Response::from_parts(rp, Body::incoming(rb))
+}

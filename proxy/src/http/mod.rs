@@ -1,0 +1,202 @@
+//! Request-level handling of HTTP mesh traffic (the L7 path).
+//!
+//! When detection (or `kuma.io/protocol`) says a connection carries HTTP, the proxies handle it
+//! request by request with hyper instead of moving bytes:
+//!
+//! - [`outbound`] serves the app's HTTP/1.1 or HTTP/2 connection, matches each request against
+//!   the service's rules ([`crate::route`]), picks an endpoint ([`crate::balance`]) and sends
+//!   the request as one HTTP/2 stream over a pooled, multiplexed mesh connection ([`pool`]),
+//!   with the connect and request timeouts, header limits and hop-by-hop rules of this module.
+//! - [`inbound`] serves those HTTP/2 streams (ALPN [`crate::mesh_tls::ALPN_H2`]) or a plaintext
+//!   HTTP client, checks the source's permission per request (403 when denied), and speaks to
+//!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without
+//!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]).
+//! - [`tunnel`] carries Upgrade (WebSocket) and CONNECT: an extended CONNECT stream between the
+//!   proxies (RFC 8441's shape), an Upgrade or CONNECT again towards the app.
+//!
+//! Bodies are streamed frame by frame ([`body::Body`]), never buffered whole; trailers pass
+//! through.
+
+pub mod body;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod tunnel;
+
+use crate::http::body::Body;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Kuma's default request timeout: the response head must arrive within it (504 otherwise).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The most header fields a request may carry (431 beyond).
+pub const MAX_HEADERS: usize = 100;
+/// The most bytes of request head (HTTP/1.1) or header list (HTTP/2) (431 beyond).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How many endpoints a request tries to connect to before it fails.
+pub const CONNECT_ATTEMPTS: usize = 3;
+
+/// Internal header from the outbound to the inbound proxy: the calling app spoke HTTP/1.x, so
+/// an inbound without `kuma.io/protocol` speaks HTTP/1.1 to its app. Removed by the inbound
+/// proxy and never accepted from an app.
+pub const DOWNSTREAM_PROTOCOL: HeaderName = HeaderName::from_static("weft-downstream-protocol");
+
+/// The value of [`DOWNSTREAM_PROTOCOL`] for HTTP/1.x callers.
+pub const DOWNSTREAM_HTTP1: HeaderValue = HeaderValue::from_static("http1");
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), besides those the
+/// `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+];
+
+/// Removes hop-by-hop headers. `TE: trailers` is kept (gRPC needs it; HTTP/2 allows only it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.is_empty() {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A response the proxy makes itself, with a short text body naming the reason.
+pub fn local_response(status: StatusCode, reason: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::text(reason));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// An I/O stream that first yields bytes already read from it (by protocol detection).
+#[derive(Debug)]
+pub struct PrefixedIo<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+impl<T> PrefixedIo<T> {
+    /// `inner`, with `prefix` read back first.
+    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let rest = &this.prefix[this.at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("api"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "te"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[tokio::test]
+    async fn prefixed_io_replays_then_reads_on() {
+        use tokio::io::AsyncReadExt;
+        let rest: &[u8] = b" world";
+        let mut io = PrefixedIo::new(b"hello".to_vec(), rest);
+        let mut s = String::new();
+        io.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}

@@ -1,0 +1,277 @@
+//! The outbound HTTP proxy: serves the app's HTTP/1.1 or HTTP/2 connection and sends each
+//! request to a mesh endpoint as an HTTP/2 stream over the pool.
+//!
+//! Per request: header limits (431), the first matching HTTP rule and its request header
+//! changes, a subset by weight and an endpoint by the service's balancer, up to
+//! [`CONNECT_ATTEMPTS`] endpoints when connecting fails (a failed endpoint is ejected), then
+//! the request timeout on the response head (504). Hop-by-hop headers are dropped both ways;
+//! `Host`/`:authority` is kept as the app sent it and no `x-forwarded-*` is added.
+
+use crate::balance::InFlight;
+use crate::config::ProxyConfig;
+use crate::datapath::Shared;
+use crate::detect::Protocol;
+use crate::http::body::Body;
+use crate::http::{
+    CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
+    local_response, strip_hop_by_hop, tunnel,
+};
+use crate::route::{HttpRule, Service, Target};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What every request of one app connection shares.
+pub(crate) struct Ctx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) cfg: Arc<ProxyConfig>,
+    /// The mesh service the connection is for.
+    pub(crate) service: String,
+    /// Whether the app speaks HTTP/1.x (else HTTP/2).
+    pub(crate) http1: bool,
+}
+
+/// Serves one app connection that detection found to carry `protocol` (HTTP/1 or HTTP/2).
+pub(crate) async fn serve<I>(
+    shared: Arc<Shared>,
+    cfg: Arc<ProxyConfig>,
+    io: I,
+    protocol: Protocol,
+    service: String,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let drain = shared.drain.clone();
+    let ctx = Arc::new(Ctx {
+        shared,
+        cfg,
+        service,
+        http1: protocol == Protocol::Http1,
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    serve_connection(TokioIo::new(io), protocol, svc, &drain).await;
+}
+
+/// Runs hyper's server side of one connection until it ends; on drain, finishes the requests
+/// in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
+pub(crate) async fn serve_connection<I, S>(
+    io: TokioIo<I>,
+    protocol: Protocol,
+    svc: S,
+    drain: &crate::drain::Drain,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let result = if protocol == Protocol::Http1 {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.draining() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    } else {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .adaptive_window(true)
+            .enable_connect_protocol()
+            .serve_connection(io, svc);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.draining() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The authority a request is for: the URI's, else the `Host` header's.
+pub(crate) fn authority_of(uri: &Uri, headers: &HeaderMap) -> Option<Authority> {
+    uri.authority().cloned().or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+    })
+}
+
+/// An absolute `http://authority/path?query` URI.
+pub(crate) fn absolute_uri(authority: Authority, uri: &Uri) -> Option<Uri> {
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    if req.headers().len() > MAX_HEADERS {
+        return local_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many header fields\n",
+        );
+    }
+    let Some(svc) = ctx.cfg.services.get(&ctx.service) else {
+        return local_response(StatusCode::SERVICE_UNAVAILABLE, "unknown mesh service\n");
+    };
+    if tunnel::is_tunnel(&req) {
+        return tunnel::outbound(&ctx, svc, req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let authority = authority_of(&parts.uri, &parts.headers)
+        .or_else(|| Authority::try_from(ctx.service.as_str()).ok());
+    let Some(uri) = authority.and_then(|a| absolute_uri(a, &parts.uri)) else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(&DOWNSTREAM_PROTOCOL);
+    // 100-continue was answered to the app by hyper as the body was first read.
+    parts.headers.remove(header::EXPECT);
+    let rule = svc.rule_for(&parts.method, parts.uri.path(), &parts.headers);
+    if let Some(r) = rule {
+        r.request_headers.apply(&mut parts.headers);
+    }
+    parts.headers.remove(header::HOST);
+    if ctx.http1 {
+        parts.headers.insert(DOWNSTREAM_PROTOCOL, DOWNSTREAM_HTTP1);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_2;
+
+    let req = Request::from_parts(parts, Body::incoming(body));
+    let (resp, in_flight) = match send(&ctx, svc, rule, req).await {
+        Ok(r) => r,
+        Err(local) => return local,
+    };
+    in_flight.observe();
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    if let Some(r) = rule {
+        r.response_headers.apply(&mut rp.headers);
+    }
+    rp.version = if ctx.http1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_2
+    };
+    Response::from_parts(rp, Body::incoming(rb).hold(in_flight))
+}
+
+/// Sends `req` to an endpoint and waits for the response head. A request the connection
+/// hands back unsent (it closed under us) goes to another endpoint; one that was sent is never
+/// retried, as it may not be idempotent.
+async fn send(
+    ctx: &Ctx,
+    svc: &Service,
+    rule: Option<&HttpRule>,
+    mut req: Request<Body>,
+) -> Result<(Response<Incoming>, InFlight), Response<Body>> {
+    for _ in 0..CONNECT_ATTEMPTS {
+        let (target, mut sender) = connect(ctx, svc, rule).await?;
+        let in_flight = target.endpoint.start();
+        let sent = tokio::time::timeout(
+            ctx.shared.opts.request_timeout,
+            sender.try_send_request(req),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => return Ok((resp, in_flight)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => {
+                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                        error = %e.error(), "connection closed before the request went out; retrying");
+                    req = unsent;
+                }
+                None => {
+                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                        error = %e.error(), "mesh request failed");
+                    return Err(local_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream request failed\n",
+                    ));
+                }
+            },
+            Err(_) => {
+                return Err(local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout\n",
+                ));
+            }
+        }
+    }
+    Err(local_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no endpoint reachable\n",
+    ))
+}
+
+/// Picks an endpoint for the request and gets a pooled connection to it, trying up to
+/// [`CONNECT_ATTEMPTS`] endpoints.
+pub(crate) async fn connect<'s>(
+    ctx: &Ctx,
+    svc: &'s Service,
+    rule: Option<&'s HttpRule>,
+) -> Result<(Target<'s>, SendRequest<Body>), Response<Body>> {
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    for _ in 0..CONNECT_ATTEMPTS {
+        let Some(target) = svc.pick_for(rule, &failed) else {
+            break;
+        };
+        let got = ctx
+            .shared
+            .pool
+            .get(
+                &ctx.shared,
+                &ctx.cfg.mesh,
+                ctx.cfg.mtls.is_some(),
+                target.service,
+                target.endpoint,
+            )
+            .await;
+        match got {
+            Ok(sender) => return Ok((target, sender)),
+            Err(e) => {
+                tracing::info!(service = %ctx.service, error = %e, "endpoint unusable; trying another");
+                failed.push(target.endpoint.addr);
+            }
+        }
+    }
+    let reason = if failed.is_empty() {
+        "no healthy endpoint\n"
+    } else {
+        "no endpoint reachable\n"
+    };
+    Err(local_response(StatusCode::SERVICE_UNAVAILABLE, reason))
+}

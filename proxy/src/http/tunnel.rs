@@ -1,0 +1,223 @@
+//! Upgrade (WebSocket and friends) and CONNECT through the mesh.
+//!
+//! Between the proxies a tunnel is one HTTP/2 CONNECT stream on the pooled connection: an
+//! extended CONNECT carrying the upgrade's protocol in `:protocol` (as RFC 8441 does for
+//! WebSocket), or a plain CONNECT to an authority. The inbound proxy turns it back into an
+//! HTTP/1.1 Upgrade (or CONNECT) towards its app; the app's `101` (or `2xx`) headers travel
+//! back, so `Sec-WebSocket-Accept` reaches the client unchanged. Then both upgraded streams are
+//! joined and bytes flow until either side closes.
+
+use crate::http::body::Body;
+use crate::http::inbound::AppClients;
+use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
+use crate::http::{local_response, strip_hop_by_hop};
+use crate::route::Service;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::ext::Protocol as ConnectProtocol;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+/// The upgrade protocol a request asks for (`Upgrade` with `Connection: upgrade`), except
+/// `h2c`, which the proxy handles itself.
+fn upgrade_protocol(req: &Request<Incoming>) -> Option<String> {
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return None;
+    }
+    let p = req.headers().get(header::UPGRADE)?.to_str().ok()?.trim();
+    (!p.is_empty() && !p.eq_ignore_ascii_case("h2c")).then(|| p.to_string())
+}
+
+/// Whether a request opens a tunnel: an Upgrade, or CONNECT (plain or extended).
+pub(crate) fn is_tunnel(req: &Request<Incoming>) -> bool {
+    req.method() == Method::CONNECT || upgrade_protocol(req).is_some()
+}
+
+fn spawn_join(a: OnUpgrade, b: OnUpgrade) {
+    tokio::spawn(async move {
+        let (a, b) = match tokio::join!(a, b) {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => {
+                tracing::debug!(
+                    downstream = a.is_ok(),
+                    upstream = b.is_ok(),
+                    "tunnel upgrade failed"
+                );
+                return;
+            }
+        };
+        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            tracing::debug!(error = %e, "tunnel ended with an error");
+        }
+    });
+}
+
+/// The outbound half: the app's Upgrade or CONNECT becomes a CONNECT stream to an endpoint.
+pub(crate) async fn outbound(
+    ctx: &Ctx,
+    svc: &Service,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let extended = req.extensions().get::<ConnectProtocol>().cloned();
+    let upgrade = upgrade_protocol(&req);
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, _) = req.into_parts();
+    let protocol = extended.map(|p| p.as_str().to_string()).or(upgrade.clone());
+    let Some(authority) = authority_of(&parts.uri, &parts.headers) else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    let rule = svc.rule_for(&parts.method, parts.uri.path(), &parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    parts.headers.remove(&crate::http::DOWNSTREAM_PROTOCOL);
+    if let Some(r) = rule {
+        r.request_headers.apply(&mut parts.headers);
+    }
+    let uri = match &protocol {
+        Some(p) => {
+            parts.extensions.insert(ConnectProtocol::from(p.as_str()));
+            absolute_uri(authority, &parts.uri)
+        }
+        None => Uri::builder().authority(authority).build().ok(),
+    };
+    let Some(uri) = uri else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    parts.uri = uri;
+    parts.method = Method::CONNECT;
+    parts.version = Version::HTTP_2;
+    let (target, mut sender) = match connect(ctx, svc, rule).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let req = Request::from_parts(parts, Body::empty());
+    let mut resp =
+        match tokio::time::timeout(ctx.shared.opts.request_timeout, sender.send_request(req)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %target.endpoint.addr, error = %e, "mesh tunnel failed");
+                return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
+            }
+            Err(_) => {
+                return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+            }
+        };
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    if !rp.status.is_success() {
+        rp.version = if ctx.http1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
+        };
+        return Response::from_parts(rp, Body::incoming(rb));
+    }
+    if let (Some(p), true) = (&upgrade, ctx.http1) {
+        rp.status = StatusCode::SWITCHING_PROTOCOLS;
+        rp.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::try_from(p.as_str()) {
+            rp.headers.insert(header::UPGRADE, v);
+        }
+    }
+    rp.version = if ctx.http1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_2
+    };
+    spawn_join(downstream, upstream);
+    Response::from_parts(rp, Body::empty())
+}
+
+/// The inbound half: a CONNECT stream from the mesh (or an app's Upgrade or CONNECT, from a
+/// plaintext client) becomes an HTTP/1.1 Upgrade or CONNECT to the app.
+pub(crate) async fn inbound(
+    clients: &AppClients,
+    mut req: Request<Incoming>,
+    upstream_authority: http::uri::Authority,
+) -> Response<Body> {
+    let downstream_http1 = req.version() < Version::HTTP_2;
+    let protocol = req
+        .extensions()
+        .get::<ConnectProtocol>()
+        .map(|p| p.as_str().to_string())
+        .or_else(|| upgrade_protocol(&req));
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, _) = req.into_parts();
+    let authority = authority_of(&parts.uri, &parts.headers).unwrap_or(upstream_authority);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(&crate::http::DOWNSTREAM_PROTOCOL);
+    parts.extensions.remove::<ConnectProtocol>();
+    let uri = match &protocol {
+        Some(p) => {
+            parts.method = Method::GET;
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            match HeaderValue::try_from(p.as_str()) {
+                Ok(v) => {
+                    parts.headers.insert(header::UPGRADE, v);
+                }
+                Err(_) => return local_response(StatusCode::BAD_REQUEST, "bad upgrade protocol\n"),
+            }
+            if let Ok(h) = HeaderValue::try_from(authority.as_str()) {
+                parts.headers.insert(header::HOST, h);
+            }
+            absolute_uri(authority, &parts.uri)
+        }
+        None => Uri::builder().authority(authority).build().ok(),
+    };
+    let Some(uri) = uri else {
+        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+    };
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let mut resp = match clients
+        .http1
+        .request(Request::from_parts(parts, Body::empty()))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "app tunnel request failed");
+            return local_response(StatusCode::BAD_GATEWAY, "app request failed\n");
+        }
+    };
+    let opened = if protocol.is_some() {
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    } else {
+        resp.status().is_success()
+    };
+    let app = hyper::upgrade::on(&mut resp);
+    let (mut rp, rb) = resp.into_parts();
+    if !opened {
+        strip_hop_by_hop(&mut rp.headers);
+        rp.version = if downstream_http1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
+        };
+        return Response::from_parts(rp, Body::incoming(rb));
+    }
+    if downstream_http1 {
+        // A plaintext HTTP/1.1 client: the app's 101 (or 200) goes back as it is.
+        rp.version = Version::HTTP_11;
+    } else {
+        strip_hop_by_hop(&mut rp.headers);
+        rp.status = StatusCode::OK;
+        rp.version = Version::HTTP_2;
+    }
+    spawn_join(downstream, app);
+    Response::from_parts(rp, Body::empty())
+}

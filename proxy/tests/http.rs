@@ -1,0 +1,765 @@
+//! L7 through two proxies, in process on 127.0.0.1 (no root): real HTTP/1.1, HTTP/2, gRPC and
+//! WebSocket clients and servers on either side of a client proxy and one or two server
+//! proxies that share a mesh CA and speak mesh mTLS (STRICT) to each other.
+
+mod support;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tokio::net::TcpListener;
+use weft_api::proto::{self as pb, mtls::Mode};
+use weft_proxy::drain::Drain;
+use weft_proxy::mesh_tls::MeshTls;
+use weft_proxy::{DataPath, DataPathOptions, ProxyConfig};
+
+const MESH: &str = "default";
+type AppBody = BoxBody<Bytes, Infallible>;
+
+fn full(s: impl Into<Bytes>) -> AppBody {
+    Full::new(s.into()).boxed()
+}
+
+/// A test app speaking HTTP/1.1 and h2c. It answers:
+/// - `/upload`: the number of body bytes it read;
+/// - `/download?n=N`: N bytes, streamed in 64 KiB chunks;
+/// - `/slow`: after 2 s;
+/// - anything else: `<name> <version> <path> x-routed=<header>`.
+async fn app(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(app_answer(name, req).await)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn app_answer(name: &str, req: Request<Incoming>) -> Response<AppBody> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.map(|f| f.into_data()) {
+                    n += d.map(|d| d.len() as u64).unwrap_or(0);
+                }
+            }
+            Response::new(full(n.to_string()))
+        }
+        "/download" => {
+            let n: usize = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("n="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+            let stream = futures::stream::unfold(n, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let take = left.min(chunk.len());
+                    Some((
+                        Ok::<_, Infallible>(Frame::data(chunk.slice(..take))),
+                        left - take,
+                    ))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Response::new(full("slow"))
+        }
+        _ => {
+            let routed = req
+                .headers()
+                .get("x-routed")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            let forwarded = req
+                .headers()
+                .keys()
+                .any(|k| k.as_str().starts_with("x-forwarded"));
+            let internal = req.headers().contains_key("weft-downstream-protocol");
+            Response::new(full(format!(
+                "{name} {:?} {path} x-routed={routed} host={host} forwarded={forwarded} internal={internal}",
+                req.version()
+            )))
+        }
+    }
+}
+
+struct Proxy {
+    dp: Option<DataPath>,
+    drain: Drain,
+}
+
+fn start(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>) -> Proxy {
+    start_with(snap, tls, Duration::from_millis(500))
+}
+
+fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Duration) -> Proxy {
+    let drain = Drain::new();
+    let opts = DataPathOptions {
+        transparent_ip: "127.0.0.1".parse().unwrap(),
+        transparent_ipv6: false,
+        request_timeout,
+        ..DataPathOptions::default()
+    };
+    let cfg = ProxyConfig::from_snapshot(snap).expect("valid snapshot");
+    let dp = DataPath::start(
+        cfg,
+        tls,
+        weft_proxy::datapath_metrics::DataPathMetrics::new(),
+        drain.clone(),
+        opts,
+    )
+    .expect("listeners");
+    Proxy {
+        dp: Some(dp),
+        drain,
+    }
+}
+
+/// One endpoint of service `api`: an inbound port with a `version` tag, and its app.
+struct Endpoint {
+    port: u16,
+    version: &'static str,
+    app: SocketAddr,
+    protocol: &'static str,
+}
+
+struct Mesh {
+    _ca: TestCa,
+    _client: Proxy,
+    servers: Vec<Proxy>,
+    /// The client proxy's outbound listener for `api`.
+    outbound: SocketAddr,
+}
+
+/// A client proxy ("web") with an outbound listener for `api`, and one server proxy per
+/// endpoint group (each group one proxy with one inbound per endpoint).
+fn mesh(groups: Vec<Vec<Endpoint>>, api: impl FnOnce(&mut pb::OutboundService)) -> Mesh {
+    mesh_with(Duration::from_millis(500), groups, api)
+}
+
+/// [`mesh`] with the client proxy's request timeout.
+fn mesh_with(
+    request_timeout: Duration,
+    groups: Vec<Vec<Endpoint>>,
+    api: impl FnOnce(&mut pb::OutboundService),
+) -> Mesh {
+    let ca = TestCa::new(MESH);
+    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let mut out = pb::OutboundService {
+        service: "api".into(),
+        ..Default::default()
+    };
+    let mut servers = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let mut inbounds = Vec::new();
+        for e in group {
+            let tags: std::collections::BTreeMap<String, String> = [
+                ("kuma.io/service".to_string(), "api".to_string()),
+                ("version".to_string(), e.version.to_string()),
+            ]
+            .into();
+            out.endpoints.push(pb::Endpoint {
+                address: "127.0.0.1".into(),
+                port: u32::from(e.port),
+                tags: tags.clone(),
+                healthy: true,
+                dataplane: format!("api-{g}"),
+            });
+            let mut ib = inbound(e.port, "api", e.app, vec![allow("web")]);
+            ib.protocol = e.protocol.into();
+            ib.tags = tags;
+            inbounds.push(ib);
+        }
+        let snap = snapshot(
+            Some(&ca),
+            settings.clone(),
+            &format!("api-{g}"),
+            inbounds,
+            vec![],
+            vec![],
+        );
+        servers.push(start(&snap, TestMeshTls::new(&ca, &["api"])));
+    }
+    api(&mut out);
+    let outbound_port = free_port();
+    let client_snap = snapshot(
+        Some(&ca),
+        settings,
+        "web-1",
+        vec![],
+        vec![out],
+        vec![(outbound_port, "api")],
+    );
+    let client = start_with(
+        &client_snap,
+        TestMeshTls::new(&ca, &["web"]),
+        request_timeout,
+    );
+    Mesh {
+        _ca: ca,
+        _client: client,
+        servers,
+        outbound: SocketAddr::from(([127, 0, 0, 1], outbound_port)),
+    }
+}
+
+fn endpoint(version: &'static str, app: SocketAddr) -> Endpoint {
+    Endpoint {
+        port: free_port(),
+        version,
+        app,
+        protocol: "",
+    }
+}
+
+fn dest(weight: u32, version: &str) -> pb::WeightedDestination {
+    pb::WeightedDestination {
+        weight,
+        tags: [
+            ("kuma.io/service".to_string(), "api".to_string()),
+            ("version".to_string(), version.to_string()),
+        ]
+        .into(),
+    }
+}
+
+fn http1_client() -> Client<HttpConnector, AppBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2c_client() -> Client<HttpConnector, AppBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+async fn get(
+    client: &Client<HttpConnector, AppBody>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(b.body(full("")).unwrap()),
+    )
+    .await
+    .expect("response in time")
+    .expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_split_over_2000_requests_lands_within_3_points() {
+    let m = mesh(
+        vec![vec![
+            endpoint("v1", app("one").await),
+            endpoint("v2", app("two").await),
+        ]],
+        |out| out.default_route = vec![dest(90, "v1"), dest(10, "v2")],
+    );
+    let client = http1_client();
+    let url = format!("http://{}/split", m.outbound);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..2000 {
+        let (status, body) = get(&client, &url, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let who = body.split(' ').next().unwrap_or_default().to_string();
+        *counts.entry(who).or_default() += 1;
+    }
+    let two = counts.get("two").copied().unwrap_or(0) as f64 / 2000.0;
+    assert!((0.07..=0.13).contains(&two), "v2 share {two}: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 2000);
+}
+
+#[tokio::test]
+async fn path_and_header_matches_pick_the_right_subset() {
+    let m = mesh(
+        vec![vec![
+            endpoint("v1", app("one").await),
+            endpoint("v2", app("two").await),
+        ]],
+        |out| {
+            use pb::string_match::Kind;
+            out.default_route = vec![dest(1, "v1")];
+            out.http_rules = vec![
+                pb::HttpRule {
+                    r#match: Some(pb::HttpMatch {
+                        path: Some(pb::StringMatch {
+                            kind: Some(Kind::Prefix("/beta".into())),
+                        }),
+                        ..Default::default()
+                    }),
+                    destinations: vec![dest(1, "v2")],
+                    request_headers: Some(pb::HeaderModifier {
+                        set: vec![pb::HeaderValue {
+                            name: "x-routed".into(),
+                            value: "beta".into(),
+                        }],
+                        ..Default::default()
+                    }),
+                    response_headers: Some(pb::HeaderModifier {
+                        add: vec![pb::HeaderValue {
+                            name: "x-route".into(),
+                            value: "beta".into(),
+                        }],
+                        ..Default::default()
+                    }),
+                    origin: "MeshHTTPRoute/beta".into(),
+                },
+                pb::HttpRule {
+                    r#match: Some(pb::HttpMatch {
+                        headers: vec![pb::HeaderMatch {
+                            name: "x-canary".into(),
+                            value: Some(pb::StringMatch {
+                                kind: Some(Kind::Exact("yes".into())),
+                            }),
+                            present: false,
+                            absent: false,
+                        }],
+                        method: "GET".into(),
+                        ..Default::default()
+                    }),
+                    destinations: vec![dest(1, "v2")],
+                    origin: "TrafficRoute/canary".into(),
+                    ..Default::default()
+                },
+            ];
+        },
+    );
+    let c = http1_client();
+    let base = format!("http://{}", m.outbound);
+    for _ in 0..5 {
+        let (_, body) = get(&c, &format!("{base}/beta/x"), &[]).await;
+        assert!(
+            body.starts_with("two ") && body.contains("x-routed=beta"),
+            "{body}"
+        );
+        let (_, body) = get(&c, &format!("{base}/other"), &[("x-canary", "yes")]).await;
+        assert!(
+            body.starts_with("two ") && body.contains("x-routed=-"),
+            "{body}"
+        );
+        let (_, body) = get(&c, &format!("{base}/other"), &[("x-canary", "no")]).await;
+        assert!(body.starts_with("one "), "{body}");
+        let (_, body) = get(&c, &format!("{base}/alpha"), &[]).await;
+        assert!(body.starts_with("one "), "{body}");
+    }
+    let resp = c
+        .request(Request::get(format!("{base}/beta")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-route"], "beta");
+}
+
+#[tokio::test]
+async fn http1_reaches_h2c_and_h2_reaches_http1_with_the_host_kept() {
+    let mut h2_app = endpoint("v1", app("h2app").await);
+    h2_app.protocol = "http2";
+    let m = mesh(vec![vec![h2_app]], |_| {});
+    let (status, body) = get(&http1_client(), &format!("http://{}/a", m.outbound), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("h2app HTTP/2.0 /a"), "{body}");
+    assert!(body.contains(&format!("host={}", m.outbound)), "{body}");
+    assert!(body.contains("forwarded=false internal=false"), "{body}");
+
+    let mut h1_app = endpoint("v1", app("h1app").await);
+    h1_app.protocol = "http";
+    let m = mesh(vec![vec![h1_app]], |_| {});
+    let (status, body) = get(&h2c_client(), &format!("http://{}/b", m.outbound), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("h1app HTTP/1.1 /b"), "{body}");
+    assert!(body.contains(&format!("host={}", m.outbound)), "{body}");
+
+    // Without kuma.io/protocol the app is spoken to as the caller spoke.
+    let m = mesh(vec![vec![endpoint("v1", app("auto").await)]], |_| {});
+    let (_, body) = get(&http1_client(), &format!("http://{}/c", m.outbound), &[]).await;
+    assert!(body.starts_with("auto HTTP/1.1 /c"), "{body}");
+    let (_, body) = get(&h2c_client(), &format!("http://{}/c", m.outbound), &[]).await;
+    assert!(body.starts_with("auto HTTP/2.0 /c"), "{body}");
+}
+
+#[tokio::test]
+async fn limits_timeouts_and_permissions_answer_with_their_status() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        get(&c, &url, &many).await.0,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let big = "x".repeat(70 * 1024);
+    assert_eq!(
+        get(&c, &url, &[("x-big", big.as_str())]).await.0,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    // The request timeout (500 ms in these tests) covers the wait for the response head.
+    let (status, _) = get(&c, &format!("http://{}/slow", m.outbound), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(get(&c, &url, &[]).await.0, StatusCode::OK);
+
+    // A denied source gets 403 per request.
+    let ca = TestCa::new(MESH);
+    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let port = free_port();
+    let mut ib = inbound(port, "api", app("one").await, vec![deny("web")]);
+    ib.protocol = "http".into();
+    let server = start(
+        &snapshot(
+            Some(&ca),
+            settings.clone(),
+            "api-1",
+            vec![ib],
+            vec![],
+            vec![],
+        ),
+        TestMeshTls::new(&ca, &["api"]),
+    );
+    let mut svc = service("api", &[port]);
+    svc.protocol = "http".into();
+    let out = free_port();
+    let client = start(
+        &snapshot(
+            Some(&ca),
+            settings,
+            "web-1",
+            vec![],
+            vec![svc],
+            vec![(out, "api")],
+        ),
+        TestMeshTls::new(&ca, &["web"]),
+    );
+    let (status, body) = get(&c, &format!("http://127.0.0.1:{out}/"), &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    drop((server, client));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_is_ejected_and_no_request_fails_after() {
+    let shared_app = app("one").await;
+    let mut m = mesh(
+        vec![
+            vec![endpoint("v1", shared_app)],
+            vec![endpoint("v1", shared_app)],
+        ],
+        |out| {
+            out.load_balancer = Some(pb::LoadBalancer {
+                kind: pb::load_balancer::Kind::RoundRobin as i32,
+                choice_count: 0,
+            });
+        },
+    );
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    for _ in 0..100 {
+        assert_eq!(get(&c, &url, &[]).await.0, StatusCode::OK);
+    }
+    // Kill the second server proxy: no more listener, established connections cut.
+    let victim = m.servers.remove(1);
+    drop(victim.dp);
+    victim.drain.drain(Duration::ZERO).await;
+    let mut failures = 0;
+    for i in 0..300 {
+        let (status, body) = get(&c, &url, &[]).await;
+        if status != StatusCode::OK {
+            failures += 1;
+            assert!(i < 2, "request {i} after the kill failed: {status} {body}");
+        }
+    }
+    assert!(failures <= 1, "{failures} failures");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_without_growing_memory() {
+    const SIZE: usize = 100 * 1024 * 1024;
+    // The response head comes once the app has read the whole upload: allow for that.
+    let m = mesh_with(
+        Duration::from_secs(60),
+        vec![vec![endpoint("v1", app("one").await)]],
+        |_| {},
+    );
+    let c = http1_client();
+    // Warm the pools first so their buffers are not counted as growth.
+    assert_eq!(
+        get(&c, &format!("http://{}/warm", m.outbound), &[]).await.0,
+        StatusCode::OK
+    );
+    let before = rss_kib();
+    let chunk = Bytes::from(vec![1u8; 64 * 1024]);
+    let upload = futures::stream::iter(
+        (0..SIZE / chunk.len()).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::post(format!("http://{}/upload", m.outbound))
+        .body(BodyExt::boxed(StreamBody::new(upload)))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, SIZE.to_string());
+
+    let resp = c
+        .request(
+            Request::get(format!("http://{}/download?n={SIZE}", m.outbound))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut n = 0usize;
+    while let Some(f) = body.frame().await {
+        n += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    assert_eq!(n, SIZE);
+    let grown = rss_kib().saturating_sub(before);
+    // Both sidecars, both apps and the client share this process: all of them stream.
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew by {grown} KiB moving 2 × 100 MiB"
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn websocket_echo_works_through_the_mesh() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_app = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() || ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let m = mesh(vec![vec![endpoint("v1", ws_app)]], |_| {});
+    let tcp = tokio::net::TcpStream::connect(m.outbound).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/chat", m.outbound), tcp)
+        .await
+        .expect("websocket handshake through the mesh");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, Message::text(format!("hello {i}")));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back, Message::binary(vec![0u8, 1, 2, 255]));
+    ws.close(None).await.unwrap();
+}
+
+mod grpc {
+    use super::*;
+    use pb::discovery_server::{Discovery, DiscoveryServer};
+    use pb::identity_server::{Identity, IdentityServer};
+    use std::pin::Pin;
+    use tokio_stream::Stream;
+    use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+    /// A small gRPC service: Certify echoes the mesh back (unary); Stream answers each
+    /// request with a snapshot whose version names it (bidirectional streaming).
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl Identity for Echo {
+        async fn certify(
+            &self,
+            req: GrpcRequest<pb::CertifyRequest>,
+        ) -> Result<GrpcResponse<pb::CertifyResponse>, Status> {
+            let r = req.into_inner();
+            if r.mesh == "fail" {
+                return Err(Status::permission_denied("told to fail"));
+            }
+            Ok(GrpcResponse::new(pb::CertifyResponse {
+                cert_chain_pem: format!("mesh={} csr={}", r.mesh, r.csr.len()),
+                ..Default::default()
+            }))
+        }
+    }
+
+    type SnapStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Discovery for Echo {
+        type StreamStream = SnapStream;
+        async fn stream(
+            &self,
+            req: GrpcRequest<Streaming<pb::DiscoveryRequest>>,
+        ) -> Result<GrpcResponse<SnapStream>, Status> {
+            let mut inbound = req.into_inner();
+            let out = async_stream(move |tx| async move {
+                while let Some(Ok(m)) = inbound.next().await {
+                    let version = match m.kind {
+                        Some(pb::discovery_request::Kind::Ack(a)) => a.version,
+                        _ => "other".into(),
+                    };
+                    if tx
+                        .send(Ok(pb::Snapshot {
+                            version: format!("echo-{version}"),
+                            ..Default::default()
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            Ok(GrpcResponse::new(out))
+        }
+    }
+
+    fn async_stream<F, Fut>(f: F) -> SnapStream
+    where
+        F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(f(tx));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_unary_and_bidirectional_streaming_work_through_the_mesh() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_app = l.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IdentityServer::new(Echo))
+                .add_service(DiscoveryServer::new(Echo))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let mut ep = endpoint("v1", grpc_app);
+        ep.protocol = "grpc";
+        let m = mesh(vec![vec![ep]], |_| {});
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", m.outbound))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+
+        let mut id = pb::identity_client::IdentityClient::new(channel.clone());
+        let r = id
+            .certify(pb::CertifyRequest {
+                csr: vec![1, 2, 3],
+                mesh: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().cert_chain_pem, "mesh=default csr=3");
+        // A gRPC error status travels in trailers.
+        let e = id
+            .certify(pb::CertifyRequest {
+                csr: vec![],
+                mesh: "fail".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(e.message(), "told to fail");
+
+        let mut disco = pb::discovery_client::DiscoveryClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut replies = disco
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        for i in 0..20 {
+            tx.send(pb::DiscoveryRequest {
+                kind: Some(pb::discovery_request::Kind::Ack(pb::Ack {
+                    version: i.to_string(),
+                    nonce: String::new(),
+                })),
+            })
+            .await
+            .unwrap();
+            let snap = tokio::time::timeout(Duration::from_secs(5), replies.next())
+                .await
+                .expect("reply in time")
+                .unwrap()
+                .unwrap();
+            assert_eq!(snap.version, format!("echo-{i}"));
+        }
+        drop(tx);
+        assert!(
+            replies.next().await.is_none(),
+            "the stream ends when the client's does"
+        );
+    }
+}
