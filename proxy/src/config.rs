@@ -149,6 +149,10 @@ pub struct ProxyConfig {
     pub outbound_listeners: BTreeMap<SocketAddr, String>,
     /// The ports the proxy itself listens on (for the loop guard).
     pub own_ports: HashSet<u16>,
+    /// Where the data path reports requests and connections ([`crate::telemetry`]). The
+    /// running proxy's shared handle (`run.rs` sets it with [`ProxyConfig::with_telemetry`]);
+    /// a config straight from [`ProxyConfig::from_snapshot`] has a detached one.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 fn port(v: u32, field: impl Into<String>) -> Result<u16, ConfigError> {
@@ -362,6 +366,7 @@ impl ProxyConfig {
             mesh_destinations,
             outbound_listeners,
             own_ports: HashSet::new(),
+            telemetry: crate::telemetry::Telemetry::default(),
         };
         cfg.check_listener_clashes()?;
         let mut cfg = cfg;
@@ -371,6 +376,12 @@ impl ProxyConfig {
             .map(|(sa, _)| sa.port())
             .collect();
         Ok(cfg)
+    }
+
+    /// The same config reporting to `telemetry` (the proxy's shared handle).
+    pub fn with_telemetry(mut self, telemetry: crate::telemetry::Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Whether the proxy intercepts traffic transparently (iptables redirect).

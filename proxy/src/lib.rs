@@ -7,6 +7,13 @@
 //! - [`tls`]: rustls client/server configs for mesh mTLS (TLS 1.3, SPIFFE checks).
 //! - [`admin`]: the loopback admin endpoint (`/live`, `/ready`, `/certs`, `/metrics`).
 //! - [`metrics`]: the Prometheus registry and every metric.
+//! - [`telemetry`]: what the data path reports per request and connection — request metrics
+//!   (`weft_requests_total`, `weft_request_duration_seconds`, updated without locks or
+//!   allocation), traces (W3C `traceparent`, B3 for zipkin; OTLP/gRPC or Zipkin v2 export),
+//!   access logs (JSON lines to a file or TCP), `process_*`, and the mesh's Prometheus
+//!   endpoint (default `:5670/metrics`). Configured from each snapshot's mesh settings;
+//!   exporters sit behind bounded queues, so they never slow traffic. The data path reaches
+//!   the shared handle as `config.telemetry`.
 //!
 //! # The life of a connection
 //!
@@ -51,6 +58,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod route;
 pub mod run;
+pub mod telemetry;
 pub mod tls;
 
 pub use config::{ConfigError, ProxyConfig};

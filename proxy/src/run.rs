@@ -6,6 +6,13 @@
 //! snapshot starts the data path; later ones are applied to it. A change of the mesh's mTLS
 //! backend or trust bundle asks identity to re-certify at once.
 //!
+//! Telemetry: one [`Telemetry`] handle lives for the whole run; its metrics (and `process_*`)
+//! are in the same registry as everything else. Each snapshot that converts cleanly first
+//! updates it (label set, tracing and access-log backends) and the mesh's Prometheus endpoint
+//! ([`PromServer`]: bound, moved or closed per the metrics backend), then goes to the data
+//! path as a [`ProxyConfig`] that carries the handle (`config.telemetry`). A telemetry backend
+//! that cannot be used is logged and left off; it does not NACK the snapshot.
+//!
 //! Shutdown (SIGTERM/SIGINT or `POST /drain`): end the discovery stream cleanly at once, so
 //! the control plane deregisters this proxy and the other proxies stop picking it for new
 //! connections; stop accepting and fail `/ready`; let in-flight connections finish within the
@@ -18,6 +25,8 @@ use crate::discovery::{Apply, Discovery, render_template};
 use crate::drain::{Drain, DrainOutcome};
 use crate::identity::{Identity, IdentityConfig, TokenSource};
 use crate::metrics::Metrics;
+use crate::telemetry::prom_server::PromServer;
+use crate::telemetry::{Telemetry, TelemetrySettings};
 use crate::tls::IdentityTls;
 use crate::{ProxyConfig, mesh_tls::MeshTls};
 use axum::routing::{get, post};
@@ -102,7 +111,15 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     })?;
 
     let dp_metrics = DataPathMetrics::new();
-    let metrics = Arc::new(Metrics::with_extra(|r| dp_metrics.register(r)));
+    let telemetry = Telemetry::new();
+    let metrics = Arc::new(Metrics::with_extra(|r| {
+        dp_metrics.register(r);
+        telemetry.register(r);
+    }));
+    let prom = {
+        let metrics = metrics.clone();
+        PromServer::new(move || metrics.encode())
+    };
     let identity = Identity::new(
         IdentityConfig::new(&cfg.cp_address, ca, &mesh, &name, token.clone()),
         metrics.clone(),
@@ -180,7 +197,16 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
                 Some(running) => ProxyConfig::from_snapshot_with(snap, &running.endpoint_states()),
                 None => ProxyConfig::from_snapshot(snap),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_telemetry(telemetry.clone());
+            // Before the data path, so its new connections find the new services' series.
+            if let Err(e) = telemetry.apply(&TelemetrySettings::from_snapshot(snap)) {
+                tracing::warn!(error = %e, "telemetry backend not applied (left off)");
+            }
+            let backend = snap.mesh.as_ref().and_then(|m| m.metrics.as_ref());
+            if let Err(e) = prom.apply(backend) {
+                tracing::warn!(error = %e, "mesh prometheus endpoint not served");
+            }
             match dp.as_ref() {
                 Some(running) => running.apply(config).map_err(|e| e.to_string())?,
                 None => {

@@ -1,0 +1,339 @@
+//! One observed HTTP exchange: [`RequestObservation`], from `Telemetry::begin` to
+//! [`RequestObservation::finish`] (or drop).
+//!
+//! With tracing and access logs off an observation is the service's metric handles, a start
+//! instant and the status: creating and finishing it allocates nothing. The span and the
+//! access-log fields live in a boxed [`Detail`] that exists only when one of them is on.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderMap, Method, Uri};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceId};
+use opentelemetry_sdk::trace::Span;
+
+use super::Direction;
+use super::access_log::{AccessLog, AccessLogEntry};
+use super::propagation;
+use super::requests::ServiceHandles;
+use super::trace::Tracing;
+
+/// An HTTP exchange being observed. `Send + 'static`; finishing it records the request
+/// metrics, ends its span and writes its access-log line. Dropping it unfinished finishes it
+/// as aborted (no bytes counted), so no exchange goes unrecorded.
+pub struct RequestObservation {
+    handles: Arc<ServiceHandles>,
+    start: Instant,
+    status: Option<u16>,
+    peer: Option<SocketAddr>,
+    done: bool,
+    detail: Option<Box<Detail>>,
+}
+
+impl std::fmt::Debug for RequestObservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestObservation")
+            .field("service", self.handles.service())
+            .field("status", &self.status)
+            .field("trace_id", &self.trace_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestObservation {
+    pub(super) fn metrics_only(handles: Arc<ServiceHandles>, start: Instant) -> Self {
+        Self {
+            handles,
+            start,
+            status: None,
+            peer: None,
+            done: false,
+            detail: None,
+        }
+    }
+
+    /// The response status is known (call when the response head is sent).
+    pub fn status(&mut self, code: u16) {
+        self.status = Some(code);
+    }
+
+    /// The other side's address (the downstream on inbound, the upstream endpoint on
+    /// outbound), for `network.peer.address` and the access log.
+    pub fn peer_address(&mut self, addr: SocketAddr) {
+        self.peer = Some(addr);
+    }
+
+    /// The trace this exchange belongs to: its span's with tracing on; with only access logs
+    /// on, the caller's (if it sent one); else `None`.
+    pub fn trace_id(&self) -> Option<TraceId> {
+        self.detail.as_ref().and_then(|d| d.trace_id)
+    }
+
+    /// The exchange is over (response body finished or aborted). Records
+    /// `weft_requests_total{direction,service,code}` — `code` is the status passed to
+    /// [`RequestObservation::status`], or `0` when none was (`error` should then say why) —
+    /// and `weft_request_duration_seconds{direction,service}`, ends and exports the span, and
+    /// writes the access-log line. `error` is a transport failure; with a status already
+    /// sent, the code stays that status and the exchange counts as an error.
+    pub fn finish(mut self, bytes_sent: u64, bytes_received: u64, error: Option<&str>) {
+        self.complete(bytes_sent, bytes_received, error.map(Cow::Borrowed), false);
+    }
+
+    fn complete(&mut self, sent: u64, received: u64, error: Option<Cow<'_, str>>, aborted: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        let code = self.status.unwrap_or(0);
+        let failed = aborted || error.is_some() || code == 0 || code >= 500;
+        self.handles.record(code, elapsed, failed);
+        if let Some(detail) = self.detail.take() {
+            detail.end(End {
+                status: self.status,
+                elapsed,
+                sent,
+                received,
+                error,
+                aborted,
+                peer: self.peer,
+            });
+        }
+    }
+}
+
+impl Drop for RequestObservation {
+    fn drop(&mut self) {
+        self.complete(0, 0, Some(Cow::Borrowed("aborted")), true);
+    }
+}
+
+/// The source and destination services of a log line.
+pub(super) fn endpoints(
+    direction: Direction,
+    local: &Arc<str>,
+    service: &str,
+    peer: Option<Arc<str>>,
+) -> (Option<Arc<str>>, Option<Arc<str>>) {
+    let local = (!local.is_empty()).then(|| Arc::clone(local));
+    match direction {
+        Direction::Outbound => (local, Some(Arc::from(service))),
+        Direction::Inbound => (peer, Some(Arc::from(service))),
+    }
+}
+
+/// What `Telemetry::begin` hands over when tracing or logging is on.
+pub(super) struct Begin<'a> {
+    pub direction: Direction,
+    pub mesh: &'a Arc<str>,
+    pub local_service: &'a Arc<str>,
+    pub service: &'a str,
+    pub peer_service: Option<&'a str>,
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a mut HeaderMap,
+    pub tracing: Option<&'a Tracing>,
+    pub log: Option<&'a AccessLog>,
+}
+
+struct End<'a> {
+    status: Option<u16>,
+    elapsed: std::time::Duration,
+    sent: u64,
+    received: u64,
+    error: Option<Cow<'a, str>>,
+    aborted: bool,
+    peer: Option<SocketAddr>,
+}
+
+/// The span and access-log part of an observation.
+pub(super) struct Detail {
+    direction: Direction,
+    start_time: SystemTime,
+    span: Option<Span>,
+    trace_id: Option<TraceId>,
+    log: Option<(AccessLog, LogFields)>,
+}
+
+struct LogFields {
+    mesh: Arc<str>,
+    source: Option<Arc<str>>,
+    destination: Option<Arc<str>>,
+    method: String,
+    path: String,
+}
+
+/// The span name and `http.request.method`: the method when it is a standard one, else
+/// `_OTHER` (OTel semconv), so the set stays bounded.
+fn method_name(m: &Method) -> &'static str {
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::PATCH, "PATCH"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(k, _)| k == m)
+        .map_or("_OTHER", |(_, n)| n)
+}
+
+/// `server.address` and `server.port`: the URI's authority, else the `Host` header.
+fn server(uri: &Uri, headers: &HeaderMap) -> Option<(String, Option<u16>)> {
+    let authority = match uri.authority() {
+        Some(a) => a.clone(),
+        None => headers
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()?
+            .parse::<http::uri::Authority>()
+            .ok()?,
+    };
+    Some((authority.host().to_string(), authority.port_u16()))
+}
+
+fn attributes(b: &Begin<'_>) -> Vec<KeyValue> {
+    let name = method_name(b.method);
+    let mut attrs = Vec::with_capacity(12);
+    attrs.push(KeyValue::new("http.request.method", name));
+    if name == "_OTHER" {
+        attrs.push(KeyValue::new(
+            "http.request.method_original",
+            b.method.as_str().to_string(),
+        ));
+    }
+    attrs.push(KeyValue::new("url.path", b.uri.path().to_string()));
+    let scheme = if b.uri.scheme_str() == Some("https") {
+        "https"
+    } else {
+        "http"
+    };
+    attrs.push(KeyValue::new("url.scheme", scheme));
+    if let Some((host, port)) = server(b.uri, b.headers) {
+        attrs.push(KeyValue::new("server.address", host));
+        if let Some(p) = port {
+            attrs.push(KeyValue::new("server.port", i64::from(p)));
+        }
+    }
+    attrs.push(KeyValue::new("weft.mesh", b.mesh.to_string()));
+    attrs.push(KeyValue::new("weft.direction", b.direction.as_str()));
+    attrs.push(KeyValue::new("weft.service", b.service.to_string()));
+    if let Some(p) = b.peer_service {
+        attrs.push(KeyValue::new("peer.service", p.to_string()));
+    }
+    attrs
+}
+
+impl Detail {
+    /// Starts the span (if tracing) and captures the log fields (if logging).
+    pub(super) fn begin(
+        handles: Arc<ServiceHandles>,
+        start: Instant,
+        b: Begin<'_>,
+    ) -> RequestObservation {
+        let start_time = SystemTime::now();
+        let (span, trace_id) = match b.tracing {
+            Some(t) => {
+                let kind = match b.direction {
+                    Direction::Outbound => SpanKind::Client,
+                    Direction::Inbound => SpanKind::Server,
+                };
+                let attrs = attributes(&b);
+                let span = t.start(kind, method_name(b.method).into(), attrs, b.headers);
+                let id = span.span_context().trace_id();
+                (Some(span), Some(id))
+            }
+            None => (
+                None,
+                propagation::extract(b.headers, true).map(|e| e.trace_id),
+            ),
+        };
+        let log = b.log.map(|l| {
+            let (source, destination) = endpoints(
+                b.direction,
+                b.local_service,
+                b.service,
+                b.peer_service.map(Arc::from),
+            );
+            let fields = LogFields {
+                mesh: Arc::clone(b.mesh),
+                source,
+                destination,
+                method: b.method.as_str().to_string(),
+                path: b.uri.path().to_string(),
+            };
+            (l.clone(), fields)
+        });
+        let mut obs = RequestObservation::metrics_only(handles, start);
+        obs.detail = Some(Box::new(Detail {
+            direction: b.direction,
+            start_time,
+            span,
+            trace_id,
+            log,
+        }));
+        obs
+    }
+
+    fn end(self: Box<Self>, e: End<'_>) {
+        let Detail {
+            direction,
+            start_time,
+            span,
+            trace_id,
+            log,
+        } = *self;
+        if let Some(mut span) = span {
+            if let Some(code) = e.status {
+                span.set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
+            }
+            if let Some(p) = e.peer {
+                span.set_attribute(KeyValue::new("network.peer.address", p.ip().to_string()));
+                span.set_attribute(KeyValue::new("network.peer.port", i64::from(p.port())));
+            }
+            // Semconv: 5xx is an error on both sides, 4xx on the client side only.
+            let error_status = e.status.filter(|c| {
+                *c >= 500 || (direction == Direction::Outbound && *c >= 400) || *c < 100
+            });
+            if let Some(err) = &e.error {
+                let kind = if e.aborted { "aborted" } else { "transport" };
+                span.set_attribute(KeyValue::new("error.type", kind));
+                span.set_status(Status::error(err.to_string()));
+            } else if let Some(code) = error_status {
+                span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                span.set_status(Status::error(""));
+            } else if e.status.is_none() {
+                span.set_attribute(KeyValue::new("error.type", "transport"));
+                span.set_status(Status::error("no response"));
+            }
+            span.end();
+        }
+        if let Some((log, f)) = log {
+            log.send(AccessLogEntry {
+                start_time,
+                duration_ms: e.elapsed,
+                direction: direction.as_str(),
+                protocol: "http",
+                mesh: f.mesh,
+                source_service: f.source,
+                destination_service: f.destination,
+                method: Some(f.method),
+                path: Some(f.path),
+                status: e.status,
+                bytes_sent: e.sent,
+                bytes_received: e.received,
+                trace_id: trace_id.map(|t| t.to_string()),
+                peer_address: e.peer,
+                error: e.error.map(Cow::into_owned),
+            });
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Trace-context headers: reading the caller's context from a request and writing ours into
+//! the request the proxy forwards.
+//!
+//! - W3C Trace Context `traceparent` (`00-<trace-id>-<parent-id>-<flags>`), read and written
+//!   for every tracing backend. `tracestate` is forwarded untouched when the trace continues
+//!   and removed when the proxy has to start a new trace.
+//! - B3, for zipkin backends: the single header `b3: <trace>-<span>[-<sampled>[-<parent>]]`
+//!   and the multi headers `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled`, `x-b3-flags`,
+//!   `x-b3-parentspanid`.
+//!
+//! Input comes from the application, so nothing here trusts it: a malformed or partial
+//! header yields `None` (the proxy starts a new root span) and never a panic. With B3 on,
+//! the single header wins over the multi headers, which win over `traceparent`. A B3 header
+//! that carries only a sampling decision (`b3: 0`) has no ids to continue and is ignored.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+/// `traceparent`.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `tracestate`.
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// B3 single header `b3`.
+pub const B3: HeaderName = HeaderName::from_static("b3");
+/// `x-b3-traceid`.
+pub const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+/// `x-b3-spanid`.
+pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+/// `x-b3-parentspanid`.
+pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+/// `x-b3-sampled`.
+pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+/// `x-b3-flags` (`1` = debug, which implies sampled).
+pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// What the caller said about sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampled {
+    /// Sample (W3C flag set; B3 `1`, `true` or debug).
+    Yes,
+    /// Do not sample.
+    No,
+    /// B3 without a decision: the receiver decides.
+    Deferred,
+}
+
+/// A trace context read from a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extracted {
+    /// The caller's trace.
+    pub trace_id: TraceId,
+    /// The caller's span: the parent of the span the proxy starts.
+    pub span_id: SpanId,
+    /// The caller's sampling decision.
+    pub sampled: Sampled,
+    /// `tracestate` entries, forwarded as they are (W3C only).
+    pub trace_state: TraceState,
+}
+
+impl Extracted {
+    /// The remote span context to start a child of (a B3 "no decision" reads as not
+    /// sampled; weft's sampler decides by trace id anyway).
+    pub fn span_context(&self) -> SpanContext {
+        let flags = if self.sampled == Sampled::Yes {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            self.trace_id,
+            self.span_id,
+            flags,
+            true,
+            self.trace_state.clone(),
+        )
+    }
+}
+
+/// Reads the caller's trace context: `traceparent`, and with `b3` also the B3 headers (which
+/// take precedence). `None` when nothing valid is present.
+pub fn extract(headers: &HeaderMap, b3: bool) -> Option<Extracted> {
+    if b3 && let Some(e) = extract_b3(headers) {
+        return Some(e);
+    }
+    extract_w3c(headers)
+}
+
+/// The one value of header `name`, as text; `None` when absent, repeated or not ASCII.
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
+}
+
+/// `len` lowercase hex digits.
+fn lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Reads `traceparent` per W3C Trace Context level 1 (version 00; higher versions are read
+/// by their first four fields, as the spec asks).
+pub fn extract_w3c(headers: &HeaderMap) -> Option<Extracted> {
+    let value = single(headers, &TRACEPARENT)?;
+    let version = value.get(0..2)?;
+    if !lower_hex(version, 2) || version == "ff" {
+        return None;
+    }
+    if value.len() < 55 || (version == "00" && value.len() != 55) {
+        return None;
+    }
+    if value.len() > 55 && value.as_bytes().get(55) != Some(&b'-') {
+        return None;
+    }
+    let bytes = value.as_bytes();
+    if bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
+        return None;
+    }
+    let (trace, span, flags) = (value.get(3..35)?, value.get(36..52)?, value.get(53..55)?);
+    if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let trace_state = headers
+        .get(TRACESTATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    Some(Extracted {
+        trace_id,
+        span_id,
+        sampled: if flags & 1 == 1 {
+            Sampled::Yes
+        } else {
+            Sampled::No
+        },
+        trace_state,
+    })
+}
+
+/// A B3 trace id: 16 or 32 hex digits (either case), not zero.
+fn b3_trace_id(s: &str) -> Option<TraceId> {
+    if (s.len() != 16 && s.len() != 32) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = TraceId::from(u128::from_str_radix(s, 16).ok()?);
+    (id != TraceId::INVALID).then_some(id)
+}
+
+/// A B3 span id: 16 hex digits (either case), not zero.
+fn b3_span_id(s: &str) -> Option<SpanId> {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let id = SpanId::from(u64::from_str_radix(s, 16).ok()?);
+    (id != SpanId::INVALID).then_some(id)
+}
+
+/// Reads B3: the single `b3` header, else the multi `x-b3-*` headers.
+pub fn extract_b3(headers: &HeaderMap) -> Option<Extracted> {
+    if let Some(v) = single(headers, &B3) {
+        return extract_b3_single(v);
+    }
+    let trace_id = b3_trace_id(single(headers, &B3_TRACE_ID)?)?;
+    let span_id = b3_span_id(single(headers, &B3_SPAN_ID)?)?;
+    let debug = single(headers, &B3_FLAGS) == Some("1");
+    let sampled = match single(headers, &B3_SAMPLED) {
+        _ if debug => Sampled::Yes,
+        Some("1") | Some("true") => Sampled::Yes,
+        Some("0") | Some("false") => Sampled::No,
+        None => Sampled::Deferred,
+        Some(_) => return None,
+    };
+    Some(Extracted {
+        trace_id,
+        span_id,
+        sampled,
+        trace_state: TraceState::default(),
+    })
+}
+
+/// Reads `b3: {trace}-{span}[-{sampled}[-{parent}]]`.
+fn extract_b3_single(value: &str) -> Option<Extracted> {
+    let mut parts = value.split('-');
+    let trace_id = b3_trace_id(parts.next()?)?;
+    let span_id = b3_span_id(parts.next()?)?;
+    let sampled = match parts.next() {
+        None => Sampled::Deferred,
+        Some("1") | Some("d") => Sampled::Yes,
+        Some("0") => Sampled::No,
+        Some(_) => return None,
+    };
+    if let Some(parent) = parts.next() {
+        b3_span_id(parent)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Extracted {
+        trace_id,
+        span_id,
+        sampled,
+        trace_state: TraceState::default(),
+    })
+}
+
+fn value(s: String) -> Option<HeaderValue> {
+    HeaderValue::try_from(s).ok()
+}
+
+/// Rewrites the trace headers of a request the proxy forwards so that `span` is the parent
+/// the next hop sees. `parent` is `span`'s own parent (written as `x-b3-parentspanid` and the
+/// fourth `b3` field); `continued` says whether `span` continues the caller's trace (else
+/// `tracestate` is dropped). With `b3`, the B3 single and multi headers are written too;
+/// without, B3 headers are left as the application sent them.
+pub fn inject(
+    headers: &mut HeaderMap,
+    span: &SpanContext,
+    parent: Option<SpanId>,
+    continued: bool,
+    b3: bool,
+) {
+    let sampled = span.is_sampled();
+    let trace = span.trace_id();
+    let id = span.span_id();
+    if let Some(v) = value(format!("00-{trace}-{id}-{:02x}", u8::from(sampled))) {
+        headers.insert(TRACEPARENT, v);
+    }
+    if !continued {
+        headers.remove(TRACESTATE);
+    }
+    if !b3 {
+        return;
+    }
+    let flag = if sampled { "1" } else { "0" };
+    let single = match parent {
+        Some(p) => format!("{trace}-{id}-{flag}-{p}"),
+        None => format!("{trace}-{id}-{flag}"),
+    };
+    if let Some(v) = value(single) {
+        headers.insert(B3, v);
+    }
+    if let Some(v) = value(trace.to_string()) {
+        headers.insert(B3_TRACE_ID, v);
+    }
+    if let Some(v) = value(id.to_string()) {
+        headers.insert(B3_SPAN_ID, v);
+    }
+    headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
+    headers.remove(B3_FLAGS);
+    match parent.and_then(|p| value(p.to_string())) {
+        Some(v) => {
+            headers.insert(B3_PARENT_SPAN_ID, v);
+        }
+        None => {
+            headers.remove(B3_PARENT_SPAN_ID);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).expect("test header"));
+        }
+        h
+    }
+
+    #[test]
+    fn reads_a_valid_traceparent() {
+        let e = extract(&map(&[("traceparent", TP), ("tracestate", "k=v")]), false)
+            .expect("valid traceparent");
+        assert_eq!(e.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(e.span_id.to_string(), "00f067aa0ba902b7");
+        assert_eq!(e.sampled, Sampled::Yes);
+        assert_eq!(e.trace_state.get("k"), Some("v"));
+        let unsampled = TP.replace("-01", "-00");
+        let e = extract(&map(&[("traceparent", &unsampled)]), false).expect("valid");
+        assert_eq!(e.sampled, Sampled::No);
+        // A future version with more fields is read by its first four.
+        let future = format!("cc{}-extra", &TP[2..]);
+        assert!(extract(&map(&[("traceparent", &future)]), false).is_some());
+    }
+
+    #[test]
+    fn malformed_traceparents_start_a_new_trace() {
+        let long = format!("{TP}-x");
+        let bad = [
+            "",
+            "00",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473€-00f067aa0ba902b7-01",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            &long,
+        ];
+        for v in bad {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(TRACEPARENT, v);
+            }
+            assert_eq!(extract(&h, true), None, "{v:?}");
+        }
+        // Non-UTF-8 bytes and a repeated header are refused too.
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_bytes(b"00-\xff\xfe").expect("opaque bytes"),
+        );
+        assert_eq!(extract(&h, false), None);
+        assert_eq!(
+            extract(&map(&[("traceparent", TP), ("traceparent", TP)]), false),
+            None
+        );
+    }
+
+    #[test]
+    fn reads_b3_single_and_multi_only_when_asked() {
+        let single = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90";
+        let h = map(&[("b3", single)]);
+        assert_eq!(extract(&h, false), None, "B3 is read only for zipkin");
+        let e = extract(&h, true).expect("valid b3");
+        assert_eq!(e.trace_id.to_string(), "80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(e.span_id.to_string(), "e457b5a2e4d86bd1");
+        assert_eq!(e.sampled, Sampled::Yes);
+
+        // 64-bit trace ids are widened; no sampling field defers the decision.
+        let e =
+            extract(&map(&[("b3", "463ac35c9f6413ad-a2fb4a1d1a96d312")]), true).expect("valid b3");
+        assert_eq!(e.trace_id.to_string(), "0000000000000000463ac35c9f6413ad");
+        assert_eq!(e.sampled, Sampled::Deferred);
+
+        let multi = map(&[
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let e = extract(&multi, true).expect("valid multi");
+        assert_eq!(e.span_id.to_string(), "a2fb4a1d1a96d312");
+        assert_eq!(e.sampled, Sampled::No);
+        let mut debug = multi.clone();
+        debug.insert(B3_FLAGS, HeaderValue::from_static("1"));
+        assert_eq!(extract(&debug, true).map(|e| e.sampled), Some(Sampled::Yes));
+
+        // B3 wins over traceparent; a broken B3 falls back to traceparent.
+        let both = map(&[("b3", single), ("traceparent", TP)]);
+        assert_eq!(
+            extract(&both, true).map(|e| e.span_id.to_string()),
+            Some("e457b5a2e4d86bd1".into())
+        );
+        let broken = map(&[("b3", "nonsense"), ("traceparent", TP)]);
+        assert_eq!(
+            extract(&broken, true).map(|e| e.span_id.to_string()),
+            Some("00f067aa0ba902b7".into())
+        );
+    }
+
+    #[test]
+    fn malformed_b3_is_ignored() {
+        let bad = [
+            "0",
+            "1",
+            "d",
+            "-",
+            "80f198ee56343ba864fe8b2a57d3eff7",
+            "80f198ee56343ba864fe8b2a57d3eff7-",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-2",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-zz",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90-x",
+            "80f198ee56343ba8-e457b5a2e4d86bd",
+            "00000000000000000000000000000000-e457b5a2e4d86bd1",
+            "+0f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1",
+        ];
+        for v in bad {
+            assert_eq!(extract(&map(&[("b3", v)]), true), None, "{v:?}");
+        }
+        let missing_span = map(&[("x-b3-traceid", "463ac35c9f6413ad")]);
+        assert_eq!(extract(&missing_span, true), None);
+        let bad_sampled = map(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "yes"),
+        ]);
+        assert_eq!(extract(&bad_sampled, true), None);
+    }
+
+    #[test]
+    fn injects_what_it_extracts() {
+        let sc = SpanContext::new(
+            TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736),
+            SpanId::from(0x1122334455667788),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let parent = SpanId::from(0x00f067aa0ba902b7);
+        let mut h = map(&[("tracestate", "k=v"), ("x-b3-flags", "1")]);
+        inject(&mut h, &sc, Some(parent), true, true);
+        assert_eq!(
+            h.get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1122334455667788-01")
+        );
+        assert_eq!(
+            h.get(B3).and_then(|v| v.to_str().ok()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736-1122334455667788-1-00f067aa0ba902b7")
+        );
+        assert!(h.get(TRACESTATE).is_some(), "kept when the trace continues");
+        assert!(h.get(B3_FLAGS).is_none());
+        assert_eq!(
+            h.get(B3_PARENT_SPAN_ID).and_then(|v| v.to_str().ok()),
+            Some("00f067aa0ba902b7")
+        );
+        for b3 in [false, true] {
+            let e = extract(&h, b3).expect("round trip");
+            assert_eq!(e.trace_id, sc.trace_id());
+            assert_eq!(e.span_id, sc.span_id());
+            assert_eq!(e.sampled, Sampled::Yes);
+        }
+
+        let unsampled = SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            TraceFlags::default(),
+            false,
+            TraceState::default(),
+        );
+        let mut h = map(&[("tracestate", "k=v"), ("b3", "stale")]);
+        inject(&mut h, &unsampled, None, false, false);
+        assert!(
+            h.get(TRACEPARENT)
+                .is_some_and(|v| v.as_bytes().ends_with(b"-00"))
+        );
+        assert!(h.get(TRACESTATE).is_none(), "dropped on a new trace");
+        assert_eq!(h.get(B3).map(|v| v.as_bytes()), Some(&b"stale"[..]));
+    }
+}
