@@ -20,6 +20,7 @@ use crate::http::{self, PrefixedIo, inbound::Caller};
 use crate::listen;
 use crate::mesh_tls::{ALPN_H2, peer_services};
 use crate::outbound::forward_with;
+use crate::telemetry::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -139,8 +140,11 @@ async fn plaintext(
     let _active = shared.metrics.opened(INBOUND, detection.protocol.label());
     if detection.protocol != Protocol::Opaque {
         // Plaintext HTTP (mTLS off, or PERMISSIVE): no identity, so no permission applies.
+        let caller = Caller {
+            peer: stream.peer_addr().ok(),
+            ..Caller::default()
+        };
         let io = PrefixedIo::new(detection.prefix, stream);
-        let caller = Caller::default();
         Box::pin(http::inbound::serve(
             shared.clone(),
             cfg.clone(),
@@ -156,7 +160,18 @@ async fn plaintext(
     let Some(up) = Box::pin(upstream(shared, inbound, transparent)).await else {
         return;
     };
-    forward_with(shared, INBOUND, stream, up, detection.prefix).await;
+    let start = std::time::SystemTime::now();
+    let began = std::time::Instant::now();
+    let (sent, received) = forward_with(shared, INBOUND, stream, up, detection.prefix).await;
+    cfg.telemetry.connection(
+        Direction::Inbound,
+        &inbound.service,
+        None,
+        start,
+        began.elapsed(),
+        sent,
+        received,
+    );
 }
 
 async fn mesh_tls(
@@ -206,7 +221,11 @@ async fn mesh_tls(
             Authz::Deny(origin) => Some(origin),
         };
         let _active = shared.metrics.opened(INBOUND, protocol.label());
-        let caller = Caller { sources, denied };
+        let caller = Caller {
+            sources,
+            denied,
+            peer,
+        };
         Box::pin(http::inbound::serve(
             shared.clone(),
             cfg.clone(),
@@ -234,5 +253,16 @@ async fn mesh_tls(
         return;
     };
     let _active = shared.metrics.opened(INBOUND, protocol.label());
-    forward_with(shared, INBOUND, tls, up, Vec::new()).await;
+    let start = std::time::SystemTime::now();
+    let began = std::time::Instant::now();
+    let (sent, received) = forward_with(shared, INBOUND, tls, up, Vec::new()).await;
+    cfg.telemetry.connection(
+        Direction::Inbound,
+        &inbound.service,
+        sources.first().map(String::as_str),
+        start,
+        began.elapsed(),
+        sent,
+        received,
+    );
 }

@@ -17,6 +17,7 @@ use crate::detect::{Detection, Protocol, detect};
 use crate::http::PrefixedIo;
 use crate::listen::{self, OwnSocketEntry};
 use crate::mesh_tls::ALPN_TCP;
+use crate::telemetry::Direction;
 use rustls_pki_types::ServerName;
 use std::io;
 use std::net::SocketAddr;
@@ -134,11 +135,22 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
         return;
     };
     let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
-    match upstream {
+    let start = std::time::SystemTime::now();
+    let began = std::time::Instant::now();
+    let (sent, received) = match upstream {
         Upstream::Plain(up) => forward(shared, client, up, detection.prefix).await,
         // Kept boxed: the TLS state is large and must not be copied into each future layer.
         Upstream::Tls(up) => forward(shared, client, up, detection.prefix).await,
-    }
+    };
+    cfg.telemetry.connection(
+        Direction::Outbound,
+        service,
+        Some(service),
+        start,
+        began.elapsed(),
+        sent,
+        received,
+    );
 }
 
 enum Upstream {
@@ -208,14 +220,16 @@ async fn connect_endpoint<'c>(
     None
 }
 
-/// Sends `prefix` upstream (and frees it), then copies both ways; counts the bytes.
+/// Sends `prefix` upstream (and frees it), then copies both ways; counts the bytes and
+/// returns them (sent upstream, received from upstream).
 pub(crate) async fn forward_with<D, U>(
     shared: &Shared,
     direction: &'static str,
     mut down: D,
     mut up: U,
     prefix: Vec<u8>,
-) where
+) -> (u64, u64)
+where
     D: AsyncRead + AsyncWrite + ReadReady + Unpin,
     U: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
@@ -224,21 +238,25 @@ pub(crate) async fn forward_with<D, U>(
         && let Err(e) = up.write_all(&prefix).await
     {
         tracing::debug!(error = %e, "upstream write failed");
-        return;
+        return (0, 0);
     }
     drop(prefix);
     let result: io::Result<(u64, u64)> = copy_bidirectional(&mut down, &mut up).await;
     match result {
         Ok((sent, received)) => {
             shared.metrics.bytes(direction, sent + prefix_len, received);
+            (sent + prefix_len, received)
         }
-        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+        Err(e) => {
+            tracing::debug!(error = %e, "connection ended with an error");
+            (0, 0)
+        }
     }
 }
 
-async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: Vec<u8>)
+async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: Vec<u8>) -> (u64, u64)
 where
     U: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    forward_with(shared, OUTBOUND, client, up, prefix).await;
+    forward_with(shared, OUTBOUND, client, up, prefix).await
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use weft_api::proto::{self as pb, mtls::Mode};
 use weft_proxy::drain::Drain;
 use weft_proxy::mesh_tls::MeshTls;
+use weft_proxy::telemetry::{Telemetry, TelemetrySettings};
 use weft_proxy::{DataPath, DataPathOptions, ProxyConfig};
 
 const MESH: &str = "default";
@@ -135,6 +136,10 @@ fn start(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>) -> Proxy {
 }
 
 fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Duration) -> Proxy {
+    let telemetry = Telemetry::new();
+    telemetry
+        .apply(&TelemetrySettings::from_snapshot(snap))
+        .expect("telemetry settings");
     let drain = Drain::new();
     let opts = DataPathOptions {
         transparent_ip: "127.0.0.1".parse().unwrap(),
@@ -142,7 +147,9 @@ fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Durat
         request_timeout,
         ..DataPathOptions::default()
     };
-    let cfg = ProxyConfig::from_snapshot(snap).expect("valid snapshot");
+    let cfg = ProxyConfig::from_snapshot(snap)
+        .expect("valid snapshot")
+        .with_telemetry(telemetry);
     let dp = DataPath::start(
         cfg,
         tls,
@@ -167,7 +174,7 @@ struct Endpoint {
 
 struct Mesh {
     _ca: TestCa,
-    _client: Proxy,
+    client: Proxy,
     servers: Vec<Proxy>,
     /// The client proxy's outbound listener for `api`.
     outbound: SocketAddr,
@@ -185,8 +192,19 @@ fn mesh_with(
     groups: Vec<Vec<Endpoint>>,
     api: impl FnOnce(&mut pb::OutboundService),
 ) -> Mesh {
+    mesh_full(request_timeout, None, groups, api)
+}
+
+/// [`mesh`] with the client proxy's request timeout and the mesh's logging backend.
+fn mesh_full(
+    request_timeout: Duration,
+    logging: Option<pb::LoggingBackend>,
+    groups: Vec<Vec<Endpoint>>,
+    api: impl FnOnce(&mut pb::OutboundService),
+) -> Mesh {
     let ca = TestCa::new(MESH);
-    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let mut settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    settings.logging = logging;
     let mut out = pb::OutboundService {
         service: "api".into(),
         ..Default::default()
@@ -239,7 +257,7 @@ fn mesh_with(
     );
     Mesh {
         _ca: ca,
-        _client: client,
+        client,
         servers,
         outbound: SocketAddr::from(([127, 0, 0, 1], outbound_port)),
     }
@@ -761,5 +779,66 @@ mod grpc {
             replies.next().await.is_none(),
             "the stream ends when the client's does"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sidecars_count_and_log_each_request_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let logging = pb::LoggingBackend {
+        enabled: true,
+        name: "file".into(),
+        backend_type: "file".into(),
+        destination: log.display().to_string(),
+    };
+    let m = mesh_full(
+        Duration::from_secs(5),
+        Some(logging),
+        vec![vec![endpoint("v1", app("one").await)]],
+        |_| {},
+    );
+    let c = http1_client();
+    for i in 0..20 {
+        let (status, _) = get(&c, &format!("http://{}/item/{i}?q=secret", m.outbound), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let client_totals = m.client.dp.as_ref().unwrap().config().telemetry.totals();
+    let server_totals = m.servers[0]
+        .dp
+        .as_ref()
+        .unwrap()
+        .config()
+        .telemetry
+        .totals();
+    assert_eq!(client_totals, (20, 0));
+    assert_eq!(server_totals, (20, 0));
+    // Both sidecars write to the same file here: 20 outbound and 20 inbound lines.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        if lines.len() >= 40 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 40, "{lines:?}");
+    for direction in ["outbound", "inbound"] {
+        let mut paths: Vec<String> = lines
+            .iter()
+            .filter(|l| l["direction"] == direction)
+            .map(|l| {
+                assert_eq!(l["status"], 200, "{l}");
+                l["path"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        paths.sort();
+        let mut want: Vec<String> = (0..20).map(|i| format!("/item/{i}")).collect();
+        want.sort();
+        assert_eq!(paths, want, "{direction}");
     }
 }

@@ -5,20 +5,26 @@
 //! something until it ends (the endpoint's in-flight guard, the request's observation), so
 //! that load and duration cover the whole exchange, streaming included.
 
+use crate::telemetry::RequestObservation;
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-/// Called once with the bytes the body carried, and whether it ended cleanly.
-pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
+/// Counts the bytes of a request body, for the observation its response body finishes.
+pub type ByteCount = Arc<AtomicU64>;
 
 /// A forwarded or locally made body.
 pub struct Body {
     kind: Kind,
     bytes: u64,
     hold: Option<crate::balance::InFlight>,
-    on_end: Option<OnEnd>,
+    /// This body's bytes go here as they pass (a request body, for its observation).
+    count: Option<ByteCount>,
+    /// Finished when this (response) body ends: with the request's bytes and this body's.
+    observation: Option<(RequestObservation, Option<ByteCount>)>,
 }
 
 enum Kind {
@@ -55,7 +61,8 @@ impl Body {
             kind,
             bytes: 0,
             hold: None,
-            on_end: None,
+            count: None,
+            observation: None,
         }
     }
 
@@ -65,16 +72,34 @@ impl Body {
         self
     }
 
-    /// Calls `f` once, when the body ends or is dropped unfinished.
-    pub fn on_end(mut self, f: OnEnd) -> Self {
-        self.on_end = Some(f);
+    /// Adds this body's bytes to `count` as they pass.
+    pub fn count_into(mut self, count: ByteCount) -> Self {
+        self.count = Some(count);
+        self
+    }
+
+    /// Finishes `observation` when this body ends (or is dropped unfinished), with the bytes
+    /// of the request (`request_bytes`, when counted) and of this body.
+    pub fn finish(
+        mut self,
+        observation: RequestObservation,
+        request_bytes: Option<ByteCount>,
+    ) -> Self {
+        self.observation = Some((observation, request_bytes));
         self
     }
 
     fn end(&mut self, clean: bool) {
         self.hold = None;
-        if let Some(f) = self.on_end.take() {
-            f(self.bytes, clean);
+        if let Some(c) = &self.count {
+            c.fetch_add(self.bytes, Ordering::Relaxed);
+            self.bytes = 0;
+            self.count = None;
+        }
+        if let Some((obs, request)) = self.observation.take() {
+            let sent = request.map_or(0, |c| c.load(Ordering::Relaxed));
+            let error = (!clean).then_some("response aborted");
+            obs.finish(sent, self.bytes, error);
         }
     }
 }

@@ -8,12 +8,14 @@
 use crate::config::{Inbound, ProxyConfig};
 use crate::datapath::Shared;
 use crate::detect::Protocol;
-use crate::http::body::Body;
+use crate::http::body::{Body, ByteCount};
+use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
 use crate::http::{
     DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, local_response, strip_hop_by_hop, tunnel,
 };
 use crate::listen;
+use crate::telemetry::{Direction, RequestObservation};
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -131,6 +133,8 @@ struct Ctx {
     /// `Some(origin)` when the source is denied.
     denied: Option<Option<String>>,
     sources: Vec<String>,
+    peer: Option<SocketAddr>,
+    telemetry: crate::telemetry::Telemetry,
 }
 
 /// Who is calling, as far as the connection tells.
@@ -140,12 +144,14 @@ pub(crate) struct Caller {
     pub(crate) sources: Vec<String>,
     /// `Some(policy)` when the permissions deny the caller (`Some(None)`: no rule allows).
     pub(crate) denied: Option<Option<String>>,
+    /// The caller's address.
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 /// Serves one connection to `inbound` that carries HTTP (`protocol`: HTTP/1 or HTTP/2).
 pub(crate) async fn serve<I>(
     shared: Arc<Shared>,
-    _cfg: Arc<ProxyConfig>,
+    cfg: Arc<ProxyConfig>,
     inbound: &Inbound,
     io: I,
     protocol: Protocol,
@@ -167,6 +173,8 @@ pub(crate) async fn serve<I>(
         clients,
         denied: caller.denied,
         sources: caller.sources,
+        peer: caller.peer,
+        telemetry: cfg.telemetry.clone(),
     });
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -175,26 +183,55 @@ pub(crate) async fn serve<I>(
     serve_connection(TokioIo::new(io), protocol, svc, &drain).await;
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let observation = ctx.telemetry.begin(
+        Direction::Inbound,
+        &ctx.service,
+        ctx.sources.first().map(String::as_str),
+        &method,
+        &uri,
+        req.headers_mut(),
+    );
+    forward(&ctx, req, observation).await
+}
+
+async fn forward(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    mut observation: RequestObservation,
+) -> Response<Body> {
+    if let Some(peer) = ctx.peer {
+        observation.peer_address(peer);
+    }
     if let Some(origin) = &ctx.denied {
         tracing::info!(sources = ?ctx.sources, service = %ctx.service, ?origin,
             "request denied by the mesh's permissions");
         ctx.shared.metrics.authz_denied.inc();
-        return local_response(StatusCode::FORBIDDEN, "denied by the mesh's permissions\n");
+        return observed(
+            local_response(StatusCode::FORBIDDEN, "denied by the mesh's permissions\n"),
+            observation,
+        );
     }
     if req.headers().len() > MAX_HEADERS {
-        return local_response(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "too many header fields\n",
+        return observed(
+            local_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields\n",
+            ),
+            observation,
         );
     }
     let downstream_http1 = req.version() < Version::HTTP_2;
     let upstream_authority = Authority::try_from(ctx.upstream.to_string().as_str()).ok();
     if tunnel::is_tunnel(&req) {
         let Some(a) = upstream_authority else {
-            return local_response(StatusCode::BAD_GATEWAY, "bad app address\n");
+            return observed(
+                local_response(StatusCode::BAD_GATEWAY, "bad app address\n"),
+                observation,
+            );
         };
-        return tunnel::inbound(&ctx.clients, req, a).await;
+        return observed(tunnel::inbound(&ctx.clients, req, a).await, observation);
     }
     let (mut parts, body) = req.into_parts();
     let caller_http1 =
@@ -208,7 +245,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::EXPECT);
     let Some(authority) = authority_of(&parts.uri, &parts.headers).or(upstream_authority) else {
-        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+        return observed(
+            local_response(StatusCode::BAD_REQUEST, "no usable authority\n"),
+            observation,
+        );
     };
     if app_http2 {
         parts.headers.remove(header::HOST);
@@ -222,7 +262,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         parts.version = Version::HTTP_11;
     }
     let Some(uri) = absolute_uri(authority, &parts.uri) else {
-        return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
+        return observed(
+            local_response(StatusCode::BAD_REQUEST, "no usable authority\n"),
+            observation,
+        );
     };
     parts.uri = uri;
     let client = if app_http2 {
@@ -230,15 +273,20 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     } else {
         &ctx.clients.http1
     };
-    let resp = match client
-        .request(Request::from_parts(parts, Body::incoming(body)))
-        .await
-    {
+    let mut body = Body::incoming(body);
+    let request_bytes = ctx.telemetry.access_log_enabled().then(ByteCount::default);
+    if let Some(c) = &request_bytes {
+        body = body.count_into(c.clone());
+    }
+    let resp = match client.request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, error = %e,
                 "app request failed");
-            return local_response(StatusCode::BAD_GATEWAY, "app request failed\n");
+            return observed(
+                local_response(StatusCode::BAD_GATEWAY, "app request failed\n"),
+                observation,
+            );
         }
     };
     let (mut rp, rb) = resp.into_parts();
@@ -248,5 +296,6 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     } else {
         Version::HTTP_2
     };
-    Response::from_parts(rp, Body::incoming(rb))
+    observation.status(rp.status.as_u16());
+    Response::from_parts(rp, Body::incoming(rb).finish(observation, request_bytes))
 }

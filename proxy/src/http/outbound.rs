@@ -11,12 +11,13 @@ use crate::balance::InFlight;
 use crate::config::ProxyConfig;
 use crate::datapath::Shared;
 use crate::detect::Protocol;
-use crate::http::body::Body;
+use crate::http::body::{Body, ByteCount};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
     local_response, strip_hop_by_hop, tunnel,
 };
 use crate::route::{HttpRule, Service, Target};
+use crate::telemetry::{Direction, RequestObservation};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -160,6 +161,15 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     parts.headers.remove(&DOWNSTREAM_PROTOCOL);
     // 100-continue was answered to the app by hyper as the body was first read.
     parts.headers.remove(header::EXPECT);
+    let telemetry = &ctx.cfg.telemetry;
+    let mut observation = telemetry.begin(
+        Direction::Outbound,
+        &ctx.service,
+        Some(&ctx.service),
+        &parts.method,
+        &parts.uri,
+        &mut parts.headers,
+    );
     let rule = svc.rule_for(&parts.method, parts.uri.path(), &parts.headers);
     if let Some(r) = rule {
         r.request_headers.apply(&mut parts.headers);
@@ -171,10 +181,15 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     parts.uri = uri;
     parts.version = Version::HTTP_2;
 
-    let req = Request::from_parts(parts, Body::incoming(body));
-    let (resp, in_flight) = match send(&ctx, svc, rule, req).await {
+    let mut body = Body::incoming(body);
+    let request_bytes = telemetry.access_log_enabled().then(ByteCount::default);
+    if let Some(c) = &request_bytes {
+        body = body.count_into(c.clone());
+    }
+    let req = Request::from_parts(parts, body);
+    let (resp, in_flight, endpoint) = match send(&ctx, svc, rule, req).await {
         Ok(r) => r,
-        Err(local) => return local,
+        Err(local) => return observed(local, observation),
     };
     in_flight.observe();
     let (mut rp, rb) = resp.into_parts();
@@ -187,7 +202,22 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     } else {
         Version::HTTP_2
     };
-    Response::from_parts(rp, Body::incoming(rb).hold(in_flight))
+    observation.status(rp.status.as_u16());
+    observation.peer_address(endpoint);
+    let body = Body::incoming(rb)
+        .hold(in_flight)
+        .finish(observation, request_bytes);
+    Response::from_parts(rp, body)
+}
+
+/// A response the proxy made itself, with its observation finished.
+pub(crate) fn observed(
+    resp: Response<Body>,
+    mut observation: RequestObservation,
+) -> Response<Body> {
+    observation.status(resp.status().as_u16());
+    observation.finish(0, 0, None);
+    resp
 }
 
 /// Sends `req` to an endpoint and waits for the response head. A request the connection
@@ -198,7 +228,7 @@ async fn send(
     svc: &Service,
     rule: Option<&HttpRule>,
     mut req: Request<Body>,
-) -> Result<(Response<Incoming>, InFlight), Response<Body>> {
+) -> Result<(Response<Incoming>, InFlight, SocketAddr), Response<Body>> {
     for _ in 0..CONNECT_ATTEMPTS {
         let (target, mut sender) = connect(ctx, svc, rule).await?;
         let in_flight = target.endpoint.start();
@@ -208,7 +238,7 @@ async fn send(
         )
         .await;
         match sent {
-            Ok(Ok(resp)) => return Ok((resp, in_flight)),
+            Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) => {
                     tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
