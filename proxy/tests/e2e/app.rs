@@ -11,6 +11,82 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use weft_tests::Host;
 
+/// An HTTP app: answers every request with `200` and the body `<label> <path>`, one request
+/// per connection. Stops with its guard.
+pub struct HttpApp {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpApp {
+    /// Listens on `0.0.0.0:port` inside `host`.
+    pub fn start(host: &Host, port: u16, label: &str) -> HttpApp {
+        let listener = host
+            .enter(move || TcpListener::bind(("0.0.0.0", port)))
+            .expect("enter")
+            .expect("bind the app");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let label = label.to_string();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let label = label.clone();
+                            std::thread::spawn(move || serve_http(conn, &label));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        HttpApp {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_http(conn: TcpStream, label: &str) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" || line == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let body = format!("{label} {path}");
+    let mut w = write_half;
+    let _ = write!(
+        w,
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
 /// A line server standing in for an application. For each line it answers
 /// `<label> <peer-ip> <line>`; a line `SLOW <ms> …` is answered after `<ms>` milliseconds.
 pub struct App {

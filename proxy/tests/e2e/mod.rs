@@ -12,7 +12,7 @@ mod app;
 mod capture;
 
 use app::connect_in;
-pub use app::{App, connect, exchange, http_get, request, request_from};
+pub use app::{App, HttpApp, connect, exchange, http_get, request, request_from};
 pub use capture::{Capture, contains};
 
 use std::fs;
@@ -310,6 +310,18 @@ impl ControlPlane {
 
 /// A Dataplane in transparent mode with one TCP inbound `port` for `service`.
 pub fn dataplane_yaml(mesh: &str, name: &str, ip: Ipv4Addr, service: &str, port: u16) -> String {
+    dataplane_yaml_as(mesh, name, ip, service, port, "tcp")
+}
+
+/// [`dataplane_yaml`] with the inbound's `kuma.io/protocol`.
+pub fn dataplane_yaml_as(
+    mesh: &str,
+    name: &str,
+    ip: Ipv4Addr,
+    service: &str,
+    port: u16,
+    protocol: &str,
+) -> String {
     format!(
         "type: Dataplane
 mesh: {mesh}
@@ -321,7 +333,7 @@ networking:
       servicePort: {port}
       tags:
         kuma.io/service: {service}
-        kuma.io/protocol: tcp
+        kuma.io/protocol: {protocol}
   transparentProxying:
     redirectPortInbound: 15006
     redirectPortOutbound: 15001
@@ -386,13 +398,28 @@ impl Sidecar {
         service: &str,
         port: u16,
     ) -> Sidecar {
+        Self::start_as(env, cp, host, mesh, name, service, port, "tcp")
+    }
+
+    /// [`Sidecar::start`] with the inbound's `kuma.io/protocol`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_as(
+        env: &Env,
+        cp: &ControlPlane,
+        host: &Host,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Sidecar {
         let mut rules = Command::new(&env.bins.iptables);
         rules.args(["install", "--proxy-uid", &PROXY_UID.to_string()]);
         env.run(host, rules);
 
         let dp = env.write(
             &format!("dp-{name}.yaml"),
-            &dataplane_yaml(mesh, name, host.ip(), service, port),
+            &dataplane_yaml_as(mesh, name, host.ip(), service, port, protocol),
         );
         let token = env.write(&format!("token-{name}"), &cp.token(mesh, name));
         let (log, _) = env.log(&format!("weft-proxy-{name}"));
