@@ -5,7 +5,7 @@
 //! writes costs one reload) and publishes them on a `watch` channel; each stream wakes, builds
 //! its proxy's snapshot from the new view, and sends it only if its version changed.
 
-use super::snapshot;
+use super::snapshot::{self, EncodedSnapshot};
 use super::view::{self, MeshView, TrustSource, Views};
 use crate::store::Store;
 use serde::Serialize;
@@ -80,7 +80,7 @@ impl SentSnapshot {
             .dataplanes
             .get(&self.name)
             .unwrap_or(&self.registered);
-        let mut snap = snapshot::build(&self.mesh, &self.name, dp, &self.view);
+        let mut snap = snapshot::build_message(&self.mesh, &self.name, dp, &self.view);
         snap.nonce = self.nonce.clone();
         snap
     }
@@ -198,7 +198,7 @@ impl Hub {
         mesh: &str,
         name: &str,
         registered: &DataplaneSpec,
-    ) -> Option<Snapshot> {
+    ) -> Option<EncodedSnapshot> {
         let view = views.meshes.get(mesh)?;
         let dp = view.dataplanes.get(name).unwrap_or(registered);
         Some(snapshot::build(mesh, name, dp, view))

@@ -5,6 +5,8 @@
 //! - [`snapshot`]: one proxy's snapshot from its mesh's view (pure, hashed for its version).
 //! - [`hub`]: who is connected, what each was sent and acknowledged; the view reloader.
 //! - [`server`]: the `Discovery.Stream` gRPC service and the dataplane lifecycle.
+//! - [`grpc`]: the service's tonic wiring, which sends snapshots as spliced bytes.
+pub mod grpc;
 pub mod hub;
 pub mod server;
 pub mod snapshot;
