@@ -122,31 +122,50 @@ impl EncodedSnapshot {
         self.nonce = nonce;
     }
 
-    fn chunks(&self) -> [&[u8]; 5] {
+    /// The parts after version and nonce, in tag order.
+    fn parts(&self) -> [Bytes; 5] {
         let (a, b) = self.split;
         [
-            &self.own[..a],
-            &self.mesh.bytes,
-            &self.own[a..b],
-            &self.outbounds.bytes,
-            &self.own[b..],
+            self.own.slice(..a),
+            self.mesh.bytes.clone(),
+            self.own.slice(a..b),
+            self.outbounds.bytes.clone(),
+            self.own.slice(b..),
         ]
     }
 
     /// The length of [`EncodedSnapshot::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        string_len(tag::VERSION, &self.version)
-            + string_len(tag::NONCE, &self.nonce)
-            + self.chunks().iter().map(|c| c.len()).sum::<usize>()
+        let (a, _) = self.split;
+        self.head_len(a) + self.own.len() - a + self.mesh.bytes.len() + self.outbounds.bytes.len()
+    }
+
+    /// The length of version, nonce and the first `own` bytes.
+    fn head_len(&self, own: usize) -> usize {
+        string_len(tag::VERSION, &self.version) + string_len(tag::NONCE, &self.nonce) + own
     }
 
     /// Writes the snapshot's protobuf encoding (no length prefix).
     pub fn encode(&self, buf: &mut impl BufMut) {
         put_string(tag::VERSION, &self.version, buf);
         put_string(tag::NONCE, &self.nonce, buf);
-        for chunk in self.chunks() {
-            buf.put_slice(chunk);
+        for part in self.parts() {
+            buf.put_slice(&part);
         }
+    }
+
+    /// Appends `prefix` and the encoding to `out` as chunks without copying the shared parts:
+    /// `prefix`, version, nonce and the proxy's identity in a new first chunk, then the parts
+    /// as references (empty ones left out).
+    pub fn chunks(&self, prefix: &[u8], out: &mut impl Extend<Bytes>) {
+        let [identity, rest @ ..] = self.parts();
+        let mut first = Vec::with_capacity(prefix.len() + self.head_len(identity.len()));
+        first.extend_from_slice(prefix);
+        put_string(tag::VERSION, &self.version, &mut first);
+        put_string(tag::NONCE, &self.nonce, &mut first);
+        first.extend_from_slice(&identity);
+        out.extend(std::iter::once(Bytes::from(first)));
+        out.extend(rest.into_iter().filter(|p| !p.is_empty()));
     }
 
     /// The encoding as one buffer.
@@ -365,6 +384,14 @@ mod tests {
         assert_eq!(bytes, snap.encode_to_vec());
         assert_eq!(bytes.len(), encoded.encoded_len());
         assert_eq!(pb::Snapshot::decode(bytes.as_slice()).ok(), Some(snap));
+        let mut chunks: Vec<Bytes> = Vec::new();
+        encoded.chunks(b"frame", &mut chunks);
+        assert_eq!(chunks.concat(), [b"frame".as_slice(), &bytes].concat());
+        assert_eq!(
+            chunks[3].as_ptr(),
+            encoded.outbounds.bytes.as_ptr(),
+            "the outbounds are shared, not copied"
+        );
     }
 
     #[test]
