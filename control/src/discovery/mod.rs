@@ -12,6 +12,6 @@ pub mod server;
 pub mod snapshot;
 pub mod view;
 
-pub use hub::{Hub, ProxyStatus, SentSnapshot};
+pub use hub::{Hub, ProxyStatus, SentSnapshot, StatsReport};
 pub use server::{DataplaneAuth, DiscoveryService};
 pub use view::{NoTrust, TrustSource};

@@ -3,11 +3,13 @@
 //! A stream's life: the first message must be a `Register` with the Dataplane; the token in
 //! the `authorization` metadata must be for that mesh and name; the name must not be online
 //! already. The Dataplane is validated like an apply and upserted, and the stream then gets a
-//! snapshot, and another each time its content changes. A stream that ends cleanly
-//! deregisters the dataplane (graceful exit); one that breaks leaves it offline.
+//! snapshot, and another each time its content changes. The proxy ACKs or NACKs each one and
+//! reports its traffic totals (`ProxyStats`) now and then; the hub keeps the latest report.
+//! A stream that ends cleanly deregisters the dataplane (graceful exit); one that breaks
+//! leaves it offline.
 
 use super::grpc::DiscoveryServer;
-use super::hub::{Hub, SentSnapshot, now_rfc3339};
+use super::hub::{Hub, SentSnapshot, StatsReport, now_rfc3339};
 use super::snapshot::EncodedSnapshot;
 use futures::Stream;
 use std::pin::Pin;
@@ -224,9 +226,20 @@ async fn serve_stream(
                         st.last_seen = Some(now_rfc3339());
                     });
                 }
-                Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("only Ack and Nack may follow Register"))).await;
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Stats(stats)) })) => {
+                    let report = StatsReport::received(&stats);
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        st.last_seen = Some(report.reported_at.clone());
+                        st.stats = Some(report);
+                    });
+                }
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Register(_)) })) => {
+                    let _ = tx.send(Err(Status::invalid_argument("a stream registers once; only Ack, Nack and ProxyStats may follow Register"))).await;
                     break false;
+                }
+                Ok(Some(DiscoveryRequest { kind: None })) => {
+                    // A kind this control plane does not know, from a newer proxy.
+                    tracing::debug!(%mesh, %name, "ignoring an unknown discovery request");
                 }
                 Ok(None) => break true,
                 Err(status) => {
