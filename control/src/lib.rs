@@ -6,7 +6,8 @@
 //! - [`run`]: wiring for `weft-control run`: open the store, create `default`, serve.
 //! - [`identity`]: per-mesh CAs, dataplane tokens, and the `Identity.Certify` service.
 //! - [`discovery`]: the `Discovery.Stream` service and per-proxy snapshots.
-//! - [`client`]: a small blocking REST client, the engine of `weftctl`.
+//! - [`client`]: a small blocking REST client, the engine of `weftctl`; [`table`] and
+//!   [`inspect`] render what it prints.
 //!
 //! A resource's life: `weftctl apply` parses and validates the file locally
 //! ([`weft_api::parse`]), PUTs each document; [`rest`] parses and validates it again, checks
@@ -17,6 +18,8 @@
 pub mod client;
 pub mod discovery;
 pub mod identity;
+pub mod inspect;
 pub mod rest;
 pub mod run;
 pub mod store;
+pub mod table;

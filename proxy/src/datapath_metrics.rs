@@ -1,11 +1,15 @@
 //! The data path's Prometheus metrics. [`DataPathMetrics::register`] adds them to the proxy's
-//! registry; the data path only increments them.
+//! registry; the data path only increments them. [`DataPathMetrics::stats`] sums them up for
+//! the proxy's periodic report to the control plane.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use weft_api::proto::ProxyStats;
 
 /// `direction` label: `outbound` or `inbound`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +65,18 @@ pub struct DataPathMetrics {
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     /// `weft_loop_refused_total`: connections refused because they would loop to the proxy.
     pub loop_refused: Counter,
+    /// The same connections and bytes summed over all labels.
+    totals: Arc<Totals>,
+}
+
+/// Connection and byte counts over all labels, kept beside the labelled series so a report
+/// needs no walk over label sets.
+#[derive(Debug, Default)]
+struct Totals {
+    connections: AtomicU64,
+    active: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
 }
 
 impl DataPathMetrics {
@@ -130,7 +146,23 @@ impl DataPathMetrics {
             .inc();
     }
 
+    /// The data path's part of the proxy's traffic report: connections and bytes in both
+    /// directions. The request counts are the L7 layer's and stay 0 here.
+    pub fn stats(&self) -> ProxyStats {
+        let t = &self.totals;
+        ProxyStats {
+            requests_total: 0,
+            request_errors_total: 0,
+            connections_total: t.connections.load(Ordering::Relaxed),
+            connections_active: t.active.load(Ordering::Relaxed),
+            bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: t.bytes_received.load(Ordering::Relaxed),
+        }
+    }
+
     pub(crate) fn opened(&self, direction: &'static str, protocol: &'static str) -> ActiveGuard {
+        self.totals.connections.fetch_add(1, Ordering::Relaxed);
+        self.totals.active.fetch_add(1, Ordering::Relaxed);
         self.connections
             .get_or_create(&ConnectionLabels {
                 direction,
@@ -142,10 +174,14 @@ impl DataPathMetrics {
             .get_or_create(&DirectionLabels { direction })
             .clone();
         gauge.inc();
-        ActiveGuard(gauge)
+        ActiveGuard(gauge, self.totals.clone())
     }
 
     pub(crate) fn bytes(&self, direction: &'static str, sent: u64, received: u64) {
+        self.totals.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        self.totals
+            .bytes_received
+            .fetch_add(received, Ordering::Relaxed);
         for (flow, n) in [("sent", sent), ("received", received)] {
             if n > 0 {
                 self.bytes
@@ -157,10 +193,35 @@ impl DataPathMetrics {
 }
 
 /// Decrements `weft_connections_active` when the connection ends.
-pub(crate) struct ActiveGuard(Gauge);
+pub(crate) struct ActiveGuard(Gauge, Arc<Totals>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_sum_connections_and_bytes_over_labels() {
+        let m = DataPathMetrics::new();
+        let clone = m.clone();
+        let a = m.opened(OUTBOUND, "tcp");
+        let b = clone.opened(INBOUND, "http1");
+        m.bytes(OUTBOUND, 100, 7);
+        clone.bytes(INBOUND, 20, 0);
+        let s = m.stats();
+        assert_eq!((s.connections_total, s.connections_active), (2, 2));
+        assert_eq!((s.bytes_sent, s.bytes_received), (120, 7));
+        assert_eq!((s.requests_total, s.request_errors_total), (0, 0));
+        drop(a);
+        assert_eq!(clone.stats().connections_active, 1);
+        drop(b);
+        assert_eq!(m.stats().connections_active, 0);
+        assert_eq!(m.stats().connections_total, 2);
     }
 }

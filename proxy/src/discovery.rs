@@ -1,5 +1,7 @@
 //! The discovery client: registers this proxy's Dataplane, applies each snapshot the control
-//! plane pushes (as a whole, or not at all), and ACKs or NACKs it.
+//! plane pushes (as a whole, or not at all), and ACKs or NACKs it. With
+//! [`Discovery::with_stats`] it also reports the proxy's traffic totals (`ProxyStats`) every
+//! interval, for `weftctl inspect dataplanes`.
 //!
 //! Static stability: the last good snapshot stays applied while the control plane is away;
 //! the client reconnects with capped exponential backoff and jitter, and
@@ -15,7 +17,33 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use weft_api::proto::discovery_client::DiscoveryClient as GrpcClient;
 use weft_api::proto::discovery_request::Kind;
-use weft_api::proto::{Ack, DiscoveryRequest, Nack, Register, Snapshot};
+use weft_api::proto::{Ack, DiscoveryRequest, Nack, ProxyStats, Register, Snapshot};
+
+/// How often a proxy reports its traffic totals by default.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where the discovery client reads the traffic totals it reports.
+///
+/// Any `Fn() -> ProxyStats` is a source. `weft-proxy run` fills the connection and byte
+/// counts from the data path ([`crate::datapath_metrics::DataPathMetrics::stats`]); the
+/// request counts come from the L7 layer and are 0 without one.
+pub trait StatsSource: Send + Sync {
+    /// The totals since the proxy started.
+    fn stats(&self) -> ProxyStats;
+}
+
+impl<F: Fn() -> ProxyStats + Send + Sync> StatsSource for F {
+    fn stats(&self) -> ProxyStats {
+        self()
+    }
+}
+
+/// Periodic traffic reports: their source and interval.
+#[derive(Clone)]
+struct Reporting {
+    source: Arc<dyn StatsSource>,
+    every: Duration,
+}
 
 /// Reconnect delays: doubling from `initial` up to `max`, each scaled by a random 50–100%.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +85,7 @@ pub struct Discovery {
     metrics: Arc<Metrics>,
     reconnect: Reconnect,
     applied: watch::Sender<Option<Arc<Snapshot>>>,
+    reporting: Option<Reporting>,
 }
 
 impl Discovery {
@@ -75,7 +104,18 @@ impl Discovery {
             metrics,
             reconnect: Reconnect::default(),
             applied,
+            reporting: None,
         }
+    }
+
+    /// Also reports `source`'s totals to the control plane every `every` (at least 1 ms)
+    /// while connected, the first one `every` after the stream opens.
+    pub fn with_stats(mut self, source: Arc<dyn StatsSource>, every: Duration) -> Self {
+        self.reporting = Some(Reporting {
+            source,
+            every: every.max(Duration::from_millis(1)),
+        });
+        self
     }
 
     /// The last snapshot applied (for `/config` and readiness).
@@ -145,9 +185,22 @@ impl Discovery {
         };
         self.metrics.cp_connected.set(1);
         tracing::info!("connected to the control plane");
+        let mut reports = self.reporting.as_ref().map(|r| {
+            let mut every =
+                tokio::time::interval_at(tokio::time::Instant::now() + r.every, r.every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (every, r.source.clone())
+        });
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
+                stats = next_report(&mut reports) => {
+                    match tx.try_send(DiscoveryRequest { kind: Some(Kind::Stats(stats)) }) {
+                        // Full: ACKs are queued; the next report carries the same totals.
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err("the stream closed".into()),
+                    }
+                }
                 _ = shutdown.cancelled() => {
                     // End our side cleanly; the control plane deregisters us and closes its side.
                     drop(tx);
@@ -195,6 +248,19 @@ impl Discovery {
                 return Err("the stream closed".into());
             }
         }
+    }
+}
+
+/// Waits for the next report tick and reads the totals; never resolves without reporting.
+async fn next_report(
+    reports: &mut Option<(tokio::time::Interval, Arc<dyn StatsSource>)>,
+) -> ProxyStats {
+    match reports {
+        Some((every, source)) => {
+            every.tick().await;
+            source.stats()
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -21,7 +21,7 @@
 use crate::admin::Admin;
 use crate::datapath::{DataPath, DataPathOptions};
 use crate::datapath_metrics::DataPathMetrics;
-use crate::discovery::{Apply, Discovery, render_template};
+use crate::discovery::{Apply, Discovery, StatsSource, render_template};
 use crate::drain::{Drain, DrainOutcome};
 use crate::identity::{Identity, IdentityConfig, TokenSource};
 use crate::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub admin_address: SocketAddr,
     /// How long in-flight connections may take to finish on shutdown.
     pub drain_time: Duration,
+    /// How often the proxy reports its traffic totals to the control plane.
+    pub stats_interval: Duration,
     /// Data-path options (detection timeout, …).
     pub options: DataPathOptions,
 }
@@ -127,7 +129,15 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     let channel = identity
         .channel()
         .map_err(|e| RunError::Invalid(e.to_string()))?;
-    let discovery = Arc::new(Discovery::new(channel, dataplane, token, metrics.clone()));
+    // The data path counts connections and bytes; request counts are the L7 layer's.
+    let stats: Arc<dyn StatsSource> = {
+        let dp_metrics = dp_metrics.clone();
+        Arc::new(move || dp_metrics.stats())
+    };
+    let discovery = Arc::new(
+        Discovery::new(channel, dataplane, token, metrics.clone())
+            .with_stats(stats, cfg.stats_interval),
+    );
     let applied = discovery.applied();
     let drain = Drain::new();
     let stop = CancellationToken::new();

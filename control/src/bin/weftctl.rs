@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use weft_api::ResourceType;
 use weft_api::parse::parse_documents;
 use weft_control::client::{Client, ClientError};
+use weft_control::{inspect, table};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Show what the control plane knows about running proxies: `inspect dataplanes [--mesh M]`.
+    Inspect {
+        #[command(subcommand)]
+        what: Inspect,
+    },
     /// Generate credentials: `generate dataplane-token --mesh M --name N [--valid-for 24h]`.
     Generate {
         #[command(subcommand)]
@@ -75,6 +81,20 @@ enum Command {
         /// Delete a mesh together with everything in it.
         #[arg(long)]
         cascade: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Inspect {
+    /// Each dataplane's status, last contact, request total, error rate and connection total,
+    /// as its proxy last reported them (every 10 s by default).
+    Dataplanes {
+        /// The mesh (default: every mesh).
+        #[arg(short, long)]
+        mesh: Option<String>,
+        /// Output format; json and yaml give the `dataplanes+insights` items.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -170,6 +190,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let body = client.get(&path)?;
             print_output(ty, &body, name.is_some(), output)
         }
+        Command::Inspect {
+            what: Inspect::Dataplanes { mesh, output },
+        } => inspect_dataplanes(&client, mesh, output),
         Command::Revoke {
             what: Revoke::DataplaneToken { mesh, id },
         } => {
@@ -256,6 +279,44 @@ fn apply(client: &Client, file: &str) -> Result<(), Failure> {
                 ));
             }
             Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn inspect_dataplanes(
+    client: &Client,
+    mesh: Option<String>,
+    output: Output,
+) -> Result<(), Failure> {
+    let meshes = match mesh {
+        Some(m) => vec![m],
+        None => client
+            .get("/meshes")?
+            .get("items")
+            .and_then(Value::as_array)
+            .map(|ms| {
+                ms.iter()
+                    .filter_map(|m| m.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut items = Vec::new();
+    for m in &meshes {
+        let body = client.get(&format!("/meshes/{m}/dataplanes+insights"))?;
+        if let Some(list) = body.get("items").and_then(Value::as_array) {
+            items.extend(list.iter().cloned());
+        }
+    }
+    match output {
+        Output::Table => print!(
+            "{}",
+            inspect::dataplanes_table(&items, std::time::SystemTime::now())
+        ),
+        Output::Json | Output::Yaml => {
+            let body = serde_json::json!({"total": items.len(), "items": items, "next": null});
+            print_output(ResourceType::Dataplane, &body, false, output)?;
         }
     }
     Ok(())
@@ -396,40 +457,11 @@ fn print_table(ty: ResourceType, items: &[Value]) {
                 .collect(),
         ),
     };
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("   ").trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row);
-    }
+    print!("{}", table::render(&header, &rows));
 }
 
 fn age(rfc3339: &str) -> String {
-    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else {
-        return String::new();
-    };
-    let secs = std::time::SystemTime::now()
-        .duration_since(t)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
+    table::age(rfc3339, std::time::SystemTime::now())
 }
 
 /// The `jti` claim of a JWT, read without verifying it (for the user's information only).

@@ -5,7 +5,7 @@
 //! writes costs one reload) and publishes them on a `watch` channel; each stream wakes, builds
 //! its proxy's snapshot from the new view, and sends it only if its version changed.
 
-use super::snapshot;
+use super::snapshot::{self, EncodedSnapshot};
 use super::view::{self, MeshView, TrustSource, Views};
 use crate::store::Store;
 use serde::Serialize;
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use weft_api::DataplaneSpec;
-use weft_api::proto::Snapshot;
+use weft_api::proto::{ProxyStats, Snapshot};
 
 /// How long the reloader waits for more changes before rebuilding the views.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -44,12 +44,49 @@ pub struct ProxyStatus {
     pub snapshots_sent: u64,
     /// When the proxy's certificate expires, RFC 3339 (set by the identity service).
     pub cert_expiry: Option<String>,
+    /// The proxy's latest traffic report (kept across reconnects and while offline).
+    pub stats: Option<StatsReport>,
     /// Identifies the stream that owns this entry.
     #[serde(skip)]
     pub stream_id: u64,
     /// What the last snapshot sent was built from.
     #[serde(skip)]
     pub last_sent: Option<SentSnapshot>,
+}
+
+/// A proxy's traffic totals since it started, as it last reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsReport {
+    /// HTTP requests handled (0 from a proxy without an L7 layer).
+    pub requests_total: u64,
+    /// Of those, 5xx answers and requests that failed without one.
+    pub request_errors_total: u64,
+    /// Connections accepted, inbound and outbound.
+    pub connections_total: u64,
+    /// Connections open at the time of the report.
+    pub connections_active: u64,
+    /// Bytes forwarded downstream to upstream.
+    pub bytes_sent: u64,
+    /// Bytes forwarded upstream to downstream.
+    pub bytes_received: u64,
+    /// When the control plane received the report, RFC 3339.
+    pub reported_at: String,
+}
+
+impl StatsReport {
+    /// The report of `stats`, received now.
+    pub fn received(stats: &ProxyStats) -> StatsReport {
+        StatsReport {
+            requests_total: stats.requests_total,
+            request_errors_total: stats.request_errors_total,
+            connections_total: stats.connections_total,
+            connections_active: stats.connections_active,
+            bytes_sent: stats.bytes_sent,
+            bytes_received: stats.bytes_received,
+            reported_at: now_rfc3339(),
+        }
+    }
 }
 
 /// The last snapshot sent to a proxy, kept as what it was built from rather than as the
@@ -80,7 +117,7 @@ impl SentSnapshot {
             .dataplanes
             .get(&self.name)
             .unwrap_or(&self.registered);
-        let mut snap = snapshot::build(&self.mesh, &self.name, dp, &self.view);
+        let mut snap = snapshot::build_message(&self.mesh, &self.name, dp, &self.view);
         snap.nonce = self.nonce.clone();
         snap
     }
@@ -141,12 +178,18 @@ impl Hub {
     pub async fn reload(self: &Arc<Self>) {
         let hub = self.clone();
         let offline = self.offline_map();
+        let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             view::load(hub.store.as_ref(), hub.trust.as_ref(), &offline)
         })
         .await;
         match loaded {
             Ok(Ok(v)) => {
+                tracing::debug!(
+                    revision = v.revision,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "views reloaded"
+                );
                 self.views_tx.send_replace(Arc::new(v));
             }
             Ok(Err(e)) => {
@@ -198,7 +241,7 @@ impl Hub {
         mesh: &str,
         name: &str,
         registered: &DataplaneSpec,
-    ) -> Option<Snapshot> {
+    ) -> Option<EncodedSnapshot> {
         let view = views.meshes.get(mesh)?;
         let dp = view.dataplanes.get(name).unwrap_or(registered);
         Some(snapshot::build(mesh, name, dp, view))
@@ -223,7 +266,10 @@ impl Hub {
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = now_rfc3339();
-        let cert_expiry = p.get(&key).and_then(|s| s.cert_expiry.clone());
+        let (cert_expiry, stats) = p
+            .get(&key)
+            .map(|s| (s.cert_expiry.clone(), s.stats.clone()))
+            .unwrap_or_default();
         p.insert(
             key,
             ProxyStatus {
@@ -233,6 +279,7 @@ impl Hub {
                 proxy_version: proxy_version.into(),
                 stream_id: id,
                 cert_expiry,
+                stats,
                 ..Default::default()
             },
         );

@@ -3,10 +3,14 @@
 //! A stream's life: the first message must be a `Register` with the Dataplane; the token in
 //! the `authorization` metadata must be for that mesh and name; the name must not be online
 //! already. The Dataplane is validated like an apply and upserted, and the stream then gets a
-//! snapshot, and another each time its content changes. A stream that ends cleanly
-//! deregisters the dataplane (graceful exit); one that breaks leaves it offline.
+//! snapshot, and another each time its content changes. The proxy ACKs or NACKs each one and
+//! reports its traffic totals (`ProxyStats`) now and then; the hub keeps the latest report.
+//! A stream that ends cleanly deregisters the dataplane (graceful exit); one that breaks
+//! leaves it offline.
 
-use super::hub::{Hub, SentSnapshot, now_rfc3339};
+use super::grpc::DiscoveryServer;
+use super::hub::{Hub, SentSnapshot, StatsReport, now_rfc3339};
+use super::snapshot::EncodedSnapshot;
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,9 +20,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::parse::parse_documents;
+use weft_api::proto::DiscoveryRequest;
 use weft_api::proto::discovery_request::Kind;
-use weft_api::proto::discovery_server::{Discovery, DiscoveryServer};
-use weft_api::proto::{DiscoveryRequest, Snapshot};
 use weft_api::{DataplaneSpec, Spec};
 
 /// How long a new stream may take to send its `Register`.
@@ -49,7 +52,7 @@ impl DiscoveryService {
     }
 
     /// The tonic server wrapper.
-    pub fn into_server(self) -> DiscoveryServer<Self> {
+    pub fn into_server(self) -> DiscoveryServer {
         DiscoveryServer::new(self)
     }
 }
@@ -60,13 +63,12 @@ pub fn bearer_token<T>(req: &Request<T>) -> Option<String> {
     Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+/// The snapshots a stream sends.
+pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Discovery for DiscoveryService {
-    type StreamStream = SnapshotStream;
-
-    async fn stream(
+impl DiscoveryService {
+    /// `Discovery.Stream`: registers the proxy, then pushes its snapshots.
+    pub async fn stream(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
@@ -153,7 +155,7 @@ async fn serve_stream(
     stream_id: u64,
     registered: DataplaneSpec,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<Snapshot, Status>>,
+    tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
     mut views: tokio::sync::watch::Receiver<Arc<super::view::Views>>,
     nonce_base: u64,
 ) {
@@ -167,18 +169,18 @@ async fn serve_stream(
             let current = views.borrow_and_update().clone();
             let view = current.meshes.get(&mesh).cloned();
             match (view, Hub::snapshot_for(&current, &mesh, &name, &registered)) {
-                (Some(view), Some(mut snap)) if snap.version != sent_version => {
+                (Some(view), Some(mut snap)) if snap.version() != sent_version => {
                     pushes += 1;
-                    snap.nonce = format!("{:x}", nonce_base + pushes);
-                    sent_version = snap.version.clone();
+                    snap.set_nonce(format!("{:x}", nonce_base + pushes));
+                    sent_version = snap.version().to_string();
                     let sent = SentSnapshot {
                         mesh: mesh.clone(),
                         name: name.clone(),
                         registered: registered.clone(),
                         view,
-                        nonce: snap.nonce.clone(),
+                        nonce: snap.nonce().to_string(),
                     };
-                    let version = snap.version.clone();
+                    let version = sent_version.clone();
                     let mut old = None;
                     hub.update(&mesh, &name, stream_id, |st| {
                         st.sent_version = Some(version);
@@ -224,9 +226,20 @@ async fn serve_stream(
                         st.last_seen = Some(now_rfc3339());
                     });
                 }
-                Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("only Ack and Nack may follow Register"))).await;
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Stats(stats)) })) => {
+                    let report = StatsReport::received(&stats);
+                    hub.update(&mesh, &name, stream_id, |st| {
+                        st.last_seen = Some(report.reported_at.clone());
+                        st.stats = Some(report);
+                    });
+                }
+                Ok(Some(DiscoveryRequest { kind: Some(Kind::Register(_)) })) => {
+                    let _ = tx.send(Err(Status::invalid_argument("a stream registers once; only Ack, Nack and ProxyStats may follow Register"))).await;
                     break false;
+                }
+                Ok(Some(DiscoveryRequest { kind: None })) => {
+                    // A kind this control plane does not know, from a newer proxy.
+                    tracing::debug!(%mesh, %name, "ignoring an unknown discovery request");
                 }
                 Ok(None) => break true,
                 Err(status) => {

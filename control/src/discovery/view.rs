@@ -1,6 +1,9 @@
 //! A read-only picture of every mesh, loaded from the store in one pass and shared (`Arc`) by
 //! every proxy's stream: building one proxy's snapshot then needs no store access at all.
+//! Each mesh's view also carries the parts of its snapshots that every proxy shares
+//! ([`MeshParts`]), built once when the view is loaded.
 
+use super::snapshot::MeshParts;
 use crate::store::{Store, StoreResult};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use weft_api::policy::{
 use weft_api::{DataplaneSpec, ResourceType, Spec};
 
 /// Everything in one mesh that snapshots depend on.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct MeshView {
     /// The mesh's own settings.
     pub spec: MeshSpec,
@@ -29,10 +32,22 @@ pub struct MeshView {
     pub trust_bundle_pem: String,
     /// Dataplanes whose proxy was connected and dropped: their endpoints are unhealthy.
     pub offline: std::collections::BTreeSet<String>,
+    /// The parts of every snapshot of this mesh that do not depend on the proxy; set by
+    /// [`MeshView::seal`].
+    pub parts: MeshParts,
+}
+
+impl MeshView {
+    /// Builds the shared snapshot parts from the rest of the view; call once the view is
+    /// complete, before sharing it.
+    pub fn seal(mut self, mesh: &str) -> MeshView {
+        self.parts = MeshParts::build(mesh, &self);
+        self
+    }
 }
 
 /// Every mesh's view, by mesh name, as of one store revision.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Views {
     /// The store revision the views were read at.
     pub revision: u64,
@@ -98,6 +113,7 @@ pub fn load(
             if let Some(names) = offline.get(&name) {
                 view.offline = names.iter().cloned().collect();
             }
+            let view = view.seal(&name);
             (name, Arc::new(view))
         })
         .collect();

@@ -50,6 +50,9 @@ struct Args {
     /// How long in-flight connections may take to finish on SIGTERM.
     #[arg(long, env = "WEFT_DRAIN_TIME", default_value = "30s", value_parser = parse_duration)]
     drain_time: Duration,
+    /// How often to report traffic totals to the control plane (`weftctl inspect dataplanes`).
+    #[arg(long, env = "WEFT_STATS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    stats_interval: Duration,
     /// How long protocol detection waits for the client's first bytes.
     #[arg(long, env = "WEFT_DETECT_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
     detect_timeout: Duration,
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         token_file: args.dataplane_token_file,
         admin_address: args.admin_address,
         drain_time: args.drain_time,
+        stats_interval: args.stats_interval,
         options: DataPathOptions {
             detect_timeout: args.detect_timeout,
             ..DataPathOptions::default()

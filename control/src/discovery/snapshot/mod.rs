@@ -1,0 +1,243 @@
+//! Builds one proxy's snapshot from its mesh's [`MeshView`]: the mesh settings, its inbounds
+//! with the permissions that apply to each, every service of the mesh with its endpoints, and
+//! routes resolved for this proxy as the source. Pure: same inputs, same bytes, same version.
+//!
+//! - [`shared`]: the parts every proxy of a mesh shares, built once per view ([`MeshParts`]).
+//! - [`encoded`]: a snapshot as bytes spliced from those parts and the proxy's own.
+//! - [`permissions`], [`routes`], [`mesh`]: what policies and settings mean for a proxy.
+//!
+//! Per proxy and change, only the proxy's own fields (identity, inbounds with permissions,
+//! listeners) are built, encoded and hashed; the rest is shared.
+
+pub mod encoded;
+pub mod mesh;
+pub mod permissions;
+pub mod routes;
+pub mod shared;
+
+pub use encoded::{EncodedSnapshot, content_version};
+pub use mesh::DEFAULT_CERT_LIFETIME_SECS;
+pub use routes::RouteClass;
+pub use shared::MeshParts;
+
+use super::view::MeshView;
+use weft_api::DataplaneSpec;
+use weft_api::dataplane::{PROTOCOL_TAG, SERVICE_TAG};
+use weft_api::proto as pb;
+
+/// A proxy's own fields of its snapshot.
+struct Own {
+    dataplane: pb::DataplaneIdentity,
+    inbounds: Vec<pb::InboundConfig>,
+    listeners: Vec<pb::OutboundListener>,
+    class: RouteClass,
+}
+
+fn own(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> Own {
+    let tp = dp.networking.transparent_proxying.as_ref();
+    Own {
+        dataplane: pb::DataplaneIdentity {
+            mesh: mesh.into(),
+            name: name.into(),
+            address: dp.networking.address.clone(),
+            redirect_port_inbound: tp
+                .map(|t| t.redirect_port_inbound.unwrap_or(15006))
+                .unwrap_or(0),
+            redirect_port_outbound: tp
+                .map(|t| t.redirect_port_outbound.unwrap_or(15001))
+                .unwrap_or(0),
+        },
+        inbounds: dp
+            .networking
+            .inbound
+            .iter()
+            .map(|ib| pb::InboundConfig {
+                port: ib.port,
+                service_address: ib.app_address().to_string(),
+                service_port: ib.app_port(),
+                service: ib.service().to_string(),
+                protocol: ib.tags.get(PROTOCOL_TAG).cloned().unwrap_or_default(),
+                tags: ib.tags.clone(),
+                permissions: permissions::permissions(name, &ib.tags, view),
+            })
+            .collect(),
+        listeners: dp
+            .networking
+            .outbound
+            .iter()
+            .map(|ob| pb::OutboundListener {
+                address: ob.address.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                port: ob.port,
+                service: ob.tags.get(SERVICE_TAG).cloned().unwrap_or_default(),
+            })
+            .collect(),
+        class: RouteClass::of(name, dp, view),
+    }
+}
+
+/// Builds the snapshot of dataplane `name` in `mesh` as it goes on the wire: the proxy's own
+/// fields encoded, the rest shared with the other proxies of the view.
+pub fn build(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> EncodedSnapshot {
+    let own = own(mesh, name, dp, view);
+    EncodedSnapshot::new(
+        &own.dataplane,
+        &own.inbounds,
+        &own.listeners,
+        view.parts.encoded_mesh().clone(),
+        view.parts.encoded_outbounds(&own.class, view),
+    )
+}
+
+/// The same snapshot as [`build`], as a message (for `_config` and tests); `version` is set,
+/// `nonce` is empty.
+pub fn build_message(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> pb::Snapshot {
+    let own = own(mesh, name, dp, view);
+    let mut snap = pb::Snapshot {
+        version: String::new(),
+        nonce: String::new(),
+        dataplane: Some(own.dataplane),
+        mesh: Some(view.parts.settings().clone()),
+        trust_bundle_pem: view.trust_bundle_pem.clone(),
+        inbounds: own.inbounds,
+        outbounds: view.parts.outbounds(&own.class, view),
+        outbound_listeners: own.listeners,
+    };
+    snap.version = content_version(&snap);
+    snap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::view::{self, TrustSource, Views};
+    use super::*;
+    use crate::store::Store;
+    use crate::store::sqlite::SqliteStore;
+    use prost::Message;
+    use std::collections::HashMap;
+    use weft_api::mesh::MeshSpec;
+
+    struct Pem;
+
+    impl TrustSource for Pem {
+        fn trust_bundle(&self, mesh: &str, _: &MeshSpec) -> Result<String, String> {
+            Ok(format!("PEM of {mesh}"))
+        }
+    }
+
+    const MESH: &str = "type: Mesh\nname: m\n";
+
+    fn dataplane(name: &str, service: &str, ip: &str) -> String {
+        format!(
+            "type: Dataplane\nmesh: m\nname: {name}\nnetworking:\n  address: {ip}\n  inbound:\n  - port: 8080\n    tags: {{kuma.io/service: {service}, kuma.io/protocol: http}}\n  outbound:\n  - port: 10001\n    tags: {{kuma.io/service: backend}}\n"
+        )
+    }
+
+    const ROUTES: &str = "type: MeshHTTPRoute\nmesh: m\nname: web-to-backend\nspec:\n  targetRef: {kind: MeshService, name: web}\n  to:\n  - targetRef: {kind: MeshService, name: backend}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /api}}]\n      default:\n        backendRefs: [{kind: MeshService, name: backend, weight: 1}]\n---\ntype: TrafficRoute\nmesh: m\nname: canary\nsources: [{match: {kuma.io/service: web}}]\ndestinations: [{match: {kuma.io/service: backend}}]\nconf:\n  destination: {kuma.io/service: backend, version: v1}\n";
+
+    const PERMIT: &str = "type: MeshTrafficPermission\nmesh: m\nname: backend-from-web\nspec:\n  targetRef: {kind: MeshService, name: backend}\n  from:\n  - targetRef: {kind: MeshService, name: web}\n    default: {action: Allow}\n";
+
+    fn load(store: &SqliteStore, yaml: &[&str]) -> Views {
+        for doc in yaml {
+            for d in weft_api::parse::parse_documents(doc).expect("valid yaml") {
+                store.put(&d.resource, None).expect("stored");
+            }
+        }
+        let offline = HashMap::from([("m".to_string(), vec!["backend-2".to_string()])]);
+        view::load(store, &Pem, &offline).expect("views")
+    }
+
+    fn fleet() -> Vec<String> {
+        vec![
+            dataplane("web-1", "web", "10.0.0.1"),
+            dataplane("web-2", "web", "10.0.0.2"),
+            dataplane("backend-1", "backend", "10.0.1.1"),
+            dataplane("backend-2", "backend", "10.0.1.2"),
+        ]
+    }
+
+    fn built(views: &Views, name: &str) -> (EncodedSnapshot, pb::Snapshot) {
+        let view = &views.meshes["m"];
+        let dp = &view.dataplanes[name];
+        (
+            build("m", name, dp, view),
+            build_message("m", name, dp, view),
+        )
+    }
+
+    #[test]
+    fn the_wire_bytes_are_the_message_encoded() {
+        let store = SqliteStore::in_memory().expect("store");
+        let mut docs = vec![MESH, ROUTES, PERMIT];
+        let fleet = fleet();
+        docs.extend(fleet.iter().map(String::as_str));
+        let views = load(&store, &docs);
+        for name in ["web-1", "backend-1", "backend-2"] {
+            let (mut wire, mut message) = built(&views, name);
+            wire.set_nonce("2a".into());
+            message.nonce = "2a".into();
+            assert_eq!(wire.version(), message.version, "{name}");
+            assert_eq!(wire.to_vec(), message.encode_to_vec(), "{name}");
+        }
+        let (_, web) = built(&views, "web-1");
+        assert_eq!(web.trust_bundle_pem, "PEM of m");
+        let backend = web
+            .outbounds
+            .iter()
+            .find(|o| o.service == "backend")
+            .expect("backend outbound");
+        assert_eq!(backend.endpoints.len(), 2);
+        assert!(!backend.endpoints[1].healthy, "backend-2 is offline");
+        assert_eq!(backend.http_rules.len(), 1, "{backend:?}");
+        assert_eq!(backend.default_route[0].tags["version"], "v1");
+        let (_, be) = built(&views, "backend-1");
+        let backend = &be.outbounds[0];
+        assert!(
+            backend.http_rules.is_empty() && !backend.default_route[0].tags.contains_key("version")
+        );
+        assert_eq!(be.inbounds[0].permissions[0].source_service, "web");
+    }
+
+    #[test]
+    fn proxies_routed_alike_share_their_outbounds() {
+        let store = SqliteStore::in_memory().expect("store");
+        let mut docs = vec![MESH, ROUTES];
+        let fleet = fleet();
+        docs.extend(fleet.iter().map(String::as_str));
+        let views = load(&store, &docs);
+        let view = &views.meshes["m"];
+        let class = |name: &str| RouteClass::of(name, &view.dataplanes[name], view);
+        assert_eq!(class("web-1"), class("web-2"));
+        assert_eq!(class("backend-1"), RouteClass::default());
+        assert_ne!(class("web-1"), class("backend-1"));
+        let outbounds = |name: &str| view.parts.encoded_outbounds(&class(name), view);
+        assert_eq!(
+            outbounds("web-1").bytes.as_ptr(),
+            outbounds("web-2").bytes.as_ptr(),
+            "one copy for both web proxies"
+        );
+        assert_ne!(outbounds("web-1"), outbounds("backend-1"));
+        assert_eq!(
+            outbounds("backend-1").bytes.as_ptr(),
+            outbounds("backend-2").bytes.as_ptr()
+        );
+    }
+
+    #[test]
+    fn a_change_moves_only_the_versions_it_touches() {
+        let store = SqliteStore::in_memory().expect("store");
+        let mut docs = vec![MESH];
+        let fleet = fleet();
+        docs.extend(fleet.iter().map(String::as_str));
+        let before = load(&store, &docs);
+        let after = load(&store, &[PERMIT]);
+        let version = |views: &Views, name: &str| built(views, name).0.version().to_string();
+        assert_eq!(version(&before, "web-1"), version(&after, "web-1"));
+        assert_ne!(version(&before, "backend-1"), version(&after, "backend-1"));
+        let moved = load(&store, &[&dataplane("web-2", "web", "10.0.0.99")]);
+        assert_ne!(
+            version(&after, "backend-1"),
+            version(&moved, "backend-1"),
+            "an endpoint moved"
+        );
+    }
+}
