@@ -129,10 +129,17 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     let channel = identity
         .channel()
         .map_err(|e| RunError::Invalid(e.to_string()))?;
-    // The data path counts connections and bytes; request counts are the L7 layer's.
+    // The data path counts connections and bytes; the L7 layer's telemetry counts requests.
     let stats: Arc<dyn StatsSource> = {
         let dp_metrics = dp_metrics.clone();
-        Arc::new(move || dp_metrics.stats())
+        let telemetry = telemetry.clone();
+        Arc::new(move || {
+            let (requests, errors) = telemetry.totals();
+            let mut stats = dp_metrics.stats();
+            stats.requests_total = requests;
+            stats.request_errors_total = errors;
+            stats
+        })
     };
     let discovery = Arc::new(
         Discovery::new(channel, dataplane, token, metrics.clone())
