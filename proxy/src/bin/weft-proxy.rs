@@ -98,10 +98,15 @@ fn main() -> ExitCode {
             ..DataPathOptions::default()
         },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // On one CPU (a sidecar pinned to a core, or a container limited to one) a
+    // current-thread runtime saves the work-stealing scheduler's cross-thread wake-ups.
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("weft-proxy: cannot start the runtime: {e}");
