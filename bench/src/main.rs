@@ -216,6 +216,11 @@ struct MeshArgs {
     /// explicit outbound/inbound ports.
     #[arg(long)]
     weft_transparent: bool,
+    /// Also measure weft (HTTP) with the mesh's observability on: `metrics`
+    /// (the Prometheus backend) and `tracing` (metrics plus 100% sampled
+    /// traces to a Zipkin sink), each as its own path. `none` for neither.
+    #[arg(long, value_delimiter = ',', default_value = "metrics,tracing")]
+    weft_telemetry: Vec<String>,
     /// The load generator's CPU.
     #[arg(long, default_value_t = 0)]
     generator_cpu: usize,
@@ -475,6 +480,13 @@ fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
         cfg.weft_bin_dir = dir.clone();
     }
     cfg.weft_transparent = args.weft_transparent;
+    cfg.weft_telemetry = Vec::new();
+    for t in args.weft_telemetry.iter().filter(|t| t.as_str() != "none") {
+        match mesh::Observability::parse(t) {
+            Some(o) => cfg.weft_telemetry.push(o),
+            None => anyhow::bail!("--weft-telemetry: unknown {t:?} (metrics, tracing, none)"),
+        }
+    }
     cfg.generator_cpu = args.generator_cpu;
     cfg.sidecar_cpu = args.sidecar_cpu;
     cfg.spin = !args.no_spin;

@@ -112,6 +112,35 @@ impl ProxyMode {
     }
 }
 
+/// The mesh observability a weft path runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observability {
+    /// No backend (the counters still count; nothing serves or exports them).
+    Off,
+    /// The Prometheus backend on (`:5670/metrics`), not scraped.
+    Metrics,
+    /// Metrics plus every request traced (100% sampling) to a Zipkin sink.
+    Tracing,
+}
+
+impl Observability {
+    /// The path-name suffix and `--weft-telemetry` entry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Observability::Off => "off",
+            Observability::Metrics => "metrics",
+            Observability::Tracing => "tracing",
+        }
+    }
+
+    /// Parses a `--weft-telemetry` entry.
+    pub fn parse(s: &str) -> Option<Observability> {
+        [Observability::Metrics, Observability::Tracing]
+            .into_iter()
+            .find(|o| o.name() == s)
+    }
+}
+
 /// One path through the topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
@@ -119,6 +148,8 @@ pub enum PathKind {
     Direct,
     /// weft-proxy pair.
     Weft(ProxyMode),
+    /// weft-proxy pair (HTTP) with the mesh's observability backends on.
+    WeftObserved(Observability),
     /// A peer's pair.
     Peer(peers::PeerKind, ProxyMode),
 }
@@ -128,6 +159,7 @@ impl PathKind {
     pub fn name(self) -> String {
         let (base, mode) = match self {
             PathKind::Direct => return "direct".into(),
+            PathKind::WeftObserved(o) => return format!("weft+{}", o.name()),
             PathKind::Weft(m) => ("weft", m),
             PathKind::Peer(p, m) => (p.name(), m),
         };
@@ -140,6 +172,7 @@ impl PathKind {
     fn mode(self) -> Option<ProxyMode> {
         match self {
             PathKind::Direct => None,
+            PathKind::WeftObserved(_) => Some(ProxyMode::Http),
             PathKind::Weft(m) | PathKind::Peer(_, m) => Some(m),
         }
     }
@@ -253,6 +286,8 @@ pub struct MeshConfig {
     pub weft_bin_dir: PathBuf,
     /// Run weft with iptables interception instead of explicit ports.
     pub weft_transparent: bool,
+    /// Extra weft HTTP paths with the mesh's observability on.
+    pub weft_telemetry: Vec<Observability>,
     /// Peers to measure when installed.
     pub peers: Vec<peers::PeerKind>,
     /// Proxy modes to measure.
@@ -286,6 +321,7 @@ impl MeshConfig {
             weft: true,
             weft_bin_dir,
             weft_transparent: false,
+            weft_telemetry: vec![Observability::Metrics, Observability::Tracing],
             peers: peers::PeerKind::ALL.to_vec(),
             modes: vec![ProxyMode::Http, ProxyMode::Tcp],
             generator_cpu: 0,
@@ -336,6 +372,13 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         match weft::find(&cfg.weft_bin_dir) {
             Ok(b) => {
                 paths.extend(cfg.modes.iter().map(|&m| PathKind::Weft(m)));
+                if cfg.modes.contains(&ProxyMode::Http) {
+                    paths.extend(
+                        cfg.weft_telemetry
+                            .iter()
+                            .map(|&o| PathKind::WeftObserved(o)),
+                    );
+                }
                 if cfg.weft_transparent {
                     note(
                         "weft paths use transparent interception (weft-iptables)".into(),
@@ -394,7 +437,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             Err(e) => {
                 failures.push(format!("weft: {e}"));
                 log(&format!("FAILED weft: {e}"));
-                paths.retain(|p| !matches!(p, PathKind::Weft(_)));
+                paths.retain(|p| !matches!(p, PathKind::Weft(_) | PathKind::WeftObserved(_)));
                 None
             }
         },
@@ -412,16 +455,23 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             let ports = (15100 + i as u16, 15200 + i as u16);
             let started = match path {
                 PathKind::Direct => Ok((None, SocketAddr::from((topo.server_ip, UPSTREAM_PORT)))),
-                PathKind::Weft(mode) => {
+                PathKind::Weft(_) | PathKind::WeftObserved(_) => {
                     let cp = cp.as_ref().expect("weft paths need the control plane");
                     let p = weft::Ports {
                         outbound: ports.0,
                         inbound: ports.1,
                     };
-                    weft::start(cp, mode, p, cfg.weft_transparent, &topo).and_then(|(pair, url)| {
-                        let addr = url_addr(&url)?;
-                        Ok((Some(pair), addr))
-                    })
+                    let (mode, observability) = match path {
+                        PathKind::WeftObserved(o) => (ProxyMode::Http, o),
+                        PathKind::Weft(m) => (m, Observability::Off),
+                        _ => unreachable!("matched above"),
+                    };
+                    cp.observe(&topo, observability)
+                        .and_then(|()| weft::start(cp, mode, p, cfg.weft_transparent, &topo))
+                        .and_then(|(pair, url)| {
+                            let addr = url_addr(&url)?;
+                            Ok((Some(pair), addr))
+                        })
                 }
                 PathKind::Peer(kind, mode) => {
                     let peer = installed

@@ -21,7 +21,7 @@ use std::time::Duration;
 use weft_tests::{Host, Proc};
 
 use super::topology::{Topology, UPSTREAM_PORT, pinned, wait_http_ok};
-use super::{MeshError, ProxyMode, Sidecar, SidecarPair};
+use super::{MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
 
 /// The mesh the bench creates.
 pub const MESH: &str = "bench";
@@ -101,7 +101,7 @@ impl ControlPlane {
         )
         .map_err(|why| topo.start_failure("weft-control", &why))?;
         let mesh = topo.dir().join("weft-mesh.yaml");
-        write(&mesh, &mesh_yaml())?;
+        write(&mesh, &mesh_yaml(Observability::Off, topo))?;
         ctl(
             bins,
             &topo.server,
@@ -119,6 +119,22 @@ impl ControlPlane {
             ca,
             _proc: proc,
         })
+    }
+}
+
+impl ControlPlane {
+    /// Sets mesh `bench`'s observability backends (before a pair starts, so
+    /// its proxies get them in their first snapshot).
+    pub fn observe(&self, topo: &Topology, o: Observability) -> Result<(), MeshError> {
+        let mesh = topo.dir().join(format!("weft-mesh-{}.yaml", o.name()));
+        write(&mesh, &mesh_yaml(o, topo))?;
+        ctl(
+            &self.bins,
+            &topo.server,
+            &["apply", "-f", &mesh.display().to_string()],
+        )
+        .map(|_| ())
+        .map_err(|why| topo.start_failure("weftctl apply (observability)", &why))
     }
 }
 
@@ -145,11 +161,29 @@ fn write(path: &Path, text: &str) -> Result<(), MeshError> {
 }
 
 /// Mesh `bench`: builtin CA, STRICT mTLS, every service may call every
-/// service.
-fn mesh_yaml() -> String {
+/// service; with `o`, the Prometheus backend and (for tracing) a Zipkin
+/// backend at 100% sampling whose sink is the upstream app (it answers any
+/// POST), so exporting costs what it would against a real collector.
+fn mesh_yaml(o: Observability, topo: &Topology) -> String {
+    let metrics = if o == Observability::Off {
+        String::new()
+    } else {
+        "metrics:\n  enabledBackend: prom-1\n  backends:\n    - name: prom-1\n      type: prometheus\n      \
+         conf:\n        port: 5670\n        path: /metrics\n"
+            .to_string()
+    };
+    let tracing = if o == Observability::Tracing {
+        format!(
+            "tracing:\n  defaultBackend: zipkin-1\n  backends:\n    - name: zipkin-1\n      type: zipkin\n      \
+             sampling: 100.0\n      conf:\n        url: http://{}:{UPSTREAM_PORT}/api/v2/spans\n",
+            topo.server_ip
+        )
+    } else {
+        String::new()
+    };
     format!(
         "type: Mesh\nname: {MESH}\nmtls:\n  enabledBackend: ca-1\n  backends:\n    - name: ca-1\n      \
-         type: builtin\n      mode: STRICT\n---\ntype: TrafficPermission\nmesh: {MESH}\nname: allow-all\n\
+         type: builtin\n      mode: STRICT\n{metrics}{tracing}---\ntype: TrafficPermission\nmesh: {MESH}\nname: allow-all\n\
          sources:\n  - match:\n      kuma.io/service: '*'\ndestinations:\n  - match:\n      kuma.io/service: '*'\n"
     )
 }
