@@ -46,6 +46,8 @@ pub struct DataPathOptions {
     pub handshake_timeout: Duration,
     /// How long an HTTP request may wait for its response head (504 after).
     pub request_timeout: Duration,
+    /// How long an app's HTTP connection may move no byte before it is closed.
+    pub idle_timeout: Duration,
     /// The address transparent listeners bind (normally `0.0.0.0`).
     pub transparent_ip: IpAddr,
     /// Also bind transparent listeners on `[::]` (v6-only), when the host allows.
@@ -61,6 +63,7 @@ impl Default for DataPathOptions {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             request_timeout: crate::http::REQUEST_TIMEOUT,
+            idle_timeout: crate::http::IDLE_TIMEOUT,
             transparent_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             transparent_ipv6: true,
             orig_dst: Arc::new(SoOriginalDst),
@@ -75,6 +78,7 @@ impl std::fmt::Debug for DataPathOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field("transparent_ip", &self.transparent_ip)
             .field("transparent_ipv6", &self.transparent_ipv6)
             .finish_non_exhaustive()

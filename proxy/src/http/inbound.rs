@@ -165,6 +165,7 @@ pub(crate) async fn serve<I>(
         .app_clients
         .get(inbound.upstream, source, shared.opts.connect_timeout);
     let drain = shared.drain.clone();
+    let idle_timeout = shared.opts.idle_timeout;
     let ctx = Arc::new(Ctx {
         shared,
         service: inbound.service.clone(),
@@ -180,7 +181,7 @@ pub(crate) async fn serve<I>(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    serve_connection(TokioIo::new(io), protocol, svc, &drain).await;
+    serve_connection(io, protocol, svc, &drain, idle_timeout).await;
 }
 
 async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {

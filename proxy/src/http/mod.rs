@@ -18,6 +18,7 @@
 //! through.
 
 pub mod body;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -31,6 +32,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Kuma's default idle timeout: a connection with no byte moving for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Kuma's default request timeout: the response head must arrive within it (504 otherwise).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most header fields a request may carry (431 beyond).

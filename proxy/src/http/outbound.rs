@@ -12,6 +12,7 @@ use crate::config::ProxyConfig;
 use crate::datapath::Shared;
 use crate::detect::Protocol;
 use crate::http::body::{Body, ByteCount};
+use crate::http::idle::{Activity, IdleIo};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
     local_response, strip_hop_by_hop, tunnel,
@@ -51,6 +52,7 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = shared.drain.clone();
+    let idle_timeout = shared.opts.idle_timeout;
     let ctx = Arc::new(Ctx {
         shared,
         cfg,
@@ -61,16 +63,17 @@ pub(crate) async fn serve<I>(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    serve_connection(TokioIo::new(io), protocol, svc, &drain).await;
+    serve_connection(io, protocol, svc, &drain, idle_timeout).await;
 }
 
 /// Runs hyper's server side of one connection until it ends; on drain, finishes the requests
 /// in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
 pub(crate) async fn serve_connection<I, S>(
-    io: TokioIo<I>,
+    io: I,
     protocol: Protocol,
     svc: S,
     drain: &crate::drain::Drain,
+    idle_timeout: std::time::Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
@@ -78,37 +81,45 @@ pub(crate) async fn serve_connection<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let activity = Activity::default();
+    let io = TokioIo::new(IdleIo::new(io, activity.clone()));
+    // Ends the connection gracefully on drain or after the idle timeout, then waits for it.
+    macro_rules! run {
+        ($conn:expr) => {{
+            let mut conn = std::pin::pin!($conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = drain.draining() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = activity.idle_for(idle_timeout) => {
+                    tracing::debug!("closing an idle HTTP connection");
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }};
+    }
     let result = if protocol == Protocol::Http1 {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .max_buf_size(MAX_HEADER_BYTES)
-            .max_headers(MAX_HEADERS)
-            .serve_connection(io, svc)
-            .with_upgrades();
-        let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = drain.draining() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        run!(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_buf_size(MAX_HEADER_BYTES)
+                .max_headers(MAX_HEADERS)
+                .serve_connection(io, svc)
+                .with_upgrades()
+        )
     } else {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .initial_stream_window_size(crate::http::STREAM_WINDOW)
-            .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-            .enable_connect_protocol()
-            .serve_connection(io, svc);
-        let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = drain.draining() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        run!(
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .initial_stream_window_size(crate::http::STREAM_WINDOW)
+                .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+                .enable_connect_protocol()
+                .serve_connection(io, svc)
+        )
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");

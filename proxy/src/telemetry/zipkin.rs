@@ -11,8 +11,8 @@
 //! `remoteEndpoint` from `peer.service` and `network.peer.address`/`network.peer.port`; every
 //! attribute becomes a string tag; an error status becomes the `error` tag.
 
-use std::fmt;
 use std::borrow::Cow;
+use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
