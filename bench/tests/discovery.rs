@@ -38,6 +38,7 @@ async fn twenty_proxies_see_every_apply() {
         pause: Duration::from_millis(100),
         timeout: Duration::from_secs(20),
         progress: false,
+        keep_parts: true,
     };
     let report = discovery::run(&cfg, &target).await.expect("benchmark runs");
     assert_eq!(report.proxies, 20);
