@@ -100,6 +100,9 @@ struct DiscoveryArgs {
     /// The weft-control binary (default: beside weft-bench, else from PATH).
     #[arg(long)]
     control_bin: Option<std::path::PathBuf>,
+    /// Proxies ask for complete snapshots every time, as proxies that cannot keep parts do.
+    #[arg(long)]
+    complete_snapshots: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -398,6 +401,7 @@ fn run_discovery(args: DiscoveryArgs) -> Result<()> {
         pause: args.pause,
         timeout: args.timeout,
         progress: !args.quiet,
+        keep_parts: !args.complete_snapshots,
     };
     let bin = args
         .control_bin

@@ -38,6 +38,7 @@ async fn twenty_proxies_see_every_apply() {
         pause: Duration::from_millis(100),
         timeout: Duration::from_secs(20),
         progress: false,
+        keep_parts: true,
     };
     let report = discovery::run(&cfg, &target).await.expect("benchmark runs");
     assert_eq!(report.proxies, 20);
@@ -46,6 +47,14 @@ async fn twenty_proxies_see_every_apply() {
     for r in &report.rounds {
         assert!(r.pushes >= 20, "round {}: {} pushes", r.round, r.pushes);
         assert!(r.max_ms >= r.p50_ms);
+        // Only the inbounds changed: the proxies kept the rest.
+        let complete_kib = (r.pushes * report.snapshot_bytes) as f64 / 1024.0;
+        assert!(
+            r.pushed_kib < complete_kib / 2.0,
+            "round {}: {} KiB pushed, {complete_kib} KiB complete",
+            r.round,
+            r.pushed_kib
+        );
     }
     assert!(report.snapshot_bytes > 0);
     assert!(report.cp_rss_idle_mib.is_none(), "no process to measure");

@@ -8,7 +8,9 @@ use tonic::Streaming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::proto::discovery_client::DiscoveryClient;
 use weft_api::proto::discovery_request::Kind;
-use weft_api::proto::{Ack, DiscoveryRequest, Nack, Register, Snapshot, permission_rule};
+use weft_api::proto::{
+    Ack, DiscoveryRequest, Nack, Register, Snapshot, SnapshotPart, permission_rule,
+};
 use weft_control::run::{ControlPlane, RunConfig, start};
 
 async fn control_plane(dir: &std::path::Path) -> ControlPlane {
@@ -85,7 +87,16 @@ async fn connect_with(
     token: Option<String>,
 ) -> Result<FakeProxy, tonic::Status> {
     let channel = channel(cp.dp_server_address, &cp.data_dir).await;
-    register(channel, dataplane, token).await
+    register(channel, dataplane, token, vec![]).await
+}
+
+/// Connects as a proxy that keeps unchanged parts, as `weft-proxy` does.
+async fn connect_keeping(cp: &ControlPlane, dataplane: String) -> Result<FakeProxy, tonic::Status> {
+    let (mesh, name) = mesh_and_name(&dataplane);
+    let token = token(cp, &mesh, &name);
+    let channel = channel(cp.dp_server_address, &cp.data_dir).await;
+    let all = weft_api::parts::ALL.iter().map(|p| *p as i32).collect();
+    register(channel, dataplane, Some(token), all).await
 }
 
 /// Opens a discovery stream on `channel` and sends the Register, as a proxy does.
@@ -93,12 +104,14 @@ async fn register(
     channel: Channel,
     dataplane: String,
     token: Option<String>,
+    keeps_parts: Vec<i32>,
 ) -> Result<FakeProxy, tonic::Status> {
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
     let register = Register {
         dataplane,
         proxy_version: "test".into(),
+        keeps_parts,
     };
     tx.send(DiscoveryRequest {
         kind: Some(Kind::Register(register)),
@@ -136,7 +149,7 @@ async fn connect_on_own_runtime(
             .build()
             .expect("runtime");
         let proxy = rt.block_on(async move {
-            register(channel(addr, &dir).await, dp, Some(token))
+            register(channel(addr, &dir).await, dp, Some(token), vec![])
                 .await
                 .expect("registers")
         });
@@ -179,6 +192,20 @@ impl FakeProxy {
                 other => panic!("{what}: no matching snapshot ({other:?})"),
             }
         }
+    }
+
+    async fn nack(&self, s: &Snapshot, reason: &str) {
+        let nack = Nack {
+            version: s.version.clone(),
+            nonce: s.nonce.clone(),
+            reason: reason.into(),
+        };
+        self.tx
+            .send(DiscoveryRequest {
+                kind: Some(Kind::Nack(nack)),
+            })
+            .await
+            .expect("nack");
     }
 
     /// Asserts that nothing arrives for a while.
@@ -466,5 +493,175 @@ async fn a_revoked_token_stops_working_at_its_next_use() {
         .expect("revoked token refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("revoked"), "{err}");
+    cp.shutdown().await;
+}
+
+/// A permission for backend from `source`: it changes backend proxies' inbounds only.
+fn permission(source: &str) -> String {
+    format!(
+        "type: MeshTrafficPermission\nmesh: payments\nname: backend-from\nspec:\n  targetRef: {{kind: MeshService, name: backend}}\n  from:\n  - targetRef: {{kind: MeshService, name: {source}}}\n    default: {{action: Allow}}\n"
+    )
+}
+
+fn kept(s: &Snapshot) -> Vec<SnapshotPart> {
+    s.kept
+        .iter()
+        .map(|p| SnapshotPart::try_from(*p).expect("known part"))
+        .collect()
+}
+
+/// The complete snapshot the control plane last sent to `name`, as `_config` shows it.
+fn last_sent(cp: &ControlPlane, name: &str) -> Snapshot {
+    let status = cp.hub.status("payments", name).expect("status");
+    status.last_sent.expect("sent").snapshot()
+}
+
+#[tokio::test]
+async fn a_permission_change_leaves_the_outbounds_out_and_the_proxy_fills_them_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let mut backend = connect_keeping(
+        &cp,
+        dataplane("payments", "backend-1", "backend", "10.0.0.2"),
+    )
+    .await
+    .expect("backend registers");
+    let mut applied = backend.next().await;
+    assert!(
+        applied.kept.is_empty(),
+        "a stream's first snapshot is complete"
+    );
+    assert_eq!(applied, last_sent(&cp, "backend-1"));
+    backend.ack(&applied).await;
+    let mut web = connect_keeping(&cp, dataplane("payments", "web-1", "web", "10.0.0.1"))
+        .await
+        .expect("web registers");
+    let w0 = web.next().await;
+    web.ack(&w0).await;
+    // backend learns web's endpoint: only the outbounds changed.
+    let b1 = backend
+        .next_matching("web's endpoint", |s| !s.outbounds.is_empty())
+        .await;
+    assert_eq!(
+        kept(&b1),
+        [
+            SnapshotPart::Dataplane,
+            SnapshotPart::Mesh,
+            SnapshotPart::Inbounds,
+            SnapshotPart::OutboundListeners
+        ]
+    );
+    let mut full = b1.clone();
+    weft_api::parts::merge(&mut full, Some(&applied)).expect("merges");
+    assert_eq!(full, last_sent(&cp, "backend-1"));
+    assert_eq!(full.outbounds.len(), 2, "{:?}", full.outbounds);
+    backend.ack(&full).await;
+    applied = full;
+
+    put(&cp, &permission("web"));
+    let b2 = backend.next().await;
+    assert!(b2.outbounds.is_empty(), "the outbounds did not change");
+    assert!(b2.mesh.is_none() && b2.trust_bundle_pem.is_empty());
+    assert!(kept(&b2).contains(&SnapshotPart::Outbounds));
+    assert!(!kept(&b2).contains(&SnapshotPart::Inbounds));
+    assert_eq!(b2.inbounds[0].permissions[0].source_service, "web");
+    let mut full = b2.clone();
+    weft_api::parts::merge(&mut full, Some(&applied)).expect("merges");
+    assert_eq!(
+        full,
+        last_sent(&cp, "backend-1"),
+        "merged: the complete snapshot"
+    );
+    assert_eq!(full.version, b2.version);
+    assert_eq!(full.outbounds, applied.outbounds);
+    backend.ack(&full).await;
+    web.expect_silence("web's snapshot did not change").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = cp.hub.status("payments", "backend-1").expect("status");
+    assert_eq!(status.acked_version.as_deref(), Some(full.version.as_str()));
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_gets_a_complete_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let dp = dataplane("payments", "backend-1", "backend", "10.0.0.2");
+    let mut first = connect_keeping(&cp, dp.clone()).await.expect("registers");
+    let s0 = first.next().await;
+    first.ack(&s0).await;
+    drop(first);
+    // The graceful exit deregisters; then the name is free again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut again = loop {
+        match connect_keeping(&cp, dp.clone()).await {
+            Ok(p) => break p,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no reconnect: {e}"),
+        }
+    };
+    let s1 = again.next().await;
+    assert!(s1.kept.is_empty(), "complete: {:?}", kept(&s1));
+    assert_eq!(s1.version, s0.version, "same content");
+    assert_eq!(
+        Snapshot {
+            nonce: s0.nonce.clone(),
+            ..s1
+        },
+        s0
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_nack_makes_the_next_push_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let mut backend = connect_keeping(
+        &cp,
+        dataplane("payments", "backend-1", "backend", "10.0.0.2"),
+    )
+    .await
+    .expect("registers");
+    let s0 = backend.next().await;
+    backend.ack(&s0).await;
+
+    // A push that keeps parts and is refused (the proxy lost its base, say) is resent
+    // complete at once.
+    put(&cp, &permission("web"));
+    let s1 = backend.next().await;
+    assert!(!s1.kept.is_empty());
+    backend.nack(&s1, "no base").await;
+    let s1_full = backend.next().await;
+    assert!(s1_full.kept.is_empty(), "{:?}", kept(&s1_full));
+    assert_eq!(s1_full.version, s1.version);
+    assert_ne!(s1_full.nonce, s1.nonce);
+    assert_eq!(s1_full, last_sent(&cp, "backend-1"));
+
+    // A refused complete snapshot is not resent, but the next change comes complete.
+    backend.nack(&s1_full, "cannot bind port 8080").await;
+    backend
+        .expect_silence("the same content again would be refused again")
+        .await;
+    put(&cp, &permission("billing"));
+    let s2 = backend.next().await;
+    assert!(s2.kept.is_empty(), "{:?}", kept(&s2));
+    assert_eq!(s2, last_sent(&cp, "backend-1"));
+    backend.ack(&s2).await;
+
+    // Acknowledged: the next push keeps the parts that did not change again.
+    put(&cp, &permission("web"));
+    let s3 = backend.next().await;
+    assert!(
+        kept(&s3).contains(&SnapshotPart::Outbounds),
+        "{:?}",
+        kept(&s3)
+    );
     cp.shutdown().await;
 }

@@ -144,6 +144,7 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
         kind: Some(Kind::Register(Register {
             dataplane: dataplane("default", "web-1", "10.0.0.1"),
             proxy_version: "test".into(),
+            keeps_parts: vec![],
         })),
     })
     .await

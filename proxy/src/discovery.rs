@@ -1,5 +1,7 @@
 //! The discovery client: registers this proxy's Dataplane, applies each snapshot the control
-//! plane pushes (as a whole, or not at all), and ACKs or NACKs it. With
+//! plane pushes (as a whole, or not at all), and ACKs or NACKs it. A snapshot may leave out
+//! the parts that did not change; they are taken from the snapshot applied last
+//! ([`weft_api::parts::merge`]), which is kept complete. With
 //! [`Discovery::with_stats`] it also reports the proxy's traffic totals (`ProxyStats`) every
 //! interval, for `weftctl inspect dataplanes`.
 //!
@@ -15,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use weft_api::parts;
 use weft_api::proto::discovery_client::DiscoveryClient as GrpcClient;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{Ack, DiscoveryRequest, Nack, ProxyStats, Register, Snapshot};
@@ -165,6 +168,7 @@ impl Discovery {
         let register = Register {
             dataplane: self.dataplane.clone(),
             proxy_version: env!("CARGO_PKG_VERSION").into(),
+            keeps_parts: parts::ALL.iter().map(|p| *p as i32).collect(),
         };
         tx.send(DiscoveryRequest {
             kind: Some(Kind::Register(register)),
@@ -208,12 +212,17 @@ impl Discovery {
                     return Ok(true);
                 }
             };
-            let snap = match msg {
+            let mut snap = match msg {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(false),
                 Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
             };
-            let reply = match apply(&snap) {
+            // The parts it keeps come from the snapshot applied last (on any stream: the
+            // first snapshot of a stream is complete).
+            let last = self.applied.borrow().clone();
+            let outcome = parts::merge(&mut snap, last.as_deref()).and_then(|()| apply(&snap));
+            drop(last);
+            let reply = match outcome {
                 Ok(()) => {
                     self.metrics
                         .config_updates

@@ -59,6 +59,9 @@ pub struct Config {
     pub timeout: Duration,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Proxies keep the parts that did not change (`Register.keeps_parts`); without it,
+    /// every snapshot is complete.
+    pub keep_parts: bool,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             pause: Duration::from_millis(500),
             timeout: Duration::from_secs(60),
             progress: false,
+            keep_parts: true,
         }
     }
 }
@@ -113,6 +117,8 @@ struct Fleet {
     round_acks: Vec<Option<Instant>>,
     /// ACKs (pushes) seen since the round began.
     pushes: usize,
+    /// Their bytes.
+    pushed_bytes: usize,
     snapshot_bytes: usize,
     first_count: usize,
     converged_count: usize,
@@ -128,6 +134,7 @@ impl Fleet {
             round: 0,
             round_acks: vec![None; n],
             pushes: 0,
+            pushed_bytes: 0,
             snapshot_bytes: 0,
             first_count: 0,
             converged_count: 0,
@@ -145,6 +152,7 @@ impl Fleet {
                 at,
             } => {
                 self.pushes += 1;
+                self.pushed_bytes += bytes;
                 self.snapshot_bytes = self.snapshot_bytes.max(bytes);
                 if self.first[proxy].is_none() {
                     self.first[proxy] = Some(at);
@@ -169,6 +177,7 @@ impl Fleet {
         self.round_acks.iter_mut().for_each(|a| *a = None);
         self.round_count = 0;
         self.pushes = 0;
+        self.pushed_bytes = 0;
     }
 }
 
@@ -261,6 +270,7 @@ pub async fn run(cfg: &Config, target: &Target) -> Result<Report> {
             index,
             dataplane: dataplane(index, cfg.services),
             token,
+            keep_parts: cfg.keep_parts,
         };
         let channel = channels[index / cfg.streams_per_connection].clone();
         tasks.spawn(proxy::run(channel, reg, Some(permit), events_tx.clone()));
@@ -322,6 +332,7 @@ pub async fn run(cfg: &Config, target: &Target) -> Result<Report> {
             latencies,
             cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b)),
             fleet.pushes,
+            fleet.pushed_bytes,
         );
         say(cfg, round.to_line());
         rounds.push(round);

@@ -6,6 +6,9 @@
 //! bytes as `weft.v1.Snapshot` but keeps the outbound services as raw bytes. A real proxy
 //! decodes everything, on its own machine; here a thousand of them share the control
 //! plane's CPUs, and full decoding would make the generator the bottleneck.
+//!
+//! Like the real proxy, it keeps the parts a snapshot leaves out from the snapshot it
+//! applied last, with the same [`parts::merge`] (`--complete-snapshots` turns that off).
 
 use std::time::Instant;
 
@@ -14,6 +17,7 @@ use http::uri::PathAndQuery;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use weft_api::parts::{self, Parted};
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{self as pb, DiscoveryRequest};
 
@@ -49,6 +53,43 @@ pub struct SnapshotHeader {
     /// `OutboundListener`s, undecoded.
     #[prost(bytes = "bytes", repeated, tag = "8")]
     pub outbound_listeners: Vec<Bytes>,
+    /// The version of each part.
+    #[prost(message, optional, tag = "9")]
+    pub parts: Option<pb::SnapshotParts>,
+    /// The parts left out, kept from the snapshot applied last.
+    #[prost(enumeration = "pb::SnapshotPart", repeated, tag = "10")]
+    pub kept: Vec<i32>,
+}
+
+/// Kept parts are filled in by the proxy's own [`parts::merge`]; only the copies are
+/// cheaper here (reference counts of undecoded bytes).
+impl Parted for SnapshotHeader {
+    fn parts(&self) -> Option<&pb::SnapshotParts> {
+        self.parts.as_ref()
+    }
+
+    fn kept(&self) -> &[i32] {
+        &self.kept
+    }
+
+    fn clear_kept(&mut self) {
+        self.kept.clear();
+    }
+
+    fn keep(&mut self, part: pb::SnapshotPart, from: &SnapshotHeader) {
+        use pb::SnapshotPart as P;
+        match part {
+            P::Unspecified => {}
+            P::Dataplane => self.dataplane.clone_from(&from.dataplane),
+            P::Mesh => {
+                self.mesh.clone_from(&from.mesh);
+                self.trust_bundle_pem.clone_from(&from.trust_bundle_pem);
+            }
+            P::Inbounds => self.inbounds.clone_from(&from.inbounds),
+            P::Outbounds => self.outbounds.clone_from(&from.outbounds),
+            P::OutboundListeners => self.outbound_listeners.clone_from(&from.outbound_listeners),
+        }
+    }
 }
 
 /// `weft.v1.OutboundService` with only its endpoints, undecoded.
@@ -92,7 +133,7 @@ pub enum Event {
         round: u32,
         /// Endpoints listed.
         endpoints: usize,
-        /// Encoded size of the snapshot.
+        /// Encoded size of the snapshot as received (without the parts it kept).
         bytes: usize,
         /// When the ACK was queued.
         at: Instant,
@@ -115,6 +156,8 @@ pub struct Registration {
     pub dataplane: String,
     /// Its dataplane token.
     pub token: String,
+    /// Whether it keeps unchanged parts (else it asks for complete snapshots).
+    pub keep_parts: bool,
 }
 
 /// Opens an HTTP/2 connection (TLS, trusting `ca_pem`) that `streams` proxies share. Its
@@ -166,6 +209,11 @@ async fn drive(
         kind: Some(Kind::Register(pb::Register {
             dataplane: reg.dataplane,
             proxy_version: concat!("weft-bench/", env!("CARGO_PKG_VERSION")).into(),
+            keeps_parts: if reg.keep_parts {
+                parts::ALL.iter().map(|p| *p as i32).collect()
+            } else {
+                Vec::new()
+            },
         })),
     })
     .await?;
@@ -177,17 +225,30 @@ async fn drive(
     let codec = tonic_prost::ProstCodec::<DiscoveryRequest, SnapshotHeader>::default();
     let path = PathAndQuery::from_static("/weft.v1.Discovery/Stream");
     let mut snapshots = grpc.streaming(req, path, codec).await?.into_inner();
-    while let Some(snap) = snapshots.message().await? {
+    let mut applied: Option<SnapshotHeader> = None;
+    while let Some(mut snap) = snapshots.message().await? {
+        let bytes = prost::Message::encoded_len(&snap);
+        if let Err(reason) = parts::merge(&mut snap, applied.as_ref()) {
+            tx.send(DiscoveryRequest {
+                kind: Some(Kind::Nack(pb::Nack {
+                    version: snap.version,
+                    nonce: snap.nonce,
+                    reason,
+                })),
+            })
+            .await?;
+            continue;
+        }
         let round = snap.round();
         let endpoints = snap.endpoints();
-        let bytes = prost::Message::encoded_len(&snap);
         tx.send(DiscoveryRequest {
             kind: Some(Kind::Ack(pb::Ack {
-                version: snap.version,
-                nonce: snap.nonce,
+                version: snap.version.clone(),
+                nonce: snap.nonce.clone(),
             })),
         })
         .await?;
+        applied = Some(snap);
         let at = Instant::now();
         permit.take();
         let _ = events.send(Event::Acked {

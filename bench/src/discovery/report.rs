@@ -30,6 +30,8 @@ pub struct Round {
     pub cp_cpu_ms: Option<f64>,
     /// Snapshots pushed from the apply until the end of the pause after the round (N is ideal).
     pub pushes: usize,
+    /// The bytes of those snapshots (as received: without the parts they kept), KiB.
+    pub pushed_kib: f64,
     #[serde(skip)]
     latencies: Vec<Duration>,
 }
@@ -55,6 +57,7 @@ impl Round {
         mut latencies: Vec<Duration>,
         cp_cpu: Option<Duration>,
         pushes: usize,
+        pushed_bytes: usize,
     ) -> Round {
         latencies.sort_unstable();
         Round {
@@ -65,6 +68,7 @@ impl Round {
             max_ms: ms(latencies.last().copied().unwrap_or_default()),
             cp_cpu_ms: cp_cpu.map(ms),
             pushes,
+            pushed_kib: pushed_bytes as f64 / 1024.0,
             latencies,
         }
     }
@@ -206,21 +210,21 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "snapshot: {:.1} KiB per proxy",
+            "snapshot: {:.1} KiB per proxy (complete)",
             self.snapshot_bytes as f64 / 1024.0
         );
         let _ = writeln!(s, "latency: {}", self.latency);
         let _ = writeln!(
             s,
-            "\n{:>5}  {:>9}  {:>8}  {:>8}  {:>8}  {:>10}  {:>6}",
-            "round", "apply_ms", "p50_ms", "p99_ms", "max_ms", "cp_cpu_ms", "pushes"
+            "\n{:>5}  {:>9}  {:>8}  {:>8}  {:>8}  {:>10}  {:>6}  {:>10}",
+            "round", "apply_ms", "p50_ms", "p99_ms", "max_ms", "cp_cpu_ms", "pushes", "pushed_kib"
         );
         for r in &self.rounds {
             let cpu = r.cp_cpu_ms.map_or("-".into(), |c| format!("{c:.0}"));
             let _ = writeln!(
                 s,
-                "{:>5}  {:>9.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>10}  {:>6}",
-                r.round, r.apply_ms, r.p50_ms, r.p99_ms, r.max_ms, cpu, r.pushes
+                "{:>5}  {:>9.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>10}  {:>6}  {:>10.0}",
+                r.round, r.apply_ms, r.p50_ms, r.p99_ms, r.max_ms, cpu, r.pushes, r.pushed_kib
             );
         }
         let _ = writeln!(
@@ -264,7 +268,7 @@ mod tests {
         assert_eq!(percentile(&v, 50.0), Duration::from_millis(50));
         assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
         assert_eq!(percentile(&v[..1], 99.0), Duration::from_millis(1));
-        let r = Round::new(1, Duration::from_millis(2), v, None, 100);
+        let r = Round::new(1, Duration::from_millis(2), v, None, 100, 4096);
         assert_eq!(r.max_ms, 100.0);
         assert!(r.to_line().contains("p99 99.0 ms"));
     }

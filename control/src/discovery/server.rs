@@ -5,12 +5,14 @@
 //! already. The Dataplane is validated like an apply and upserted, and the stream then gets a
 //! snapshot, and another each time its content changes. The proxy ACKs or NACKs each one and
 //! reports its traffic totals (`ProxyStats`) now and then; the hub keeps the latest report.
+//! A proxy that registered with `keeps_parts` gets, after the first snapshot, only the parts
+//! that changed since the previous push ([`Keeps`]).
 //! A stream that ends cleanly deregisters the dataplane (graceful exit); one that breaks
 //! leaves it offline.
 
 use super::grpc::DiscoveryServer;
 use super::hub::{Hub, SentSnapshot, StatsReport, now_rfc3339};
-use super::snapshot::EncodedSnapshot;
+use super::snapshot::{EncodedSnapshot, PartHashes};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::parse::parse_documents;
+use weft_api::parts;
 use weft_api::proto::DiscoveryRequest;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::{DataplaneSpec, Spec};
@@ -140,10 +143,62 @@ impl DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
         let nonce_base = self.nonce.fetch_add(1, Ordering::Relaxed) << 32;
+        let keeps = Keeps::new(&register.keeps_parts);
         tokio::spawn(serve_stream(
-            hub, mesh, name, stream_id, dp, inbound, tx, views, nonce_base,
+            hub, mesh, name, stream_id, dp, inbound, tx, views, nonce_base, keeps,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Which parts a stream's proxy holds, so that a push can leave out the unchanged ones.
+///
+/// The base is the previous push on the stream, ACKed or not: the proxy applies pushes in
+/// order and NACKs any it refuses, so when a push arrives, the proxy holds the one before
+/// unless it NACKed something, and a NACK drops the base (the next push is complete). The
+/// proxy checks each kept part's version against its own, so a push built on a base it
+/// did not apply is refused rather than misapplied.
+struct Keeps {
+    /// The parts the proxy said it can keep (bit `i`: `parts::ALL[i]`).
+    can: u8,
+    /// The part hashes of the previous push, while it can serve as a base.
+    base: Option<PartHashes>,
+    /// The nonce of the previous push if it left parts out.
+    partial: Option<String>,
+}
+
+impl Keeps {
+    fn new(keeps_parts: &[i32]) -> Keeps {
+        let can = parts::ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| keeps_parts.contains(&(**p as i32)))
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+        Keeps {
+            can,
+            base: None,
+            partial: None,
+        }
+    }
+
+    /// Leaves out of `snap` the parts the proxy can keep from the previous push, and makes
+    /// `snap` the base of the next.
+    fn prepare(&mut self, snap: &mut EncodedSnapshot) {
+        let hashes = *snap.part_hashes();
+        if let Some(base) = &self.base {
+            let same = |i: usize| self.can & (1 << i) != 0 && base[i] == hashes[i];
+            snap.keep(|p| parts::ALL.iter().position(|q| *q == p).is_some_and(same));
+        }
+        self.partial = snap.kept().next().map(|_| snap.nonce().to_string());
+        self.base = Some(hashes);
+    }
+
+    /// After a NACK of the push with `nonce`: the next push is complete. `true` when the
+    /// refused push was the latest and left parts out: it is worth resending complete now
+    /// (the proxy may only have lacked the base).
+    fn nacked(&mut self, nonce: &str) -> bool {
+        self.base = None;
+        self.partial.take().is_some_and(|n| n == nonce)
     }
 }
 
@@ -158,6 +213,7 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
     mut views: tokio::sync::watch::Receiver<Arc<super::view::Views>>,
     nonce_base: u64,
+    mut keeps: Keeps,
 ) {
     let registered = Arc::new(registered);
     let mut sent_version = String::new();
@@ -172,6 +228,7 @@ async fn serve_stream(
                 (Some(view), Some(mut snap)) if snap.version() != sent_version => {
                     pushes += 1;
                     snap.set_nonce(format!("{:x}", nonce_base + pushes));
+                    keeps.prepare(&mut snap);
                     sent_version = snap.version().to_string();
                     let sent = SentSnapshot {
                         mesh: mesh.clone(),
@@ -225,6 +282,10 @@ async fn serve_stream(
                         st.last_nack = Some(format!("version {}: {}", nack.version, nack.reason));
                         st.last_seen = Some(now_rfc3339());
                     });
+                    if keeps.nacked(&nack.nonce) {
+                        sent_version.clear();
+                        dirty = true;
+                    }
                 }
                 Ok(Some(DiscoveryRequest { kind: Some(Kind::Stats(stats)) })) => {
                     let report = StatsReport::received(&stats);

@@ -410,6 +410,8 @@ pub fn snapshot(
                 service: service.into(),
             })
             .collect(),
+        parts: None,
+        kept: vec![],
     }
 }
 

@@ -7,10 +7,16 @@
 //! as [`Bytes`]; only a proxy's own fields (its identity, inbounds and listeners) are
 //! encoded per proxy. Fields are laid out in tag order, as prost lays them out, so the
 //! result is byte for byte what encoding the whole [`pb::Snapshot`] gives.
+//!
+//! Each of the five parts of the content ([`weft_api::parts::ALL`]) has its own hash, sent
+//! as its version; the snapshot's version is a hash of those. A push may leave out parts the
+//! proxy already holds at the same version ([`EncodedSnapshot::keep`]): those bytes are
+//! simply not written, and field 10 names them.
 
 use bytes::{BufMut, Bytes};
 use prost::encoding::{self, WireType};
 use std::fmt;
+use weft_api::parts;
 use weft_api::proto as pb;
 
 /// Field numbers of `Snapshot` and `OutboundService` (`api/proto/weft/v1/discovery.proto`).
@@ -23,6 +29,8 @@ mod tag {
     pub const INBOUNDS: u32 = 6;
     pub const OUTBOUNDS: u32 = 7;
     pub const OUTBOUND_LISTENERS: u32 = 8;
+    pub const PARTS: u32 = 9;
+    pub const KEPT: u32 = 10;
     /// `OutboundService` fields.
     pub const SERVICE: u32 = 1;
     pub const PROTOCOL: u32 = 2;
@@ -61,7 +69,9 @@ impl fmt::Debug for Hashed {
 /// One proxy's snapshot, encoded: its own fields, and the mesh's shared parts by reference.
 ///
 /// Cloning is cheap (reference counts). [`EncodedSnapshot::encode`] writes what prost would
-/// write for the equivalent [`pb::Snapshot`].
+/// write for the equivalent [`pb::Snapshot`]. Its content is made of the five
+/// [`parts::ALL`], each hashed on its own; [`EncodedSnapshot::keep`] leaves parts out of
+/// the push (the proxy keeps its copy), which changes the bytes but not the version.
 #[derive(Clone, Debug)]
 pub struct EncodedSnapshot {
     version: String,
@@ -74,7 +84,16 @@ pub struct EncodedSnapshot {
     mesh: Hashed,
     /// Field 7 (outbound services), shared by the proxies routed alike.
     outbounds: Hashed,
+    /// The hash of each part, in [`parts::ALL`] order.
+    hashes: PartHashes,
+    /// The parts left out of this push: bit `i` is `parts::ALL[i]`.
+    kept: u8,
+    /// Fields 9 (part versions) and 10 (kept parts), encoded.
+    tail: Vec<u8>,
 }
+
+/// The hash of each part of a snapshot, in [`parts::ALL`] order.
+pub type PartHashes = [u64; 5];
 
 impl EncodedSnapshot {
     /// Assembles a snapshot from a proxy's own fields and the shared parts; its version is
@@ -92,24 +111,63 @@ impl EncodedSnapshot {
                 + encoding::message::encoded_len_repeated(tag::OUTBOUND_LISTENERS, listeners),
         );
         encoding::message::encode(tag::DATAPLANE, dataplane, &mut own);
-        let inbounds_at = own.len();
+        let a = own.len();
         encoding::message::encode_repeated(tag::INBOUNDS, inbounds, &mut own);
-        let listeners_at = own.len();
+        let b = own.len();
         encoding::message::encode_repeated(tag::OUTBOUND_LISTENERS, listeners, &mut own);
-        let version = version(hash(&own), mesh.hash, outbounds.hash);
-        EncodedSnapshot {
-            version,
+        let hashes = [
+            hash(&own[..a]),
+            mesh.hash,
+            hash(&own[a..b]),
+            outbounds.hash,
+            hash(&own[b..]),
+        ];
+        let mut snap = EncodedSnapshot {
+            version: version(&hashes),
             nonce: String::new(),
             own: own.into(),
-            split: (inbounds_at, listeners_at),
+            split: (a, b),
             mesh,
             outbounds,
-        }
+            hashes,
+            kept: 0,
+            tail: Vec::new(),
+        };
+        snap.keep(|_| false);
+        snap
     }
 
     /// The content's version: equal versions mean equal content.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The hash of each part.
+    pub fn part_hashes(&self) -> &PartHashes {
+        &self.hashes
+    }
+
+    /// Leaves out of the push the parts for which `keep` is true: the proxy takes them from
+    /// the snapshot it applied last.
+    pub fn keep(&mut self, keep: impl Fn(pb::SnapshotPart) -> bool) {
+        self.kept = 0;
+        let mut kept = Vec::new();
+        for (i, part) in parts::ALL.into_iter().enumerate() {
+            if keep(part) {
+                self.kept |= 1 << i;
+                kept.push(part as i32);
+            }
+        }
+        self.tail.clear();
+        encoding::message::encode(tag::PARTS, &part_versions(&self.hashes), &mut self.tail);
+        encoding::int32::encode_packed(tag::KEPT, &kept, &mut self.tail);
+    }
+
+    /// The parts left out of this push.
+    pub fn kept(&self) -> impl Iterator<Item = pb::SnapshotPart> + '_ {
+        (0..parts::ALL.len())
+            .filter(|i| self.kept & (1 << i) != 0)
+            .map(|i| parts::ALL[i])
     }
 
     /// The nonce it is sent with (empty until set).
@@ -122,27 +180,32 @@ impl EncodedSnapshot {
         self.nonce = nonce;
     }
 
-    /// The parts after version and nonce, in tag order.
+    /// The parts after version and nonce, in tag order; those left out are empty.
     fn parts(&self) -> [Bytes; 5] {
         let (a, b) = self.split;
-        [
+        let mut parts = [
             self.own.slice(..a),
             self.mesh.bytes.clone(),
             self.own.slice(a..b),
             self.outbounds.bytes.clone(),
             self.own.slice(b..),
-        ]
+        ];
+        for (i, part) in parts.iter_mut().enumerate() {
+            if self.kept & (1 << i) != 0 {
+                *part = Bytes::new();
+            }
+        }
+        parts
     }
 
     /// The length of [`EncodedSnapshot::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
-        let (a, _) = self.split;
-        self.head_len(a) + self.own.len() - a + self.mesh.bytes.len() + self.outbounds.bytes.len()
+        self.head_len() + self.parts().iter().map(Bytes::len).sum::<usize>() + self.tail.len()
     }
 
-    /// The length of version, nonce and the first `own` bytes.
-    fn head_len(&self, own: usize) -> usize {
-        string_len(tag::VERSION, &self.version) + string_len(tag::NONCE, &self.nonce) + own
+    /// The length of version and nonce.
+    fn head_len(&self) -> usize {
+        string_len(tag::VERSION, &self.version) + string_len(tag::NONCE, &self.nonce)
     }
 
     /// Writes the snapshot's protobuf encoding (no length prefix).
@@ -152,20 +215,22 @@ impl EncodedSnapshot {
         for part in self.parts() {
             buf.put_slice(&part);
         }
+        buf.put_slice(&self.tail);
     }
 
     /// Appends `prefix` and the encoding to `out` as chunks without copying the shared parts:
     /// `prefix`, version, nonce and the proxy's identity in a new first chunk, then the parts
-    /// as references (empty ones left out).
+    /// as references (empty ones left out), then the part versions.
     pub fn chunks(&self, prefix: &[u8], out: &mut impl Extend<Bytes>) {
         let [identity, rest @ ..] = self.parts();
-        let mut first = Vec::with_capacity(prefix.len() + self.head_len(identity.len()));
+        let mut first = Vec::with_capacity(prefix.len() + self.head_len() + identity.len());
         first.extend_from_slice(prefix);
         put_string(tag::VERSION, &self.version, &mut first);
         put_string(tag::NONCE, &self.nonce, &mut first);
         first.extend_from_slice(&identity);
         out.extend(std::iter::once(Bytes::from(first)));
         out.extend(rest.into_iter().filter(|p| !p.is_empty()));
+        out.extend(std::iter::once(Bytes::copy_from_slice(&self.tail)));
     }
 
     /// The encoding as one buffer.
@@ -176,29 +241,54 @@ impl EncodedSnapshot {
     }
 }
 
-/// The version of a snapshot whose own fields hash to `own` and whose shared parts hash to
-/// `mesh` and `outbounds`.
-fn version(own: u64, mesh: u64, outbounds: u64) -> String {
-    let mut words = [0u8; 24];
-    for (slot, h) in words.chunks_exact_mut(8).zip([own, mesh, outbounds]) {
+/// The version of a snapshot whose parts hash to `hashes`.
+fn version(hashes: &PartHashes) -> String {
+    let mut words = [0u8; 40];
+    for (slot, h) in words.chunks_exact_mut(8).zip(hashes) {
         slot.copy_from_slice(&h.to_le_bytes());
     }
     format!("{:016x}", hash(&words))
 }
 
-/// The version [`EncodedSnapshot::new`] gives the same content, computed from a whole
-/// snapshot (its own `version` and `nonce` are ignored).
-pub fn content_version(snap: &pb::Snapshot) -> String {
-    let mut own = Vec::new();
-    if let Some(d) = &snap.dataplane {
-        encoding::message::encode(tag::DATAPLANE, d, &mut own);
+/// The `parts` field of a snapshot whose parts hash to `hashes`.
+fn part_versions(hashes: &PartHashes) -> pb::SnapshotParts {
+    let [dataplane, mesh, inbounds, outbounds, outbound_listeners] =
+        hashes.map(|h| format!("{h:016x}"));
+    pb::SnapshotParts {
+        dataplane,
+        mesh,
+        inbounds,
+        outbounds,
+        outbound_listeners,
     }
-    encoding::message::encode_repeated(tag::INBOUNDS, &snap.inbounds, &mut own);
-    encoding::message::encode_repeated(tag::OUTBOUND_LISTENERS, &snap.outbound_listeners, &mut own);
-    let mesh = encode_mesh(snap.mesh.as_ref(), &snap.trust_bundle_pem);
-    let mut outbounds = Vec::new();
-    encoding::message::encode_repeated(tag::OUTBOUNDS, &snap.outbounds, &mut outbounds);
-    version(hash(&own), hash(&mesh), hash(&outbounds))
+}
+
+/// Sets `version` and `parts` of a complete snapshot to what [`EncodedSnapshot::new`] gives
+/// the same content (`nonce` and `kept` are left alone).
+pub fn seal(snap: &mut pb::Snapshot) {
+    let mut fields = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    if let Some(d) = &snap.dataplane {
+        encoding::message::encode(tag::DATAPLANE, d, &mut fields[0]);
+    }
+    fields[1] = encode_mesh(snap.mesh.as_ref(), &snap.trust_bundle_pem);
+    encoding::message::encode_repeated(tag::INBOUNDS, &snap.inbounds, &mut fields[2]);
+    encoding::message::encode_repeated(tag::OUTBOUNDS, &snap.outbounds, &mut fields[3]);
+    encoding::message::encode_repeated(
+        tag::OUTBOUND_LISTENERS,
+        &snap.outbound_listeners,
+        &mut fields[4],
+    );
+    let hashes = fields.map(|f| hash(&f));
+    snap.version = version(&hashes);
+    snap.parts = Some(part_versions(&hashes));
+}
+
+/// The version [`EncodedSnapshot::new`] gives the same content, computed from a complete
+/// snapshot (its own `version`, `nonce`, `parts` and `kept` are ignored).
+pub fn content_version(snap: &pb::Snapshot) -> String {
+    let mut sealed = snap.clone();
+    seal(&mut sealed);
+    sealed.version
 }
 
 /// Fields 4 and 5 of a snapshot: the mesh settings and the trust bundle.
@@ -349,6 +439,8 @@ mod tests {
                 port: 10001,
                 service: "backend".into(),
             }],
+            parts: None,
+            kept: vec![],
         }
     }
 
@@ -378,7 +470,8 @@ mod tests {
         let mut snap = sample();
         let mut encoded = assemble(&snap);
         encoded.set_nonce("1f".into());
-        snap.version = encoded.version().to_string();
+        seal(&mut snap);
+        assert_eq!(snap.version, encoded.version());
         snap.nonce = "1f".into();
         let bytes = encoded.to_vec();
         assert_eq!(bytes, snap.encode_to_vec());
@@ -392,6 +485,41 @@ mod tests {
             encoded.outbounds.bytes.as_ptr(),
             "the outbounds are shared, not copied"
         );
+    }
+
+    #[test]
+    fn a_push_that_keeps_parts_leaves_them_out_and_merges_back() {
+        let mut full = sample();
+        seal(&mut full);
+        let mut encoded = assemble(&full);
+        encoded.keep(|p| p == pb::SnapshotPart::Outbounds || p == pb::SnapshotPart::Mesh);
+        assert_eq!(
+            encoded.version(),
+            full.version,
+            "same content, same version"
+        );
+        let bytes = encoded.to_vec();
+        assert_eq!(bytes.len(), encoded.encoded_len());
+        let mut chunks: Vec<Bytes> = Vec::new();
+        encoded.chunks(b"", &mut chunks);
+        assert_eq!(chunks.concat(), bytes);
+        let mut sent = pb::Snapshot::decode(bytes.as_slice()).expect("decodes");
+        assert!(
+            sent.outbounds.is_empty() && sent.mesh.is_none() && sent.trust_bundle_pem.is_empty()
+        );
+        assert_eq!(
+            sent.kept,
+            vec![
+                pb::SnapshotPart::Mesh as i32,
+                pb::SnapshotPart::Outbounds as i32
+            ]
+        );
+        assert_eq!(sent.parts, full.parts);
+        assert_eq!(sent.inbounds, full.inbounds);
+        weft_api::parts::merge(&mut sent, Some(&full)).expect("merges");
+        assert_eq!(sent, full);
+        encoded.keep(|_| false);
+        assert_eq!(encoded.to_vec(), full.encode_to_vec(), "complete again");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod permissions;
 pub mod routes;
 pub mod shared;
 
-pub use encoded::{EncodedSnapshot, content_version};
+pub use encoded::{EncodedSnapshot, PartHashes, content_version, seal};
 pub use mesh::DEFAULT_CERT_LIFETIME_SECS;
 pub use routes::RouteClass;
 pub use shared::MeshParts;
@@ -88,8 +88,8 @@ pub fn build(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> Enc
     )
 }
 
-/// The same snapshot as [`build`], as a message (for `_config` and tests); `version` is set,
-/// `nonce` is empty.
+/// The same snapshot as [`build`], complete, as a message (for `_config` and tests);
+/// `version` and `parts` are set, `nonce` is empty.
 pub fn build_message(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView) -> pb::Snapshot {
     let own = own(mesh, name, dp, view);
     let mut snap = pb::Snapshot {
@@ -101,8 +101,10 @@ pub fn build_message(mesh: &str, name: &str, dp: &DataplaneSpec, view: &MeshView
         inbounds: own.inbounds,
         outbounds: view.parts.outbounds(&own.class, view),
         outbound_listeners: own.listeners,
+        parts: None,
+        kept: vec![],
     };
-    snap.version = content_version(&snap);
+    seal(&mut snap);
     snap
 }
 
