@@ -12,7 +12,8 @@ use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
 use crate::http::{
-    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, local_response, strip_hop_by_hop, tunnel,
+    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, downstream_version, local_response,
+    strip_hop_by_hop, tunnel,
 };
 use crate::listen;
 use crate::telemetry::{Direction, RequestObservation};
@@ -129,6 +130,8 @@ struct Ctx {
     service: String,
     app_protocol: Option<Protocol>,
     upstream: SocketAddr,
+    /// `upstream` as an authority, for requests that name none.
+    upstream_authority: Option<Authority>,
     clients: AppClients,
     /// `Some(origin)` when the source is denied.
     denied: Option<Option<String>>,
@@ -171,6 +174,7 @@ pub(crate) async fn serve<I>(
         service: inbound.service.clone(),
         app_protocol: inbound.protocol,
         upstream: inbound.upstream,
+        upstream_authority: Authority::try_from(inbound.upstream.to_string().as_str()).ok(),
         clients,
         denied: caller.denied,
         sources: caller.sources,
@@ -224,7 +228,7 @@ async fn forward(
         );
     }
     let downstream_http1 = req.version() < Version::HTTP_2;
-    let upstream_authority = Authority::try_from(ctx.upstream.to_string().as_str()).ok();
+    let upstream_authority = ctx.upstream_authority.clone();
     if tunnel::is_tunnel(&req) {
         let Some(a) = upstream_authority else {
             return observed(
@@ -292,11 +296,7 @@ async fn forward(
     };
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
-    rp.version = if downstream_http1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_2
-    };
+    rp.version = downstream_version(downstream_http1);
     observation.status(rp.status.as_u16());
     Response::from_parts(rp, Body::incoming(rb).finish(observation, request_bytes))
 }

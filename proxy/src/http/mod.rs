@@ -95,6 +95,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The version a response goes back to the app with: what the app spoke.
+pub fn downstream_version(http1: bool) -> http::Version {
+    if http1 {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_2
+    }
+}
+
 /// A response the proxy makes itself, with a short text body naming the reason.
 pub fn local_response(status: StatusCode, reason: &'static str) -> Response<Body> {
     let mut r = Response::new(Body::text(reason));

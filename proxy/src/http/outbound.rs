@@ -15,7 +15,7 @@ use crate::http::body::{Body, ByteCount};
 use crate::http::idle::{Activity, IdleIo};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
-    local_response, strip_hop_by_hop, tunnel,
+    downstream_version, local_response, strip_hop_by_hop, tunnel,
 };
 use crate::route::{HttpRule, Service, Target};
 use crate::telemetry::{Direction, RequestObservation};
@@ -208,11 +208,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if let Some(r) = rule {
         r.response_headers.apply(&mut rp.headers);
     }
-    rp.version = if ctx.http1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_2
-    };
+    rp.version = downstream_version(ctx.http1);
     observation.status(rp.status.as_u16());
     observation.peer_address(endpoint);
     let body = Body::incoming(rb)

@@ -10,7 +10,7 @@
 use crate::http::body::Body;
 use crate::http::inbound::AppClients;
 use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
-use crate::http::{local_response, strip_hop_by_hop};
+use crate::http::{downstream_version, local_response, strip_hop_by_hop};
 use crate::route::Service;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -116,11 +116,7 @@ pub(crate) async fn outbound(
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
     if !rp.status.is_success() {
-        rp.version = if ctx.http1 {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_2
-        };
+        rp.version = downstream_version(ctx.http1);
         return Response::from_parts(rp, Body::incoming(rb));
     }
     if let (Some(p), true) = (&upgrade, ctx.http1) {
@@ -131,11 +127,7 @@ pub(crate) async fn outbound(
             rp.headers.insert(header::UPGRADE, v);
         }
     }
-    rp.version = if ctx.http1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_2
-    };
+    rp.version = downstream_version(ctx.http1);
     spawn_join(downstream, upstream);
     Response::from_parts(rp, Body::empty())
 }
@@ -203,11 +195,7 @@ pub(crate) async fn inbound(
     let (mut rp, rb) = resp.into_parts();
     if !opened {
         strip_hop_by_hop(&mut rp.headers);
-        rp.version = if downstream_http1 {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_2
-        };
+        rp.version = downstream_version(downstream_http1);
         return Response::from_parts(rp, Body::incoming(rb));
     }
     if downstream_http1 {
