@@ -87,9 +87,11 @@ impl MeshPool {
             return e.clone();
         }
         let mut next: HashMap<_, _> = (*map).clone();
-        // Forget endpoints whose connection is gone, so the map does not grow forever.
+        // Forget endpoints whose connection is gone, so the map does not grow forever; keep
+        // those being connected, or a concurrent request would open a second connection.
         next.retain(|_, e: &mut Arc<Entry>| {
-            e.current.load().as_ref().is_some_and(|c| !c.1.is_closed())
+            e.connecting.try_lock().is_err()
+                || e.current.load().as_ref().is_some_and(|c| !c.1.is_closed())
         });
         let e = Arc::new(Entry {
             current: ArcSwapOption::empty(),
