@@ -1,7 +1,10 @@
 //! Discovery end to end against the real control plane (in process), with simulated proxies
 //! speaking the real gRPC protocol.
 
+mod support;
+
 use std::time::Duration;
+use support::in_process::{control_plane, put};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -11,29 +14,7 @@ use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{
     Ack, DiscoveryRequest, Nack, Register, Snapshot, SnapshotPart, permission_rule,
 };
-use weft_control::run::{ControlPlane, RunConfig, start};
-
-async fn control_plane(dir: &std::path::Path) -> ControlPlane {
-    start(RunConfig {
-        data_dir: dir.to_path_buf(),
-        store_url: None,
-        api_address: "127.0.0.1:0".parse().expect("addr"),
-        dp_server_address: "127.0.0.1:0".parse().expect("addr"),
-        dp_server_sans: vec![],
-        dp_server_cert: None,
-        no_default_mesh: false,
-        admin_token: None,
-    })
-    .await
-    .expect("control plane starts")
-}
-
-fn put(cp: &ControlPlane, yaml: &str) {
-    for doc in weft_api::parse::parse_documents(yaml).expect("valid yaml") {
-        cp.store.put(&doc.resource, None).expect("stored");
-    }
-    cp.hub.notify_change();
-}
+use weft_control::run::ControlPlane;
 
 /// A simulated proxy: the real protocol, no data path.
 struct FakeProxy {

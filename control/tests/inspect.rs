@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use support::in_process::{control_plane, put};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -16,32 +17,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::proto::discovery_client::DiscoveryClient;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{Ack, DiscoveryRequest, ProxyStats, Register};
-use weft_control::run::{ControlPlane, RunConfig, start};
+use weft_control::run::ControlPlane;
 use weft_proxy::discovery::Discovery;
 use weft_proxy::identity::TokenSource;
 use weft_proxy::metrics::Metrics;
-
-async fn control_plane(dir: &std::path::Path) -> ControlPlane {
-    start(RunConfig {
-        data_dir: dir.to_path_buf(),
-        store_url: None,
-        api_address: "127.0.0.1:0".parse().expect("addr"),
-        dp_server_address: "127.0.0.1:0".parse().expect("addr"),
-        dp_server_sans: vec![],
-        dp_server_cert: None,
-        no_default_mesh: false,
-        admin_token: None,
-    })
-    .await
-    .expect("control plane starts")
-}
-
-fn put(cp: &ControlPlane, yaml: &str) {
-    for doc in weft_api::parse::parse_documents(yaml).expect("valid yaml") {
-        cp.store.put(&doc.resource, None).expect("stored");
-    }
-    cp.hub.notify_change();
-}
 
 fn dataplane(mesh: &str, name: &str, ip: &str) -> String {
     format!(

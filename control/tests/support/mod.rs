@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod in_process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,28 @@
+//! The control plane started in the test's own process (store, hub and servers at hand), for
+//! tests that drive discovery with fake proxies.
+
+use weft_control::run::{ControlPlane, RunConfig, start};
+
+/// Starts a control plane on loopback with its data under `dir`.
+pub async fn control_plane(dir: &std::path::Path) -> ControlPlane {
+    start(RunConfig {
+        data_dir: dir.to_path_buf(),
+        store_url: None,
+        api_address: "127.0.0.1:0".parse().expect("addr"),
+        dp_server_address: "127.0.0.1:0".parse().expect("addr"),
+        dp_server_sans: vec![],
+        dp_server_cert: None,
+        no_default_mesh: false,
+        admin_token: None,
+    })
+    .await
+    .expect("control plane starts")
+}
+
+/// Stores every resource of `yaml` and tells the hub, as an apply would.
+pub fn put(cp: &ControlPlane, yaml: &str) {
+    for doc in weft_api::parse::parse_documents(yaml).expect("valid yaml") {
+        cp.store.put(&doc.resource, None).expect("stored");
+    }
+    cp.hub.notify_change();
+}
