@@ -8,9 +8,7 @@
 #[allow(unused_imports)] // the harness re-exports helpers this test does not need
 mod e2e;
 
-use e2e::{
-    App, ControlPlane, HttpApp, Sidecar, WAIT, http_get, mesh_yaml, permission_yaml, wait_for,
-};
+use e2e::{App, ControlPlane, Sidecar, WAIT, http_get, mesh_yaml, permission_yaml, wait_for};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use weft_tests::Host;
@@ -143,7 +141,7 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
             permission_yaml("alpha", "client-to-server", "client", "server")
         ),
     );
-    let _app = HttpApp::start(&server_host, APP_PORT, "server");
+    let _app = App::start_http(&server_host, APP_PORT, "server");
     let server = Sidecar::start_as(
         &env,
         &cp,

@@ -11,53 +11,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use weft_tests::Host;
 
-/// An HTTP app: answers every request with `200` and the body `<label> <path>`, one request
-/// per connection. Stops with its guard.
-pub struct HttpApp {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl HttpApp {
-    /// Listens on `0.0.0.0:port` inside `host`.
-    pub fn start(host: &Host, port: u16, label: &str) -> HttpApp {
-        let listener = host
-            .enter(move || TcpListener::bind(("0.0.0.0", port)))
-            .expect("enter")
-            .expect("bind the app");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let label = label.to_string();
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            let label = label.clone();
-                            std::thread::spawn(move || serve_http(conn, &label));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            })
-        };
-        HttpApp {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HttpApp {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn serve_http(conn: TcpStream, label: &str) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
@@ -98,6 +51,16 @@ pub struct App {
 impl App {
     /// Listens on `0.0.0.0:port` inside `host`.
     pub fn start(host: &Host, port: u16, label: &str) -> App {
+        Self::serve(host, port, label, serve_lines)
+    }
+
+    /// An HTTP app instead: answers every request with `200` and the body `<label> <path>`,
+    /// one request per connection.
+    pub fn start_http(host: &Host, port: u16, label: &str) -> App {
+        Self::serve(host, port, label, |conn, _, label| serve_http(conn, label))
+    }
+
+    fn serve(host: &Host, port: u16, label: &str, serve: fn(TcpStream, SocketAddr, &str)) -> App {
         let listener = host
             .enter(move || TcpListener::bind(("0.0.0.0", port)))
             .expect("enter")
@@ -114,7 +77,7 @@ impl App {
                         Ok((conn, peer)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                             let label = label.clone();
-                            std::thread::spawn(move || serve_lines(conn, peer, &label));
+                            std::thread::spawn(move || serve(conn, peer, &label));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }

@@ -11,8 +11,6 @@
 mod app;
 mod capture;
 
-#[allow(unused_imports)] // not every test binary uses every app
-pub use app::HttpApp;
 use app::connect_in;
 pub use app::{App, connect, exchange, http_get, request, request_from};
 pub use capture::{Capture, contains};
