@@ -145,6 +145,11 @@ fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Durat
         transparent_ip: "127.0.0.1".parse().unwrap(),
         transparent_ipv6: false,
         request_timeout,
+        // Every client here speaks first, so detection ends as soon as its bytes arrive; the
+        // default 100 ms window is for server-speaks-first protocols, and on a loaded CI
+        // machine a client can take longer than that to send, which makes its connection
+        // opaque TCP (no per-request routing) and skews what these tests measure.
+        detect_timeout: Duration::from_secs(5),
         ..DataPathOptions::default()
     };
     let cfg = ProxyConfig::from_snapshot(snap)
