@@ -12,8 +12,10 @@
 //!   `weft_request_duration_seconds{direction,service}`, lock- and allocation-free on the
 //!   request path.
 //! - [`propagation`]: W3C `traceparent` (and B3 for zipkin) read and written.
-//! - [`trace`]: spans (client on outbound, server on inbound) via the OpenTelemetry SDK,
-//!   exported through a bounded queue to OTLP/gRPC or [`zipkin`] v2 JSON.
+//! - [`trace`]: spans (client on outbound, server on inbound), sampled by trace id and
+//!   exported through a bounded queue to [`otlp`] (OTLP/gRPC) or [`zipkin`] (v2 JSON).
+//! - [`span`]: the span record those exporters read: weft's own, not the OpenTelemetry SDK's
+//!   (the module says why).
 //! - [`access_log`]: JSON lines to a file or TCP backend through a bounded queue.
 //! - [`prom_server`]: the mesh's Prometheus endpoint (default `:5670/metrics`).
 //! - [`process`]: the standard `process_*` metrics.
@@ -33,10 +35,12 @@
 
 pub mod access_log;
 mod observation;
+pub mod otlp;
 pub mod process;
 pub mod prom_server;
 pub mod propagation;
 pub mod requests;
+pub mod span;
 pub mod trace;
 pub mod zipkin;
 

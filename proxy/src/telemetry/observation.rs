@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::{HeaderMap, Method, Uri};
-use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceId};
-use opentelemetry_sdk::trace::Span;
+use opentelemetry::trace::TraceId;
 
 use super::Direction;
 use super::access_log::{AccessLog, AccessLogEntry};
 use super::propagation;
 use super::requests::ServiceHandles;
-use super::trace::Tracing;
+use super::span::{ServerName, SpanError, SpanKind, SpanRecord};
+use super::trace::{SpanSink, Tracing};
 
 /// An HTTP exchange being observed. `Send + 'static`; finishing it records the request
 /// metrics, ends its span and writes its access-log line. Dropping it unfinished finishes it
@@ -153,7 +152,7 @@ struct End<'a> {
 pub(super) struct Detail {
     direction: Direction,
     start_time: SystemTime,
-    span: Option<Span>,
+    span: Option<(SpanRecord, SpanSink)>,
     trace_id: Option<TraceId>,
     log: Option<(AccessLog, LogFields)>,
 }
@@ -186,50 +185,39 @@ fn method_name(m: &Method) -> &'static str {
         .map_or("_OTHER", |(_, n)| n)
 }
 
-/// `server.address` and `server.port`: the URI's authority, else the `Host` header.
-fn server(uri: &Uri, headers: &HeaderMap) -> Option<(String, Option<u16>)> {
-    let authority = match uri.authority() {
-        Some(a) => a.clone(),
+/// Where `server.address`/`server.port` will come from: the URI's authority, else the `Host`
+/// header (both cheap clones of shared bytes; parsed only at export).
+fn server(uri: &Uri, headers: &HeaderMap) -> Option<ServerName> {
+    match uri.authority() {
+        Some(a) => Some(ServerName::Authority(a.clone())),
         None => headers
-            .get(http::header::HOST)?
-            .to_str()
-            .ok()?
-            .parse::<http::uri::Authority>()
-            .ok()?,
-    };
-    Some((authority.host().to_string(), authority.port_u16()))
+            .get(http::header::HOST)
+            .map(|h| ServerName::Host(h.clone())),
+    }
 }
 
-fn attributes(b: &Begin<'_>) -> Vec<KeyValue> {
-    let name = method_name(b.method);
-    let mut attrs = Vec::with_capacity(12);
-    attrs.push(KeyValue::new("http.request.method", name));
-    if name == "_OTHER" {
-        attrs.push(KeyValue::new(
-            "http.request.method_original",
-            b.method.as_str().to_string(),
-        ));
+/// The span of a sampled exchange, as far as it is known when the request arrives.
+fn record(b: &Begin<'_>, service: &Arc<str>, started: super::trace::Started) -> SpanRecord {
+    let method = method_name(b.method);
+    SpanRecord {
+        trace_id: started.trace_id,
+        span_id: started.span_id,
+        parent_id: started.parent_id,
+        kind: SpanKind::of(b.direction),
+        method,
+        method_original: (method == "_OTHER").then(|| b.method.as_str().into()),
+        path: b.uri.path_and_query().cloned(),
+        https: b.uri.scheme_str() == Some("https"),
+        server: server(b.uri, b.headers),
+        mesh: Arc::clone(b.mesh),
+        service: Arc::clone(service),
+        peer_service: b.peer_service.map(Arc::from),
+        start: SystemTime::UNIX_EPOCH,
+        duration: std::time::Duration::ZERO,
+        status: None,
+        peer: None,
+        error: None,
     }
-    attrs.push(KeyValue::new("url.path", b.uri.path().to_string()));
-    let scheme = if b.uri.scheme_str() == Some("https") {
-        "https"
-    } else {
-        "http"
-    };
-    attrs.push(KeyValue::new("url.scheme", scheme));
-    if let Some((host, port)) = server(b.uri, b.headers) {
-        attrs.push(KeyValue::new("server.address", host));
-        if let Some(p) = port {
-            attrs.push(KeyValue::new("server.port", i64::from(p)));
-        }
-    }
-    attrs.push(KeyValue::new("weft.mesh", b.mesh.to_string()));
-    attrs.push(KeyValue::new("weft.direction", b.direction.as_str()));
-    attrs.push(KeyValue::new("weft.service", b.service.to_string()));
-    if let Some(p) = b.peer_service {
-        attrs.push(KeyValue::new("peer.service", p.to_string()));
-    }
-    attrs
 }
 
 impl Detail {
@@ -242,14 +230,13 @@ impl Detail {
         let start_time = SystemTime::now();
         let (span, trace_id) = match b.tracing {
             Some(t) => {
-                let kind = match b.direction {
-                    Direction::Outbound => SpanKind::Client,
-                    Direction::Inbound => SpanKind::Server,
-                };
-                let attrs = attributes(&b);
-                let span = t.start(kind, method_name(b.method).into(), attrs, b.headers);
-                let id = span.span_context().trace_id();
-                (Some(span), Some(id))
+                let started = t.start(b.headers);
+                let span = started.sampled.then(|| {
+                    let mut r = record(&b, handles.service(), started);
+                    r.start = start_time;
+                    (r, t.sink().clone())
+                });
+                (span, Some(started.trace_id))
             }
             None => (
                 None,
@@ -291,30 +278,27 @@ impl Detail {
             trace_id,
             log,
         } = *self;
-        if let Some(mut span) = span {
-            if let Some(code) = e.status {
-                span.set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
-            }
-            if let Some(p) = e.peer {
-                span.set_attribute(KeyValue::new("network.peer.address", p.ip().to_string()));
-                span.set_attribute(KeyValue::new("network.peer.port", i64::from(p.port())));
-            }
+        if let Some((mut span, sink)) = span {
+            span.duration = e.elapsed;
+            span.status = e.status;
+            span.peer = e.peer;
             // Semconv: 5xx is an error on both sides, 4xx on the client side only.
             let error_status = e.status.filter(|c| {
                 *c >= 500 || (direction == Direction::Outbound && *c >= 400) || *c < 100
             });
-            if let Some(err) = &e.error {
-                let kind = if e.aborted { "aborted" } else { "transport" };
-                span.set_attribute(KeyValue::new("error.type", kind));
-                span.set_status(Status::error(err.to_string()));
+            span.error = if let Some(err) = &e.error {
+                Some(SpanError::Transport {
+                    kind: if e.aborted { "aborted" } else { "transport" },
+                    message: err.to_string(),
+                })
             } else if let Some(code) = error_status {
-                span.set_attribute(KeyValue::new("error.type", code.to_string()));
-                span.set_status(Status::error(""));
+                Some(SpanError::Status(code))
             } else if e.status.is_none() {
-                span.set_attribute(KeyValue::new("error.type", "transport"));
-                span.set_status(Status::error("no response"));
-            }
-            span.end();
+                Some(SpanError::NoResponse)
+            } else {
+                None
+            };
+            sink.send(span);
         }
         if let Some((log, f)) = log {
             log.send(AccessLogEntry {

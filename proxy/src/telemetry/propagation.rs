@@ -14,7 +14,9 @@
 //! that carries only a sampling decision (`b3: 0`) has no ids to continue and is ignored.
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{SpanId, TraceId};
+
+use super::span::{span_hex, trace_hex};
 
 /// `traceparent`.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -53,27 +55,17 @@ pub struct Extracted {
     pub span_id: SpanId,
     /// The caller's sampling decision.
     pub sampled: Sampled,
-    /// `tracestate` entries, forwarded as they are (W3C only).
-    pub trace_state: TraceState,
 }
 
-impl Extracted {
-    /// The remote span context to start a child of (a B3 "no decision" reads as not
-    /// sampled; weft's sampler decides by trace id anyway).
-    pub fn span_context(&self) -> SpanContext {
-        let flags = if self.sampled == Sampled::Yes {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        };
-        SpanContext::new(
-            self.trace_id,
-            self.span_id,
-            flags,
-            true,
-            self.trace_state.clone(),
-        )
-    }
+/// The span a forwarded request names as its parent: the proxy's own span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    /// The trace.
+    pub trace_id: TraceId,
+    /// The proxy's span.
+    pub span_id: SpanId,
+    /// Whether the trace is sampled.
+    pub sampled: bool,
 }
 
 /// Reads the caller's trace context: `traceparent`, and with `b3` also the B3 headers (which
@@ -130,11 +122,6 @@ pub fn extract_w3c(headers: &HeaderMap) -> Option<Extracted> {
         return None;
     }
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    let trace_state = headers
-        .get(TRACESTATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<TraceState>().ok())
-        .unwrap_or_default();
     Some(Extracted {
         trace_id,
         span_id,
@@ -143,7 +130,6 @@ pub fn extract_w3c(headers: &HeaderMap) -> Option<Extracted> {
         } else {
             Sampled::No
         },
-        trace_state,
     })
 }
 
@@ -184,7 +170,6 @@ pub fn extract_b3(headers: &HeaderMap) -> Option<Extracted> {
         trace_id,
         span_id,
         sampled,
-        trace_state: TraceState::default(),
     })
 }
 
@@ -209,30 +194,36 @@ fn extract_b3_single(value: &str) -> Option<Extracted> {
         trace_id,
         span_id,
         sampled,
-        trace_state: TraceState::default(),
     })
-}
-
-fn value(s: String) -> Option<HeaderValue> {
-    HeaderValue::try_from(s).ok()
 }
 
 /// Rewrites the trace headers of a request the proxy forwards so that `span` is the parent
 /// the next hop sees. `parent` is `span`'s own parent (written as `x-b3-parentspanid` and the
 /// fourth `b3` field); `continued` says whether `span` continues the caller's trace (else
-/// `tracestate` is dropped). With `b3`, the B3 single and multi headers are written too;
-/// without, B3 headers are left as the application sent them.
+/// `tracestate` is dropped; when it continues, `tracestate` is forwarded untouched). With
+/// `b3`, the B3 single and multi headers are written too; without, B3 headers are left as the
+/// application sent them.
+///
+/// Runs for every traced request: the values are written as hex into stack buffers, not
+/// through `format!`.
 pub fn inject(
     headers: &mut HeaderMap,
-    span: &SpanContext,
+    span: SpanIds,
     parent: Option<SpanId>,
     continued: bool,
     b3: bool,
 ) {
-    let sampled = span.is_sampled();
-    let trace = span.trace_id();
-    let id = span.span_id();
-    if let Some(v) = value(format!("00-{trace}-{id}-{:02x}", u8::from(sampled))) {
+    let trace = trace_hex(span.trace_id);
+    let id = span_hex(span.span_id);
+    let flag = if span.sampled { b'1' } else { b'0' };
+    // 00-{trace}-{id}-0{flag}
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    tp[3..35].copy_from_slice(&trace);
+    tp[35] = b'-';
+    tp[36..52].copy_from_slice(&id);
+    tp[52..55].copy_from_slice(&[b'-', b'0', flag]);
+    if let Ok(v) = HeaderValue::from_bytes(&tp) {
         headers.insert(TRACEPARENT, v);
     }
     if !continued {
@@ -241,23 +232,35 @@ pub fn inject(
     if !b3 {
         return;
     }
-    let flag = if sampled { "1" } else { "0" };
-    let single = match parent {
-        Some(p) => format!("{trace}-{id}-{flag}-{p}"),
-        None => format!("{trace}-{id}-{flag}"),
+    // {trace}-{id}-{flag}[-{parent}]
+    let mut single = [0u8; 68];
+    single[..32].copy_from_slice(&trace);
+    single[32] = b'-';
+    single[33..49].copy_from_slice(&id);
+    single[49] = b'-';
+    single[50] = flag;
+    let parent = parent.map(span_hex);
+    let len = match &parent {
+        Some(p) => {
+            single[51] = b'-';
+            single[52..68].copy_from_slice(p);
+            68
+        }
+        None => 51,
     };
-    if let Some(v) = value(single) {
+    if let Ok(v) = HeaderValue::from_bytes(&single[..len]) {
         headers.insert(B3, v);
     }
-    if let Some(v) = value(trace.to_string()) {
+    if let Ok(v) = HeaderValue::from_bytes(&trace) {
         headers.insert(B3_TRACE_ID, v);
     }
-    if let Some(v) = value(id.to_string()) {
+    if let Ok(v) = HeaderValue::from_bytes(&id) {
         headers.insert(B3_SPAN_ID, v);
     }
+    let flag = if span.sampled { "1" } else { "0" };
     headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
     headers.remove(B3_FLAGS);
-    match parent.and_then(|p| value(p.to_string())) {
+    match parent.and_then(|p| HeaderValue::from_bytes(&p).ok()) {
         Some(v) => {
             headers.insert(B3_PARENT_SPAN_ID, v);
         }
@@ -288,7 +291,6 @@ mod tests {
         assert_eq!(e.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(e.span_id.to_string(), "00f067aa0ba902b7");
         assert_eq!(e.sampled, Sampled::Yes);
-        assert_eq!(e.trace_state.get("k"), Some("v"));
         let unsampled = TP.replace("-01", "-00");
         let e = extract(&map(&[("traceparent", &unsampled)]), false).expect("valid");
         assert_eq!(e.sampled, Sampled::No);
@@ -407,16 +409,14 @@ mod tests {
 
     #[test]
     fn injects_what_it_extracts() {
-        let sc = SpanContext::new(
-            TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736),
-            SpanId::from(0x1122334455667788),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
+        let sc = SpanIds {
+            trace_id: TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736),
+            span_id: SpanId::from(0x1122334455667788),
+            sampled: true,
+        };
         let parent = SpanId::from(0x00f067aa0ba902b7);
         let mut h = map(&[("tracestate", "k=v"), ("x-b3-flags", "1")]);
-        inject(&mut h, &sc, Some(parent), true, true);
+        inject(&mut h, sc, Some(parent), true, true);
         assert_eq!(
             h.get(TRACEPARENT).and_then(|v| v.to_str().ok()),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1122334455667788-01")
@@ -433,20 +433,17 @@ mod tests {
         );
         for b3 in [false, true] {
             let e = extract(&h, b3).expect("round trip");
-            assert_eq!(e.trace_id, sc.trace_id());
-            assert_eq!(e.span_id, sc.span_id());
+            assert_eq!(e.trace_id, sc.trace_id);
+            assert_eq!(e.span_id, sc.span_id);
             assert_eq!(e.sampled, Sampled::Yes);
         }
 
-        let unsampled = SpanContext::new(
-            sc.trace_id(),
-            sc.span_id(),
-            TraceFlags::default(),
-            false,
-            TraceState::default(),
-        );
+        let unsampled = SpanIds {
+            sampled: false,
+            ..sc
+        };
         let mut h = map(&[("tracestate", "k=v"), ("b3", "stale")]);
-        inject(&mut h, &unsampled, None, false, false);
+        inject(&mut h, unsampled, None, false, false);
         assert!(
             h.get(TRACEPARENT)
                 .is_some_and(|v| v.as_bytes().ends_with(b"-00"))

@@ -1,17 +1,20 @@
 //! Spans: one per HTTP request and side (client on the outbound proxy, server on the inbound),
-//! made with the OpenTelemetry SDK and exported to the mesh's tracing backend.
+//! recorded as weft's own [`SpanRecord`]s (why: see [`super::span`]) and exported to the
+//! mesh's tracing backend.
 //!
-//! [`Tracing`] is built from one `TracingBackend` of a snapshot: a tracer provider whose
-//! resource has `service.name` = the proxy's service, a trace-id-ratio sampler over the
-//! backend's percentage, and a [`QueueProcessor`] feeding an exporter task:
-//! OTLP/gRPC (`opentelemetry`) or Zipkin v2 JSON (`zipkin`, see [`super::zipkin`]).
+//! [`Tracing`] is built from one `TracingBackend` of a snapshot: a trace-id-ratio
+//! [`Sampler`] over the backend's percentage, a bounded queue, and an exporter task:
+//! OTLP/gRPC (`opentelemetry`, see [`super::otlp`]) or Zipkin v2 JSON (`zipkin`, see
+//! [`super::zipkin`]), both with `service.name` = the proxy's service.
 //!
-//! Sampling: the decision is a function of the trace id (the SDK's `TraceIdRatioBased`), for
-//! new and continued traces alike. So `0` exports nothing and `100` everything, whatever the
-//! caller's headers say, and every weft proxy of the mesh (same percentage) makes the same
-//! decision for one trace: a sampled trace has all its mesh spans. The decision travels on in
-//! the `traceparent`/B3 sampled flag, for the application's own tracing to follow. (Envoy
-//! instead follows an incoming sampled flag; a caller's flag does not force weft's hand.)
+//! Sampling: the decision is a function of the trace id (the rule of OpenTelemetry's
+//! `TraceIdRatioBased`), for new and continued traces alike. So `0` exports nothing and `100`
+//! everything, whatever the caller's headers say, and every weft proxy of the mesh (same
+//! percentage) makes the same decision for one trace: a sampled trace has all its mesh spans.
+//! The decision travels on in the `traceparent`/B3 sampled flag, for the application's own
+//! tracing to follow. (Envoy instead follows an incoming sampled flag; a caller's flag does
+//! not force weft's hand.) An unsampled request costs two random ids and the header rewrite;
+//! nothing is recorded.
 //!
 //! Exporting never slows or fails traffic: a finished span goes into a bounded queue with
 //! `try_send`, and a span that does not fit is dropped and counted
@@ -20,21 +23,13 @@
 //! failed batch is dropped and counted (`reason="export_failed"`), never retried past that;
 //! a span that ends after its exporter task stopped counts as `reason="closed"`.
 //! When a new snapshot changes the backend, a new [`Tracing`] replaces this one; spans still
-//! open finish on the old one, whose task flushes and exits once the last of them is gone.
+//! open finish on the old one (each holds its [`SpanSink`]), whose task flushes and exits once
+//! the last of them is gone.
 
-use std::borrow::Cow;
-use std::time::Duration;
+use std::sync::Arc;
 
 use http::HeaderMap;
-use opentelemetry::trace::{
-    SpanBuilder, SpanContext, SpanKind, TraceContextExt, Tracer as _, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
-};
+use opentelemetry::trace::{SpanId, TraceId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,7 +37,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use weft_api::proto::TracingBackend;
 
-use super::propagation::{self, Extracted};
+use super::otlp::OtlpExporter;
+use super::propagation::{self, SpanIds};
+use super::span::{Sampler, SpanRecord, new_span_id, new_trace_id};
 use super::zipkin::ZipkinExporter;
 use super::{TelemetryError, TelemetryOptions};
 
@@ -110,7 +107,8 @@ impl TraceMetrics {
 /// The tracing of one backend configuration.
 #[derive(Debug)]
 pub struct Tracing {
-    tracer: SdkTracer,
+    sink: SpanSink,
+    sampler: Sampler,
     b3: bool,
     settings: TracingBackend,
 }
@@ -123,35 +121,60 @@ pub fn same_backend(a: &TracingBackend, b: &TracingBackend) -> bool {
         && a.sampling.to_bits() == b.sampling.to_bits()
 }
 
-/// An OTLP endpoint as tonic wants it: Kuma's examples give `host:port` without a scheme.
-fn otlp_endpoint(endpoint: &str) -> Result<String, TelemetryError> {
-    let e = endpoint.trim();
-    if e.is_empty() {
-        return Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: "no endpoint".into(),
-        });
+/// Where a span goes when it ends: the bounded queue of one [`Tracing`]'s exporter task.
+/// Clones share the queue; the task exits once the last clone is gone.
+#[derive(Debug, Clone)]
+pub struct SpanSink(Arc<Queue>);
+
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::Sender<SpanRecord>,
+    metrics: TraceMetrics,
+}
+
+impl SpanSink {
+    /// Queues a finished span without waiting; counts it as dropped when it does not fit.
+    pub fn send(&self, span: SpanRecord) {
+        let counter = match self.0.tx.try_send(span) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => &self.0.metrics.queue_full,
+            // The task is gone (the runtime is shutting down).
+            Err(mpsc::error::TrySendError::Closed(_)) => &self.0.metrics.closed,
+        };
+        counter.inc();
     }
-    let url = if e.contains("://") {
-        e.to_string()
-    } else {
-        format!("http://{e}")
-    };
-    match url.parse::<http::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Ok(url),
-        Ok(u) if u.scheme_str() == Some("https") => Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: format!("{endpoint:?}: https is not supported; use http"),
-        }),
-        _ => Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: format!("{endpoint:?} is not host:port or an http:// URL"),
-        }),
+}
+
+/// The ids of a request's span, decided by [`Tracing::start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The trace: the caller's, or a new one.
+    pub trace_id: TraceId,
+    /// The proxy's span for this request.
+    pub span_id: SpanId,
+    /// The caller's span, when the trace continues one.
+    pub parent_id: Option<SpanId>,
+    /// Whether to record and export the span.
+    pub sampled: bool,
+}
+
+/// The two exporters, behind one `export`.
+enum Exporter {
+    Otlp(OtlpExporter),
+    Zipkin(ZipkinExporter),
+}
+
+impl Exporter {
+    async fn export(&self, batch: &[SpanRecord]) -> Result<(), String> {
+        match self {
+            Exporter::Otlp(e) => e.export(batch).await,
+            Exporter::Zipkin(e) => e.export(batch).await,
+        }
     }
 }
 
 impl Tracing {
-    /// Builds the tracer and starts its exporter task; needs a tokio runtime.
+    /// Builds the sampler and starts the exporter task; needs a tokio runtime.
     pub fn new(
         backend: &TracingBackend,
         service: &str,
@@ -161,35 +184,18 @@ impl Tracing {
     ) -> Result<Self, TelemetryError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
-        let resource = Resource::builder_empty()
-            .with_service_name(service.to_string())
-            .with_attribute(KeyValue::new("weft.mesh", mesh.to_string()))
-            .build();
-        let (tx, rx) = mpsc::channel(options.trace_queue.max(1));
-        let b3 = match backend.backend_type.as_str() {
+        let (exporter, b3) = match backend.backend_type.as_str() {
             "opentelemetry" => {
-                let endpoint = otlp_endpoint(&backend.endpoint)?;
-                // The tonic exporter must be built inside the runtime.
+                // The tonic channel must be built inside the runtime.
                 let _enter = runtime.enter();
-                use opentelemetry_otlp::WithExportConfig as _;
-                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .with_timeout(options.export_timeout)
-                    .build()
-                    .map_err(|e| TelemetryError::Backend {
-                        backend: "opentelemetry",
-                        reason: e.to_string(),
-                    })?;
-                exporter.set_resource(&resource);
-                runtime.spawn(export_loop(exporter, rx, options.clone(), metrics.clone()));
-                false
+                let e =
+                    OtlpExporter::new(&backend.endpoint, service, mesh, options.export_timeout)?;
+                (Exporter::Otlp(e), false)
             }
-            "zipkin" => {
-                let exporter = ZipkinExporter::new(&backend.endpoint, service)?;
-                runtime.spawn(export_loop(exporter, rx, options.clone(), metrics.clone()));
-                true
-            }
+            "zipkin" => (
+                Exporter::Zipkin(ZipkinExporter::new(&backend.endpoint, service)?),
+                true,
+            ),
             other => {
                 return Err(TelemetryError::Backend {
                     backend: "tracing",
@@ -197,21 +203,14 @@ impl Tracing {
                 });
             }
         };
-        let ratio = if backend.sampling.is_finite() {
-            (backend.sampling / 100.0).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(QueueProcessor {
+        let (tx, rx) = mpsc::channel(options.trace_queue.max(1));
+        runtime.spawn(export_loop(exporter, rx, options.clone(), metrics.clone()));
+        Ok(Self {
+            sink: SpanSink(Arc::new(Queue {
                 tx,
                 metrics: metrics.clone(),
-            })
-            .with_sampler(Sampler::TraceIdRatioBased(ratio))
-            .with_resource(resource)
-            .build();
-        Ok(Self {
-            tracer: provider.tracer("weft-proxy"),
+            })),
+            sampler: Sampler::percent(backend.sampling),
             b3,
             settings: backend.clone(),
         })
@@ -227,79 +226,52 @@ impl Tracing {
         self.b3
     }
 
-    /// Starts a span of `kind` as the child of the context in `headers` (or a new root), and
-    /// rewrites `headers` so the forwarded request carries the new span as its parent.
-    pub fn start(
-        &self,
-        kind: SpanKind,
-        name: Cow<'static, str>,
-        attributes: Vec<KeyValue>,
-        headers: &mut HeaderMap,
-    ) -> Span {
-        let extracted: Option<Extracted> = propagation::extract(headers, self.b3);
-        let parent_cx = match &extracted {
-            Some(e) => Context::new().with_remote_span_context(e.span_context()),
-            None => Context::new(),
-        };
-        let builder = SpanBuilder::from_name(name)
-            .with_kind(kind)
-            .with_attributes(attributes);
-        let span = self.tracer.build_with_context(builder, &parent_cx);
-        use opentelemetry::trace::Span as _;
-        let sc: &SpanContext = span.span_context();
+    /// Where this backend's spans go.
+    pub fn sink(&self) -> &SpanSink {
+        &self.sink
+    }
+
+    /// Decides a request's span: a child of the context in `headers` (or a new root), sampled
+    /// or not by trace id. Rewrites `headers` so the forwarded request carries the new span as
+    /// its parent.
+    pub fn start(&self, headers: &mut HeaderMap) -> Started {
+        let extracted = propagation::extract(headers, self.b3);
+        let trace_id = extracted.as_ref().map_or_else(new_trace_id, |e| e.trace_id);
+        let span_id = new_span_id();
+        let parent_id = extracted.as_ref().map(|e| e.span_id);
+        let sampled = self.sampler.sampled(trace_id);
         propagation::inject(
             headers,
-            sc,
-            extracted.as_ref().map(|e| e.span_id),
+            SpanIds {
+                trace_id,
+                span_id,
+                sampled,
+            },
+            parent_id,
             extracted.is_some(),
             self.b3,
         );
-        span
+        Started {
+            trace_id,
+            span_id,
+            parent_id,
+            sampled,
+        }
     }
 }
 
-/// Hands finished spans to the exporter task without blocking; counts what does not fit.
-#[derive(Debug)]
-struct QueueProcessor {
-    tx: mpsc::Sender<SpanData>,
-    metrics: TraceMetrics,
-}
-
-impl SpanProcessor for QueueProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        let counter = match self.tx.try_send(span) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(_)) => &self.metrics.queue_full,
-            // The task is gone (the runtime is shutting down).
-            Err(mpsc::error::TrySendError::Closed(_)) => &self.metrics.closed,
-        };
-        counter.inc();
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    /// Non-blocking: the exporter task flushes what is queued and exits once this processor
-    /// (its sender) is dropped.
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
-/// Sends batches until the queue's sender is gone, then flushes and shuts the exporter down.
-async fn export_loop<E: SpanExporter>(
-    exporter: E,
-    mut rx: mpsc::Receiver<SpanData>,
+/// Sends batches until the queue's sender is gone, then flushes what is left and exits.
+async fn export_loop(
+    exporter: Exporter,
+    mut rx: mpsc::Receiver<SpanRecord>,
     options: TelemetryOptions,
     metrics: TraceMetrics,
 ) {
     let max = options.trace_batch.max(1);
     let mut open = true;
+    let mut batch = Vec::with_capacity(max);
     while open {
-        let mut batch = Vec::with_capacity(max);
+        batch.clear();
         if rx.recv_many(&mut batch, max).await == 0 {
             break;
         }
@@ -318,7 +290,7 @@ async fn export_loop<E: SpanExporter>(
             }
         }
         let n = batch.len() as u64;
-        match tokio::time::timeout(options.export_timeout, exporter.export(batch)).await {
+        match tokio::time::timeout(options.export_timeout, exporter.export(&batch)).await {
             Ok(Ok(())) => {
                 metrics.exported.inc_by(n);
             }
@@ -332,13 +304,13 @@ async fn export_loop<E: SpanExporter>(
             }
         }
     }
-    let _ = exporter.shutdown();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::Span as _;
+    use crate::telemetry::span::SpanKind;
+    use std::time::{Duration, SystemTime};
 
     fn backend(kind: &str, endpoint: &str, sampling: f64) -> TracingBackend {
         TracingBackend {
@@ -350,15 +322,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn endpoints_are_checked() {
-        assert_eq!(
-            otlp_endpoint("collector:4317").ok().as_deref(),
-            Some("http://collector:4317")
-        );
-        assert!(otlp_endpoint("").is_err());
-        assert!(otlp_endpoint("https://collector:4317").is_err());
-        assert!(otlp_endpoint("http://").is_err());
+    fn record(s: Started) -> SpanRecord {
+        SpanRecord {
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            parent_id: s.parent_id,
+            kind: SpanKind::Client,
+            method: "GET",
+            method_original: None,
+            path: None,
+            https: false,
+            server: None,
+            mesh: Arc::from("m"),
+            service: Arc::from("backend"),
+            peer_service: None,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            status: Some(200),
+            peer: None,
+            error: None,
+        }
     }
 
     #[tokio::test]
@@ -379,11 +362,10 @@ mod tests {
             .expect("tracing");
         for _ in 0..50 {
             let mut h = HeaderMap::new();
-            let s = all.start(SpanKind::Client, "GET".into(), vec![], &mut h);
-            assert!(s.span_context().is_sampled() && s.is_recording());
+            let s = all.start(&mut h);
+            assert!(s.sampled && s.parent_id.is_none());
             let mut h = HeaderMap::new();
-            let s = none.start(SpanKind::Client, "GET".into(), vec![], &mut h);
-            assert!(!s.span_context().is_sampled() && !s.is_recording());
+            assert!(!none.start(&mut h).sampled);
             // Still propagated, flagged not sampled, so the next hop agrees.
             let tp = h.get("traceparent").expect("injected");
             assert!(tp.as_bytes().ends_with(b"-00"));
@@ -396,12 +378,20 @@ mod tests {
                 "traceparent",
                 http::HeaderValue::from_str(&tp).expect("header"),
             );
-            let s = tracing.start(SpanKind::Server, "GET".into(), vec![], &mut h);
-            assert_eq!(s.span_context().is_sampled(), sampled);
+            let s = tracing.start(&mut h);
+            assert_eq!(s.sampled, sampled);
+            assert_eq!(s.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
             assert_eq!(
-                s.span_context().trace_id().to_string(),
-                "4bf92f3577b34da6a3ce929d0e0e4736"
+                s.parent_id.map(|p| p.to_string()).as_deref(),
+                Some("00f067aa0ba902b7")
             );
+            let forwarded = h.get("traceparent").and_then(|v| v.to_str().ok());
+            let expected = format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-0{}",
+                s.span_id,
+                u8::from(sampled)
+            );
+            assert_eq!(forwarded, Some(expected.as_str()));
         }
     }
 
@@ -425,8 +415,8 @@ mod tests {
         .expect("tracing");
         for _ in 0..20 {
             let mut h = HeaderMap::new();
-            let mut s = t.start(SpanKind::Client, "GET".into(), vec![], &mut h);
-            s.end();
+            let s = t.start(&mut h);
+            t.sink().send(record(s));
         }
         // The task may have taken up to one batch out of the queue: 4 queued + 4 in hand.
         let dropped = metrics.dropped_queue_full();
@@ -448,6 +438,8 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let b = backend("datadog", "x", 100.0);
+            assert!(Tracing::new(&b, "web", "m", &options, &metrics).is_err());
+            let b = backend("opentelemetry", "https://collector:4317", 100.0);
             assert!(Tracing::new(&b, "web", "m", &options, &metrics).is_err());
         });
     }

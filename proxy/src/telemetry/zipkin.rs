@@ -8,25 +8,26 @@
 //!
 //! Mapping: `traceId`/`id`/`parentId` in lowercase hex; `kind` `CLIENT`/`SERVER`; `timestamp`
 //! and `duration` in microseconds; `localEndpoint.serviceName` = the proxy's service;
-//! `remoteEndpoint` from `peer.service` and `network.peer.address`/`network.peer.port`; every
-//! attribute becomes a string tag; an error status becomes the `error` tag.
+//! `remoteEndpoint` from `peer.service` and `network.peer.address`/`network.peer.port`; the
+//! span's attributes (the same set as OTLP's, see [`super::otlp`]) become string tags; an
+//! error becomes the `error` tag.
+//!
+//! The JSON is written straight into one buffer per batch rather than through serde structs:
+//! it is a fixed, flat shape, and this runs for every span the proxy exports.
 
-use std::borrow::Cow;
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry::trace::{SpanId, SpanKind, Status};
-use opentelemetry::{KeyValue, Value};
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
-use serde::Serialize;
 
 use super::TelemetryError;
+use super::span::{SpanKind, SpanRecord, span_hex, trace_hex};
 
 /// Exports spans to a Zipkin v2 HTTP endpoint.
 pub struct ZipkinExporter {
@@ -69,179 +70,188 @@ impl ZipkinExporter {
             local_service: local_service.to_string(),
         })
     }
-}
 
-impl SpanExporter for ZipkinExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let spans: Vec<ZipkinSpan<'_>> = batch
-            .iter()
-            .map(|s| ZipkinSpan::from_span(s, &self.local_service))
-            .collect();
-        let body = serde_json::to_vec(&spans)
-            .map_err(|e| OTelSdkError::InternalFailure(format!("zipkin json: {e}")))?;
+    /// Posts one batch.
+    pub async fn export(&self, batch: &[SpanRecord]) -> Result<(), String> {
+        let body = encode(batch, &self.local_service);
         let request = http::Request::post(self.url.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| OTelSdkError::InternalFailure(format!("zipkin request: {e}")))?;
+            .map_err(|e| format!("zipkin request: {e}"))?;
         let response = self
             .client
             .request(request)
             .await
-            .map_err(|e| OTelSdkError::InternalFailure(format!("zipkin post: {e}")))?;
+            .map_err(|e| format!("zipkin post: {e}"))?;
         let status = response.status();
         // Read the (small) body so the connection can be reused.
         let _ = response.into_body().collect().await;
         if status.is_success() {
             Ok(())
         } else {
-            Err(OTelSdkError::InternalFailure(format!(
-                "zipkin answered {status}"
-            )))
+            Err(format!("zipkin answered {status}"))
         }
     }
 }
 
-/// One span in Zipkin's v2 JSON model.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ZipkinSpan<'a> {
-    trace_id: String,
-    id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parent_id: Option<String>,
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    timestamp: u64,
-    duration: u64,
-    local_endpoint: Endpoint<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    remote_endpoint: Option<Endpoint<'a>>,
-    tags: Tags<'a>,
-}
-
-/// A span's tags, serialized as a JSON object in attribute order. A plain list instead of a
-/// `serde_json::Map`: building that map (an ordered, hashed map of owned strings) per span was
-/// the exporter's largest cost.
-#[derive(Debug, Default)]
-struct Tags<'a>(Vec<(&'a str, Cow<'a, str>)>);
-
-impl Serialize for Tags<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            map.serialize_entry(k, v)?;
+/// A batch as a Zipkin v2 JSON array.
+pub fn encode(batch: &[SpanRecord], local_service: &str) -> Vec<u8> {
+    // About 600 bytes per span: one allocation for the batch, no regrowth in the common case.
+    let mut out = Vec::with_capacity(batch.len() * 640 + 2);
+    out.push(b'[');
+    for (i, span) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        map.end()
+        encode_span(&mut out, span, local_service);
     }
+    out.push(b']');
+    out
 }
 
-/// A Zipkin endpoint.
-#[derive(Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Endpoint<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv4: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ipv6: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    port: Option<u16>,
-}
-
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn text(v: &Value) -> String {
-    v.as_str().into_owned()
-}
-
-fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
-    attrs
-        .iter()
-        .find(|kv| kv.key.as_str() == key)
-        .map(|kv| &kv.value)
-}
-
-impl<'a> ZipkinSpan<'a> {
-    /// Converts an OpenTelemetry span.
-    pub fn from_span(span: &'a SpanData, local_service: &'a str) -> Self {
-        let sc = &span.span_context;
-        let attrs = &span.attributes;
-        let mut tags = Tags(Vec::with_capacity(attrs.len() + 1));
-        for kv in attrs {
-            tags.0.push((kv.key.as_str(), kv.value.as_str()));
-        }
-        if let Status::Error { description } = &span.status {
-            let d: Cow<'a, str> = if description.is_empty() {
-                Cow::Borrowed("true")
-            } else {
-                Cow::Borrowed(description.as_ref())
-            };
-            tags.0.push(("error", d));
-        }
-        let remote = {
-            let mut e = Endpoint {
-                service_name: match find(attrs, "peer.service") {
-                    Some(Value::String(s)) => Some(s.as_str()),
-                    _ => None,
-                },
-                ..Endpoint::default()
-            };
-            if let Some(Ok(ip)) =
-                find(attrs, "network.peer.address").map(|v| text(v).parse::<std::net::IpAddr>())
-            {
-                match ip {
-                    std::net::IpAddr::V4(a) => e.ipv4 = Some(a.to_string()),
-                    std::net::IpAddr::V6(a) => e.ipv6 = Some(a.to_string()),
-                }
-                e.port = match find(attrs, "network.peer.port") {
-                    Some(Value::I64(p)) => u16::try_from(*p).ok(),
-                    _ => None,
-                };
-            }
-            (e.service_name.is_some() || e.ipv4.is_some() || e.ipv6.is_some()).then_some(e)
+/// A JSON string literal.
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
         };
-        let duration = span
-            .end_time
-            .duration_since(span.start_time)
-            .unwrap_or_default();
-        ZipkinSpan {
-            trace_id: sc.trace_id().to_string(),
-            id: sc.span_id().to_string(),
-            parent_id: (span.parent_span_id != SpanId::INVALID)
-                .then(|| span.parent_span_id.to_string()),
-            name: &span.name,
-            kind: match span.span_kind {
-                SpanKind::Client => Some("CLIENT"),
-                SpanKind::Server => Some("SERVER"),
-                SpanKind::Producer => Some("PRODUCER"),
-                SpanKind::Consumer => Some("CONSUMER"),
-                SpanKind::Internal => None,
-            },
-            timestamp: micros(span.start_time),
-            // Zipkin treats 0 as "unknown"; a finished span lasted at least a microsecond.
-            duration: u64::try_from(duration.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-            local_endpoint: Endpoint {
-                service_name: Some(local_service),
-                ..Endpoint::default()
-            },
-            remote_endpoint: remote,
-            tags,
+        out.extend_from_slice(&s.as_bytes()[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&s.as_bytes()[start..]);
+    out.push(b'"');
+}
+
+/// `"key":"value"` of a tag, after the first.
+fn tag(out: &mut Vec<u8>, first: &mut bool, key: &str, value: &str) {
+    if !std::mem::take(first) {
+        out.push(b',');
+    }
+    string(out, key);
+    out.push(b':');
+    string(out, value);
+}
+
+fn micros(nanos: u64) -> u64 {
+    nanos / 1_000
+}
+
+fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
+    out.extend_from_slice(b"{\"traceId\":\"");
+    out.extend_from_slice(&trace_hex(s.trace_id));
+    out.extend_from_slice(b"\",\"id\":\"");
+    out.extend_from_slice(&span_hex(s.span_id));
+    out.push(b'"');
+    if let Some(p) = s.parent_id {
+        out.extend_from_slice(b",\"parentId\":\"");
+        out.extend_from_slice(&span_hex(p));
+        out.push(b'"');
+    }
+    out.extend_from_slice(b",\"name\":");
+    string(out, s.method);
+    out.extend_from_slice(match s.kind {
+        SpanKind::Client => b",\"kind\":\"CLIENT\"",
+        SpanKind::Server => b",\"kind\":\"SERVER\"",
+    });
+    let start = micros(s.start_unix_nanos());
+    // Zipkin treats 0 as "unknown"; a finished span lasted at least a microsecond.
+    let duration = u64::try_from(s.duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let _ = write!(out, ",\"timestamp\":{start},\"duration\":{duration}");
+    out.extend_from_slice(b",\"localEndpoint\":{\"serviceName\":");
+    string(out, local_service);
+    out.push(b'}');
+    if s.peer_service.is_some() || s.peer.is_some() {
+        out.extend_from_slice(b",\"remoteEndpoint\":{");
+        let mut first = true;
+        if let Some(name) = &s.peer_service {
+            first = false;
+            out.extend_from_slice(b"\"serviceName\":");
+            string(out, name);
+        }
+        if let Some(peer) = s.peer {
+            if !first {
+                out.push(b',');
+            }
+            let family = match peer.ip() {
+                IpAddr::V4(_) => "ipv4",
+                IpAddr::V6(_) => "ipv6",
+            };
+            let _ = write!(
+                out,
+                "\"{family}\":\"{}\",\"port\":{}",
+                peer.ip(),
+                peer.port()
+            );
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b",\"tags\":{");
+    let mut first = true;
+    let first = &mut first;
+    tag(out, first, "http.request.method", s.method);
+    if let Some(original) = &s.method_original {
+        tag(out, first, "http.request.method_original", original);
+    }
+    tag(out, first, "url.path", s.url_path());
+    tag(
+        out,
+        first,
+        "url.scheme",
+        if s.https { "https" } else { "http" },
+    );
+    if let Some((host, port)) = s.server.as_ref().and_then(|n| n.host_port()) {
+        tag(out, first, "server.address", &host);
+        if let Some(p) = port {
+            tag(out, first, "server.port", &p.to_string());
         }
     }
+    tag(out, first, "weft.mesh", &s.mesh);
+    tag(out, first, "weft.direction", s.direction());
+    tag(out, first, "weft.service", &s.service);
+    if let Some(p) = &s.peer_service {
+        tag(out, first, "peer.service", p);
+    }
+    if let Some(code) = s.status {
+        tag(out, first, "http.response.status_code", &code.to_string());
+    }
+    if let Some(peer) = s.peer {
+        tag(out, first, "network.peer.address", &peer.ip().to_string());
+        tag(out, first, "network.peer.port", &peer.port().to_string());
+    }
+    if let Some(e) = &s.error {
+        tag(out, first, "error.type", &e.error_type());
+        let message = e.message();
+        tag(
+            out,
+            first,
+            "error",
+            if message.is_empty() { "true" } else { message },
+        );
+    }
+    out.extend_from_slice(b"}}");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::span::{ServerName, SpanError, new_span_id, new_trace_id};
+    use std::sync::Arc;
+    use std::time::SystemTime;
 
     #[test]
     fn refuses_urls_it_cannot_post_to() {
@@ -249,5 +259,50 @@ mod tests {
             assert!(ZipkinExporter::new(url, "web").is_err(), "{url}");
         }
         assert!(ZipkinExporter::new("http://127.0.0.1:9411/api/v2/spans", "web").is_ok());
+    }
+
+    #[test]
+    fn encodes_valid_v2_json() {
+        let span = SpanRecord {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_id: Some(new_span_id()),
+            kind: SpanKind::Server,
+            method: "_OTHER",
+            method_original: Some("PURGE".into()),
+            path: Some(http::uri::PathAndQuery::from_static("/a\"b\\c?q=1")),
+            https: false,
+            server: Some(ServerName::Host(http::HeaderValue::from_static(
+                "backend:8080",
+            ))),
+            mesh: Arc::from("default"),
+            service: Arc::from("backend"),
+            peer_service: Some(Arc::from("web\u{1}")),
+            start: SystemTime::now(),
+            duration: Duration::from_micros(250),
+            status: Some(503),
+            peer: Some("10.0.0.1:40000".parse().expect("addr")),
+            error: Some(SpanError::Status(503)),
+        };
+        let json = encode(&[span.clone(), span.clone()], "backend");
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+        let s = &v[1];
+        assert_eq!(s["traceId"], span.trace_id.to_string());
+        assert_eq!(s["parentId"], span.parent_id.expect("parent").to_string());
+        assert_eq!(s["kind"], "SERVER");
+        assert_eq!(s["duration"], 250);
+        assert_eq!(s["localEndpoint"]["serviceName"], "backend");
+        assert_eq!(s["remoteEndpoint"]["serviceName"], "web\u{1}");
+        assert_eq!(s["remoteEndpoint"]["ipv4"], "10.0.0.1");
+        assert_eq!(s["remoteEndpoint"]["port"], 40000);
+        let tags = &s["tags"];
+        assert_eq!(tags["url.path"], "/a\"b\\c");
+        assert_eq!(tags["http.request.method_original"], "PURGE");
+        assert_eq!(tags["server.address"], "backend");
+        assert_eq!(tags["server.port"], "8080");
+        assert_eq!(tags["http.response.status_code"], "503");
+        assert_eq!(tags["error.type"], "503");
+        assert_eq!(tags["error"], "true");
+        assert_eq!(encode(&[], "x"), b"[]");
     }
 }
