@@ -197,6 +197,15 @@ fn extract_b3_single(value: &str) -> Option<Extracted> {
     })
 }
 
+/// A header value that is new with every request. Marked sensitive so that HTTP/2 sends it as
+/// a never-indexed literal: inserting a value nobody will repeat into the HPACK table would
+/// only cost the insert and evict entries that do repeat.
+fn unique(bytes: &[u8]) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_bytes(bytes).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// Rewrites the trace headers of a request the proxy forwards so that `span` is the parent
 /// the next hop sees. `parent` is `span`'s own parent (written as `x-b3-parentspanid` and the
 /// fourth `b3` field); `continued` says whether `span` continues the caller's trace (else
@@ -223,7 +232,7 @@ pub fn inject(
     tp[35] = b'-';
     tp[36..52].copy_from_slice(&id);
     tp[52..55].copy_from_slice(&[b'-', b'0', flag]);
-    if let Ok(v) = HeaderValue::from_bytes(&tp) {
+    if let Some(v) = unique(&tp) {
         headers.insert(TRACEPARENT, v);
     }
     if !continued {
@@ -248,19 +257,19 @@ pub fn inject(
         }
         None => 51,
     };
-    if let Ok(v) = HeaderValue::from_bytes(&single[..len]) {
+    if let Some(v) = unique(&single[..len]) {
         headers.insert(B3, v);
     }
-    if let Ok(v) = HeaderValue::from_bytes(&trace) {
+    if let Some(v) = unique(&trace) {
         headers.insert(B3_TRACE_ID, v);
     }
-    if let Ok(v) = HeaderValue::from_bytes(&id) {
+    if let Some(v) = unique(&id) {
         headers.insert(B3_SPAN_ID, v);
     }
     let flag = if span.sampled { "1" } else { "0" };
     headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
     headers.remove(B3_FLAGS);
-    match parent.and_then(|p| HeaderValue::from_bytes(&p).ok()) {
+    match parent.and_then(|p| unique(&p)) {
         Some(v) => {
             headers.insert(B3_PARENT_SPAN_ID, v);
         }

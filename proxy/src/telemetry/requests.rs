@@ -14,10 +14,12 @@
 //!
 //! Labels stay bounded: `service` is a service of the snapshot or `unknown`, `code` is the
 //! HTTP status (`100`–`999`) or `0` when no response status was sent (transport failure,
-//! aborted exchange, or an out-of-range code).
+//! aborted exchange, or an out-of-range code). When a service leaves the snapshot, its
+//! handles are retired and its series deleted, so a long-lived proxy in a changing mesh does
+//! not export (or keep in memory) the series of every service it ever saw.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -189,6 +191,7 @@ impl RequestMetrics {
             requests: self.requests.clone(),
             totals: Arc::clone(&self.totals),
             codes: Default::default(),
+            retired: AtomicBool::new(false),
         }
     }
 }
@@ -207,6 +210,8 @@ pub struct ServiceHandles {
     totals: Arc<Totals>,
     /// Index `code / 100`; group 0 holds only code 0 ("no status").
     codes: [OnceLock<CodeSlots>; 10],
+    /// The service left the snapshot: its series are deleted and must not come back.
+    retired: AtomicBool,
 }
 
 impl std::fmt::Debug for ServiceHandles {
@@ -231,26 +236,53 @@ impl ServiceHandles {
         let group = self.codes[usize::from(code / 100)]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
         group[usize::from(code % 100)].get_or_init(|| {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    direction: self.direction.as_str(),
-                    service: self.service.to_string(),
-                    code: code.to_string(),
-                })
-                .clone()
+            let labels = self.request_labels(code);
+            let counter = self.requests.get_or_create(&labels).clone();
+            // A request that outlived its service's retirement counts on a detached counter.
+            // Checked after creating: either `retire` sees the series in its sweep, or this
+            // sees the flag.
+            if self.retired.load(Ordering::SeqCst) {
+                self.requests.remove(&labels);
+            }
+            counter
         })
+    }
+
+    fn request_labels(&self, code: u16) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction.as_str(),
+            service: self.service.to_string(),
+            code: code.to_string(),
+        }
+    }
+
+    fn service_labels(&self) -> ServiceLabels {
+        ServiceLabels {
+            direction: self.direction.as_str(),
+            service: self.service.to_string(),
+        }
+    }
+
+    /// The service left the snapshot: deletes its series from the families (every code it
+    /// may have used), and keeps any request still in flight from creating them again.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.durations.remove(&self.service_labels());
+        for code in std::iter::once(0).chain(100..=999) {
+            self.requests.remove(&self.request_labels(code));
+        }
     }
 
     /// The duration histogram; resolved through the family only on first use.
     pub fn histogram(&self) -> &DurationHistogram {
         self.duration.get_or_init(|| {
             // The family keeps its member; the handle shares it.
-            self.durations
-                .get_or_create(&ServiceLabels {
-                    direction: self.direction.as_str(),
-                    service: self.service.to_string(),
-                })
-                .clone()
+            let labels = self.service_labels();
+            let histogram = self.durations.get_or_create(&labels).clone();
+            if self.retired.load(Ordering::SeqCst) {
+                self.durations.remove(&labels);
+            }
+            histogram
         })
     }
 
@@ -297,6 +329,18 @@ impl HandleTable {
         };
         let (outbound, unknown_out) = build(Direction::Outbound);
         let (inbound, unknown_in) = build(Direction::Inbound);
+        if let Some(previous) = previous {
+            for (old, new) in [
+                (&previous.outbound, &outbound),
+                (&previous.inbound, &inbound),
+            ] {
+                for (service, handles) in old {
+                    if !new.contains_key(service) {
+                        handles.retire();
+                    }
+                }
+            }
+        }
         HandleTable {
             outbound,
             inbound,
@@ -396,6 +440,39 @@ mod tests {
         assert_eq!(
             &**second.get(Direction::Outbound, "b").service(),
             UNKNOWN_SERVICE
+        );
+    }
+
+    #[test]
+    fn series_of_a_service_that_left_are_deleted() {
+        let m = RequestMetrics::default();
+        let first = HandleTable::build(&m, ["a", "b"], None);
+        let b = Arc::clone(first.get(Direction::Inbound, "b"));
+        b.record(200, Duration::from_millis(1), false);
+        first
+            .get(Direction::Outbound, "a")
+            .record(503, Duration::ZERO, true);
+        assert!(encode(&m).contains("service=\"b\""));
+        let second = HandleTable::build(&m, ["a"], Some(&first));
+        let text = encode(&m);
+        assert!(!text.contains("service=\"b\""), "{text}");
+        assert!(
+            text.contains(r#"weft_requests_total{direction="outbound",service="a",code="503"} 1"#)
+        );
+        // A request of `b` still in flight neither fails nor brings its series back.
+        b.record(200, Duration::ZERO, false);
+        b.record(404, Duration::ZERO, false);
+        assert!(!encode(&m).contains("service=\"b\""));
+        // Totals still count it.
+        assert_eq!(m.totals.get(), (4, 1));
+        // Coming back, `b` starts fresh.
+        let third = HandleTable::build(&m, ["a", "b"], Some(&second));
+        third
+            .get(Direction::Inbound, "b")
+            .record(200, Duration::ZERO, false);
+        assert!(
+            encode(&m)
+                .contains(r#"weft_requests_total{direction="inbound",service="b",code="200"} 1"#)
         );
     }
 

@@ -9,8 +9,8 @@
 //! Mapping: `traceId`/`id`/`parentId` in lowercase hex; `kind` `CLIENT`/`SERVER`; `timestamp`
 //! and `duration` in microseconds; `localEndpoint.serviceName` = the proxy's service;
 //! `remoteEndpoint` from `peer.service` and `network.peer.address`/`network.peer.port`; the
-//! span's attributes (the same set as OTLP's, see [`super::otlp`]) become string tags; an
-//! error becomes the `error` tag.
+//! span's attributes (the same set as OTLP's, see [`super::otlp`], except the peer address,
+//! which is the remote endpoint's) become string tags; an error becomes the `error` tag.
 //!
 //! The JSON is written straight into one buffer per batch rather than through serde structs:
 //! it is a fixed, flat shape, and this runs for every span the proxy exports.
@@ -109,25 +109,35 @@ pub fn encode(batch: &[SpanRecord], local_service: &str) -> Vec<u8> {
     out
 }
 
+/// Whether `b` must be escaped inside a JSON string.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
 /// A JSON string literal.
 fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
+    // Almost every value (names, paths, ids) needs no escaping: one scan, one copy.
+    if !s.bytes().any(needs_escape) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
+        if !needs_escape(b) {
+            continue;
+        }
         out.extend_from_slice(&s.as_bytes()[start..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.extend_from_slice(escape);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         start = i + 1;
     }
@@ -228,10 +238,6 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
     }
     if let Some(code) = s.status {
         tag(out, first, "http.response.status_code", &code.to_string());
-    }
-    if let Some(peer) = s.peer {
-        tag(out, first, "network.peer.address", &peer.ip().to_string());
-        tag(out, first, "network.peer.port", &peer.port().to_string());
     }
     if let Some(e) = &s.error {
         tag(out, first, "error.type", &e.error_type());
