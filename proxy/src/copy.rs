@@ -38,35 +38,6 @@ impl ReadReady for TcpStream {
     }
 }
 
-fn tls_read_ready<C>(
-    io: &mut TcpStream,
-    conn: &mut rustls::ConnectionCommon<C>,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<()>> {
-    match conn.process_new_packets() {
-        // Decrypted bytes, a close_notify, or an error waiting to be read out.
-        Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
-            Poll::Ready(Ok(()))
-        }
-        Err(_) => Poll::Ready(Ok(())),
-        Ok(_) => TcpStream::poll_read_ready(io, cx),
-    }
-}
-
-impl ReadReady for tokio_rustls::client::TlsStream<TcpStream> {
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (io, conn) = self.get_mut();
-        tls_read_ready(io, conn, cx)
-    }
-}
-
-impl ReadReady for tokio_rustls::server::TlsStream<TcpStream> {
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (io, conn) = self.get_mut();
-        tls_read_ready(io, conn, cx)
-    }
-}
-
 impl ReadReady for tokio::io::DuplexStream {
     fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // In-memory pipes (tests) have no readiness of their own: read at once.
@@ -82,15 +53,18 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn take_buffer() -> Box<[u8]> {
+/// A [`BUFFER_SIZE`] buffer, from this thread's pool when it has one.
+pub(crate) fn take_buffer() -> Box<[u8]> {
     POOL.with(|p| p.borrow_mut().pop())
         .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())
 }
 
-fn give_back(buf: Box<[u8]>) {
+/// Returns a buffer to this thread's pool (or frees it: the pool is full, or the buffer was
+/// resized).
+pub(crate) fn give_back(buf: Box<[u8]>) {
     POOL.with(|p| {
         let mut pool = p.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
+        if pool.len() < POOL_PER_THREAD && buf.len() == BUFFER_SIZE {
             pool.push(buf);
         }
     });

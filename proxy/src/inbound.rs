@@ -21,10 +21,10 @@ use crate::listen;
 use crate::mesh_tls::{ALPN_H2, peer_services};
 use crate::outbound::forward_with;
 use crate::telemetry::Direction;
+use crate::tls_stream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -187,7 +187,8 @@ async fn mesh_tls(
         shared.metrics.tls_failure(INBOUND);
         return;
     };
-    let accept = TlsAcceptor::from(server).accept(stream);
+    // Not tokio-rustls: its TLS connection keeps a read buffer for life; see tls_stream.
+    let accept = tls_stream::accept(server, stream);
     let tls = match Box::pin(tokio::time::timeout(shared.opts.handshake_timeout, accept)).await {
         // Boxed: the TLS state is large and must not be copied into each future layer.
         Ok(Ok(s)) => Box::new(s),
@@ -203,7 +204,7 @@ async fn mesh_tls(
             return;
         }
     };
-    let (_, conn) = tls.get_ref();
+    let conn = tls.common();
     let sources = conn
         .peer_certificates()
         .and_then(|c| c.first())

@@ -5,6 +5,8 @@
 //! - [`identity`]: key generation, `Identity.Certify`, renewal; the current
 //!   certificate lives in a lock-free [`identity::CertHandle`].
 //! - [`tls`]: rustls client/server configs for mesh mTLS (TLS 1.3, SPIFFE checks).
+//! - [`tls_stream`]: mesh TLS over TCP on rustls's unbuffered API, holding no buffer while
+//!   the connection is idle.
 //! - [`admin`]: the loopback admin endpoint (`/live`, `/ready`, `/certs`, `/metrics`).
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`telemetry`]: what the data path reports per request and connection — request metrics
@@ -60,6 +62,7 @@ pub mod route;
 pub mod run;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_stream;
 
 pub use config::{ConfigError, ProxyConfig};
 pub use datapath::{DataPath, DataPathOptions};

@@ -18,14 +18,13 @@ use crate::http::PrefixedIo;
 use crate::listen::{self, OwnSocketEntry};
 use crate::mesh_tls::ALPN_TCP;
 use crate::telemetry::Direction;
+use crate::tls_stream::{self, ClientTlsStream};
 use rustls_pki_types::ServerName;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 /// How many endpoints a connection tries before it gives up.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -155,7 +154,7 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
 
 enum Upstream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ClientTlsStream>),
 }
 
 /// Mesh mTLS to `endpoint`, which must prove it is `target`.
@@ -165,14 +164,15 @@ async fn handshake(
     target: &str,
     endpoint: SocketAddr,
     tcp: TcpStream,
-) -> Option<Box<TlsStream<TcpStream>>> {
+) -> Option<Box<ClientTlsStream>> {
     let Some(tls) = shared.tls.client_config(&cfg.mesh, target, ALPN_TCP) else {
         tracing::warn!(service = target, "no mesh certificate yet: closing");
         shared.metrics.tls_failure(OUTBOUND);
         return None;
     };
     let name = ServerName::IpAddress(endpoint.ip().into());
-    let handshake = TlsConnector::from(tls).connect(name, tcp);
+    // Not tokio-rustls: its TLS connection keeps a read buffer for life; see tls_stream.
+    let handshake = tls_stream::connect(tls, name, tcp);
     match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
         Ok(Ok(s)) => Some(Box::new(s)),
         Ok(Err(e)) => {

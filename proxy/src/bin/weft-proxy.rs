@@ -72,6 +72,31 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     weft_api::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// Raises the soft limit on open files to the hard limit. Every proxied connection holds two
+/// sockets, and most init systems and shells start processes with a soft limit of 1024 (the
+/// hard limit being far higher), which would cap a sidecar near 500 connections.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // The kernel refuses more than `fs.nr_open` (1 Mi by default), also under an infinite
+    // hard limit.
+    const NR_OPEN_DEFAULT: u64 = 1 << 20;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open files limit");
+            return;
+        }
+    };
+    let target = hard.min(NR_OPEN_DEFAULT);
+    if soft >= target {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = target, "raised the open files limit"),
+        Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let Command::Run(args) = Cli::parse().command;
     let filter =
@@ -84,6 +109,7 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    raise_open_files_limit();
     let cfg = RunConfig {
         cp_address: args.cp_address,
         ca_cert_file: args.ca_cert_file,

@@ -483,6 +483,11 @@ impl Sidecar {
             .to_string()
     }
 
+    /// The proxy's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").pid()
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = self.proc.as_ref().expect("running").pid();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");

@@ -1,0 +1,314 @@
+//! Issue 6, "Limits": per-connection memory is bounded. 10,000 concurrent idle mesh mTLS
+//! connections through a pair of transparent sidecars (the real binaries, in namespaces, as in
+//! `mesh_e2e.rs`) leave each sidecar under 64 MiB resident, and every one of them still
+//! carries bytes afterwards.
+//!
+//! Ignored until the bound holds (run it with `--ignored`). Needs root; skipped, visibly,
+//! otherwise. `WEFT_IDLE_CONNS` changes the number of
+//! connections (for measuring); the test prints each sidecar's resident memory before and
+//! after, and the bytes per connection.
+
+#[macro_use]
+#[allow(unused_imports)] // the harness re-exports helpers this test does not need
+mod e2e;
+
+use e2e::{ControlPlane, Sidecar, WAIT, mesh_yaml, permission_yaml, request_from, wait_for};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use weft_tests::Host;
+
+const APP_PORT: u16 = 8080;
+/// The bound of issue 6.
+const CONNS: usize = 10_000;
+const RSS_LIMIT_KIB: u64 = 64 * 1024;
+/// Connections being opened at once.
+const OPENING: usize = 200;
+/// File descriptors of a process besides its connections' sockets.
+const FDS_SPARE: u64 = 512;
+/// How long opening (or checking) all connections may take.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+#[ignore = "not met yet: ~7.9 KB per idle connection per sidecar (debug build), see ARCHITECTURE.md"]
+fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
+    let env = env_or_skip!("ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar");
+    let wanted: usize = std::env::var("WEFT_IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CONNS);
+    // This process holds both ends of the apps' sockets, and each sidecar two sockets per
+    // connection; the sidecars inherit the limits (and raise their soft limit to the hard
+    // one). Without CAP_SYS_RESOURCE the hard limit cannot grow: then as many connections as
+    // it allows are opened, and the resident memory for `wanted` is also projected from them.
+    let fds = raise_open_files_limit(2 * wanted as u64 + FDS_SPARE);
+    let conns = wanted.min((fds.saturating_sub(FDS_SPARE) / 2) as usize);
+    if conns < wanted {
+        weft_tests::skipped(&format!(
+            "{wanted} connections: the open files limit is {fds} and cannot be raised here \
+             (no CAP_SYS_RESOURCE); measuring {conns} and projecting to {wanted}"
+        ));
+    }
+
+    let (cp_host, client_host, server_host) =
+        (env.host("cp"), env.host("client"), env.host("server"));
+    let _lan = env
+        .net
+        .lan(&[&cp_host, &client_host, &server_host])
+        .expect("a LAN");
+    let cp = ControlPlane::start(&env, &cp_host);
+    cp.apply(
+        env.dir(),
+        &format!(
+            "{}---\n{}",
+            mesh_yaml("alpha", true, "24h"),
+            permission_yaml("alpha", "client-to-server", "client", "server")
+        ),
+    );
+    let _app = EchoApp::start(&server_host, APP_PORT);
+    let server = Sidecar::start(
+        &env,
+        &cp,
+        &server_host,
+        "alpha",
+        "server",
+        "server",
+        APP_PORT,
+    );
+    let client = Sidecar::start(
+        &env,
+        &cp,
+        &client_host,
+        "alpha",
+        "client",
+        "client",
+        APP_PORT,
+    );
+    let to = SocketAddr::from((server_host.ip(), APP_PORT));
+    // Until the client's sidecar knows the server's endpoint, a connection would be passed
+    // through in plaintext (and refused by the STRICT inbound).
+    wait_for("the client's sidecar to reach the server", WAIT, || {
+        request_from(&client_host, to, "warm-up").is_ok_and(|r| r == "warm-up")
+    });
+    let sidecars = [("client", &client), ("server", &server)];
+    let before = sidecars.map(|(_, s)| vm_rss_kib(s.pid()));
+
+    // Opened from inside the client's host, so its iptables rules send every connection
+    // through its sidecar; the runtime comes back out with the sockets to check them later.
+    let started = Instant::now();
+    let (rt, mut open) = client_host
+        .enter(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let open = rt.block_on(open_all(to, conns));
+            (rt, open)
+        })
+        .expect("enter the client host");
+    let open = open
+        .as_mut()
+        .unwrap_or_else(|e| panic!("opening {conns} connections: {e}"));
+    eprintln!(
+        "opened {conns} connections through both sidecars in {:.1?}",
+        started.elapsed()
+    );
+    // Let the sidecars settle (post-handshake messages, buffers given back).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let after = sidecars.map(|(_, s)| vm_rss_kib(s.pid()));
+    let mut over = Vec::new();
+    for (i, (name, sidecar)) in sidecars.iter().enumerate() {
+        let per_conn = after[i].saturating_sub(before[i]) * 1024 / conns as u64;
+        let projected = before[i] + per_conn * wanted as u64 / 1024;
+        eprintln!(
+            "{name} sidecar: VmRSS {} KiB -> {} KiB with {conns} idle connections \
+             ({per_conn} B per connection; {projected} KiB projected for {wanted}); {}",
+            before[i],
+            after[i],
+            resident_kinds(sidecar.pid())
+        );
+        if after[i] >= RSS_LIMIT_KIB || projected >= RSS_LIMIT_KIB {
+            over.push(format!(
+                "the {name} sidecar holds {} KiB with {conns} idle connections, {projected} KiB \
+                 projected for {wanted}",
+                after[i]
+            ));
+        }
+    }
+    assert!(over.is_empty(), "{over:?} (limit {RSS_LIMIT_KIB} KiB)");
+
+    let started = Instant::now();
+    rt.block_on(echo_all(open))
+        .unwrap_or_else(|e| panic!("after idling: {e}"));
+    eprintln!(
+        "every connection echoed a byte again in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// Raises this process's open files limit towards `need` (the hard limit too, when allowed)
+/// and returns the limit it got.
+fn raise_open_files_limit(need: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft >= need {
+        return soft;
+    }
+    if hard < need && setrlimit(Resource::RLIMIT_NOFILE, need, need).is_ok() {
+        return need;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the soft limit");
+    hard
+}
+
+/// `VmRSS` of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Anonymous and file-backed resident memory of a process (`/proc/<pid>/smaps_rollup`).
+fn resident_kinds(pid: u32) -> String {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "anonymous {}, file-backed {}",
+        field("Anonymous:"),
+        field("Pss_File:")
+    )
+}
+
+/// Opens `n` connections to `to`, each of which has carried one byte there and back.
+async fn open_all(to: SocketAddr, n: usize) -> Result<Vec<TcpStream>, String> {
+    let opening = stream::iter(0..n)
+        .map(|i| async move {
+            let open = async {
+                let mut s = TcpStream::connect(to).await?;
+                s.set_nodelay(true)?;
+                s.write_all(b"o").await?;
+                expect_byte(&mut s, b'o').await?;
+                Ok::<_, std::io::Error>(s)
+            };
+            match tokio::time::timeout(WAIT, open).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(format!("connection {i}: {e}")),
+                Err(_) => Err(format!("connection {i}: no echo within {WAIT:?}")),
+            }
+        })
+        .buffer_unordered(OPENING)
+        .try_collect();
+    tokio::time::timeout(PHASE_TIMEOUT, opening)
+        .await
+        .map_err(|_| format!("not all open within {PHASE_TIMEOUT:?}"))?
+}
+
+/// Sends one byte on every connection, then reads every echo.
+async fn echo_all(conns: &mut [TcpStream]) -> Result<(), String> {
+    let check = async {
+        for (i, s) in conns.iter_mut().enumerate() {
+            s.write_all(b"e")
+                .await
+                .map_err(|e| format!("connection {i}: {e}"))?;
+        }
+        for (i, s) in conns.iter_mut().enumerate() {
+            expect_byte(s, b'e')
+                .await
+                .map_err(|e| format!("connection {i}: {e}"))?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(PHASE_TIMEOUT, check)
+        .await
+        .map_err(|_| format!("no echo on every connection within {PHASE_TIMEOUT:?}"))?
+}
+
+async fn expect_byte(s: &mut TcpStream, want: u8) -> std::io::Result<()> {
+    let mut got = [0u8; 1];
+    s.read_exact(&mut got).await?;
+    if got[0] != want {
+        return Err(std::io::Error::other(format!(
+            "echoed {:?}, not {:?}",
+            got[0] as char, want as char
+        )));
+    }
+    Ok(())
+}
+
+/// An echo server on `0.0.0.0:port` inside a host, holding no buffer while a connection is
+/// idle; it stops when dropped.
+struct EchoApp(Option<Runtime>);
+
+impl EchoApp {
+    fn start(host: &Host, port: u16) -> EchoApp {
+        let listener = host
+            .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+            .expect("enter")
+            .expect("bind the app");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.spawn(async move {
+            // Accepted sockets belong to the listener's namespace, wherever this task runs.
+            let Ok(listener) = TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(echo(s));
+            }
+        });
+        EchoApp(Some(rt))
+    }
+}
+
+impl Drop for EchoApp {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn echo(s: TcpStream) {
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        let mut b = [0u8; 256];
+        match s.try_read(&mut b) {
+            Ok(0) => return,
+            Ok(n) => {
+                // A reply this small always fits the socket's send buffer.
+                let mut sent = 0;
+                while sent < n {
+                    if s.writable().await.is_err() {
+                        return;
+                    }
+                    match s.try_write(&b[sent..n]) {
+                        Ok(k) => sent += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
