@@ -175,7 +175,7 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct MeshArgs {
-    /// Smoke check: one round of 1.5 s runs, under 60 s in all.
+    /// Smoke check: one round of 1 s runs, under 60 s in all.
     #[arg(long)]
     quick: bool,
     /// Peer proxies to measure beside weft when installed (haproxy, nginx);
@@ -196,13 +196,13 @@ struct MeshArgs {
     /// Fixed rate of the latency runs, req/s.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
-    /// Length of each throughput run (default 10s, 1500ms with --quick).
+    /// Length of each throughput run (default 10s, 1s with --quick).
     #[arg(short = 'd', long, value_parser = duration::parse)]
     duration: Option<Duration>,
-    /// Length of each latency run (default 10s, 1500ms with --quick).
+    /// Length of each latency run (default 10s, 1s with --quick).
     #[arg(long, value_parser = duration::parse)]
     latency_duration: Option<Duration>,
-    /// Unmeasured load before each run (default 1s, 300ms with --quick).
+    /// Unmeasured load before each run (default 1s, 250ms with --quick).
     #[arg(short = 'w', long, value_parser = duration::parse)]
     warmup: Option<Duration>,
     /// Connections of the throughput runs.
