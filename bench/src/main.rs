@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use weft_bench::load::{self, Client, LoadConfig, Measurement, Stop};
-use weft_bench::mesh::{self, MeshConfig, ProxyMode, peers::PeerKind};
+use weft_bench::mesh::{self, AppProtocol, MeshConfig, ProxyMode, peers::PeerKind};
 use weft_bench::report::{Mode, Protocol, RunReport, Summary};
 use weft_bench::{cpu, discovery, duration, grpc, http, serve, target, tcp};
 
@@ -67,7 +67,8 @@ enum Command {
     /// and TCP echo on :8082.
     Serve(ServeArgs),
     /// Side-by-side mesh benchmark in network namespaces: direct, weft,
-    /// HAProxy and nginx sidecar pairs (needs root).
+    /// HAProxy and nginx sidecar pairs, over HTTP/1.1, h2c and gRPC (needs
+    /// root).
     Mesh(MeshArgs),
     /// N simulated proxies on discovery streams against a weft-control process: time from
     /// a policy apply to every proxy's ACK, and the control plane's RSS.
@@ -174,7 +175,7 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct MeshArgs {
-    /// Smoke check: one round of 1.5 s runs, under 60 s in all.
+    /// Smoke check: one round of 1 s runs, under 60 s in all.
     #[arg(long)]
     quick: bool,
     /// Peer proxies to measure beside weft when installed (haproxy, nginx);
@@ -184,19 +185,24 @@ struct MeshArgs {
     /// Proxy modes: http (the pair parses HTTP), tcp (opaque bytes).
     #[arg(long, value_delimiter = ',', default_value = "http,tcp")]
     modes: Vec<String>,
+    /// What the app speaks, one group of paths each: http1 (HTTP/1.1
+    /// keep-alive), h2 (h2c), grpc (unary echo). Peers, tcp mode and the
+    /// telemetry paths are HTTP/1.1 only.
+    #[arg(long, value_delimiter = ',', default_value = "http1,h2,grpc")]
+    protocols: Vec<String>,
     /// Repeated rounds; figures are medians (default 3, 1 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
     /// Fixed rate of the latency runs, req/s.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
-    /// Length of each throughput run (default 10s, 1500ms with --quick).
+    /// Length of each throughput run (default 10s, 1s with --quick).
     #[arg(short = 'd', long, value_parser = duration::parse)]
     duration: Option<Duration>,
-    /// Length of each latency run (default 10s, 1500ms with --quick).
+    /// Length of each latency run (default 10s, 1s with --quick).
     #[arg(long, value_parser = duration::parse)]
     latency_duration: Option<Duration>,
-    /// Unmeasured load before each run (default 1s, 300ms with --quick).
+    /// Unmeasured load before each run (default 1s, 250ms with --quick).
     #[arg(short = 'w', long, value_parser = duration::parse)]
     warmup: Option<Duration>,
     /// Connections of the throughput runs.
@@ -471,6 +477,14 @@ fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
             None => bail!("unknown mode {m:?} (known: http, tcp)"),
         }
     }
+    cfg.protocols = Vec::new();
+    for p in &args.protocols {
+        match AppProtocol::parse(p) {
+            Some(p) if !cfg.protocols.contains(&p) => cfg.protocols.push(p),
+            Some(_) => {}
+            None => bail!("unknown protocol {p:?} (known: http1, h2, grpc)"),
+        }
+    }
     cfg.rounds = args.rounds.unwrap_or(cfg.rounds);
     cfg.rate = args.rate;
     cfg.duration = args.duration.unwrap_or(cfg.duration);
@@ -600,5 +614,22 @@ mod tests {
         assert!(
             Cli::try_parse_from(["weft-bench", "http", "-d", "5 parsecs", "http://x/"]).is_err()
         );
+    }
+
+    fn mesh_args(args: &[&str]) -> MeshArgs {
+        let Command::Mesh(m) = parse(&[&["mesh"], args].concat()).command else {
+            panic!("not mesh");
+        };
+        m
+    }
+
+    #[test]
+    fn mesh_protocols_parse() {
+        let all = mesh_config(&mesh_args(&["--quick"])).unwrap();
+        assert_eq!(all.protocols, AppProtocol::ALL);
+        let some = mesh_config(&mesh_args(&["--protocols", "grpc,h2,grpc"])).unwrap();
+        assert_eq!(some.protocols, [AppProtocol::Grpc, AppProtocol::H2]);
+        let err = mesh_config(&mesh_args(&["--protocols", "http3"])).unwrap_err();
+        assert!(err.to_string().contains("unknown protocol"), "{err}");
     }
 }

@@ -257,7 +257,8 @@ pub struct MeshReport {
     pub command: String,
     /// How the load was driven.
     pub settings: MeshSettings,
-    /// One entry per measured path, `direct` first.
+    /// One entry per measured path, grouped by protocol, each group's
+    /// direct path first (`direct`, then `direct-h2`, `direct-grpc`).
     pub paths: Vec<PathReport>,
     /// Paths skipped (peer not installed, weft binaries not found) and the
     /// peers' versions.
@@ -282,7 +283,7 @@ pub struct MeshSettings {
     pub duration_s: f64,
     /// Length of each latency run, seconds.
     pub latency_duration_s: f64,
-    /// Upstream response body, bytes.
+    /// Upstream response body (and gRPC reply payload), bytes.
     pub body_size: usize,
     /// The generator's CPU.
     pub generator_cpu: usize,
@@ -307,16 +308,17 @@ pub struct PathReport {
     /// Throughput and latency of this path; `name` is the path.
     #[serde(flatten)]
     pub summary: Summary,
-    /// `none` for direct, else how the pair handled the app's HTTP/1.1:
+    /// `none` for direct, else how the pair handled the app's traffic:
     /// `http` (parsed) or `tcp` (opaque bytes).
     pub proxy_mode: String,
     /// The rate achieved in the latency runs (should be the fixed rate).
     pub latency_rps: f64,
-    /// Closed-loop throughput over the direct path's.
+    /// Closed-loop throughput over the direct path's of the same
+    /// `protocol` (0 when that one was not measured).
     pub rps_vs_direct: f64,
-    /// p50 at the fixed rate minus the direct path's.
+    /// p50 at the fixed rate minus the same protocol's direct path's.
     pub added_p50_ms: f64,
-    /// p99 at the fixed rate minus the direct path's.
+    /// p99 at the fixed rate minus the same protocol's direct path's.
     pub added_p99_ms: f64,
     /// Resident memory of the larger sidecar after one request, before
     /// load, MiB.
@@ -340,17 +342,30 @@ pub struct PathReport {
 }
 
 impl MeshReport {
-    /// The table for humans, with the date, machine and command it came from.
+    /// The table for humans, with the date, machine and command it came
+    /// from: one block of rows per protocol, direct first.
     pub fn to_table(&self) -> String {
         let s = &self.settings;
+        let mut protocols: Vec<&'static str> = Vec::new();
+        for p in &self.paths {
+            let name = protocol_title(p.summary.protocol);
+            if !protocols.contains(&name) {
+                protocols.push(name);
+            }
+        }
         let mut out = format!(
             "weft-bench mesh · {} · {}\n{}\n\
-             HTTP/1.1 keep-alive, {} B body · throughput: closed loop, {} connections, {} s ·\n\
+             {}, {} B responses · throughput: closed loop, {} connections, {} s ·\n\
              latency: {} req/s, {} connections, {} s, corrected for coordinated omission ·\n\
              medians of {} round(s) · generator on CPU {}, sidecars + upstream on CPU {}{}\n\n",
             self.date,
             self.machine,
             self.command,
+            if protocols.is_empty() {
+                "no path measured".to_owned()
+            } else {
+                protocols.join(", ")
+            },
             s.body_size,
             s.connections,
             s.duration_s,
@@ -381,8 +396,11 @@ impl MeshReport {
             "CPU µs/req",
             "errors",
         ));
-        for p in &self.paths {
+        for (i, p) in self.paths.iter().enumerate() {
             let sm = &p.summary;
+            if i > 0 && self.paths[i - 1].summary.protocol != sm.protocol {
+                out.push('\n');
+            }
             let (rss_idle, rss_load, cpu) = if p.proxy_mode == "none" {
                 ("–".to_owned(), "–".to_owned(), "–".to_owned())
             } else {
@@ -408,7 +426,11 @@ impl MeshReport {
                 sm.errors,
             ));
         }
-        out.push_str("\nRSS in MiB (outbound/inbound sidecar); CPU µs/req: both sidecars' user+system time per request under closed-loop load.\n");
+        out.push_str(
+            "\n×direct, +p50, +p99: against the direct path of the same protocol. \
+             RSS in MiB (outbound/inbound sidecar); CPU µs/req: both sidecars' user+system time \
+             per request under closed-loop load.\n",
+        );
         for n in &self.notes {
             out.push_str(&format!("note: {n}\n"));
         }
@@ -416,6 +438,16 @@ impl MeshReport {
             out.push_str(&format!("FAILED: {f}\n"));
         }
         out
+    }
+}
+
+/// How the table's heading names a protocol.
+fn protocol_title(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Http1 => "HTTP/1.1 keep-alive",
+        Protocol::H2 => "h2c",
+        Protocol::Grpc => "gRPC unary",
+        Protocol::Tcp => "TCP",
     }
 }
 

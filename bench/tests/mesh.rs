@@ -1,6 +1,8 @@
 //! `weft-bench mesh --quick` end to end: every path that ran carried
-//! traffic without errors. No timing assertions: the figures depend on the
-//! machine. Needs root (network namespaces); skipped visibly otherwise.
+//! traffic without errors, for each protocol (HTTP/1.1, h2c, gRPC) the
+//! direct path and, when weft ran, the weft path. No timing assertions: the
+//! figures depend on the machine. Needs root (network namespaces); skipped
+//! visibly otherwise.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -62,8 +64,26 @@ fn quick_mesh_run_carries_traffic_on_every_path() {
         paths[0]["name"], "direct",
         "direct is always measured first"
     );
+    let names: Vec<&str> = paths.iter().filter_map(|p| p["name"].as_str()).collect();
+    let mut expected = vec!["direct", "direct-h2", "direct-grpc"];
+    // weft is skipped (with a note) when its binaries are not beside
+    // weft-bench; when it runs, it runs for every protocol.
+    if names.contains(&"weft") {
+        expected.extend(["weft-h2", "weft-grpc"]);
+    }
+    for want in expected {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
     for p in paths {
         let name = p["name"].as_str().expect("name");
+        let protocol = if name.ends_with("-h2") {
+            "h2"
+        } else if name.ends_with("-grpc") {
+            "grpc"
+        } else {
+            "http1"
+        };
+        assert_eq!(p["protocol"], protocol, "{name}: protocol");
         let num = |key: &str| {
             p[key]
                 .as_f64()
@@ -74,7 +94,12 @@ fn quick_mesh_run_carries_traffic_on_every_path() {
         assert!(num("latency_rps") > 0.0, "{name}: no latency run");
         assert!(num("p50_ms") > 0.0, "{name}: no latencies recorded");
         assert_eq!(p["errors"], 0, "{name} had errors: {}", p["errors_by_kind"]);
-        if name != "direct" {
+        assert!(
+            num("rps_vs_direct") > 0.0,
+            "{name}: no direct path of its protocol to compare with"
+        );
+        // Direct paths (`direct`, `direct-h2`, ...) have no sidecars.
+        if p["proxy_mode"] != "none" {
             assert!(num("rss_idle_mib") > 0.0, "{name}: sidecar RSS not read");
             assert!(num("cpu_us_per_req") > 0.0, "{name}: sidecar CPU not read");
         }

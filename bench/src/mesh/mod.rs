@@ -6,9 +6,16 @@
 //! - `weft`, `weft-tcp`: a `weft-control` and two `weft-proxy` sidecars,
 //!   mTLS between them, the inbound tagged `http` or `tcp` ([`weft`]);
 //! - `haproxy`, `haproxy-tcp`, `nginx`, `nginx-tcp`: the same sidecar job
-//!   done by the installed peers ([`peers`]), as in the peer baseline.
+//!   done by the installed peers ([`peers`]), as in the peer baseline;
+//! - `direct-h2`, `weft-h2`, `direct-grpc`, `weft-grpc`: the same for h2c
+//!   and gRPC unary ([`AppProtocol`]), the weft inbound tagged `http2` or
+//!   `grpc` so that it speaks h2c to the upstream.
 //!
-//! [`topology`] builds the two namespaces and the upstream; [`procstat`]
+//! Paths are grouped by the app's protocol; each group's ratios (× direct,
+//! added latency) are to the direct path of the same protocol.
+//!
+//! [`topology`] builds the two namespaces and the upstream; [`generator`]
+//! makes the path's requests (client, probe, load runs); [`procstat`]
 //! reads the sidecars' memory and CPU time from `/proc`. Per path and round:
 //! start the pair, wait until a request passes, read idle RSS, warm up,
 //! then a closed-loop run (throughput; CPU time of both sidecars over it ÷
@@ -16,6 +23,7 @@
 //! (latency, corrected for coordinated omission); then stop the pair.
 //! Rounds go through all paths in turn, so drift hits every path alike.
 
+pub mod generator;
 pub mod peers;
 pub mod procstat;
 pub mod topology;
@@ -29,12 +37,12 @@ use std::time::Duration;
 
 use weft_tests::{Host, Proc};
 
-use crate::http::{HttpClient, Version};
-use crate::load::{self, LoadConfig, LoadError, Measurement, Stop};
+use crate::load::{LoadConfig, LoadError, Measurement, Stop};
 use crate::report::{self, MeshReport, MeshSettings, Mode, PathReport, Protocol, Summary};
 use crate::stats::ErrorCounts;
+use generator::{Target, run_load, wait_request_ok};
 use procstat::Usage;
-use topology::{Topology, TopologyOptions, UPSTREAM_PORT};
+use topology::{GRPC_PORT, Topology, TopologyOptions, UPSTREAM_PORT};
 
 /// What can stop a mesh run.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +120,67 @@ impl ProxyMode {
     }
 }
 
+/// What the app speaks on a path: the generator's requests and the
+/// upstream listener they reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// HTTP/1.1 keep-alive, `GET /`, the upstream's fixed body.
+    Http1,
+    /// HTTP/2 cleartext with prior knowledge (h2c), `GET /`, the same
+    /// upstream listener and body.
+    H2,
+    /// gRPC unary echo (`weft.bench.v1.Echo/Unary`) over h2c, a reply as
+    /// large as the HTTP body, from the upstream's gRPC listener.
+    Grpc,
+}
+
+impl AppProtocol {
+    /// Every protocol, in report order.
+    pub const ALL: [AppProtocol; 3] = [AppProtocol::Http1, AppProtocol::H2, AppProtocol::Grpc];
+
+    /// `http1`, `h2` or `grpc`: the `--protocols` entry and the report's
+    /// `protocol`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http1",
+            AppProtocol::H2 => "h2",
+            AppProtocol::Grpc => "grpc",
+        }
+    }
+
+    /// Parses a `--protocols` entry.
+    pub fn parse(s: &str) -> Option<AppProtocol> {
+        AppProtocol::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// The protocol as reports name it.
+    pub fn report(self) -> Protocol {
+        match self {
+            AppProtocol::Http1 => Protocol::Http1,
+            AppProtocol::H2 => Protocol::H2,
+            AppProtocol::Grpc => Protocol::Grpc,
+        }
+    }
+
+    /// The `kuma.io/protocol` tag of a weft inbound that parses this
+    /// protocol (and speaks it to the app).
+    pub fn tag(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http",
+            AppProtocol::H2 => "http2",
+            AppProtocol::Grpc => "grpc",
+        }
+    }
+
+    /// The upstream's port for this protocol.
+    pub fn upstream_port(self) -> u16 {
+        match self {
+            AppProtocol::Http1 | AppProtocol::H2 => UPSTREAM_PORT,
+            AppProtocol::Grpc => GRPC_PORT,
+        }
+    }
+}
+
 /// The mesh observability a weft path runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observability {
@@ -145,35 +214,50 @@ impl Observability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
     /// No proxy.
-    Direct,
+    Direct(AppProtocol),
     /// weft-proxy pair.
-    Weft(ProxyMode),
-    /// weft-proxy pair (HTTP) with the mesh's observability backends on.
+    Weft(AppProtocol, ProxyMode),
+    /// weft-proxy pair (HTTP/1.1, HTTP mode) with the mesh's observability
+    /// backends on.
     WeftObserved(Observability),
-    /// A peer's pair.
+    /// A peer's pair (HTTP/1.1).
     Peer(peers::PeerKind, ProxyMode),
 }
 
 impl PathKind {
-    /// The report name: `direct`, `weft`, `weft-tcp`, `haproxy-tcp`, ...
+    /// The report name: `direct`, `weft`, `weft-tcp`, `haproxy-tcp`,
+    /// `direct-h2`, `weft-grpc`, ...: the proxy, then the protocol unless
+    /// HTTP/1.1, then `-tcp` for opaque proxying.
     pub fn name(self) -> String {
-        let (base, mode) = match self {
-            PathKind::Direct => return "direct".into(),
+        let (base, protocol, mode) = match self {
+            PathKind::Direct(p) => ("direct", p, ProxyMode::Http),
             PathKind::WeftObserved(o) => return format!("weft+{}", o.name()),
-            PathKind::Weft(m) => ("weft", m),
-            PathKind::Peer(p, m) => (p.name(), m),
+            PathKind::Weft(p, m) => ("weft", p, m),
+            PathKind::Peer(peer, m) => (peer.name(), AppProtocol::Http1, m),
         };
-        match mode {
-            ProxyMode::Http => base.into(),
-            ProxyMode::Tcp => format!("{base}-tcp"),
+        let mut name = base.to_owned();
+        if protocol != AppProtocol::Http1 {
+            name = format!("{name}-{}", protocol.name());
+        }
+        if mode == ProxyMode::Tcp {
+            name.push_str("-tcp");
+        }
+        name
+    }
+
+    /// What the app speaks on this path.
+    pub fn protocol(self) -> AppProtocol {
+        match self {
+            PathKind::Direct(p) | PathKind::Weft(p, _) => p,
+            PathKind::WeftObserved(_) | PathKind::Peer(..) => AppProtocol::Http1,
         }
     }
 
     fn mode(self) -> Option<ProxyMode> {
         match self {
-            PathKind::Direct => None,
+            PathKind::Direct(_) => None,
             PathKind::WeftObserved(_) => Some(ProxyMode::Http),
-            PathKind::Weft(m) | PathKind::Peer(_, m) => Some(m),
+            PathKind::Weft(_, m) | PathKind::Peer(_, m) => Some(m),
         }
     }
 }
@@ -278,8 +362,11 @@ pub struct MeshConfig {
     pub connections: usize,
     /// Connections of the latency runs (oha -c16 in the baseline).
     pub latency_connections: usize,
-    /// Upstream response body bytes.
+    /// Upstream response body bytes (HTTP body, gRPC reply payload).
     pub body_size: usize,
+    /// What the app speaks: one group of paths per protocol. Peers and
+    /// the observed weft paths are HTTP/1.1 only.
+    pub protocols: Vec<AppProtocol>,
     /// Measure the weft paths (when the binaries are found).
     pub weft: bool,
     /// Where `weft-proxy`, `weft-control` and `weftctl` are.
@@ -318,6 +405,7 @@ impl MeshConfig {
             connections: 32,
             latency_connections: 16,
             body_size: 1024,
+            protocols: AppProtocol::ALL.to_vec(),
             weft: true,
             weft_bin_dir,
             weft_transparent: false,
@@ -331,13 +419,14 @@ impl MeshConfig {
         }
     }
 
-    /// The smoke check: one round of short runs, under 60 s for all paths.
+    /// The smoke check: one round of 1 s runs, under 60 s for all paths
+    /// of all protocols (13 with both peers installed, about 3 s each).
     pub fn quick(self_exe: PathBuf) -> MeshConfig {
         MeshConfig {
             rounds: 1,
-            warmup: Duration::from_millis(300),
-            duration: Duration::from_millis(1500),
-            latency_duration: Duration::from_millis(1500),
+            warmup: Duration::from_millis(250),
+            duration: Duration::from_secs(1),
+            latency_duration: Duration::from_secs(1),
             ..MeshConfig::full(self_exe)
         }
     }
@@ -367,18 +456,13 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         notes.push(s);
     };
 
-    let mut paths = vec![PathKind::Direct];
+    if cfg.protocols.is_empty() {
+        return Err(MeshError::Config("no protocol to measure".into()));
+    }
+    let http1 = cfg.protocols.contains(&AppProtocol::Http1);
     let weft_bins = if cfg.weft {
         match weft::find(&cfg.weft_bin_dir) {
             Ok(b) => {
-                paths.extend(cfg.modes.iter().map(|&m| PathKind::Weft(m)));
-                if cfg.modes.contains(&ProxyMode::Http) {
-                    paths.extend(
-                        cfg.weft_telemetry
-                            .iter()
-                            .map(|&o| PathKind::WeftObserved(o)),
-                    );
-                }
                 if cfg.weft_transparent {
                     note(
                         "weft paths use transparent interception (weft-iptables)".into(),
@@ -396,7 +480,8 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         None
     };
     let mut installed = Vec::new();
-    for &kind in &cfg.peers {
+    let mut peer_paths = Vec::new();
+    for &kind in cfg.peers.iter().filter(|_| http1) {
         match peers::find(kind) {
             Ok(p) => {
                 for &m in &cfg.modes {
@@ -406,7 +491,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                         note(format!("skipping {}-tcp: {why}", kind.name()), log);
                         continue;
                     }
-                    paths.push(PathKind::Peer(kind, m));
+                    peer_paths.push(PathKind::Peer(kind, m));
                 }
                 note(format!("{}: {}", kind.name(), p.version), log);
                 installed.push(p);
@@ -414,6 +499,20 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             Err(why) => note(format!("skipping {}: {why}", kind.name()), log),
         }
     }
+    if !http1 && !cfg.peers.is_empty() {
+        note(
+            "peers measure HTTP/1.1 only: none without http1".into(),
+            log,
+        );
+    }
+    let other = cfg.protocols.iter().any(|&p| p != AppProtocol::Http1);
+    if weft_bins.is_some() && other && !cfg.modes.contains(&ProxyMode::Http) {
+        note(
+            "h2 and gRPC have weft paths in http mode only: none without it".into(),
+            log,
+        );
+    }
+    let mut paths = plan_paths(cfg, weft_bins.is_some(), &peer_paths);
 
     let topo = Topology::build(TopologyOptions {
         self_exe: cfg.self_exe.clone(),
@@ -437,7 +536,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             Err(e) => {
                 failures.push(format!("weft: {e}"));
                 log(&format!("FAILED weft: {e}"));
-                paths.retain(|p| !matches!(p, PathKind::Weft(_) | PathKind::WeftObserved(_)));
+                paths.retain(|p| !matches!(p, PathKind::Weft(..) | PathKind::WeftObserved(_)));
                 None
             }
         },
@@ -453,9 +552,12 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             }
             log(&format!("round {round}/{}: {}", cfg.rounds, path.name()));
             let ports = (15100 + i as u16, 15200 + i as u16);
+            let protocol = path.protocol();
             let started = match path {
-                PathKind::Direct => Ok((None, SocketAddr::from((topo.server_ip, UPSTREAM_PORT)))),
-                PathKind::Weft(_) | PathKind::WeftObserved(_) => {
+                PathKind::Direct(p) => {
+                    Ok((None, SocketAddr::from((topo.server_ip, p.upstream_port()))))
+                }
+                PathKind::Weft(..) | PathKind::WeftObserved(_) => {
                     let cp = cp.as_ref().expect("weft paths need the control plane");
                     let p = weft::Ports {
                         outbound: ports.0,
@@ -463,11 +565,14 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                     };
                     let (mode, observability) = match path {
                         PathKind::WeftObserved(o) => (ProxyMode::Http, o),
-                        PathKind::Weft(m) => (m, Observability::Off),
+                        PathKind::Weft(_, m) => (m, Observability::Off),
                         _ => unreachable!("matched above"),
                     };
                     cp.observe(&topo, observability)
-                        .and_then(|()| weft::start(cp, mode, p, cfg.weft_transparent, &topo))
+                        .and_then(|()| {
+                            let flavour = weft::Flavour { protocol, mode };
+                            weft::start(cp, flavour, p, cfg.weft_transparent, &topo)
+                        })
                         .and_then(|(pair, url)| {
                             let addr = url_addr(&url)?;
                             Ok((Some(pair), addr))
@@ -488,7 +593,12 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                 }
             };
             let outcome = started.and_then(|(pair, addr)| {
-                let r = measure(cfg, &topo, addr, pair.as_ref());
+                let target = Target {
+                    addr,
+                    protocol,
+                    body_size: cfg.body_size,
+                };
+                let r = measure(cfg, &topo, target, pair.as_ref());
                 if let Some(pair) = pair {
                     pair.stop();
                 }
@@ -499,7 +609,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                     log(&format!(
                         "  {:.0} req/s, p50 {:.3} ms at {} req/s, {} errors",
                         r.closed.rps(),
-                        Summary::new("", Protocol::Http1, Mode::Open, 0, None, &r.open).p50_ms,
+                        Summary::new("", protocol.report(), Mode::Open, 0, None, &r.open).p50_ms,
                         cfg.rate,
                         r.closed.recorder.errors.total() + r.open.recorder.errors.total()
                     ));
@@ -516,20 +626,15 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     drop(cp);
     drop(topo);
 
-    let mut reports: Vec<PathReport> = Vec::new();
+    let mut measured: Vec<(PathKind, PathReport)> = Vec::new();
     for (path, rounds) in paths.iter().zip(&results) {
         if rounds.is_empty() {
             continue;
         }
-        reports.push(aggregate(*path, rounds, cfg));
+        measured.push((*path, aggregate(*path, rounds, cfg)));
     }
-    if let Some(direct) = reports.first().cloned() {
-        for p in &mut reports {
-            p.rps_vs_direct = ratio(p.summary.rps, direct.summary.rps);
-            p.added_p50_ms = p.summary.p50_ms - direct.summary.p50_ms;
-            p.added_p99_ms = p.summary.p99_ms - direct.summary.p99_ms;
-        }
-    }
+    relate_to_direct(&mut measured);
+    let reports = measured.into_iter().map(|(_, r)| r).collect();
     Ok(MeshReport {
         date: report::utc_now_rfc3339(),
         machine: report::machine(),
@@ -554,6 +659,57 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     })
 }
 
+/// Every path of a run, grouped by protocol (each group's direct path
+/// first): per protocol, direct, then weft in each mode (h2 and gRPC in
+/// HTTP mode only), then for HTTP/1.1 the observed weft paths and the
+/// peers' `peer_paths`.
+fn plan_paths(cfg: &MeshConfig, weft: bool, peer_paths: &[PathKind]) -> Vec<PathKind> {
+    let mut paths = Vec::new();
+    for &protocol in &cfg.protocols {
+        paths.push(PathKind::Direct(protocol));
+        let http1 = protocol == AppProtocol::Http1;
+        if weft {
+            paths.extend(
+                cfg.modes
+                    .iter()
+                    .filter(|&&m| http1 || m == ProxyMode::Http)
+                    .map(|&m| PathKind::Weft(protocol, m)),
+            );
+            if http1 && cfg.modes.contains(&ProxyMode::Http) {
+                paths.extend(
+                    cfg.weft_telemetry
+                        .iter()
+                        .map(|&o| PathKind::WeftObserved(o)),
+                );
+            }
+        }
+        if http1 {
+            paths.extend_from_slice(peer_paths);
+        }
+    }
+    paths
+}
+
+/// Sets each path's ratios (× direct, added p50/p99) against the direct
+/// path of the same protocol; 0 when that one was not measured.
+fn relate_to_direct(paths: &mut [(PathKind, PathReport)]) {
+    let directs: Vec<(AppProtocol, Summary)> = paths
+        .iter()
+        .filter_map(|(k, r)| match k {
+            PathKind::Direct(p) => Some((*p, r.summary.clone())),
+            _ => None,
+        })
+        .collect();
+    for (kind, p) in paths.iter_mut() {
+        let Some((_, direct)) = directs.iter().find(|(proto, _)| *proto == kind.protocol()) else {
+            continue;
+        };
+        p.rps_vs_direct = ratio(p.summary.rps, direct.rps);
+        p.added_p50_ms = p.summary.p50_ms - direct.p50_ms;
+        p.added_p99_ms = p.summary.p99_ms - direct.p99_ms;
+    }
+}
+
 fn url_addr(url: &str) -> Result<SocketAddr, MeshError> {
     url.trim_start_matches("http://")
         .trim_end_matches('/')
@@ -567,21 +723,19 @@ fn url_addr(url: &str) -> Result<SocketAddr, MeshError> {
 fn measure(
     cfg: &MeshConfig,
     topo: &Topology,
-    addr: SocketAddr,
+    target: Target,
     pair: Option<&SidecarPair>,
 ) -> Result<RoundResult, MeshError> {
-    topology::wait_http_ok(&topo.client, addr, "/", Duration::from_secs(20), None).map_err(
-        |why| MeshError::Start {
-            what: format!("the path to {addr}"),
-            why: format!("no request got through: {why}"),
-            log: String::new(),
-        },
-    )?;
+    let addr = target.addr;
+    wait_request_ok(topo, target, Duration::from_secs(20)).map_err(|why| MeshError::Start {
+        what: format!("the {} path to {addr}", target.protocol.name()),
+        why: format!("no request got through: {why}"),
+        log: String::new(),
+    })?;
     let pids = pair.map(SidecarPair::pids);
     std::thread::sleep(Duration::from_millis(200));
     let idle = pids.map_or([Usage::default(); 2], |p| p.map(procstat::usage));
 
-    let url = format!("http://{addr}/");
     let closed_cfg = |d: Duration| LoadConfig {
         connections: cfg.connections,
         rate: None,
@@ -593,7 +747,7 @@ fn measure(
         progress: false,
     };
     if !cfg.warmup.is_zero() {
-        run_load(topo, &url, closed_cfg(cfg.warmup))?;
+        run_load(topo, target, closed_cfg(cfg.warmup))?;
     }
     // CPU over the closed-loop run only: no warm-up in the window, so every
     // request it counts is one the CPU time paid for.
@@ -605,7 +759,7 @@ fn measure(
     let up_before = procstat::usage(topo.upstream_pid()).cpu_ticks;
     let before = ticks(pids);
     let sampler = pids.map(RssSampler::start);
-    let closed = run_load(topo, &url, closed_cfg(cfg.duration))?;
+    let closed = run_load(topo, target, closed_cfg(cfg.duration))?;
     let sidecar_ticks = ticks(pids).saturating_sub(before);
     let upstream_ticks = procstat::usage(topo.upstream_pid())
         .cpu_ticks
@@ -614,7 +768,7 @@ fn measure(
 
     let open = run_load(
         topo,
-        &url,
+        target,
         LoadConfig {
             connections: cfg.latency_connections,
             rate: Some(cfg.rate),
@@ -631,21 +785,6 @@ fn measure(
         sidecar_ticks,
         upstream_ticks,
     })
-}
-
-/// Runs the generator in-process on threads inside the client namespace.
-fn run_load(topo: &Topology, url: &str, cfg: LoadConfig) -> Result<Measurement, MeshError> {
-    let url = url.to_owned();
-    topo.client.enter(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| MeshError::io("starting a runtime", e))?;
-        let client = rt.block_on(HttpClient::new(&url, Version::Http1))?;
-        drop(rt);
-        // Worker threads started from here inherit the namespace.
-        Ok(load::run(Arc::new(client), &cfg)?)
-    })?
 }
 
 /// Samples both sidecars' RSS every 100 ms and keeps each one's peak.
@@ -702,7 +841,7 @@ fn aggregate(path: PathKind, rounds: &[RoundResult], cfg: &MeshConfig) -> PathRe
         .map(|r| {
             Summary::new(
                 name.clone(),
-                Protocol::Http1,
+                path.protocol().report(),
                 Mode::Open,
                 cfg.latency_connections,
                 Some(cfg.rate),
@@ -741,7 +880,7 @@ fn aggregate(path: PathKind, rounds: &[RoundResult], cfg: &MeshConfig) -> PathRe
             procstat::ticks_to_duration(ticks).as_secs_f64() * 1e6 / n as f64
         }
     };
-    let sidecars = path != PathKind::Direct;
+    let sidecars = path.mode().is_some();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let idle = [med(&|r| r.idle[0].rss_mib()), med(&|r| r.idle[1].rss_mib())];
     let load = [
@@ -783,12 +922,146 @@ mod tests {
 
     #[test]
     fn path_names() {
+        use AppProtocol::*;
         use peers::PeerKind::*;
-        assert_eq!(PathKind::Direct.name(), "direct");
-        assert_eq!(PathKind::Weft(ProxyMode::Http).name(), "weft");
-        assert_eq!(PathKind::Weft(ProxyMode::Tcp).name(), "weft-tcp");
+        assert_eq!(PathKind::Direct(Http1).name(), "direct");
+        assert_eq!(PathKind::Weft(Http1, ProxyMode::Http).name(), "weft");
+        assert_eq!(PathKind::Weft(Http1, ProxyMode::Tcp).name(), "weft-tcp");
         assert_eq!(PathKind::Peer(Haproxy, ProxyMode::Http).name(), "haproxy");
         assert_eq!(PathKind::Peer(Nginx, ProxyMode::Tcp).name(), "nginx-tcp");
+        assert_eq!(PathKind::Direct(H2).name(), "direct-h2");
+        assert_eq!(PathKind::Weft(H2, ProxyMode::Http).name(), "weft-h2");
+        assert_eq!(PathKind::Weft(H2, ProxyMode::Tcp).name(), "weft-h2-tcp");
+        assert_eq!(PathKind::Direct(Grpc).name(), "direct-grpc");
+        assert_eq!(PathKind::Weft(Grpc, ProxyMode::Http).name(), "weft-grpc");
+        assert_eq!(
+            PathKind::WeftObserved(Observability::Tracing).name(),
+            "weft+tracing"
+        );
+    }
+
+    #[test]
+    fn protocols_parse_and_name_their_reports() {
+        for p in AppProtocol::ALL {
+            assert_eq!(AppProtocol::parse(p.name()), Some(p));
+            let json = serde_json::to_value(p.report()).unwrap();
+            assert_eq!(
+                json,
+                p.name(),
+                "the report's protocol is the --protocols name"
+            );
+        }
+        assert_eq!(AppProtocol::parse("http2"), None);
+        assert_eq!(AppProtocol::Grpc.upstream_port(), GRPC_PORT);
+        assert_eq!(AppProtocol::H2.upstream_port(), UPSTREAM_PORT);
+    }
+
+    fn config() -> MeshConfig {
+        MeshConfig::quick(PathBuf::from("weft-bench"))
+    }
+
+    #[test]
+    fn paths_are_grouped_by_protocol_with_direct_first() {
+        use peers::PeerKind::*;
+        let peers = [
+            PathKind::Peer(Haproxy, ProxyMode::Http),
+            PathKind::Peer(Haproxy, ProxyMode::Tcp),
+        ];
+        let names: Vec<String> = plan_paths(&config(), true, &peers)
+            .into_iter()
+            .map(PathKind::name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "direct",
+                "weft",
+                "weft-tcp",
+                "weft+metrics",
+                "weft+tracing",
+                "haproxy",
+                "haproxy-tcp",
+                "direct-h2",
+                "weft-h2",
+                "direct-grpc",
+                "weft-grpc",
+            ]
+        );
+
+        let cfg = MeshConfig {
+            protocols: vec![AppProtocol::Grpc],
+            modes: vec![ProxyMode::Tcp],
+            ..config()
+        };
+        let names: Vec<String> = plan_paths(&cfg, true, &[])
+            .into_iter()
+            .map(PathKind::name)
+            .collect();
+        assert_eq!(names, ["direct-grpc"], "no tcp-mode gRPC path");
+        let names: Vec<String> = plan_paths(&config(), false, &[])
+            .into_iter()
+            .map(PathKind::name)
+            .collect();
+        assert_eq!(names, ["direct", "direct-h2", "direct-grpc"]);
+    }
+
+    fn report(kind: PathKind, rps: f64, p50_ms: f64) -> (PathKind, PathReport) {
+        let m = Measurement {
+            recorder: crate::stats::Recorder::default(),
+            elapsed: Duration::from_secs(1),
+            threads: 1,
+        };
+        let mut summary = Summary::new(
+            kind.name(),
+            kind.protocol().report(),
+            Mode::Open,
+            16,
+            None,
+            &m,
+        );
+        summary.rps = rps;
+        summary.p50_ms = p50_ms;
+        summary.p99_ms = p50_ms * 2.0;
+        let path = PathReport {
+            summary,
+            proxy_mode: kind.mode().map_or("none", ProxyMode::name).to_owned(),
+            latency_rps: 0.0,
+            rps_vs_direct: 0.0,
+            added_p50_ms: 0.0,
+            added_p99_ms: 0.0,
+            rss_idle_mib: 0.0,
+            rss_load_mib: 0.0,
+            rss_idle_out_mib: 0.0,
+            rss_idle_in_mib: 0.0,
+            rss_load_out_mib: 0.0,
+            rss_load_in_mib: 0.0,
+            cpu_us_per_req: 0.0,
+            upstream_cpu_us_per_req: 0.0,
+        };
+        (kind, path)
+    }
+
+    #[test]
+    fn ratios_are_to_the_direct_path_of_the_same_protocol() {
+        use AppProtocol::*;
+        let mut paths = vec![
+            report(PathKind::Direct(Http1), 10_000.0, 0.1),
+            report(PathKind::Weft(Http1, ProxyMode::Http), 5_000.0, 0.3),
+            report(PathKind::Direct(H2), 20_000.0, 0.2),
+            report(PathKind::Weft(H2, ProxyMode::Http), 4_000.0, 0.5),
+            // No direct-grpc measured: no ratio.
+            report(PathKind::Weft(Grpc, ProxyMode::Http), 3_000.0, 0.6),
+        ];
+        relate_to_direct(&mut paths);
+        let r = |i: usize| &paths[i].1;
+        assert_eq!(r(0).rps_vs_direct, 1.0);
+        assert_eq!(r(1).rps_vs_direct, 0.5);
+        assert!((r(1).added_p50_ms - 0.2).abs() < 1e-9);
+        assert_eq!(r(3).rps_vs_direct, 0.2, "h2 against direct-h2");
+        assert!((r(3).added_p50_ms - 0.3).abs() < 1e-9);
+        assert!((r(3).added_p99_ms - 0.6).abs() < 1e-9);
+        assert_eq!(r(4).rps_vs_direct, 0.0);
+        assert_eq!(r(4).added_p50_ms, 0.0);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! ```
 //!
 //! The generator runs in this process on threads that joined the client
-//! namespace; the upstream is `weft-bench serve` (HTTP/1.1, fixed body)
-//! started from this very executable in the server namespace. Every process
+//! namespace; the upstream is `weft-bench serve` (HTTP/1.1 + h2c with a
+//! fixed body on :8080, gRPC echo on :8081) started from this very
+//! executable in the server namespace. Every process
 //! started here lives in one of the namespaces, so dropping the
 //! [`Topology`] kills them all and deletes the namespaces, also on error or
 //! panic ([`weft_tests::Net`]).
@@ -24,8 +25,12 @@ use weft_tests::{Host, Net, Proc};
 
 use super::MeshError;
 
-/// The upstream app's HTTP port, on every address of the server namespace.
+/// The upstream app's HTTP/1.1 + h2c port, on every address of the server
+/// namespace.
 pub const UPSTREAM_PORT: u16 = 8080;
+
+/// The upstream app's gRPC echo port, beside [`UPSTREAM_PORT`].
+pub const GRPC_PORT: u16 = 8081;
 
 /// What the topology needs to know to start.
 #[derive(Debug, Clone)]
@@ -87,6 +92,8 @@ impl Topology {
             "serve",
             "--http",
             &format!("0.0.0.0:{UPSTREAM_PORT}"),
+            "--grpc",
+            &format!("0.0.0.0:{GRPC_PORT}"),
             "--body-size",
             &opts.body_size.to_string(),
             "--threads",

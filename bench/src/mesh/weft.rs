@@ -8,8 +8,12 @@
 //! uid 5678, and the app calls the upstream's own address.
 //!
 //! The inbound is tagged `kuma.io/protocol: http` for path `weft` (HTTP/1.1
-//! from the app, carried as HTTP/2 between the proxies) and `tcp` for
+//! from the app, carried as HTTP/2 between the proxies), `http2` for
+//! `weft-h2` and `grpc` for `weft-grpc` (h2c from the app and to the
+//! upstream: the inbound speaks HTTP/2 to the app), and `tcp` for
 //! `weft-tcp` (opaque bytes over one mTLS connection per app connection).
+//! Each path has its own service, `upstream-<key>`, whose inbound forwards
+//! to the upstream's port for the protocol.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +25,7 @@ use std::time::Duration;
 use weft_tests::{Host, Proc};
 
 use super::topology::{Topology, UPSTREAM_PORT, pinned, wait_http_ok};
-use super::{MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
+use super::{AppProtocol, MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
 
 /// The mesh the bench creates.
 pub const MESH: &str = "bench";
@@ -197,13 +201,45 @@ pub struct Ports {
     pub inbound: u16,
 }
 
+/// What a weft pair carries: the app's protocol and how the proxies
+/// handle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flavour {
+    /// What the app speaks.
+    pub protocol: AppProtocol,
+    /// Parsed (HTTP) or opaque (TCP).
+    pub mode: ProxyMode,
+}
+
+impl Flavour {
+    /// Names the pair's dataplanes and service: `http`, `tcp`, `h2`,
+    /// `grpc`, `h2-tcp`, ...
+    fn key(self) -> String {
+        match (self.protocol, self.mode) {
+            (AppProtocol::Http1, m) => m.name().to_owned(),
+            (p, ProxyMode::Http) => p.name().to_owned(),
+            (p, ProxyMode::Tcp) => format!("{}-tcp", p.name()),
+        }
+    }
+
+    /// The inbound's `kuma.io/protocol` tag.
+    fn tag(self) -> &'static str {
+        match self.mode {
+            ProxyMode::Http => self.protocol.tag(),
+            ProxyMode::Tcp => "tcp",
+        }
+    }
+}
+
 /// The `Dataplane` of the server side: one inbound in front of the upstream.
-fn server_dataplane(mode: ProxyMode, address: &str, inbound: u16, transparent: bool) -> String {
+fn server_dataplane(f: Flavour, address: &str, inbound: u16, transparent: bool) -> String {
     let mut s = format!(
-        "type: Dataplane\nmesh: {MESH}\nname: server-{m}\nnetworking:\n  address: {address}\n  inbound:\n    \
-         - port: {inbound}\n      servicePort: {UPSTREAM_PORT}\n      serviceAddress: 127.0.0.1\n      tags:\n        \
-         kuma.io/service: upstream-{m}\n        kuma.io/protocol: {m}\n",
-        m = mode.name(),
+        "type: Dataplane\nmesh: {MESH}\nname: server-{k}\nnetworking:\n  address: {address}\n  inbound:\n    \
+         - port: {inbound}\n      servicePort: {app}\n      serviceAddress: 127.0.0.1\n      tags:\n        \
+         kuma.io/service: upstream-{k}\n        kuma.io/protocol: {tag}\n",
+        k = f.key(),
+        app = f.protocol.upstream_port(),
+        tag = f.tag(),
     );
     if transparent {
         s.push_str(&transparent_yaml());
@@ -213,18 +249,18 @@ fn server_dataplane(mode: ProxyMode, address: &str, inbound: u16, transparent: b
 
 /// The `Dataplane` of the client side: an inbound (every dataplane has
 /// one) and, in explicit mode, the outbound the app calls.
-fn client_dataplane(mode: ProxyMode, address: &str, outbound: u16, transparent: bool) -> String {
+fn client_dataplane(f: Flavour, address: &str, outbound: u16, transparent: bool) -> String {
     let mut s = format!(
-        "type: Dataplane\nmesh: {MESH}\nname: client-{m}\nnetworking:\n  address: {address}\n  inbound:\n    \
+        "type: Dataplane\nmesh: {MESH}\nname: client-{k}\nnetworking:\n  address: {address}\n  inbound:\n    \
          - port: 15099\n      servicePort: 9\n      tags:\n        kuma.io/service: bench-client\n",
-        m = mode.name(),
+        k = f.key(),
     );
     if transparent {
         s.push_str(&transparent_yaml());
     } else {
         s.push_str(&format!(
             "  outbound:\n    - port: {outbound}\n      tags:\n        kuma.io/service: upstream-{}\n",
-            mode.name()
+            f.key()
         ));
     }
     s
@@ -237,12 +273,12 @@ fn transparent_yaml() -> String {
     )
 }
 
-/// Starts the pair for `mode`: server side first (its endpoint must be
+/// Starts the pair for `flavour`: server side first (its endpoint must be
 /// known before the client asks for it), each proxy waited for on
 /// `/ready`. Returns the pair and the URL the app calls.
 pub fn start(
     cp: &ControlPlane,
-    mode: ProxyMode,
+    flavour: Flavour,
     ports: Ports,
     transparent: bool,
     topo: &Topology,
@@ -281,26 +317,23 @@ pub fn start(
             }
         }
     }
-    let m = mode.name();
+    let m = flavour.key();
     let server_ip = topo.server_ip.to_string();
-    let inbound = if transparent {
-        UPSTREAM_PORT
-    } else {
-        ports.inbound
-    };
+    let app_port = flavour.protocol.upstream_port();
+    let inbound = if transparent { app_port } else { ports.inbound };
     let sides = [
         (
             "in",
             &topo.server,
             format!("server-{m}"),
-            server_dataplane(mode, &server_ip, inbound, transparent),
+            server_dataplane(flavour, &server_ip, inbound, transparent),
         ),
         (
             "out",
             &topo.client,
             format!("client-{m}"),
             client_dataplane(
-                mode,
+                flavour,
                 &topo.client_ip.to_string(),
                 ports.outbound,
                 transparent,
@@ -373,7 +406,7 @@ pub fn start(
         });
     }
     let url = if transparent {
-        format!("http://{server_ip}:{UPSTREAM_PORT}/")
+        format!("http://{server_ip}:{app_port}/")
     } else {
         format!("http://127.0.0.1:{}/", ports.outbound)
     };
@@ -398,15 +431,45 @@ pub fn start(
 mod tests {
     use super::*;
 
+    fn flavour(protocol: AppProtocol, mode: ProxyMode) -> Flavour {
+        Flavour { protocol, mode }
+    }
+
     #[test]
     fn dataplanes_follow_the_spec_shape() {
-        let s = server_dataplane(ProxyMode::Tcp, "10.77.0.2", 15206, false);
+        let http = flavour(AppProtocol::Http1, ProxyMode::Http);
+        let s = server_dataplane(
+            flavour(AppProtocol::Http1, ProxyMode::Tcp),
+            "10.77.0.2",
+            15206,
+            false,
+        );
         assert!(s.contains("name: server-tcp") && s.contains("kuma.io/protocol: tcp"));
         assert!(s.contains("port: 15206") && s.contains("servicePort: 8080"));
-        let c = client_dataplane(ProxyMode::Http, "10.77.0.1", 15101, false);
+        let c = client_dataplane(http, "10.77.0.1", 15101, false);
         assert!(c.contains("outbound:") && c.contains("kuma.io/service: upstream-http"));
-        let t = client_dataplane(ProxyMode::Http, "10.77.0.1", 15101, true);
+        let t = client_dataplane(http, "10.77.0.1", 15101, true);
         assert!(t.contains("redirectPortOutbound: 15001") && !t.contains("outbound:\n"));
+    }
+
+    #[test]
+    fn h2_and_grpc_inbounds_speak_http2_to_the_app() {
+        let h2 = server_dataplane(
+            flavour(AppProtocol::H2, ProxyMode::Http),
+            "10.77.0.2",
+            15207,
+            false,
+        );
+        assert!(h2.contains("name: server-h2") && h2.contains("kuma.io/protocol: http2"));
+        assert!(h2.contains("servicePort: 8080") && h2.contains("upstream-h2\n"));
+        let grpc = flavour(AppProtocol::Grpc, ProxyMode::Http);
+        let s = server_dataplane(grpc, "10.77.0.2", 15208, false);
+        assert!(s.contains("name: server-grpc") && s.contains("kuma.io/protocol: grpc"));
+        assert!(s.contains("servicePort: 8081"));
+        let c = client_dataplane(grpc, "10.77.0.1", 15108, false);
+        assert!(c.contains("name: client-grpc") && c.contains("kuma.io/service: upstream-grpc\n"));
+        assert_eq!(flavour(AppProtocol::H2, ProxyMode::Tcp).key(), "h2-tcp");
+        assert_eq!(flavour(AppProtocol::H2, ProxyMode::Tcp).tag(), "tcp");
     }
 
     #[test]
