@@ -34,7 +34,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use weft_api::proto::TracingBackend;
 
 use super::otlp::OtlpExporter;
@@ -130,16 +130,27 @@ pub struct SpanSink(Arc<Queue>);
 struct Queue {
     tx: mpsc::Sender<SpanRecord>,
     metrics: TraceMetrics,
+    /// Wakes the exporter task when a full batch is waiting.
+    batch_ready: Arc<Notify>,
+    batch: usize,
 }
 
 impl SpanSink {
     /// Queues a finished span without waiting; counts it as dropped when it does not fit.
     pub fn send(&self, span: SpanRecord) {
-        let counter = match self.0.tx.try_send(span) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(_)) => &self.0.metrics.queue_full,
+        let q = &self.0;
+        let counter = match q.tx.try_send(span) {
+            Ok(()) => {
+                // The exporter sleeps until a batch is full (or its interval ends) rather
+                // than waking for every span.
+                if q.tx.max_capacity() - q.tx.capacity() >= q.batch {
+                    q.batch_ready.notify_one();
+                }
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => &q.metrics.queue_full,
             // The task is gone (the runtime is shutting down).
-            Err(mpsc::error::TrySendError::Closed(_)) => &self.0.metrics.closed,
+            Err(mpsc::error::TrySendError::Closed(_)) => &q.metrics.closed,
         };
         counter.inc();
     }
@@ -204,11 +215,20 @@ impl Tracing {
             }
         };
         let (tx, rx) = mpsc::channel(options.trace_queue.max(1));
-        runtime.spawn(export_loop(exporter, rx, options.clone(), metrics.clone()));
+        let batch_ready = Arc::new(Notify::new());
+        runtime.spawn(export_loop(
+            exporter,
+            rx,
+            Arc::clone(&batch_ready),
+            options.clone(),
+            metrics.clone(),
+        ));
         Ok(Self {
             sink: SpanSink(Arc::new(Queue {
                 tx,
                 metrics: metrics.clone(),
+                batch_ready,
+                batch: options.trace_batch.clamp(1, options.trace_queue.max(1)),
             })),
             sampler: Sampler::percent(backend.sampling),
             b3,
@@ -260,35 +280,33 @@ impl Tracing {
     }
 }
 
-/// Sends batches until the queue's sender is gone, then flushes what is left and exits.
+/// Sends a batch whenever one is full or `export_interval` has passed with spans waiting,
+/// until the queue's senders are all gone; then flushes what is left and exits.
 async fn export_loop(
     exporter: Exporter,
     mut rx: mpsc::Receiver<SpanRecord>,
+    batch_ready: Arc<Notify>,
     options: TelemetryOptions,
     metrics: TraceMetrics,
 ) {
     let max = options.trace_batch.max(1);
-    let mut open = true;
     let mut batch = Vec::with_capacity(max);
-    while open {
-        batch.clear();
-        if rx.recv_many(&mut batch, max).await == 0 {
-            break;
-        }
-        let deadline = tokio::time::sleep(options.export_interval);
-        tokio::pin!(deadline);
-        while batch.len() < max {
-            let room = max - batch.len();
-            tokio::select! {
-                n = rx.recv_many(&mut batch, room) => {
-                    if n == 0 {
-                        open = false;
-                        break;
-                    }
-                }
-                _ = &mut deadline => break,
+    loop {
+        if rx.is_empty() {
+            if rx.is_closed() {
+                return;
             }
+            // Sleeps through a whole interval: no wake-up per span (the senders notify only
+            // when a batch is full). A closed, empty queue is seen at the next tick.
+            tokio::select! {
+                () = batch_ready.notified() => {}
+                () = tokio::time::sleep(options.export_interval) => {}
+            }
+            continue;
         }
+        batch.clear();
+        // Spans are waiting: this returns at once.
+        rx.recv_many(&mut batch, max).await;
         let n = batch.len() as u64;
         match tokio::time::timeout(options.export_timeout, exporter.export(&batch)).await {
             Ok(Ok(())) => {
@@ -301,6 +319,13 @@ async fn export_loop(
             Err(_) => {
                 metrics.export_failed.inc_by(n);
                 tracing::debug!(spans = n, "span export timed out; batch dropped");
+            }
+        }
+        if batch.len() < max {
+            // A partial batch went out on the interval: wait for the next one.
+            tokio::select! {
+                () = batch_ready.notified() => {}
+                () = tokio::time::sleep(options.export_interval) => {}
             }
         }
     }
