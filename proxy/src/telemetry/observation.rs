@@ -186,13 +186,11 @@ fn method_name(m: &Method) -> &'static str {
 }
 
 /// Where `server.address`/`server.port` will come from: the URI's authority, else the `Host`
-/// header (both cheap clones of shared bytes; parsed only at export).
+/// header (parsed only at export).
 fn server(uri: &Uri, headers: &HeaderMap) -> Option<ServerName> {
     match uri.authority() {
-        Some(a) => Some(ServerName::Authority(a.clone())),
-        None => headers
-            .get(http::header::HOST)
-            .map(|h| ServerName::Host(h.clone())),
+        Some(a) => ServerName::new(a.as_str().as_bytes()),
+        None => ServerName::new(headers.get(http::header::HOST)?.as_bytes()),
     }
 }
 
@@ -206,7 +204,7 @@ fn record(b: &Begin<'_>, service: &Arc<str>, started: super::trace::Started) -> 
         kind: SpanKind::of(b.direction),
         method,
         method_original: (method == "_OTHER").then(|| b.method.as_str().into()),
-        path: b.uri.path_and_query().cloned(),
+        path: b.uri.path().into(),
         https: b.uri.scheme_str() == Some("https"),
         server: server(b.uri, b.headers),
         mesh: Arc::clone(b.mesh),

@@ -5,19 +5,22 @@
 //! and the SDK builds each as a vector of owned key-values, with a shared resource, events and
 //! links, through a span processor chain. Measured with `weft-bench mesh --weft-telemetry
 //! tracing`, that cost a third of the proxy's throughput. A [`SpanRecord`] instead holds ids,
-//! times and references to what the request already has (its method, the path's shared bytes,
-//! the service names' `Arc`s), and the attribute set is built once per batch, in the exporter
-//! task, off the request path. The wire formats stay the standard ones: OTLP through
-//! `opentelemetry-proto`'s types (see [`super::otlp`]) and Zipkin v2 JSON.
-//! (linkerd2-proxy does the same: its spans are its own type, converted to OTLP for export.)
+//! times, the method, copies of the path and authority, and the service names' `Arc`s; the
+//! attribute set is built once per batch, in the exporter task, off the request path. The
+//! wire formats stay the standard ones: OTLP through `opentelemetry-proto`'s types (see
+//! [`super::otlp`]) and Zipkin v2 JSON. (linkerd2-proxy does the same: its spans are its own
+//! type, converted to OTLP for export.)
+//!
+//! The path and authority are copied, not shared: hyper hands them out as slices of the
+//! connection's read buffer, and a queued span holding one would keep that whole buffer alive
+//! until its batch is exported.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use opentelemetry::trace::{SpanId, TraceId};
 
 use super::Direction;
@@ -41,27 +44,20 @@ impl SpanKind {
     }
 }
 
-/// Where `server.address`/`server.port` come from: the request's authority, or its `Host`
-/// header (parsed only at export, and only if valid).
-#[derive(Debug, Clone)]
-pub enum ServerName {
-    /// The URI's authority (HTTP/2 `:authority`, absolute-form HTTP/1.1).
-    Authority(Authority),
-    /// The `Host` header as sent.
-    Host(HeaderValue),
-}
+/// `server.address`/`server.port` as the request named them: its authority, or its `Host`
+/// header. Parsed only at export, and only if valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerName(Box<str>);
 
 impl ServerName {
+    /// The text of an authority or `Host` header; `None` when it is not text.
+    pub fn new(authority: &[u8]) -> Option<Self> {
+        std::str::from_utf8(authority).ok().map(|s| Self(s.into()))
+    }
+
     /// Host and port, when they parse.
     pub fn host_port(&self) -> Option<(String, Option<u16>)> {
-        let parsed;
-        let authority = match self {
-            ServerName::Authority(a) => a,
-            ServerName::Host(h) => {
-                parsed = Authority::try_from(h.as_bytes()).ok()?;
-                &parsed
-            }
-        };
+        let authority = Authority::try_from(&*self.0).ok()?;
         Some((authority.host().to_string(), authority.port_u16()))
     }
 }
@@ -118,8 +114,8 @@ pub struct SpanRecord {
     pub method: &'static str,
     /// `http.request.method_original`, for `_OTHER` only.
     pub method_original: Option<Box<str>>,
-    /// `url.path` (the path's shared bytes; the query is not exported).
-    pub path: Option<PathAndQuery>,
+    /// `url.path`, without the query.
+    pub path: Box<str>,
     /// `url.scheme` is `https` (else `http`).
     pub https: bool,
     /// `server.address`/`server.port`.
@@ -166,7 +162,11 @@ impl SpanRecord {
 
     /// The path without its query.
     pub fn url_path(&self) -> &str {
-        self.path.as_ref().map_or("/", PathAndQuery::path)
+        if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        }
     }
 
     /// Start time in nanoseconds since the Unix epoch.
@@ -304,9 +304,10 @@ mod tests {
 
     #[test]
     fn server_names_parse_at_export() {
-        let host = ServerName::Host(HeaderValue::from_static("api.example:8080"));
+        let host = ServerName::new(b"api.example:8080").expect("text");
         assert_eq!(host.host_port(), Some(("api.example".into(), Some(8080))));
-        let bad = ServerName::Host(HeaderValue::from_static("a b"));
+        let bad = ServerName::new(b"a b").expect("text");
         assert_eq!(bad.host_port(), None);
+        assert_eq!(ServerName::new(b"\xff"), None);
     }
 }

@@ -355,7 +355,7 @@ mod tests {
             kind: SpanKind::Client,
             method: "GET",
             method_original: None,
-            path: None,
+            path: "/".into(),
             https: false,
             server: None,
             mesh: Arc::from("m"),

@@ -276,11 +276,9 @@ mod tests {
             kind: SpanKind::Server,
             method: "_OTHER",
             method_original: Some("PURGE".into()),
-            path: Some(http::uri::PathAndQuery::from_static("/a\"b\\c?q=1")),
+            path: "/a\"b\\c".into(),
             https: false,
-            server: Some(ServerName::Host(http::HeaderValue::from_static(
-                "backend:8080",
-            ))),
+            server: ServerName::new(b"backend:8080"),
             mesh: Arc::from("default"),
             service: Arc::from("backend"),
             peer_service: Some(Arc::from("web\u{1}")),
