@@ -17,7 +17,8 @@
 # WEFT_DEMO_MODE=explicit|transparent forces a mode (transparent needs root). WEFT_DEMO_API sets
 # the REST API's address (127.0.0.1:5681), WEFT_DEMO_DP the dataplane server's in explicit mode
 # (127.0.0.1:5678), WEFT_DEMO_NET the first two octets of transparent mode's addresses (10.213).
-# The binaries are built into $CARGO_TARGET_DIR if set, else target/.
+# The binaries are built into $CARGO_TARGET_DIR if set, else target/; WEFT_DEMO_BIN_DIR uses
+# binaries built already instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . demo/lib.sh
@@ -38,8 +39,14 @@ esac
 
 # One package set for both modes: another set would unify dependency features differently and
 # rebuild them at each switch.
-cargo build -q -p weft-control -p weft-proxy -p weft-bench -p weft-iptables
-bin=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
+if [ -n "${WEFT_DEMO_BIN_DIR:-}" ]; then
+    # Already built (the end-to-end test runs the demo this way: a nested cargo would wait
+    # for the outer one's lock on the target directory).
+    bin=$(cd "$WEFT_DEMO_BIN_DIR" && pwd)
+else
+    cargo build -q -p weft-control -p weft-proxy -p weft-bench -p weft-iptables
+    bin=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
+fi
 
 work=$(mktemp -d /tmp/weft-demo.XXXXXX)
 cleanup() {

@@ -12,7 +12,9 @@
 #[allow(unused_imports)] // the harness re-exports helpers this test does not need
 mod e2e;
 
-use e2e::{ControlPlane, Sidecar, WAIT, mesh_yaml, permission_yaml, request_from, wait_for};
+use e2e::{
+    ControlPlane, Sidecar, ThreeHosts, WAIT, mesh_yaml, permission_yaml, request_from, wait_for,
+};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -53,12 +55,8 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
         ));
     }
 
-    let (cp_host, client_host, server_host) =
-        (env.host("cp"), env.host("client"), env.host("server"));
-    let _lan = env
-        .net
-        .lan(&[&cp_host, &client_host, &server_host])
-        .expect("a LAN");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
     let cp = ControlPlane::start(&env, &cp_host);
     cp.apply(
         env.dir(),

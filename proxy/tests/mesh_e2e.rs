@@ -14,8 +14,8 @@
 mod e2e;
 
 use e2e::{
-    App, Capture, ControlPlane, Env, Sidecar, WAIT, connect, contains, dataplane_yaml, exchange,
-    mesh_yaml, permission_yaml, request, request_from, unique, wait_for,
+    App, Capture, ControlPlane, Env, Sidecar, ThreeHosts, WAIT, connect, contains, dataplane_yaml,
+    exchange, mesh_yaml, permission_yaml, request, request_from, unique, wait_for,
 };
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
@@ -259,11 +259,8 @@ fn mesh_boundaries_hold() {
 #[test]
 fn config_change_and_cert_renewal_lose_no_request() {
     let env = env_or_skip!("config_change_and_cert_renewal_lose_no_request");
-    let (cp_host, client_host, server_host) =
-        (env.host("cp"), env.host("client"), env.host("server"));
-    env.net
-        .lan(&[&cp_host, &client_host, &server_host])
-        .expect("a LAN");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
     let mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "6s");
     let to = mesh.server_addr();
     let serials = (mesh.client.cert_serial(), mesh.server.cert_serial());
@@ -362,11 +359,8 @@ fn config_change_and_cert_renewal_lose_no_request() {
 #[test]
 fn sigterm_drain_loses_no_in_flight_request() {
     let env = env_or_skip!("sigterm_drain_loses_no_in_flight_request");
-    let (cp_host, client_host, server_host) =
-        (env.host("cp"), env.host("client"), env.host("server"));
-    env.net
-        .lan(&[&cp_host, &client_host, &server_host])
-        .expect("a LAN");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
     let mut mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "24h");
     let to = mesh.server_addr();
 
@@ -416,11 +410,8 @@ fn sigterm_drain_loses_no_in_flight_request() {
 #[test]
 fn proxies_survive_a_control_plane_restart() {
     let env = env_or_skip!("proxies_survive_a_control_plane_restart");
-    let (cp_host, client_host, server_host) =
-        (env.host("cp"), env.host("client"), env.host("server"));
-    env.net
-        .lan(&[&cp_host, &client_host, &server_host])
-        .expect("a LAN");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
     let mut mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "24h");
     let to = mesh.server_addr();
     let connected = "weft_control_plane_connected";

@@ -8,7 +8,9 @@
 #[allow(unused_imports)] // the harness re-exports helpers this test does not need
 mod e2e;
 
-use e2e::{App, ControlPlane, Sidecar, WAIT, http_get, mesh_yaml, permission_yaml, wait_for};
+use e2e::{
+    App, ControlPlane, Sidecar, ThreeHosts, WAIT, http_get, mesh_yaml, permission_yaml, wait_for,
+};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use weft_tests::Host;
@@ -126,12 +128,8 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
         eprintln!("SKIPPED: no prometheus binary (apt-get install prometheus)");
         return;
     };
-    let (cp_host, client_host, server_host) =
-        (env.host("cp"), env.host("client"), env.host("server"));
-    let _lan = env
-        .net
-        .lan(&[&cp_host, &client_host, &server_host])
-        .expect("a LAN");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
     let cp = ControlPlane::start(&env, &cp_host);
     cp.apply(
         env.dir(),

@@ -25,7 +25,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use weft_tests::{Host, Net, Proc};
+use weft_tests::{Host, Lan, Net, Proc};
 
 /// The uid the proxy runs as; the iptables rules exempt it.
 pub const PROXY_UID: u32 = 5678;
@@ -71,6 +71,28 @@ impl Bins {
             }
         }
         Ok(bins)
+    }
+}
+
+/// The three hosts most tests use, on one LAN: the control plane's, a client's and a
+/// server's. The LAN goes when this is dropped (before the [`Env`]'s network).
+pub struct ThreeHosts {
+    pub cp: Host,
+    pub client: Host,
+    pub server: Host,
+    _lan: Lan,
+}
+
+impl ThreeHosts {
+    pub fn new(env: &Env) -> ThreeHosts {
+        let (cp, client, server) = (env.host("cp"), env.host("client"), env.host("server"));
+        let lan = env.net.lan(&[&cp, &client, &server]).expect("a LAN");
+        ThreeHosts {
+            cp,
+            client,
+            server,
+            _lan: lan,
+        }
     }
 }
 
