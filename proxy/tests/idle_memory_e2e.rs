@@ -57,7 +57,7 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
 
     let hosts = ThreeHosts::new(&env);
     let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
-    let cp = ControlPlane::start(&env, &cp_host);
+    let cp = ControlPlane::start(&env, cp_host);
     cp.apply(
         env.dir(),
         &format!(
@@ -66,11 +66,11 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
             permission_yaml("alpha", "client-to-server", "client", "server")
         ),
     );
-    let _app = EchoApp::start(&server_host, APP_PORT);
+    let _app = EchoApp::start(server_host, APP_PORT);
     let server = Sidecar::start(
         &env,
         &cp,
-        &server_host,
+        server_host,
         "alpha",
         "server",
         "server",
@@ -79,7 +79,7 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
     let client = Sidecar::start(
         &env,
         &cp,
-        &client_host,
+        client_host,
         "alpha",
         "client",
         "client",
@@ -89,7 +89,7 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
     // Until the client's sidecar knows the server's endpoint, a connection would be passed
     // through in plaintext (and refused by the STRICT inbound).
     wait_for("the client's sidecar to reach the server", WAIT, || {
-        request_from(&client_host, to, "warm-up").is_ok_and(|r| r == "warm-up")
+        request_from(client_host, to, "warm-up").is_ok_and(|r| r == "warm-up")
     });
     let sidecars = [("client", &client), ("server", &server)];
     let before = sidecars.map(|(_, s)| vm_rss_kib(s.pid()));

@@ -261,7 +261,7 @@ fn config_change_and_cert_renewal_lose_no_request() {
     let env = env_or_skip!("config_change_and_cert_renewal_lose_no_request");
     let hosts = ThreeHosts::new(&env);
     let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
-    let mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "6s");
+    let mesh = TwoHosts::start(&env, cp_host, client_host, server_host, "6s");
     let to = mesh.server_addr();
     let serials = (mesh.client.cert_serial(), mesh.server.cert_serial());
     let acks = |s: &Sidecar| s.metric("weft_config_updates_total{result=\"ack\"}");
@@ -361,7 +361,7 @@ fn sigterm_drain_loses_no_in_flight_request() {
     let env = env_or_skip!("sigterm_drain_loses_no_in_flight_request");
     let hosts = ThreeHosts::new(&env);
     let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
-    let mut mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "24h");
+    let mut mesh = TwoHosts::start(&env, cp_host, client_host, server_host, "24h");
     let to = mesh.server_addr();
 
     let accepted = mesh.app.accepted();
@@ -379,7 +379,7 @@ fn sigterm_drain_loses_no_in_flight_request() {
             s.admin("/ready").0 == 503
         });
     }
-    let refused = request_from(&client_host, to, "too-late");
+    let refused = request_from(client_host, to, "too-late");
     assert!(
         refused.is_err(),
         "a draining proxy took a new request: {refused:?}"
@@ -412,7 +412,7 @@ fn proxies_survive_a_control_plane_restart() {
     let env = env_or_skip!("proxies_survive_a_control_plane_restart");
     let hosts = ThreeHosts::new(&env);
     let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
-    let mut mesh = TwoHosts::start(&env, &cp_host, &client_host, &server_host, "24h");
+    let mut mesh = TwoHosts::start(&env, cp_host, client_host, server_host, "24h");
     let to = mesh.server_addr();
     let connected = "weft_control_plane_connected";
     for s in [&mesh.client, &mesh.server] {
@@ -434,7 +434,7 @@ fn proxies_survive_a_control_plane_restart() {
         });
     }
     for i in 0..5 {
-        let reply = request_from(&client_host, to, &format!("cp-down-{i}"));
+        let reply = request_from(client_host, to, &format!("cp-down-{i}"));
         assert_eq!(
             reply.expect("traffic flows without the control plane"),
             format!("server 127.0.0.6 cp-down-{i}")
@@ -461,5 +461,5 @@ fn proxies_survive_a_control_plane_restart() {
             item["name"]
         );
     }
-    request_from(&client_host, to, "cp-back").expect("traffic after the restart");
+    request_from(client_host, to, "cp-back").expect("traffic after the restart");
 }

@@ -130,7 +130,7 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
     };
     let hosts = ThreeHosts::new(&env);
     let (cp_host, client_host, server_host) = (&hosts.cp, &hosts.client, &hosts.server);
-    let cp = ControlPlane::start(&env, &cp_host);
+    let cp = ControlPlane::start(&env, cp_host);
     cp.apply(
         env.dir(),
         &format!(
@@ -139,11 +139,11 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
             permission_yaml("alpha", "client-to-server", "client", "server")
         ),
     );
-    let _app = App::start_http(&server_host, APP_PORT, "server");
+    let _app = App::start_http(server_host, APP_PORT, "server");
     let server = Sidecar::start_as(
         &env,
         &cp,
-        &server_host,
+        server_host,
         "alpha",
         "server",
         "server",
@@ -153,7 +153,7 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
     let client = Sidecar::start_as(
         &env,
         &cp,
-        &client_host,
+        client_host,
         "alpha",
         "client",
         "client",
@@ -162,13 +162,13 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
     );
     let to = SocketAddr::from((server_host.ip(), APP_PORT));
     wait_for("the mesh path to carry a request", WAIT, || {
-        matches!(http_get(&client_host, to, "/warm"), Ok((200, _)))
+        matches!(http_get(client_host, to, "/warm"), Ok((200, _)))
     });
     let warm = client
         .metric("weft_requests_total{direction=\"outbound\",service=\"server\",code=\"200\"}");
     const N: u32 = 25;
     for i in 0..N {
-        let (status, body) = http_get(&client_host, to, &format!("/r/{i}")).expect("request");
+        let (status, body) = http_get(client_host, to, &format!("/r/{i}")).expect("request");
         assert_eq!((status, body), (200, format!("server /r/{i}")));
     }
     let expected = warm + f64::from(N);
@@ -193,14 +193,14 @@ fn a_real_prometheus_counts_the_requests_through_both_sidecars() {
     let _prometheus = Prometheus(Some(cp_host.spawn(cmd).expect("start prometheus")));
     let outbound = "sum(weft_requests_total{direction=\"outbound\",code=\"200\"})";
     let inbound = "sum(weft_requests_total{direction=\"inbound\",code=\"200\"})";
-    let seen = || (promql(&cp_host, outbound), promql(&cp_host, inbound));
+    let seen = || (promql(cp_host, outbound), promql(cp_host, inbound));
     let deadline = std::time::Instant::now() + WAIT * 3;
     while seen() != (Some(expected), Some(expected)) {
         if std::time::Instant::now() > deadline {
             let log = std::fs::read_to_string(env.dir().join("prometheus.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
             let up = http_get(
-                &cp_host,
+                cp_host,
                 SocketAddr::from(([127, 0, 0, 1], 9090)),
                 "/api/v1/query?query=weft_requests_total",
             );
