@@ -174,6 +174,151 @@ async fn plaintext(
     );
 }
 
+/// Whether the ClientHello waiting on `stream` offers weft's HTTP/2 protocol. Reads it with
+/// `MSG_PEEK`, so the handshake that follows sees it whole. A hello that is not there by
+/// `deadline`, or does not parse, answers `false`: the opaque path's handshake then fails
+/// (or times out) with the usual error.
+async fn offers_h2(stream: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    // A ClientHello (with a post-quantum key share) is about 1.5 KB; TLS caps a handshake
+    // record at 16 KiB plus its header.
+    const MAX_HELLO: usize = 16 * 1024 + 5;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        let mut acceptor = rustls::server::Acceptor::default();
+        if acceptor.read_tls(&mut &buf[..n]).is_err() {
+            return false;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut offered| offered.any(|p| p == ALPN_H2));
+            }
+            // Not all here yet (split over TCP segments): look again shortly. Peeking does
+            // not consume, so readiness stays set and cannot be waited on.
+            Ok(None) if n < MAX_HELLO => {
+                if n == buf.len() {
+                    buf.resize((2 * n).min(MAX_HELLO), 0);
+                } else if tokio::time::timeout_at(
+                    deadline,
+                    tokio::time::sleep(std::time::Duration::from_millis(1)),
+                )
+                .await
+                .is_err()
+                {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// A pooled HTTP/2 connection from another proxy: the handshake (tokio-rustls), then its
+/// requests.
+#[allow(clippy::too_many_arguments)]
+async fn pooled_http2(
+    shared: &Arc<Shared>,
+    cfg: &Arc<ProxyConfig>,
+    inbound: &Inbound,
+    server: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
+    peer: Option<SocketAddr>,
+    transparent: bool,
+) {
+    let accept = tokio_rustls::TlsAcceptor::from(server).accept(stream);
+    let tls = match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(e)) => return handshake_failed(shared, inbound, peer, Some(e)),
+        Err(_) => return handshake_failed(shared, inbound, peer, None),
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_H2) {
+        // It offered h2 but agreed on something else: nothing weft speaks.
+        tracing::info!(?peer, "mesh TLS without the HTTP/2 protocol it offered");
+        shared.metrics.tls_failure(INBOUND);
+        return;
+    }
+    let sources = peer_sources(conn, cfg);
+    let verdict = inbound.authorize(&sources);
+    serve_http2(
+        shared,
+        cfg,
+        inbound,
+        tls,
+        sources,
+        verdict,
+        peer,
+        transparent,
+    )
+    .await;
+}
+
+/// The mesh services a verified client certificate names.
+fn peer_sources(conn: &rustls::CommonState, cfg: &ProxyConfig) -> Vec<String> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| peer_services(c.as_ref(), &cfg.mesh))
+        .unwrap_or_default()
+}
+
+fn handshake_failed(
+    shared: &Shared,
+    inbound: &Inbound,
+    peer: Option<SocketAddr>,
+    error: Option<std::io::Error>,
+) {
+    match error {
+        Some(e) => tracing::info!(?peer, service = %inbound.service, error = %e,
+            "inbound mesh TLS handshake failed"),
+        None => tracing::info!(?peer, service = %inbound.service,
+            "inbound mesh TLS handshake timed out"),
+    }
+    shared.metrics.tls_failure(INBOUND);
+}
+
+/// HTTP between proxies: the verdict applies to each request (403 when denied).
+#[allow(clippy::too_many_arguments)]
+async fn serve_http2<I>(
+    shared: &Arc<Shared>,
+    cfg: &Arc<ProxyConfig>,
+    inbound: &Inbound,
+    tls: I,
+    sources: Vec<String>,
+    verdict: Authz,
+    peer: Option<SocketAddr>,
+    transparent: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let denied = match verdict {
+        Authz::Allow(_) => None,
+        Authz::Deny(origin) => Some(origin),
+    };
+    let _active = shared.metrics.opened(INBOUND, Protocol::Http2.label());
+    let caller = Caller {
+        sources,
+        denied,
+        peer,
+    };
+    http::inbound::serve(
+        shared.clone(),
+        cfg.clone(),
+        inbound,
+        tls,
+        Protocol::Http2,
+        caller,
+        transparent,
+    )
+    .await;
+}
+
 async fn mesh_tls(
     shared: &Arc<Shared>,
     cfg: &Arc<ProxyConfig>,
@@ -187,58 +332,53 @@ async fn mesh_tls(
         shared.metrics.tls_failure(INBOUND);
         return;
     };
+    // The pooled HTTP/2 connections between proxies are few, long-lived and busy: tokio-rustls,
+    // whose buffered I/O suits h2's many small frames. An opaque TCP connection gets one of
+    // its own per app connection, most of them idle: `tls_stream`, which holds no buffer
+    // while idle. The ALPN the client offers decides, read from its ClientHello unconsumed.
+    let deadline = tokio::time::Instant::now() + shared.opts.handshake_timeout;
+    if Box::pin(offers_h2(&stream, deadline)).await {
+        // Boxed, like every set-up step: the TLS state must not sit in each connection's
+        // future.
+        let http2 = pooled_http2(
+            shared,
+            cfg,
+            inbound,
+            server,
+            stream,
+            deadline,
+            peer,
+            transparent,
+        );
+        Box::pin(http2).await;
+        return;
+    }
     // Not tokio-rustls: its TLS connection keeps a read buffer for life; see tls_stream.
     let accept = tls_stream::accept(server, stream);
-    let tls = match Box::pin(tokio::time::timeout(shared.opts.handshake_timeout, accept)).await {
+    let tls = match Box::pin(tokio::time::timeout_at(deadline, accept)).await {
         // Boxed: the TLS state is large and must not be copied into each future layer.
         Ok(Ok(s)) => Box::new(s),
-        Ok(Err(e)) => {
-            tracing::info!(?peer, service = %inbound.service, error = %e,
-                "inbound mesh TLS handshake failed");
-            shared.metrics.tls_failure(INBOUND);
-            return;
-        }
-        Err(_) => {
-            tracing::info!(?peer, service = %inbound.service, "inbound mesh TLS handshake timed out");
-            shared.metrics.tls_failure(INBOUND);
-            return;
-        }
+        Ok(Err(e)) => return handshake_failed(shared, inbound, peer, Some(e)),
+        Err(_) => return handshake_failed(shared, inbound, peer, None),
     };
     let conn = tls.common();
-    let sources = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| peer_services(c.as_ref(), &cfg.mesh))
-        .unwrap_or_default();
-    let protocol = match conn.alpn_protocol() {
-        Some(p) if p == ALPN_H2 => Protocol::Http2,
-        _ => Protocol::Opaque,
-    };
+    let sources = peer_sources(conn, cfg);
     let verdict = inbound.authorize(&sources);
-    if protocol == Protocol::Http2 {
-        // HTTP between proxies: the verdict applies to each request (403 when denied).
-        let denied = match verdict {
-            Authz::Allow(_) => None,
-            Authz::Deny(origin) => Some(origin),
-        };
-        let _active = shared.metrics.opened(INBOUND, protocol.label());
-        let caller = Caller {
-            sources,
-            denied,
-            peer,
-        };
-        Box::pin(http::inbound::serve(
-            shared.clone(),
-            cfg.clone(),
+    if conn.alpn_protocol() == Some(ALPN_H2) {
+        Box::pin(serve_http2(
+            shared,
+            cfg,
             inbound,
             tls,
-            protocol,
-            caller,
+            sources,
+            verdict,
+            peer,
             transparent,
         ))
         .await;
         return;
     }
+    let protocol = Protocol::Opaque;
     match verdict {
         Authz::Allow(origin) => {
             tracing::trace!(?peer, ?sources, %origin, "allowed");
