@@ -246,18 +246,7 @@ async fn pooled_http2(
         return;
     }
     let sources = peer_sources(conn, cfg);
-    let verdict = inbound.authorize(&sources);
-    serve_http2(
-        shared,
-        cfg,
-        inbound,
-        tls,
-        sources,
-        verdict,
-        peer,
-        transparent,
-    )
-    .await;
+    serve_http2(shared, cfg, inbound, tls, sources, peer, transparent).await;
 }
 
 /// The mesh services a verified client certificate names.
@@ -283,21 +272,20 @@ fn handshake_failed(
     shared.metrics.tls_failure(INBOUND);
 }
 
-/// HTTP between proxies: the verdict applies to each request (403 when denied).
-#[allow(clippy::too_many_arguments)]
+/// HTTP between proxies from the mesh services `sources`: the permissions' verdict applies to
+/// each request (403 when denied).
 async fn serve_http2<I>(
     shared: &Arc<Shared>,
     cfg: &Arc<ProxyConfig>,
     inbound: &Inbound,
     tls: I,
     sources: Vec<String>,
-    verdict: Authz,
     peer: Option<SocketAddr>,
     transparent: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let denied = match verdict {
+    let denied = match inbound.authorize(&sources) {
         Authz::Allow(_) => None,
         Authz::Deny(origin) => Some(origin),
     };
@@ -363,7 +351,6 @@ async fn mesh_tls(
     };
     let conn = tls.common();
     let sources = peer_sources(conn, cfg);
-    let verdict = inbound.authorize(&sources);
     if conn.alpn_protocol() == Some(ALPN_H2) {
         Box::pin(serve_http2(
             shared,
@@ -371,7 +358,6 @@ async fn mesh_tls(
             inbound,
             tls,
             sources,
-            verdict,
             peer,
             transparent,
         ))
@@ -379,7 +365,7 @@ async fn mesh_tls(
         return;
     }
     let protocol = Protocol::Opaque;
-    match verdict {
+    match inbound.authorize(&sources) {
         Authz::Allow(origin) => {
             tracing::trace!(?peer, ?sources, %origin, "allowed");
         }
