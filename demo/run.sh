@@ -23,15 +23,38 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . demo/lib.sh
 
+if ! command -v curl >/dev/null; then
+    echo "the demo's apps call each other with curl: apt-get install -y curl" >&2
+    exit 1
+fi
+# What transparent mode runs besides weft: ip (iproute2), iptables-restore (iptables), setpriv.
+transparent_tools_missing() {
+    local t
+    for t in ip iptables-restore setpriv; do
+        command -v "$t" >/dev/null || { echo "$t"; return 0; }
+    done
+    return 1
+}
 mode=${WEFT_DEMO_MODE:-}
 if [ -z "$mode" ]; then
-    if [ "$(id -u)" = 0 ]; then mode=transparent; else mode=explicit; fi
+    mode=explicit
+    if [ "$(id -u)" = 0 ]; then
+        if missing=$(transparent_tools_missing); then
+            echo "no $missing here, so explicit mode (apt-get install -y iptables iproute2 for transparent)" >&2
+        else
+            mode=transparent
+        fi
+    fi
 fi
 case $mode in
     explicit) ;;
     transparent)
         if [ "$(id -u)" != 0 ]; then
             echo "WEFT_DEMO_MODE=transparent needs root (network namespaces, iptables)" >&2
+            exit 1
+        fi
+        if missing=$(transparent_tools_missing); then
+            echo "WEFT_DEMO_MODE=transparent needs $missing (apt-get install -y iptables iproute2)" >&2
             exit 1
         fi ;;
     *) echo "WEFT_DEMO_MODE is explicit or transparent, not '$mode'" >&2; exit 1 ;;
