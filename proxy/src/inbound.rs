@@ -189,8 +189,13 @@ async fn offers_h2(stream: &TcpStream, deadline: tokio::time::Instant) -> bool {
             _ => return false,
         };
         let mut acceptor = rustls::server::Acceptor::default();
-        if acceptor.read_tls(&mut &buf[..n]).is_err() {
-            return false;
+        // One `read_tls` takes at most 4 KiB: feed all that was peeked.
+        let mut peeked = &buf[..n];
+        while !peeked.is_empty() {
+            match acceptor.read_tls(&mut peeked) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
@@ -392,4 +397,71 @@ async fn mesh_tls(
         sent,
         received,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A real ClientHello offering `alpn`.
+    fn client_hello(alpn: &[u8]) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name = rustls_pki_types::ServerName::try_from("backend").expect("a name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a client");
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).expect("the hello");
+        hello
+    }
+
+    /// What `offers_h2` says of `bytes` sent in two parts, the second after `pause`.
+    async fn offered(bytes: &[u8], pause: Duration, within: Duration) -> bool {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (first, rest) = bytes.split_at(bytes.len() / 2);
+        let (first, rest) = (first.to_vec(), rest.to_vec());
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&first).await.expect("write");
+            tokio::time::sleep(pause).await;
+            let _ = s.write_all(&rest).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        let (s, _) = l.accept().await.expect("accept");
+        let offered = offers_h2(&s, tokio::time::Instant::now() + within).await;
+        // Peeking consumed nothing: the whole hello is still there for the handshake.
+        if offered {
+            let mut all = vec![0u8; bytes.len()];
+            let n = s.peek(&mut all).await.expect("peek");
+            assert_eq!(&all[..n], bytes);
+        }
+        client.abort();
+        offered
+    }
+
+    #[tokio::test]
+    async fn the_alpn_is_read_from_the_client_hello_without_consuming_it() {
+        let h2 = client_hello(ALPN_H2);
+        let tcp = client_hello(crate::mesh_tls::ALPN_TCP);
+        let second = Duration::from_secs(1);
+        assert!(offered(&h2, Duration::ZERO, second).await);
+        assert!(!offered(&tcp, Duration::ZERO, second).await);
+        // Split over two segments: it waits for the rest.
+        assert!(offered(&h2, Duration::from_millis(30), second).await);
+        // Not TLS: answered at once, not at the deadline.
+        let started = tokio::time::Instant::now();
+        assert!(!offered(b"GET / HTTP/1.1\r\n\r\n", Duration::ZERO, second).await);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        // Half a hello that never completes: `false` at the deadline.
+        let half = &h2[..h2.len() / 2];
+        assert!(!offered(half, Duration::from_secs(5), Duration::from_millis(100)).await);
+    }
 }
