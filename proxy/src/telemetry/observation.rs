@@ -195,7 +195,12 @@ fn server(uri: &Uri, headers: &HeaderMap) -> Option<ServerName> {
 }
 
 /// The span of a sampled exchange, as far as it is known when the request arrives.
-fn record(b: &Begin<'_>, service: &Arc<str>, started: super::trace::Started) -> SpanRecord {
+fn record(
+    b: &Begin<'_>,
+    service: &Arc<str>,
+    started: super::trace::Started,
+    start: SystemTime,
+) -> SpanRecord {
     let method = method_name(b.method);
     SpanRecord {
         trace_id: started.trace_id,
@@ -210,7 +215,7 @@ fn record(b: &Begin<'_>, service: &Arc<str>, started: super::trace::Started) -> 
         mesh: Arc::clone(b.mesh),
         service: Arc::clone(service),
         peer_service: b.peer_service.map(Arc::from),
-        start: SystemTime::UNIX_EPOCH,
+        start,
         duration: std::time::Duration::ZERO,
         status: None,
         peer: None,
@@ -230,8 +235,7 @@ impl Detail {
             Some(t) => {
                 let started = t.start(b.headers);
                 let span = started.sampled.then(|| {
-                    let mut r = record(&b, handles.service(), started);
-                    r.start = start_time;
+                    let r = record(&b, handles.service(), started, start_time);
                     (r, t.sink().clone())
                 });
                 (span, Some(started.trace_id))
