@@ -16,10 +16,7 @@ use crate::datapath_metrics::OUTBOUND;
 use crate::detect::{Detection, Protocol, detect};
 use crate::http::PrefixedIo;
 use crate::listen::{self, OwnSocketEntry};
-use crate::mesh_tls::ALPN_TCP;
 use crate::telemetry::Direction;
-use crate::tls_stream::{self, ClientTlsStream};
-use rustls_pki_types::ServerName;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,26 +117,30 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
         .await;
         return;
     }
-    let upstream = async {
-        let (target, endpoint, tcp, own) = connect_endpoint(shared, cfg, service).await?;
-        let up = if cfg.mtls.is_some() {
-            Upstream::Tls(handshake(shared, cfg, target, endpoint, tcp).await?)
-        } else {
-            Upstream::Plain(tcp)
-        };
-        Some((up, own))
-    };
-    // Boxed: the set-up's state is freed once the connection settles into copying.
-    let Some((upstream, _own)) = Box::pin(upstream).await else {
-        return;
-    };
-    let _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
+    let _active;
     let start = std::time::SystemTime::now();
     let began = std::time::Instant::now();
-    let (sent, received) = match upstream {
-        Upstream::Plain(up) => forward(shared, client, up, detection.prefix).await,
-        // Kept boxed: the TLS state is large and must not be copied into each future layer.
-        Upstream::Tls(up) => forward(shared, client, up, detection.prefix).await,
+    let (sent, received) = if cfg.mtls.is_some() {
+        let timeout = shared.opts.connect_timeout;
+        let opened = Box::pin(crate::http::opaque::open(
+            shared, &cfg.mesh, service, svc, timeout,
+        ));
+        let tunnel = match opened.await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(service, error = %e, "no mesh tunnel: closing");
+                return;
+            }
+        };
+        _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
+        forward(shared, client, tunnel, detection.prefix).await
+    } else {
+        // Boxed: the set-up's state is freed once the connection settles into copying.
+        let Some((_, _, up, _own)) = Box::pin(connect_endpoint(shared, cfg, service)).await else {
+            return;
+        };
+        _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
+        forward(shared, client, up, detection.prefix).await
     };
     cfg.telemetry.connection(
         Direction::Outbound,
@@ -150,42 +151,6 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
         sent,
         received,
     );
-}
-
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<ClientTlsStream>),
-}
-
-/// Mesh mTLS to `endpoint`, which must prove it is `target`.
-async fn handshake(
-    shared: &Shared,
-    cfg: &ProxyConfig,
-    target: &str,
-    endpoint: SocketAddr,
-    tcp: TcpStream,
-) -> Option<Box<ClientTlsStream>> {
-    let Some(tls) = shared.tls.client_config(&cfg.mesh, target, ALPN_TCP) else {
-        tracing::warn!(service = target, "no mesh certificate yet: closing");
-        shared.metrics.tls_failure(OUTBOUND);
-        return None;
-    };
-    let name = ServerName::IpAddress(endpoint.ip().into());
-    // Not tokio-rustls: its TLS connection keeps a read buffer for life; see tls_stream.
-    let handshake = tls_stream::connect(tls, name, tcp);
-    match tokio::time::timeout(shared.opts.handshake_timeout, handshake).await {
-        Ok(Ok(s)) => Some(Box::new(s)),
-        Ok(Err(e)) => {
-            tracing::warn!(service = target, %endpoint, error = %e, "mesh TLS handshake failed");
-            shared.metrics.tls_failure(OUTBOUND);
-            None
-        }
-        Err(_) => {
-            tracing::warn!(service = target, %endpoint, "mesh TLS handshake timed out");
-            shared.metrics.tls_failure(OUTBOUND);
-            None
-        }
-    }
 }
 
 /// Connects to an endpoint of `service`, trying others on connect errors; an endpoint that

@@ -5,17 +5,19 @@
 //! The source's permission is decided once per connection (its certificate) and applied to
 //! every request: a denied source gets 403 and is counted in `weft_authz_denied_total`.
 
-use crate::config::{Inbound, ProxyConfig};
+use crate::config::{Authz, Inbound, ProxyConfig};
 use crate::datapath::Shared;
+use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
 use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
 use crate::http::{
-    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, downstream_version, local_response,
+    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, downstream_version, local_response, opaque,
     strip_hop_by_hop, tunnel,
 };
 use crate::listen;
+use crate::outbound::forward_with;
 use crate::telemetry::{Direction, RequestObservation};
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -127,9 +129,15 @@ impl AppClientRegistry {
 
 struct Ctx {
     shared: Arc<Shared>,
+    /// The config the connection started under, which `denied` was decided by.
+    cfg: Arc<ProxyConfig>,
+    /// The inbound's port (its key in the config).
+    port: u16,
     service: String,
     app_protocol: Option<Protocol>,
     upstream: SocketAddr,
+    /// The address connections to the app come from (`127.0.0.6` in transparent mode).
+    source: Option<IpAddr>,
     /// `upstream` as an authority, for requests that name none.
     upstream_authority: Option<Authority>,
     clients: AppClients,
@@ -171,15 +179,18 @@ pub(crate) async fn serve<I>(
     let idle_timeout = shared.opts.idle_timeout;
     let ctx = Arc::new(Ctx {
         shared,
+        port: inbound.port,
         service: inbound.service.clone(),
         app_protocol: inbound.protocol,
         upstream: inbound.upstream,
+        source,
         upstream_authority: Authority::try_from(inbound.upstream.to_string().as_str()).ok(),
         clients,
         denied: caller.denied,
         sources: caller.sources,
         peer: caller.peer,
         telemetry: cfg.telemetry.clone(),
+        cfg,
     });
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -189,6 +200,9 @@ pub(crate) async fn serve<I>(
 }
 
 async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+    if ctx.peer_is_mesh() && opaque::is_tunnel(&req) {
+        return accept_tunnel(&ctx, req).await;
+    }
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let observation = ctx.telemetry.begin(
         Direction::Inbound,
@@ -201,6 +215,84 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     forward(&ctx, req, observation).await
 }
 
+impl Ctx {
+    /// Whether the caller is a mesh proxy (it showed a mesh certificate).
+    fn peer_is_mesh(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// The permissions' verdict on the caller under the config in force now: `Some(origin)`
+    /// when denied. The connection's own verdict while the config is the one it started
+    /// under; decided again after a change, so that a pooled connection, which lives long,
+    /// follows changed permissions from its next request on.
+    fn denied_now(&self) -> Option<Option<String>> {
+        if !self.peer_is_mesh() {
+            return self.denied.clone();
+        }
+        let cfg = self.shared.config.load();
+        if Arc::ptr_eq(&cfg, &self.cfg) {
+            return self.denied.clone();
+        }
+        match cfg.inbounds.get(&self.port) {
+            Some(inbound) => match inbound.authorize(&self.sources) {
+                Authz::Allow(_) => None,
+                Authz::Deny(origin) => Some(origin),
+            },
+            None => Some(None),
+        }
+    }
+}
+
+/// An opaque-TCP tunnel from a mesh peer ([`opaque`]): allowed by the permissions, it is
+/// answered `200` once the app is connected, and its bytes are copied in a task of its own,
+/// tracked by the drain. Refused: `403`, counted like a refused connection.
+async fn accept_tunnel(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
+    if let Some(origin) = ctx.denied_now() {
+        tracing::info!(sources = ?ctx.sources, service = %ctx.service, ?origin,
+            "tunnel denied by the mesh's permissions");
+        ctx.shared.metrics.authz_denied.inc();
+        return local_response(StatusCode::FORBIDDEN, "denied by the mesh's permissions\n");
+    }
+    let timeout = ctx.shared.opts.connect_timeout;
+    let app = match listen::connect(ctx.upstream, ctx.source, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, error = %e,
+                "cannot reach the app");
+            return local_response(StatusCode::BAD_GATEWAY, "cannot reach the app\n");
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let shared = ctx.shared.clone();
+    let telemetry = ctx.telemetry.clone();
+    let service = ctx.service.clone();
+    let source = ctx.sources.first().cloned();
+    ctx.shared.drain.spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "tunnel stream ended before it opened");
+                return;
+            }
+        };
+        let _active = shared.metrics.opened(INBOUND, Protocol::Opaque.label());
+        let start = std::time::SystemTime::now();
+        let began = std::time::Instant::now();
+        let tunnel = opaque::Tunnel::new(upgraded, None);
+        let (sent, received) = forward_with(&shared, INBOUND, tunnel, app, Vec::new()).await;
+        telemetry.connection(
+            Direction::Inbound,
+            &service,
+            source.as_deref(),
+            start,
+            began.elapsed(),
+            sent,
+            received,
+        );
+    });
+    Response::new(Body::empty())
+}
+
 async fn forward(
     ctx: &Ctx,
     req: Request<Incoming>,
@@ -209,7 +301,7 @@ async fn forward(
     if let Some(peer) = ctx.peer {
         observation.peer_address(peer);
     }
-    if let Some(origin) = &ctx.denied {
+    if let Some(origin) = ctx.denied_now() {
         tracing::info!(sources = ?ctx.sources, service = %ctx.service, ?origin,
             "request denied by the mesh's permissions");
         ctx.shared.metrics.authz_denied.inc();

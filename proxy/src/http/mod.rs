@@ -11,6 +11,8 @@
 //!   HTTP client, checks the source's permission per request (403 when denied), and speaks to
 //!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without
 //!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]).
+//! - [`opaque`] carries TCP that is not HTTP, with mTLS on: one CONNECT stream per app
+//!   connection on the same pooled connections.
 //! - [`tunnel`] carries Upgrade (WebSocket) and CONNECT: an extended CONNECT stream between the
 //!   proxies (RFC 8441's shape), an Upgrade or CONNECT again towards the app.
 //!
@@ -20,6 +22,7 @@
 pub mod body;
 pub mod idle;
 pub mod inbound;
+pub mod opaque;
 pub mod outbound;
 pub mod pool;
 pub mod tunnel;
@@ -42,8 +45,12 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// HTTP/2 flow-control window per stream between proxies (and towards apps).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
-/// HTTP/2 flow-control window per connection.
-pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window per connection: room for a full stream window on as many
+/// streams as a connection carries tunnels, and more. Data a reader leaves unread holds its
+/// share of the connection's window too, so a smaller one would let a few stalled tunnels
+/// (apps that stop reading) starve every other stream on the connection. It is credit, not
+/// memory: only unread data takes memory, at most [`STREAM_WINDOW`] per stream.
+pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * (pool::TUNNELS_PER_CONNECTION as u32 + 28);
 /// How many endpoints a request tries to connect to before it fails.
 pub const CONNECT_ATTEMPTS: usize = 3;
 

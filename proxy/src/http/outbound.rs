@@ -117,6 +117,7 @@ pub(crate) async fn serve_connection<I, S>(
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .initial_stream_window_size(crate::http::STREAM_WINDOW)
                 .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+                .max_concurrent_streams(crate::http::pool::MAX_STREAMS_PER_CONNECTION)
                 .enable_connect_protocol()
                 .serve_connection(io, svc)
         )

@@ -13,12 +13,13 @@ use crate::datapath_metrics::OUTBOUND;
 use crate::http::body::Body;
 use crate::listen;
 use crate::mesh_tls::ALPN_H2;
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -53,12 +54,103 @@ pub enum ConnectError {
         /// Why.
         source: hyper::Error,
     },
+    /// A fresh connection had no room for a tunnel (cannot happen unless the limit is 0).
+    #[error("no tunnel slot on a new connection to {endpoint}")]
+    Exhausted {
+        /// The endpoint.
+        endpoint: SocketAddr,
+    },
+}
+
+/// The most opaque-TCP tunnels one pooled connection carries; more open another connection.
+/// Requests share the connection's other streams (up to [`MAX_STREAMS_PER_CONNECTION`]).
+pub const TUNNELS_PER_CONNECTION: usize = 100;
+
+/// The most concurrent streams a proxy accepts on one mesh connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// One pooled connection: the service its peer proved to be, the sender for its streams,
+/// and how many opaque-TCP tunnels hold a stream on it.
+struct Conn {
+    service: Box<str>,
+    sender: SendRequest<Body>,
+    tunnels: AtomicUsize,
+}
+
+impl Conn {
+    fn usable_for(&self, service: &str) -> bool {
+        !self.sender.is_closed() && &*self.service == service
+    }
+
+    /// Takes a tunnel slot when fewer than [`TUNNELS_PER_CONNECTION`] are taken.
+    fn take_tunnel(self: &Arc<Self>) -> Option<TunnelSlot> {
+        self.tunnels
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < TUNNELS_PER_CONNECTION).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TunnelSlot { conn: self.clone() })
+    }
+}
+
+/// A tunnel's claim on one stream of a pooled connection; gives the slot back when dropped.
+pub(crate) struct TunnelSlot {
+    conn: Arc<Conn>,
+}
+
+impl TunnelSlot {
+    /// The sender of the connection the slot is on.
+    pub(crate) fn sender(&self) -> SendRequest<Body> {
+        self.conn.sender.clone()
+    }
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.conn.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Entry {
-    /// The live connection and the service its peer proved to be.
-    current: ArcSwapOption<(Box<str>, SendRequest<Body>)>,
+    /// The live connections, oldest first. Requests use the first usable one; tunnels
+    /// spread over as many as they need.
+    conns: ArcSwap<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    fn first_usable(&self, service: &str) -> Option<Arc<Conn>> {
+        self.conns
+            .load()
+            .iter()
+            .find(|c| c.usable_for(service))
+            .cloned()
+    }
+
+    fn tunnel_slot(&self, service: &str) -> Option<TunnelSlot> {
+        self.conns
+            .load()
+            .iter()
+            .filter(|c| c.usable_for(service))
+            .find_map(Conn::take_tunnel)
+    }
+
+    fn is_live(&self) -> bool {
+        self.conns.load().iter().any(|c| !c.sender.is_closed())
+    }
+
+    /// Adds a new connection and forgets closed ones.
+    fn add(&self, conn: Arc<Conn>) {
+        let mut next: Vec<Arc<Conn>> = self
+            .conns
+            .load()
+            .iter()
+            .filter(|c| !c.sender.is_closed())
+            .cloned()
+            .collect();
+        next.push(conn);
+        self.conns.store(Arc::new(next));
+    }
 }
 
 /// Pooled HTTP/2 connections to mesh endpoints, keyed by endpoint and whether mTLS is on.
@@ -87,14 +179,11 @@ impl MeshPool {
             return e.clone();
         }
         let mut next: HashMap<_, _> = (*map).clone();
-        // Forget endpoints whose connection is gone, so the map does not grow forever; keep
+        // Forget endpoints whose connections are gone, so the map does not grow forever; keep
         // those being connected, or a concurrent request would open a second connection.
-        next.retain(|_, e: &mut Arc<Entry>| {
-            e.connecting.try_lock().is_err()
-                || e.current.load().as_ref().is_some_and(|c| !c.1.is_closed())
-        });
+        next.retain(|_, e: &mut Arc<Entry>| e.connecting.try_lock().is_err() || e.is_live());
         let e = Arc::new(Entry {
-            current: ArcSwapOption::empty(),
+            conns: ArcSwap::from_pointee(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
         });
         next.insert(key, e.clone());
@@ -113,32 +202,64 @@ impl MeshPool {
         endpoint: &EndpointState,
     ) -> Result<SendRequest<Body>, ConnectError> {
         let entry = self.entry((endpoint.addr, mtls));
-        let live = |e: &Entry| {
-            e.current
-                .load()
-                .as_ref()
-                .filter(|c| !c.1.is_closed() && &*c.0 == service)
-                .map(|c| c.1.clone())
-        };
-        if let Some(s) = live(&entry) {
-            return Ok(s);
+        if let Some(c) = entry.first_usable(service) {
+            return Ok(c.sender.clone());
         }
         let _connecting = entry.connecting.lock().await;
-        if let Some(s) = live(&entry) {
-            return Ok(s);
+        if let Some(c) = entry.first_usable(service) {
+            return Ok(c.sender.clone());
         }
-        match connect(shared, mesh, mtls, service, endpoint.addr).await {
-            Ok(s) => {
-                endpoint.connect_succeeded();
-                entry
-                    .current
-                    .store(Some(Arc::new((service.into(), s.clone()))));
-                Ok(s)
-            }
-            Err(e) => {
-                endpoint.connect_failed();
-                Err(e)
-            }
+        let conn = open(shared, mesh, mtls, service, endpoint).await?;
+        entry.add(conn.clone());
+        Ok(conn.sender.clone())
+    }
+
+    /// A stream slot for an opaque-TCP tunnel to `endpoint`: on a connection with fewer than
+    /// [`TUNNELS_PER_CONNECTION`] tunnels, or on a new one. Long-lived tunnels must not wait
+    /// for each other to end, so they never queue behind a connection's stream limit.
+    pub(crate) async fn tunnel(
+        &self,
+        shared: &Shared,
+        mesh: &str,
+        service: &str,
+        endpoint: &EndpointState,
+    ) -> Result<TunnelSlot, ConnectError> {
+        let entry = self.entry((endpoint.addr, true));
+        if let Some(slot) = entry.tunnel_slot(service) {
+            return Ok(slot);
+        }
+        let _connecting = entry.connecting.lock().await;
+        if let Some(slot) = entry.tunnel_slot(service) {
+            return Ok(slot);
+        }
+        let conn = open(shared, mesh, true, service, endpoint).await?;
+        entry.add(conn.clone());
+        conn.take_tunnel().ok_or(ConnectError::Exhausted {
+            endpoint: endpoint.addr,
+        })
+    }
+}
+
+/// Opens a connection and records the outcome in the endpoint's ejection state.
+async fn open(
+    shared: &Shared,
+    mesh: &str,
+    mtls: bool,
+    service: &str,
+    endpoint: &EndpointState,
+) -> Result<Arc<Conn>, ConnectError> {
+    match connect(shared, mesh, mtls, service, endpoint.addr).await {
+        Ok(sender) => {
+            endpoint.connect_succeeded();
+            Ok(Arc::new(Conn {
+                service: service.into(),
+                sender,
+                tunnels: AtomicUsize::new(0),
+            }))
+        }
+        Err(e) => {
+            endpoint.connect_failed();
+            Err(e)
         }
     }
 }

@@ -72,6 +72,13 @@ pub(crate) async fn outbound(
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, _) = req.into_parts();
     let protocol = extended.map(|p| p.as_str().to_string()).or(upgrade.clone());
+    if protocol
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case(crate::http::opaque::PROTOCOL))
+    {
+        // Reserved for the proxies' own opaque-TCP tunnels.
+        return local_response(StatusCode::BAD_REQUEST, "reserved upgrade protocol\n");
+    }
     let Some(authority) = authority_of(&parts.uri, &parts.headers) else {
         return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
     };
