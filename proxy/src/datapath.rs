@@ -334,6 +334,7 @@ mod tests {
             std::mem::size_of_val(&inbound::explicit(shared.clone(), s().await, a)),
             std::mem::size_of_val(&inbound::transparent(shared.clone(), s().await, a)),
         ];
+        eprintln!("connection futures: {sizes:?}");
         assert!(
             sizes.iter().all(|s| *s <= 1536),
             "connection futures grew: {sizes:?}"

@@ -5,8 +5,6 @@
 //! - [`identity`]: key generation, `Identity.Certify`, renewal; the current
 //!   certificate lives in a lock-free [`identity::CertHandle`].
 //! - [`tls`]: rustls client/server configs for mesh mTLS (TLS 1.3, SPIFFE checks).
-//! - [`tls_stream`]: mesh TLS over TCP on rustls's unbuffered API, holding no buffer while
-//!   the connection is idle.
 //! - [`admin`]: the loopback admin endpoint (`/live`, `/ready`, `/certs`, `/metrics`).
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`telemetry`]: what the data path reports per request and connection — request metrics
@@ -25,14 +23,16 @@
 //!    with the config by [`datapath::DataPath`], with the socket details in [`listen`].
 //! 2. [`outbound`] reads the original destination (`SO_ORIGINAL_DST`). A mesh destination
 //!    takes the mesh path; anything else is passed through or closed, per the mesh.
-//! 3. On the mesh path, [`detect`] sniffs HTTP/1.x or the HTTP/2 preface (100 ms at most) while
-//!    the proxy connects to an endpoint chosen from [`config`], then speaks mesh mTLS with
-//!    configs from a [`mesh_tls::MeshTls`] provider: TLS 1.3, ALPN naming the mesh transport,
-//!    the server's SPIFFE identity checked.
+//! 3. On the mesh path, [`detect`] sniffs HTTP/1.x or the HTTP/2 preface (100 ms at most). An
+//!    endpoint is chosen from [`config`], and the traffic goes over a pooled, multiplexed mesh
+//!    mTLS connection to it ([`http::pool`]), with configs from a [`mesh_tls::MeshTls`]
+//!    provider: TLS 1.3, ALPN naming the mesh transport, the server's SPIFFE identity checked.
+//!    HTTP travels request by request ([`http`]); anything else as one HTTP/2 CONNECT stream
+//!    per app connection ([`http::opaque`]). With mTLS off, opaque TCP is plain TCP.
 //! 4. On the server's host, [`inbound`] terminates mesh mTLS (redirected to
 //!    `redirectPortInbound`, 15006, or on the inbound's own port in explicit mode), reads the
 //!    client's SPIFFE identity, applies the inbound's permissions and forwards to the app.
-//! 5. Both sides move bytes with [`copy`]: buffers taken only while data flows, half-close
+//! 5. Opaque bytes are moved with [`copy`]: buffers taken only while data flows, half-close
 //!    carried through.
 //!
 //! A new config ([`config::ProxyConfig`], from a discovery snapshot) or certificate applies
@@ -62,7 +62,6 @@ pub mod route;
 pub mod run;
 pub mod telemetry;
 pub mod tls;
-pub mod tls_stream;
 
 pub use config::{ConfigError, ProxyConfig};
 pub use datapath::{DataPath, DataPathOptions};

@@ -9,12 +9,11 @@ use std::sync::Arc;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// ALPN of the mesh transport carrying opaque TCP.
-pub const ALPN_TCP: &[u8] = b"weft/tcp";
-/// ALPN of the mesh transport carrying HTTP/2 between proxies (the L7 path).
+/// ALPN of the mesh transport: HTTP/2 between proxies, carrying requests and, as CONNECT
+/// streams, opaque TCP.
 pub const ALPN_H2: &[u8] = b"weft/h2";
 /// Every mesh ALPN, in the server's order of preference.
-pub const MESH_ALPN_PROTOCOLS: &[&[u8]] = &[ALPN_H2, ALPN_TCP];
+pub const MESH_ALPN_PROTOCOLS: &[&[u8]] = &[ALPN_H2];
 
 /// Where mesh TLS configs come from (the proxy's identity, in production).
 ///

@@ -5,9 +5,11 @@
 //! passed through as is or closed at once, per the mesh's `passthrough`. An explicit listener
 //! (`networking.outbound[]`) always takes the mesh path to its service.
 //!
-//! The mesh path picks an endpoint (the default route's tag subsets by weight, round robin
-//! within one), detects the protocol while it connects, and speaks mesh mTLS (TLS 1.3, ALPN
-//! [`ALPN_TCP`], server identity `spiffe://<mesh>/<service>`) or, with mTLS off, plaintext.
+//! The mesh path detects the protocol first. HTTP is handled request by request
+//! ([`crate::http::outbound`]). Anything else, with mTLS on, becomes an HTTP/2 CONNECT stream
+//! on a pooled mesh mTLS connection to an endpoint ([`crate::http::opaque`]); with mTLS off, a
+//! plain TCP connection to the endpoint (the default route's tag subsets by weight, round
+//! robin within one).
 
 use crate::config::ProxyConfig;
 use crate::copy::{ReadReady, copy_bidirectional};

@@ -199,11 +199,11 @@ async fn a_proxy_of_another_mesh_fails_the_handshake() {
     let forged = TestMeshTls::new(&other, &["web"]);
     let genuine = TestMeshTls::new(&p.ca, &["web"]);
     let mut cfg = (*genuine
-        .client_config(MESH, "echo", weft_proxy::mesh_tls::ALPN_TCP)
+        .client_config(MESH, "echo", weft_proxy::mesh_tls::ALPN_H2)
         .unwrap())
     .clone();
     cfg.client_auth_cert_resolver = forged
-        .client_config(MESH, "echo", weft_proxy::mesh_tls::ALPN_TCP)
+        .client_config(MESH, "echo", weft_proxy::mesh_tls::ALPN_H2)
         .unwrap()
         .client_auth_cert_resolver
         .clone();
