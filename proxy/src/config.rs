@@ -1,4 +1,4 @@
-//! The proxy's effective configuration, derived from one discovery [`Snapshot`] and shaped for
+//! The proxy's effective configuration, derived from one discovery [`Snapshot`](weft_api::proto::Snapshot) and shaped for
 //! the lookups a connection makes: which service an original destination belongs to, which
 //! endpoint to dial next, which inbound a port serves and who may call it.
 //!

@@ -2,7 +2,7 @@
 //!
 //! With mTLS on, an app connection that is not HTTP does not get a mesh TLS connection of its
 //! own: the outbound proxy opens one extended CONNECT stream (`:protocol` [`PROTOCOL`]) on a
-//! pooled connection to the chosen endpoint ([`open`]), and the inbound proxy answers it by
+//! pooled connection to the chosen endpoint (`open`), and the inbound proxy answers it by
 //! connecting to its app ([`crate::http::inbound`]). Both then copy bytes between the app's
 //! socket and the stream ([`Tunnel`]). Half-close travels as `END_STREAM`.
 //!

@@ -1,11 +1,15 @@
-//! The pool of mesh connections to endpoints: one multiplexed HTTP/2 connection per endpoint,
-//! opened on first use (mesh mTLS with ALPN [`ALPN_H2`], or h2c with mTLS off) and shared by
-//! every request to it.
+//! The pool of mesh connections to endpoints: multiplexed HTTP/2 connections (mesh mTLS with
+//! ALPN [`ALPN_H2`], or h2c with mTLS off), opened on first use and shared by every request and
+//! every opaque-TCP tunnel ([`crate::http::opaque`]) to the endpoint.
 //!
-//! The fast path (a live connection exists) takes no lock: connections sit in an `ArcSwap`'d
-//! map. Only opening a connection takes the endpoint's async mutex, so concurrent first
-//! requests open one connection, not many. A connection that closes (peer gone, GOAWAY,
-//! idle too long on the peer's side) is replaced on the next request.
+//! Requests use the endpoint's first live connection. A tunnel lives as long as its app
+//! connection, so each connection carries at most [`TUNNELS_PER_CONNECTION`] of them and more
+//! open another connection: tunnels never queue behind the peer's stream limit.
+//!
+//! The fast path (a live connection with room exists) takes no lock: connections sit in
+//! `ArcSwap`'d lists. Only opening a connection takes the endpoint's async mutex, so
+//! concurrent first requests open one connection, not many. A connection that closes (peer
+//! gone, GOAWAY, idle too long on the peer's side) is replaced on the next request.
 
 use crate::balance::EndpointState;
 use crate::datapath::Shared;
