@@ -137,6 +137,47 @@ async fn echo_through_both_sidecars_with_mtls() {
     );
 }
 
+/// Opaque TCP rides pooled connections as CONNECT streams. Long-lived tunnels must not queue
+/// behind a connection's stream limit (256 at the peer): past 100 per connection the pool
+/// opens another, so 300 open connections all carry bytes at once.
+#[tokio::test]
+async fn more_open_tunnels_than_one_connection_carries_all_flow() {
+    const OPEN: usize = 300;
+    let p = pair(Some(Mode::Strict)).await;
+    let mut conns = Vec::with_capacity(OPEN);
+    let opened = async {
+        for i in 0..OPEN {
+            let mut s = TcpStream::connect(p.outbound).await?;
+            // Not the start of an HTTP method: detection decides at once.
+            s.write_all(&[0]).await?;
+            let mut b = [1u8; 1];
+            s.read_exact(&mut b).await?;
+            assert_eq!(b[0], 0, "connection {i}");
+            conns.push(s);
+        }
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), opened)
+        .await
+        .expect("every connection opened within 30 s")
+        .expect("every connection echoed");
+    // All still open: every one of them carries bytes again.
+    let again = async {
+        for (i, s) in conns.iter_mut().enumerate() {
+            s.write_all(b"again").await?;
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).await?;
+            assert_eq!(&b, b"again", "connection {i}");
+        }
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), again)
+        .await
+        .expect("every connection echoed again within 30 s")
+        .expect("every connection echoed again");
+    assert_eq!(tls_failures(&p.client.metrics, "outbound"), 0);
+}
+
 #[tokio::test]
 async fn echo_in_plaintext_when_mtls_is_off() {
     let p = pair(None).await;
