@@ -22,9 +22,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Runtime;
-use weft_tests::Host;
+use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
 /// The bound of issue 6.
@@ -41,6 +39,14 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
 fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
     const NAME: &str = "ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar";
     let mut env = env_or_skip!(NAME);
+    // The app is `weft-bench serve`'s TCP echo, in a process of its own, so that this
+    // process holds one socket per connection, not both ends.
+    let bench = env.bins.proxy.with_file_name("weft-bench");
+    assert!(
+        bench.exists(),
+        "{} is missing: run `cargo test --workspace` or `cargo build --workspace --bins` first",
+        bench.display()
+    );
     match std::env::var_os("WEFT_RELEASE_PROXY") {
         Some(release) => env.bins.proxy = release.into(),
         None if cfg!(debug_assertions) => {
@@ -56,12 +62,12 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(CONNS);
-    // This process holds both ends of the apps' sockets, and each sidecar two sockets per
-    // connection; the sidecars inherit the limits (and raise their soft limit to the hard
+    // This process holds the client end of every connection, the app and each sidecar one
+    // socket per connection; they inherit the limits (and raise their soft limit to the hard
     // one). Without CAP_SYS_RESOURCE the hard limit cannot grow: then as many connections as
     // it allows are opened, and the resident memory for `wanted` is also projected from them.
-    let fds = raise_open_files_limit(2 * wanted as u64 + FDS_SPARE);
-    let conns = wanted.min((fds.saturating_sub(FDS_SPARE) / 2) as usize);
+    let fds = raise_open_files_limit(wanted as u64 + FDS_SPARE);
+    let conns = wanted.min(fds.saturating_sub(FDS_SPARE) as usize);
     if conns < wanted {
         weft_tests::skipped(&format!(
             "{wanted} connections: the open files limit is {fds} and cannot be raised here \
@@ -80,7 +86,9 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
             permission_yaml("alpha", "client-to-server", "client", "server")
         ),
     );
-    let _app = EchoApp::start(server_host, APP_PORT);
+    let mut app_cmd = std::process::Command::new(&bench);
+    app_cmd.args(["serve", "--tcp", &format!("0.0.0.0:{APP_PORT}"), "--threads", "1"]);
+    let _app = server_host.spawn(app_cmd).expect("start the echo app");
     let server = Sidecar::start(
         &env,
         &cp,
@@ -258,69 +266,4 @@ async fn expect_byte(s: &mut TcpStream, want: u8) -> std::io::Result<()> {
         )));
     }
     Ok(())
-}
-
-/// An echo server on `0.0.0.0:port` inside a host, holding no buffer while a connection is
-/// idle; it stops when dropped.
-struct EchoApp(Option<Runtime>);
-
-impl EchoApp {
-    fn start(host: &Host, port: u16) -> EchoApp {
-        let listener = host
-            .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)))
-            .expect("enter")
-            .expect("bind the app");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.spawn(async move {
-            // Accepted sockets belong to the listener's namespace, wherever this task runs.
-            let Ok(listener) = TcpListener::from_std(listener) else {
-                return;
-            };
-            while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(echo(s));
-            }
-        });
-        EchoApp(Some(rt))
-    }
-}
-
-impl Drop for EchoApp {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-async fn echo(s: TcpStream) {
-    loop {
-        if s.readable().await.is_err() {
-            return;
-        }
-        let mut b = [0u8; 256];
-        match s.try_read(&mut b) {
-            Ok(0) => return,
-            Ok(n) => {
-                // A reply this small always fits the socket's send buffer.
-                let mut sent = 0;
-                while sent < n {
-                    if s.writable().await.is_err() {
-                        return;
-                    }
-                    match s.try_write(&b[sent..n]) {
-                        Ok(k) => sent += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
 }
