@@ -87,7 +87,13 @@ fn ten_thousand_idle_mtls_connections_stay_under_64_mib_per_sidecar() {
         ),
     );
     let mut app_cmd = std::process::Command::new(&bench);
-    app_cmd.args(["serve", "--tcp", &format!("0.0.0.0:{APP_PORT}"), "--threads", "1"]);
+    app_cmd.args([
+        "serve",
+        "--tcp",
+        &format!("0.0.0.0:{APP_PORT}"),
+        "--threads",
+        "1",
+    ]);
     let _app = server_host.spawn(app_cmd).expect("start the echo app");
     let server = Sidecar::start(
         &env,
