@@ -233,7 +233,7 @@ impl Detail {
         let start_time = SystemTime::now();
         let (span, trace_id) = match b.tracing {
             Some(t) => {
-                let started = t.start(b.headers);
+                let started = t.start(b.headers, b.direction == Direction::Inbound);
                 let span = started.sampled.then(|| {
                     let r = record(&b, handles.service(), started, start_time);
                     (r, t.sink().clone())

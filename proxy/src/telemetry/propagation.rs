@@ -206,12 +206,35 @@ fn unique(bytes: &[u8]) -> Option<HeaderValue> {
     Some(v)
 }
 
+/// What [`inject`] does with the B3 headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum B3Mode {
+    /// Leaves them as the application sent them (no zipkin backend: B3 is not ours).
+    Leave,
+    /// Writes the single and multi headers (zipkin backend, request going to an app).
+    Write,
+    /// Removes them (zipkin backend, request going to the peer proxy). The peer reads
+    /// `traceparent` and writes B3 for its own app; the application's stale B3 headers must
+    /// not reach it, since B3 wins over `traceparent` when both are there. Between the
+    /// proxies this saves five headers per request.
+    Remove,
+}
+
+/// The B3 headers [`B3Mode::Remove`] removes.
+const B3_HEADERS: [HeaderName; 6] = [
+    B3,
+    B3_TRACE_ID,
+    B3_SPAN_ID,
+    B3_SAMPLED,
+    B3_FLAGS,
+    B3_PARENT_SPAN_ID,
+];
+
 /// Rewrites the trace headers of a request the proxy forwards so that `span` is the parent
 /// the next hop sees. `parent` is `span`'s own parent (written as `x-b3-parentspanid` and the
 /// fourth `b3` field); `continued` says whether `span` continues the caller's trace (else
-/// `tracestate` is dropped; when it continues, `tracestate` is forwarded untouched). With
-/// `b3`, the B3 single and multi headers are written too; without, B3 headers are left as the
-/// application sent them.
+/// `tracestate` is dropped; when it continues, `tracestate` is forwarded untouched). `b3` says
+/// whether the B3 single and multi headers are written, removed or left alone.
 ///
 /// Runs for every traced request: the values are written as hex into stack buffers, not
 /// through `format!`.
@@ -220,7 +243,7 @@ pub fn inject(
     span: SpanIds,
     parent: Option<SpanId>,
     continued: bool,
-    b3: bool,
+    b3: B3Mode,
 ) {
     let trace = trace_hex(span.trace_id);
     let id = span_hex(span.span_id);
@@ -238,8 +261,15 @@ pub fn inject(
     if !continued {
         headers.remove(TRACESTATE);
     }
-    if !b3 {
-        return;
+    match b3 {
+        B3Mode::Leave => return,
+        B3Mode::Remove => {
+            for name in B3_HEADERS {
+                headers.remove(name);
+            }
+            return;
+        }
+        B3Mode::Write => {}
     }
     // {trace}-{id}-{flag}[-{parent}]
     let mut single = [0u8; 68];
@@ -425,7 +455,7 @@ mod tests {
         };
         let parent = SpanId::from(0x00f067aa0ba902b7);
         let mut h = map(&[("tracestate", "k=v"), ("x-b3-flags", "1")]);
-        inject(&mut h, sc, Some(parent), true, true);
+        inject(&mut h, sc, Some(parent), true, B3Mode::Write);
         assert_eq!(
             h.get(TRACEPARENT).and_then(|v| v.to_str().ok()),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1122334455667788-01")
@@ -452,12 +482,26 @@ mod tests {
             ..sc
         };
         let mut h = map(&[("tracestate", "k=v"), ("b3", "stale")]);
-        inject(&mut h, unsampled, None, false, false);
+        inject(&mut h, unsampled, None, false, B3Mode::Leave);
         assert!(
             h.get(TRACEPARENT)
                 .is_some_and(|v| v.as_bytes().ends_with(b"-00"))
         );
         assert!(h.get(TRACESTATE).is_none(), "dropped on a new trace");
         assert_eq!(h.get(B3).map(|v| v.as_bytes()), Some(&b"stale"[..]));
+
+        // Towards the peer proxy: only `traceparent`; the app's B3 headers are gone.
+        let mut h = map(&[
+            ("b3", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"),
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+            ("x-b3-flags", "1"),
+            ("x-b3-parentspanid", "00f067aa0ba902b7"),
+        ]);
+        inject(&mut h, sc, Some(parent), true, B3Mode::Remove);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let e = extract(&h, true).expect("the peer reads traceparent");
+        assert_eq!((e.trace_id, e.span_id), (sc.trace_id, sc.span_id));
     }
 }

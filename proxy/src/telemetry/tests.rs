@@ -159,6 +159,18 @@ async fn backends_are_applied_and_replaced_live() {
         &mut headers,
     );
     assert!(o.trace_id().is_some());
+    // To the peer proxy: `traceparent` only; to an app: B3 as well (zipkin backend).
+    assert!(!headers.contains_key("b3") && headers.contains_key("traceparent"));
+    let mut headers = HeaderMap::new();
+    let i = t.begin(
+        Direction::Inbound,
+        "web",
+        Some("backend"),
+        &Method::GET,
+        &uri,
+        &mut headers,
+    );
+    assert!(i.trace_id().is_some());
     assert!(headers.contains_key("b3") && headers.contains_key("traceparent"));
 
     // A broken backend is turned off and reported; the rest still applies.

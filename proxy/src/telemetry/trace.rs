@@ -38,7 +38,7 @@ use tokio::sync::{Notify, mpsc};
 use weft_api::proto::TracingBackend;
 
 use super::otlp::OtlpExporter;
-use super::propagation::{self, SpanIds};
+use super::propagation::{self, B3Mode, SpanIds};
 use super::span::{Sampler, SpanRecord, new_span_id, new_trace_id};
 use super::zipkin::ZipkinExporter;
 use super::{TelemetryError, TelemetryOptions};
@@ -253,8 +253,9 @@ impl Tracing {
 
     /// Decides a request's span: a child of the context in `headers` (or a new root), sampled
     /// or not by trace id. Rewrites `headers` so the forwarded request carries the new span as
-    /// its parent.
-    pub fn start(&self, headers: &mut HeaderMap) -> Started {
+    /// its parent: for a request `to_app`, in every format of the backend; for one going to
+    /// the peer proxy, as `traceparent` only (see [`B3Mode::Remove`]).
+    pub fn start(&self, headers: &mut HeaderMap, to_app: bool) -> Started {
         let extracted = propagation::extract(headers, self.b3);
         let trace_id = extracted.as_ref().map_or_else(new_trace_id, |e| e.trace_id);
         let span_id = new_span_id();
@@ -269,7 +270,11 @@ impl Tracing {
             },
             parent_id,
             extracted.is_some(),
-            self.b3,
+            match (self.b3, to_app) {
+                (false, _) => B3Mode::Leave,
+                (true, true) => B3Mode::Write,
+                (true, false) => B3Mode::Remove,
+            },
         );
         Started {
             trace_id,
@@ -387,10 +392,10 @@ mod tests {
             .expect("tracing");
         for _ in 0..50 {
             let mut h = HeaderMap::new();
-            let s = all.start(&mut h);
+            let s = all.start(&mut h, true);
             assert!(s.sampled && s.parent_id.is_none());
             let mut h = HeaderMap::new();
-            assert!(!none.start(&mut h).sampled);
+            assert!(!none.start(&mut h, true).sampled);
             // Still propagated, flagged not sampled, so the next hop agrees.
             let tp = h.get("traceparent").expect("injected");
             assert!(tp.as_bytes().ends_with(b"-00"));
@@ -403,7 +408,7 @@ mod tests {
                 "traceparent",
                 http::HeaderValue::from_str(&tp).expect("header"),
             );
-            let s = tracing.start(&mut h);
+            let s = tracing.start(&mut h, true);
             assert_eq!(s.sampled, sampled);
             assert_eq!(s.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
             assert_eq!(
@@ -440,7 +445,7 @@ mod tests {
         .expect("tracing");
         for _ in 0..20 {
             let mut h = HeaderMap::new();
-            let s = t.start(&mut h);
+            let s = t.start(&mut h, true);
             t.sink().send(record(s));
         }
         // The task may have taken up to one batch out of the queue: 4 queued + 4 in hand.

@@ -145,14 +145,27 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// `"key":"value"` of a tag, after the first.
+/// `"key":"value"` of a tag, after the first. Keys are weft's own names, which need no
+/// escaping: they are written as they are.
 fn tag(out: &mut Vec<u8>, first: &mut bool, key: &str, value: &str) {
+    tag_key(out, first, key);
+    string(out, value);
+}
+
+/// `"key":"number"` of a tag, written without an intermediate `String`.
+fn tag_number(out: &mut Vec<u8>, first: &mut bool, key: &str, value: u64) {
+    tag_key(out, first, key);
+    let _ = write!(out, "\"{value}\"");
+}
+
+fn tag_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+    debug_assert!(!key.bytes().any(needs_escape));
     if !std::mem::take(first) {
         out.push(b',');
     }
-    string(out, key);
-    out.push(b':');
-    string(out, value);
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
 }
 
 fn micros(nanos: u64) -> u64 {
@@ -227,7 +240,7 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
     if let Some((host, port)) = s.server.as_ref().and_then(|n| n.host_port()) {
         tag(out, first, "server.address", &host);
         if let Some(p) = port {
-            tag(out, first, "server.port", &p.to_string());
+            tag_number(out, first, "server.port", u64::from(p));
         }
     }
     tag(out, first, "weft.mesh", &s.mesh);
@@ -237,7 +250,7 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
         tag(out, first, "peer.service", p);
     }
     if let Some(code) = s.status {
-        tag(out, first, "http.response.status_code", &code.to_string());
+        tag_number(out, first, "http.response.status_code", u64::from(code));
     }
     if let Some(e) = &s.error {
         tag(out, first, "error.type", &e.error_type());
