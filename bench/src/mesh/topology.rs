@@ -29,6 +29,10 @@ use super::MeshError;
 /// namespace.
 pub const UPSTREAM_PORT: u16 = 8080;
 
+/// The trace collector's port (Zipkin's), in the server namespace: a second `serve` that
+/// answers any `POST`, pinned to the generator's CPU like a collector on another machine.
+pub const TRACE_SINK_PORT: u16 = 9411;
+
 /// The upstream app's gRPC echo port, beside [`UPSTREAM_PORT`].
 pub const GRPC_PORT: u16 = 8081;
 
@@ -61,6 +65,7 @@ pub struct Topology {
     /// What the topology was built with.
     pub opts: TopologyOptions,
     upstream: Proc,
+    trace_sink: Proc,
     spinners: Vec<Proc>,
     dir: tempfile::TempDir,
     _net: Net,
@@ -102,6 +107,22 @@ impl Topology {
             &opts.sidecar_cpu.to_string(),
         ]);
         let upstream = spawn_logged(&server, topo_cmd, dir.path(), "upstream")?;
+        // The sidecars' span exports go to a collector of their own, not to the upstream:
+        // a collector's work is not the mesh's, and on the sidecars' CPU it would be counted
+        // as tracing's cost.
+        let mut sink_cmd = pinned(opts.generator_cpu, &opts.self_exe);
+        sink_cmd.args([
+            "serve",
+            "--http",
+            &format!("0.0.0.0:{TRACE_SINK_PORT}"),
+            "--body-size",
+            "0",
+            "--threads",
+            "1",
+            "--cpu",
+            &opts.generator_cpu.to_string(),
+        ]);
+        let trace_sink = spawn_logged(&server, sink_cmd, dir.path(), "trace-sink")?;
         let topo = Topology {
             client,
             server,
@@ -109,6 +130,7 @@ impl Topology {
             server_ip: link.b.ip,
             opts,
             upstream,
+            trace_sink,
             spinners,
             dir,
             _net: net,
@@ -123,6 +145,15 @@ impl Topology {
             Some(&mut topo.upstream),
         )
         .map_err(|e| topo.start_failure("upstream", &e))?;
+        let sink = SocketAddr::from((topo.server_ip, TRACE_SINK_PORT));
+        wait_http_ok(
+            &topo.client,
+            sink,
+            "/",
+            Duration::from_secs(10),
+            Some(&mut topo.trace_sink),
+        )
+        .map_err(|e| topo.start_failure("trace-sink", &e))?;
         Ok(topo)
     }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use weft_tests::{Host, Proc};
 
-use super::topology::{Topology, UPSTREAM_PORT, pinned, wait_http_ok};
+use super::topology::{TRACE_SINK_PORT, Topology, pinned, wait_http_ok};
 use super::{AppProtocol, MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
 
 /// The mesh the bench creates.
@@ -166,8 +166,8 @@ fn write(path: &Path, text: &str) -> Result<(), MeshError> {
 
 /// Mesh `bench`: builtin CA, STRICT mTLS, every service may call every
 /// service; with `o`, the Prometheus backend and (for tracing) a Zipkin
-/// backend at 100% sampling whose sink is the upstream app (it answers any
-/// POST), so exporting costs what it would against a real collector.
+/// backend at 100% sampling whose collector is the topology's trace sink (it
+/// answers any POST, on the generator's CPU).
 fn mesh_yaml(o: Observability, topo: &Topology) -> String {
     let metrics = if o == Observability::Off {
         String::new()
@@ -179,7 +179,7 @@ fn mesh_yaml(o: Observability, topo: &Topology) -> String {
     let tracing = if o == Observability::Tracing {
         format!(
             "tracing:\n  defaultBackend: zipkin-1\n  backends:\n    - name: zipkin-1\n      type: zipkin\n      \
-             sampling: 100.0\n      conf:\n        url: http://{}:{UPSTREAM_PORT}/api/v2/spans\n",
+             sampling: 100.0\n      conf:\n        url: http://{}:{TRACE_SINK_PORT}/api/v2/spans\n",
             topo.server_ip
         )
     } else {
