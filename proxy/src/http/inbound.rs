@@ -2,8 +2,11 @@
 //! where the mesh lets one in) and forwards each request to the local app in the app's own
 //! protocol, over hyper's pooled client.
 //!
-//! The source's permission is decided once per connection (its certificate) and applied to
-//! every request: a denied source gets 403 and is counted in `weft_authz_denied_total`.
+//! The source's permission is decided per connection (its certificate) and applied to every
+//! request, and decided again for the next request after a config change, since pooled
+//! connections live long: a denied source gets 403 and is counted in `weft_authz_denied_total`.
+//! The same connections carry opaque-TCP tunnels ([`crate::http::opaque`]), answered here by
+//! connecting to the app.
 
 use crate::config::{Authz, Inbound, ProxyConfig};
 use crate::datapath::Shared;
