@@ -344,6 +344,23 @@ pub fn dataplane_yaml_as(
     port: u16,
     protocol: &str,
 ) -> String {
+    dataplane_yaml_tagged(mesh, name, ip, service, port, protocol, &[])
+}
+
+/// [`dataplane_yaml_as`] with more tags on the inbound (e.g. `version: v2`).
+pub fn dataplane_yaml_tagged(
+    mesh: &str,
+    name: &str,
+    ip: Ipv4Addr,
+    service: &str,
+    port: u16,
+    protocol: &str,
+    tags: &[(&str, &str)],
+) -> String {
+    let extra: String = tags
+        .iter()
+        .map(|(k, v)| format!("        {k}: {v}\n"))
+        .collect();
     format!(
         "type: Dataplane
 mesh: {mesh}
@@ -356,7 +373,7 @@ networking:
       tags:
         kuma.io/service: {service}
         kuma.io/protocol: {protocol}
-  transparentProxying:
+{extra}  transparentProxying:
     redirectPortInbound: 15006
     redirectPortOutbound: 15001
 "
@@ -435,13 +452,29 @@ impl Sidecar {
         port: u16,
         protocol: &str,
     ) -> Sidecar {
+        Self::start_tagged(env, cp, host, mesh, name, service, port, protocol, &[])
+    }
+
+    /// [`Sidecar::start_as`] with more tags on the inbound (e.g. `version: v2`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_tagged(
+        env: &Env,
+        cp: &ControlPlane,
+        host: &Host,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        port: u16,
+        protocol: &str,
+        tags: &[(&str, &str)],
+    ) -> Sidecar {
         let mut rules = Command::new(&env.bins.iptables);
         rules.args(["install", "--proxy-uid", &PROXY_UID.to_string()]);
         env.run(host, rules);
 
         let dp = env.write(
             &format!("dp-{name}.yaml"),
-            &dataplane_yaml_as(mesh, name, host.ip(), service, port, protocol),
+            &dataplane_yaml_tagged(mesh, name, host.ip(), service, port, protocol, tags),
         );
         let token = env.write(&format!("token-{name}"), &cp.token(mesh, name));
         let (log, _) = env.log(&format!("weft-proxy-{name}"));

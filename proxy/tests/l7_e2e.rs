@@ -1,0 +1,610 @@
+//! End-to-end tests of the L7 (HTTP) mesh path: the real `weft-control`, `weftctl`,
+//! `weft-iptables` and `weft-proxy` binaries in network namespaces, as in `mesh_e2e.rs`, with
+//! real HTTP/1.1, h2c, gRPC and WebSocket clients and servers on either side (the in-process
+//! versions of these cases are in `http.rs`).
+//!
+//! Each test builds its own LAN: a control-plane host, a client host and one or more server
+//! hosts, each with a transparent sidecar (iptables rules + `weft-proxy` as uid 5678) in mesh
+//! `alpha` (builtin CA, STRICT mTLS). The server apps are tokio/hyper/tonic servers of this
+//! process, listening on sockets bound inside their host's namespace; the client code runs on
+//! a thread inside the client host's namespace, so its plain `connect()` to a server's
+//! `IP:port` is redirected to its sidecar. The servers' inbounds declare their protocol with
+//! `kuma.io/protocol`, which the control plane also hands to the client's sidecar.
+//! Everything — processes, rules, namespaces, files, apps — goes when the test ends, also
+//! when it fails (then the tail of every process's log is printed).
+//!
+//! Needs root; skipped, visibly, otherwise. Needs every weft binary built: `cargo test
+//! --workspace` (or `cargo build --workspace --bins` first).
+
+#[macro_use]
+#[allow(unused_imports)] // the harness re-exports helpers these tests do not need
+mod e2e;
+
+use bytes::Bytes;
+use e2e::{ControlPlane, Env, Sidecar, WAIT, mesh_yaml, permission_yaml, wait_for};
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::runtime::Runtime;
+use weft_tests::Host;
+
+const APP_PORT: u16 = 8080;
+const MESH: &str = "alpha";
+/// Bound of one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+type AppBody = BoxBody<Bytes, Infallible>;
+
+fn full(s: impl Into<Bytes>) -> AppBody {
+    Full::new(s.into()).boxed()
+}
+
+/// The runtime the server apps run on. Their sockets belong to the namespaces they were bound
+/// in, whichever thread serves them. Dropping it stops the apps.
+fn apps_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the apps")
+}
+
+/// A listener on `0.0.0.0:port` inside `host`, for a tokio app.
+fn listen_in(host: &Host, port: u16) -> std::net::TcpListener {
+    let l = host
+        .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .expect("enter")
+        .expect("bind the app");
+    l.set_nonblocking(true).expect("nonblocking");
+    l
+}
+
+/// Runs `f` to completion on a runtime of its own on a thread inside `host`'s namespace (so
+/// every socket it opens is the host's, and its connections go through the host's sidecar),
+/// bounded by `timeout`. A panic in `f` is passed on.
+fn run_in<F, Fut, R>(host: &Host, timeout: Duration, f: F) -> R
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = R>,
+    R: Send,
+{
+    host.enter(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the client");
+        rt.block_on(async {
+            tokio::time::timeout(timeout, f())
+                .await
+                .unwrap_or_else(|_| panic!("the client did not finish within {timeout:?}"))
+        })
+    })
+    .expect("enter")
+}
+
+/// An HTTP app (HTTP/1.1 and h2c) on `0.0.0.0:port` inside `host`. Every request is answered
+/// `200` with `<name> <HTTP version> <path> host=<:authority or Host>`.
+fn http_app(rt: &Runtime, host: &Host, port: u16, name: &'static str) {
+    let l = listen_in(host, port);
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(answer(name, &req))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+fn answer(name: &str, req: &Request<Incoming>) -> Response<AppBody> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    Response::new(full(format!(
+        "{name} {:?} {} host={host}",
+        req.version(),
+        req.uri().path()
+    )))
+}
+
+fn http1_client() -> Client<HttpConnector, AppBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2c_client() -> Client<HttpConnector, AppBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// `GET url`: (status, body).
+async fn get(client: &Client<HttpConnector, AppBody>, url: &str) -> (StatusCode, String) {
+    let req = Request::get(url).body(full("")).expect("a request");
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("no response to GET {url} in time"))
+        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+    let status = resp.status();
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+        .await
+        .expect("the body in time")
+        .expect("the body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The outbound for `service` in a sidecar's `/config`, if it has one.
+fn outbound(sidecar: &Sidecar, service: &str) -> Option<serde_json::Value> {
+    let cfg = sidecar.config();
+    cfg["outbounds"]
+        .as_array()?
+        .iter()
+        .find(|o| o["service"] == service)
+        .cloned()
+}
+
+/// Waits until the client's sidecar knows `service` at each of `addrs` (before that, its
+/// connections would be passed through in plaintext and refused by the STRICT inbound).
+fn wait_for_endpoints(client: &Sidecar, service: &str, addrs: &[SocketAddr]) {
+    wait_for(
+        &format!("{}'s sidecar to know {service} at {addrs:?}", client.name),
+        WAIT,
+        || {
+            let Some(out) = outbound(client, service) else {
+                return false;
+            };
+            let eps = out["endpoints"].to_string();
+            addrs.iter().all(|a| eps.contains(&a.ip().to_string()))
+        },
+    );
+}
+
+/// The control plane with mesh `alpha` (STRICT mTLS) and `client` allowed to call each of
+/// `servers`.
+fn control_plane(env: &Env, host: &Host, servers: &[&str]) -> ControlPlane {
+    let cp = ControlPlane::start(env, host);
+    let mut yaml = mesh_yaml(MESH, true, "24h");
+    for s in servers {
+        yaml.push_str("---\n");
+        yaml.push_str(&permission_yaml(
+            MESH,
+            &format!("client-to-{s}"),
+            "client",
+            s,
+        ));
+    }
+    cp.apply(env.dir(), &yaml);
+    cp
+}
+
+/// One app per `(service, kuma.io/protocol, h2c)` on a host and sidecar of its own, and the
+/// client host's sidecar; the client calls `GET /<service>` on each app's `IP:port` with an
+/// h2c client when `h2c`, else an HTTP/1.1 one. Returns each app's address and
+/// (status, body).
+fn call_http_apps(
+    env: &Env,
+    apps: &[(&'static str, &'static str, bool)],
+) -> Vec<(SocketAddr, (StatusCode, String))> {
+    let (cp_host, client_host) = (env.host("cp"), env.host("client"));
+    let app_hosts: Vec<Host> = apps.iter().map(|(s, _, _)| env.host(s)).collect();
+    let mut members = vec![&cp_host, &client_host];
+    members.extend(app_hosts.iter());
+    let _lan = env.net.lan(&members).expect("a LAN");
+    let services: Vec<&str> = apps.iter().map(|(s, _, _)| *s).collect();
+    let cp = control_plane(env, &cp_host, &services);
+    let rt = apps_runtime();
+    let mut sidecars = Vec::new();
+    let mut calls = Vec::new();
+    for ((service, protocol, h2c), host) in apps.iter().zip(&app_hosts) {
+        http_app(&rt, host, APP_PORT, service);
+        sidecars.push(Sidecar::start_as(
+            env, &cp, host, MESH, service, service, APP_PORT, protocol,
+        ));
+        calls.push((*service, SocketAddr::from((host.ip(), APP_PORT)), *h2c));
+    }
+    let client = Sidecar::start(env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+    for (service, addr, _) in &calls {
+        wait_for_endpoints(&client, service, &[*addr]);
+    }
+    run_in(&client_host, WAIT, || async move {
+        let mut results = Vec::new();
+        for (service, addr, h2c) in calls {
+            let client = if h2c { h2c_client() } else { http1_client() };
+            let url = format!("http://{addr}/{service}");
+            results.push((addr, get(&client, &url).await));
+        }
+        results
+    })
+}
+
+/// Issue 7: an HTTP/1.1 client reaches an app declared `kuma.io/protocol: http` and an h2c
+/// client an app declared `http2`, through both transparent sidecars over mesh mTLS; each
+/// app is spoken to in its protocol and sees the authority (`Host` / `:authority`) the
+/// client sent.
+#[test]
+fn http1_and_h2c_clients_reach_their_apps_through_sidecars() {
+    let env = env_or_skip!("http1_and_h2c_clients_reach_their_apps_through_sidecars");
+    let results = call_http_apps(&env, &[("h1app", "http", false), ("h2app", "http2", true)]);
+    let [(h1_addr, to_h1), (h2_addr, to_h2)] = &results[..] else {
+        panic!("two calls: {results:?}")
+    };
+    assert_eq!(to_h1.0, StatusCode::OK, "{}", to_h1.1);
+    assert_eq!(to_h1.1, format!("h1app HTTP/1.1 /h1app host={h1_addr}"));
+    assert_eq!(to_h2.0, StatusCode::OK, "{}", to_h2.1);
+    assert_eq!(to_h2.1, format!("h2app HTTP/2.0 /h2app host={h2_addr}"));
+}
+
+/// Issue 7: a 90/10 TrafficRoute split between versions v1 and v2 of `server` (one host, app
+/// and sidecar each) over 2,000 keep-alive HTTP/1.1 requests lands within ±3 points.
+#[test]
+fn a_90_10_traffic_route_split_over_2000_requests_lands_within_3_points() {
+    let env = env_or_skip!("a_90_10_traffic_route_split_over_2000_requests_lands_within_3_points");
+    let (cp_host, client_host, v1_host, v2_host) = (
+        env.host("cp"),
+        env.host("client"),
+        env.host("v1"),
+        env.host("v2"),
+    );
+    let _lan = env
+        .net
+        .lan(&[&cp_host, &client_host, &v1_host, &v2_host])
+        .expect("a LAN");
+    let cp = control_plane(&env, &cp_host, &["server"]);
+    let rt = apps_runtime();
+    http_app(&rt, &v1_host, APP_PORT, "v1");
+    http_app(&rt, &v2_host, APP_PORT, "v2");
+    let v1 = Sidecar::start_tagged(
+        &env,
+        &cp,
+        &v1_host,
+        MESH,
+        "server-v1",
+        "server",
+        APP_PORT,
+        "http",
+        &[("version", "v1")],
+    );
+    let v2 = Sidecar::start_tagged(
+        &env,
+        &cp,
+        &v2_host,
+        MESH,
+        "server-v2",
+        "server",
+        APP_PORT,
+        "http",
+        &[("version", "v2")],
+    );
+    let client = Sidecar::start(&env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+    cp.apply(
+        env.dir(),
+        &format!(
+            "type: TrafficRoute
+mesh: {MESH}
+name: server-canary
+sources:
+  - match:
+      kuma.io/service: client
+destinations:
+  - match:
+      kuma.io/service: server
+conf:
+  split:
+    - weight: 90
+      destination:
+        kuma.io/service: server
+        version: v1
+    - weight: 10
+      destination:
+        kuma.io/service: server
+        version: v2
+"
+        ),
+    );
+    let v1_addr = SocketAddr::from((v1_host.ip(), APP_PORT));
+    let v2_addr = SocketAddr::from((v2_host.ip(), APP_PORT));
+    wait_for_endpoints(&client, "server", &[v1_addr, v2_addr]);
+    wait_for("the split to reach the client's sidecar", WAIT, || {
+        outbound(&client, "server").is_some_and(|o| {
+            let weights: Vec<_> = o["defaultRoute"]
+                .as_array()
+                .map(|d| d.iter().map(|w| w["weight"].clone()).collect())
+                .unwrap_or_default();
+            weights == [90, 10]
+        })
+    });
+
+    const REQUESTS: usize = 2000;
+    let counts = run_in(&client_host, Duration::from_secs(300), || async move {
+        let client = http1_client();
+        let url = format!("http://{v1_addr}/split");
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..REQUESTS {
+            let (status, body) = get(&client, &url).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(body.ends_with(&format!("/split host={v1_addr}")), "{body}");
+            let who = body.split(' ').next().unwrap_or_default().to_string();
+            *counts.entry(who).or_default() += 1;
+        }
+        counts
+    });
+    assert_eq!(counts.values().sum::<usize>(), REQUESTS, "{counts:?}");
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
+        REQUESTS,
+        "{counts:?}"
+    );
+    let share = counts.get("v2").copied().unwrap_or(0) as f64 / REQUESTS as f64;
+    assert!(
+        (0.07..=0.13).contains(&share),
+        "v2 share {share}: {counts:?}"
+    );
+
+    // Each sidecar counted each of its requests once: the client's all of them, each
+    // version's sidecar those its app answered.
+    let ok = |direction: &str| {
+        format!("weft_requests_total{{direction=\"{direction}\",service=\"server\",code=\"200\"}}")
+    };
+    let expected = [
+        (&client, ok("outbound"), REQUESTS),
+        (&v1, ok("inbound"), counts["v1"]),
+        (&v2, ok("inbound"), counts["v2"]),
+    ];
+    for (sidecar, series, n) in expected {
+        wait_for(
+            &format!("{} to count {n} {series}", sidecar.name),
+            WAIT,
+            || sidecar.metric(&series) >= n as f64,
+        );
+        assert_eq!(
+            sidecar.metric(&series),
+            n as f64,
+            "{} {series}",
+            sidecar.name
+        );
+    }
+}
+
+/// Issue 7: a WebSocket (an HTTP/1.1 upgrade to an app declared `kuma.io/protocol: http`)
+/// carries text and binary messages both ways through the sidecars.
+#[test]
+fn websocket_echo_works_through_sidecars() {
+    use tokio_tungstenite::tungstenite::Message;
+    let env = env_or_skip!("websocket_echo_works_through_sidecars");
+    let hosts = e2e::ThreeHosts::new(&env);
+    let cp = control_plane(&env, &hosts.cp, &["server"]);
+    let rt = apps_runtime();
+    let l = listen_in(&hosts.server, APP_PORT);
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() || ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let _server = Sidecar::start_as(
+        &env,
+        &cp,
+        &hosts.server,
+        MESH,
+        "server",
+        "server",
+        APP_PORT,
+        "http",
+    );
+    let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
+    let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
+    wait_for_endpoints(&client, "server", &[to]);
+
+    run_in(&hosts.client, WAIT, || async move {
+        let tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
+        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{to}/chat"), tcp)
+            .await
+            .expect("the WebSocket handshake through the mesh");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut messages: Vec<Message> = (0..3)
+            .map(|i| Message::text(format!("hello {i}")))
+            .collect();
+        messages.push(Message::binary(vec![0u8, 1, 2, 255]));
+        messages.push(Message::binary(vec![42u8; 256 * 1024]));
+        for msg in messages {
+            ws.send(msg.clone()).await.expect("send");
+            let back = tokio::time::timeout(REQUEST_TIMEOUT, ws.next())
+                .await
+                .expect("the echo in time")
+                .expect("an echo")
+                .expect("a message");
+            assert_eq!(back, msg);
+        }
+        ws.close(None).await.expect("close");
+    });
+}
+
+mod grpc {
+    use super::*;
+    use std::pin::Pin;
+    use tokio_stream::Stream;
+    use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+    use weft_api::proto as pb;
+    use weft_api::proto::discovery_server::{Discovery, DiscoveryServer};
+    use weft_api::proto::identity_server::{Identity, IdentityServer};
+
+    /// A small gRPC service (as in `http.rs`): Certify echoes the mesh back (unary, or an
+    /// error status for mesh "fail"); Stream answers each ack with a snapshot whose version
+    /// names it (bidirectional streaming).
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl Identity for Echo {
+        async fn certify(
+            &self,
+            req: GrpcRequest<pb::CertifyRequest>,
+        ) -> Result<GrpcResponse<pb::CertifyResponse>, Status> {
+            let r = req.into_inner();
+            if r.mesh == "fail" {
+                return Err(Status::permission_denied("told to fail"));
+            }
+            Ok(GrpcResponse::new(pb::CertifyResponse {
+                cert_chain_pem: format!("mesh={} csr={}", r.mesh, r.csr.len()),
+                ..Default::default()
+            }))
+        }
+    }
+
+    type SnapStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Discovery for Echo {
+        type StreamStream = SnapStream;
+        async fn stream(
+            &self,
+            req: GrpcRequest<Streaming<pb::DiscoveryRequest>>,
+        ) -> Result<GrpcResponse<SnapStream>, Status> {
+            let mut inbound = req.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = inbound.next().await {
+                    let version = match m.kind {
+                        Some(pb::discovery_request::Kind::Ack(a)) => a.version,
+                        _ => "other".into(),
+                    };
+                    let snap = pb::Snapshot {
+                        version: format!("echo-{version}"),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(snap)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(GrpcResponse::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+    }
+
+    /// Issue 7: gRPC unary calls (an answer, and an error status in trailers) and a
+    /// bidirectional stream go through the sidecars to an app declared `kuma.io/protocol:
+    /// grpc`.
+    #[test]
+    fn grpc_unary_and_bidirectional_streaming_work_through_sidecars() {
+        let env = env_or_skip!("grpc_unary_and_bidirectional_streaming_work_through_sidecars");
+        let hosts = e2e::ThreeHosts::new(&env);
+        let cp = control_plane(&env, &hosts.cp, &["server"]);
+        let rt = apps_runtime();
+        let l = listen_in(&hosts.server, APP_PORT);
+        rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+            tonic::transport::Server::builder()
+                .add_service(IdentityServer::new(Echo))
+                .add_service(DiscoveryServer::new(Echo))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                .await
+        });
+        let _server = Sidecar::start_as(
+            &env,
+            &cp,
+            &hosts.server,
+            MESH,
+            "server",
+            "server",
+            APP_PORT,
+            "grpc",
+        );
+        let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
+        let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
+        wait_for_endpoints(&client, "server", &[to]);
+
+        run_in(&hosts.client, WAIT, || async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+                .expect("an endpoint")
+                .timeout(REQUEST_TIMEOUT)
+                .connect()
+                .await
+                .expect("a channel through the client's sidecar");
+
+            let mut id = pb::identity_client::IdentityClient::new(channel.clone());
+            let r = id
+                .certify(pb::CertifyRequest {
+                    csr: vec![1, 2, 3],
+                    mesh: "default".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("the unary call");
+            assert_eq!(r.into_inner().cert_chain_pem, "mesh=default csr=3");
+            // A gRPC error status travels in trailers.
+            let e = id
+                .certify(pb::CertifyRequest {
+                    mesh: "fail".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("the call told to fail");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            assert_eq!(e.message(), "told to fail");
+
+            let mut disco = pb::discovery_client::DiscoveryClient::new(channel);
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut replies = disco
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("the stream opens")
+                .into_inner();
+            for i in 0..20 {
+                tx.send(pb::DiscoveryRequest {
+                    kind: Some(pb::discovery_request::Kind::Ack(pb::Ack {
+                        version: i.to_string(),
+                        nonce: String::new(),
+                    })),
+                })
+                .await
+                .expect("send on the stream");
+                let snap = tokio::time::timeout(REQUEST_TIMEOUT, replies.next())
+                    .await
+                    .expect("a reply in time")
+                    .expect("a reply")
+                    .expect("a snapshot");
+                assert_eq!(snap.version, format!("echo-{i}"));
+            }
+            drop(tx);
+            let end = tokio::time::timeout(REQUEST_TIMEOUT, replies.next())
+                .await
+                .expect("the end in time");
+            assert!(
+                end.is_none(),
+                "the stream ends when the client's does: {end:?}"
+            );
+        });
+    }
+}
