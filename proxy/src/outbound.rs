@@ -84,7 +84,8 @@ async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
 }
 
 /// The mesh path to `service`: HTTP is handled request by request ([`crate::http::outbound`]);
-/// anything else is one mesh connection per app connection, carrying bytes.
+/// anything else is one tunnel (or, with mTLS off, one TCP connection) per app connection,
+/// carrying bytes.
 async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStream, service: &str) {
     let Some(svc) = cfg.services.get(service) else {
         tracing::warn!(service, "unknown mesh service: closing");
@@ -92,13 +93,17 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
     };
     // Detection comes first: an HTTP connection needs no connection of its own to the
     // endpoint. A server-speaks-first client says nothing and is opaque after the timeout.
+    //
+    // A service declared `kuma.io/protocol: tcp` carries bytes at once. One declared HTTP
+    // (`http`, `http2`, `grpc`) is still sniffed: the declaration says how the inbound proxy
+    // speaks to that app, while this app may call it in either HTTP version.
     let detection = match svc.protocol {
-        Some(protocol) => Detection {
-            protocol,
+        Some(Protocol::Opaque) => Detection {
+            protocol: Protocol::Opaque,
             timed_out: false,
             prefix: Vec::new(),
         },
-        None => match Box::pin(detect(&mut client, shared.opts.detect_timeout)).await {
+        _ => match Box::pin(detect(&mut client, shared.opts.detect_timeout)).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(service, error = %e, "client failed during detection");

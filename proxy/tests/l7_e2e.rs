@@ -609,10 +609,10 @@ mod grpc {
     }
 }
 
-/// Issue 7, FAILS (a proxy bug, kept apart from `l7-e2e`): an HTTP/1.1 client calling an app
-/// declared `kuma.io/protocol: http2`. The control plane gives the client's sidecar the
-/// service's protocol, and the sidecar serves the app's connection with that codec (HTTP/2)
-/// instead of detecting it: the client gets a SETTINGS frame back (`Parse(Version)`).
+/// Issue 7: an HTTP/1.1 client calling an app declared `kuma.io/protocol: http2`. The client's
+/// sidecar learns the service's protocol from the control plane, but must still serve the
+/// app's own connection in the version the app speaks (it once answered with an HTTP/2
+/// SETTINGS frame).
 #[test]
 fn http1_client_reaches_an_h2c_app_through_sidecars() {
     let env = env_or_skip!("http1_client_reaches_an_h2c_app_through_sidecars");
@@ -624,9 +624,8 @@ fn http1_client_reaches_an_h2c_app_through_sidecars() {
     assert_eq!(*body, format!("h2app HTTP/2.0 /h2app host={addr}"));
 }
 
-/// Issue 7, FAILS (as above): an h2c client calling an app declared `kuma.io/protocol: http`;
-/// the client's sidecar serves the connection as HTTP/1 and drops the h2 preface (broken
-/// pipe).
+/// Issue 7: an h2c client calling an app declared `kuma.io/protocol: http` (the client's
+/// sidecar once served the connection as HTTP/1 and dropped the h2 preface).
 #[test]
 fn h2c_client_reaches_an_http1_app_through_sidecars() {
     let env = env_or_skip!("h2c_client_reaches_an_http1_app_through_sidecars");
