@@ -13,6 +13,12 @@
 //! Everything — processes, rules, namespaces, files, apps — goes when the test ends, also
 //! when it fails (then the tail of every process's log is printed).
 //!
+//! The tests: HTTP/1.1 and h2c clients reaching apps declared `http` and `http2`, and each
+//! the other way round; a 90/10 TrafficRoute split over 2,000 requests; WebSocket echo; gRPC
+//! unary and bidirectional streaming; a 100 MiB upload and download with each sidecar's RSS
+//! growth under 16 MiB; and one of two endpoints killed mid-run (its sidecar), after which no
+//! request fails.
+//!
 //! Needs root; skipped, visibly, otherwise. Needs every weft binary built: `cargo test
 //! --workspace` (or `cargo build --workspace --bins` first).
 
@@ -635,4 +641,476 @@ fn h2c_client_reaches_an_http1_app_through_sidecars() {
     };
     assert_eq!(*status, StatusCode::OK, "{body}");
     assert_eq!(*body, format!("h1app HTTP/1.1 /h1app host={addr}"));
+}
+
+/// Size of each way of the large transfer.
+const BIG: u64 = 100 * 1024 * 1024;
+/// Size of the frames the pattern bodies are made of.
+const CHUNK: usize = 64 * 1024;
+/// The large bodies carry byte `offset % PERIOD` at each offset (a prime, so the pattern does
+/// not line up with any frame or buffer size).
+const PERIOD: usize = 251;
+
+/// Bytes whose `[offset % PERIOD ..][.. n]` is the pattern from `offset` on, for `n <= CHUNK`.
+fn pattern() -> Bytes {
+    (0..PERIOD + CHUNK).map(|i| (i % PERIOD) as u8).collect()
+}
+
+/// A body of `n` pattern bytes, made frame by frame as it is polled (never all in memory).
+fn pattern_body(
+    n: u64,
+) -> http_body_util::StreamBody<
+    impl futures::Stream<Item = Result<hyper::body::Frame<Bytes>, Infallible>> + Send + Sync,
+> {
+    let pat = pattern();
+    http_body_util::StreamBody::new(futures::stream::iter((0..n).step_by(CHUNK).map(
+        move |offset| {
+            let len = (n - offset).min(CHUNK as u64) as usize;
+            let start = (offset % PERIOD as u64) as usize;
+            Ok(hyper::body::Frame::data(pat.slice(start..start + len)))
+        },
+    )))
+}
+
+/// Counts the bytes of a pattern body and remembers the first offset that breaks it.
+struct PatternCheck {
+    pattern: Bytes,
+    count: u64,
+    first_bad: Option<u64>,
+}
+
+impl PatternCheck {
+    fn new() -> Self {
+        PatternCheck {
+            pattern: pattern(),
+            count: 0,
+            first_bad: None,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = data.len().min(CHUNK);
+            let start = (self.count % PERIOD as u64) as usize;
+            if self.first_bad.is_none() && data[..n] != self.pattern[start..start + n] {
+                let at = data[..n]
+                    .iter()
+                    .zip(&self.pattern[start..start + n])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                self.first_bad = Some(self.count + at as u64);
+            }
+            self.count += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    /// Reads `body` to its end: (bytes, first offset off the pattern), or the body's error.
+    async fn read<B>(mut body: B) -> Result<(u64, Option<u64>), String>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        let mut check = PatternCheck::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("after {} bytes: {e:?}", check.count))?;
+            if let Some(data) = frame.data_ref() {
+                check.feed(data);
+            }
+        }
+        Ok((check.count, check.first_bad))
+    }
+}
+
+/// The app of the large transfer, on `0.0.0.0:port` inside `host` (HTTP/1.1). `POST /upload`
+/// is answered at once, and its body, sent once the upload has been read, is
+/// `<bytes read> <first offset off the pattern, or "intact">` (answering before reading keeps
+/// the response head within the sidecars' request timeout, which covers the wait for it);
+/// `GET /download?n=<bytes>` streams `n` pattern bytes; anything else is answered `ok`.
+fn transfer_app(rt: &Runtime, host: &Host, port: u16) {
+    type Unsync = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+    let l = listen_in(host, port);
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let body: Unsync = match req.uri().path() {
+                        "/upload" => {
+                            let verdict = futures::stream::once(async move {
+                                let text = match PatternCheck::read(req.into_body()).await {
+                                    Ok((n, None)) => format!("{n} intact"),
+                                    Ok((n, Some(bad))) => format!("{n} {bad}"),
+                                    Err(e) => format!("error {e}"),
+                                };
+                                Ok(hyper::body::Frame::data(Bytes::from(text)))
+                            });
+                            http_body_util::StreamBody::new(verdict).boxed_unsync()
+                        }
+                        "/download" => {
+                            let n = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("n="))
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(0);
+                            pattern_body(n).boxed_unsync()
+                        }
+                        _ => Full::new(Bytes::from_static(b"ok")).boxed_unsync(),
+                    };
+                    Ok::<_, Infallible>(Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// `VmRSS` of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Samples the `VmRSS` of each of `pids` every 50 ms on a thread of its own until it is
+/// stopped; [`RssPeaks::stop`] gives the highest value seen for each.
+struct RssPeaks {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+impl RssPeaks {
+    fn start(pids: Vec<u32>) -> RssPeaks {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peaks = vec![0; pids.len()];
+            loop {
+                for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                    *peak = (*peak).max(vm_rss_kib(*pid));
+                }
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return peaks;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssPeaks {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("the sampler")
+    }
+}
+
+impl Drop for RssPeaks {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Uploads `n` pattern bytes to `url` and reads the app's verdict; then downloads `n` bytes
+/// from it and checks them: (the verdict, (bytes downloaded, first offset off the pattern)).
+async fn upload_and_download(
+    client: &Client<HttpConnector, AppBody>,
+    to: SocketAddr,
+    n: u64,
+) -> (String, (u64, Option<u64>)) {
+    let req = Request::post(format!("http://{to}/upload"))
+        .body(BodyExt::boxed(pattern_body(n)))
+        .expect("a request");
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+        .await
+        .expect("the upload's response head in time")
+        .expect("the upload's response");
+    assert_eq!(resp.status(), StatusCode::OK, "the upload");
+    let verdict = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("the upload's verdict")
+        .to_bytes();
+    let verdict = String::from_utf8_lossy(&verdict).into_owned();
+
+    let req = Request::get(format!("http://{to}/download?n={n}"))
+        .body(full(""))
+        .expect("a request");
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+        .await
+        .expect("the download's response head in time")
+        .expect("the download's response");
+    assert_eq!(resp.status(), StatusCode::OK, "the download");
+    let got = PatternCheck::read(resp.into_body())
+        .await
+        .expect("the download's body");
+    (verdict, got)
+}
+
+/// Issue 7: a 100 MiB upload and a 100 MiB download (HTTP/1.1, streamed both ends, patterned
+/// bytes checked at the other end) pass through both sidecars, and neither sidecar's `VmRSS`,
+/// sampled every 50 ms during the transfer, grows by 16 MiB or more over its value after a
+/// small warm-up transfer: the sidecars stream bodies, they do not buffer them.
+#[test]
+fn a_100_mib_upload_and_download_pass_with_sidecar_rss_growth_under_16_mib() {
+    let env =
+        env_or_skip!("a_100_mib_upload_and_download_pass_with_sidecar_rss_growth_under_16_mib");
+    let hosts = e2e::ThreeHosts::new(&env);
+    let cp = control_plane(&env, &hosts.cp, &["server"]);
+    let rt = apps_runtime();
+    transfer_app(&rt, &hosts.server, APP_PORT);
+    let server = Sidecar::start_as(
+        &env,
+        &cp,
+        &hosts.server,
+        MESH,
+        "server",
+        "server",
+        APP_PORT,
+        "http",
+    );
+    let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
+    let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
+    wait_for_endpoints(&client, "server", &[to]);
+    let sidecars = [&client, &server];
+    let pids = sidecars.map(|s| s.pid());
+
+    const WARM: u64 = 1024 * 1024;
+    let (before, peaks, (verdict, (downloaded, bad))) =
+        run_in(&hosts.client, Duration::from_secs(120), || async move {
+            let http = http1_client();
+            // Warm up first so the connections, pools and TLS buffers are not counted as growth.
+            let warm = upload_and_download(&http, to, WARM).await;
+            assert_eq!(warm, (format!("{WARM} intact"), (WARM, None)), "warm-up");
+            let before = pids.map(vm_rss_kib);
+            let sampler = RssPeaks::start(pids.to_vec());
+            let got = upload_and_download(&http, to, BIG).await;
+            (before, sampler.stop(), got)
+        });
+    assert_eq!(
+        verdict,
+        format!("{BIG} intact"),
+        "the app's view of the upload"
+    );
+    assert_eq!(downloaded, BIG, "bytes downloaded");
+    assert_eq!(bad, None, "first downloaded byte off the pattern");
+    for ((sidecar, before), peak) in sidecars.iter().zip(&before).zip(&peaks) {
+        let grown = peak.saturating_sub(*before);
+        assert!(
+            grown < 16 * 1024,
+            "{} sidecar: VmRSS {before} KiB -> peak {peak} KiB moving 2 x 100 MiB",
+            sidecar.name
+        );
+    }
+    // The four requests (warm-up and large, upload and download) went through both sidecars.
+    let ok = |direction: &str| {
+        format!("weft_requests_total{{direction=\"{direction}\",service=\"server\",code=\"200\"}}")
+    };
+    for (sidecar, series) in [(&client, ok("outbound")), (&server, ok("inbound"))] {
+        wait_for(
+            &format!("{} to count 4 {series}", sidecar.name),
+            WAIT,
+            || sidecar.metric(&series) >= 4.0,
+        );
+        assert_eq!(sidecar.metric(&series), 4.0, "{} {series}", sidecar.name);
+    }
+}
+
+/// What became of one request: (status, body), or the error.
+type Outcome = Result<(StatusCode, String), String>;
+
+/// `GET url` that reports a failure instead of panicking.
+async fn try_get(client: &Client<HttpConnector, AppBody>, url: &str) -> Outcome {
+    let req = Request::get(url).body(full("")).expect("a request");
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| "no response in time".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status();
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+        .await
+        .map_err(|_| "no body in time".to_string())?
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Issue 7: two endpoints of `server` (hosts `a` and `b`, each with its app and sidecar),
+/// round robin, and a stream of sequential keep-alive HTTP/1.1 requests from the client;
+/// after 100 requests, all answered, by both, `b`'s sidecar is killed (SIGKILL). Tolerated:
+/// at most 2 failures, among the requests made until 2 requests after `b`'s proxy has
+/// exited: the one in flight at the kill (a 502 from the client's sidecar, or, when the kill
+/// came after the response head, a response whose body is cut short), and one that may have
+/// been written to the pooled mesh connection to `b` as the kernel closed it (a 502: a request
+/// that went out is never retried, as it may not be idempotent; one handed back unsent is).
+/// Every one of the 200 requests after that succeeds and is answered by `a`.
+///
+/// It is the sidecar that is killed, not the app: with the app gone, `b`'s sidecar would
+/// still accept mesh connections and answer 502 itself, which by design does not eject it.
+/// With the sidecar gone, connects to `b` are refused: the client's sidecar ejects `b` and
+/// retries the connect on `a`, until the control plane, seeing `b`'s proxy disconnected,
+/// marks `b` unhealthy. The 200 requests after the settling window must all succeed either
+/// way.
+#[test]
+fn a_killed_endpoint_is_ejected_and_no_request_fails_after() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let env = env_or_skip!("a_killed_endpoint_is_ejected_and_no_request_fails_after");
+    let (cp_host, client_host, a_host, b_host) = (
+        env.host("cp"),
+        env.host("client"),
+        env.host("a"),
+        env.host("b"),
+    );
+    let _lan = env
+        .net
+        .lan(&[&cp_host, &client_host, &a_host, &b_host])
+        .expect("a LAN");
+    let cp = control_plane(&env, &cp_host, &["server"]);
+    let rt = apps_runtime();
+    http_app(&rt, &a_host, APP_PORT, "a");
+    http_app(&rt, &b_host, APP_PORT, "b");
+    let tagged = |host: &Host, name: &str| {
+        Sidecar::start_tagged(
+            &env,
+            &cp,
+            host,
+            MESH,
+            name,
+            "server",
+            APP_PORT,
+            "http",
+            &[("version", "v1")],
+        )
+    };
+    let _a = tagged(&a_host, "server-a");
+    let mut b = tagged(&b_host, "server-b");
+    let client = Sidecar::start(&env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+    cp.apply(
+        env.dir(),
+        &format!(
+            "type: TrafficRoute
+mesh: {MESH}
+name: server-round-robin
+sources:
+  - match:
+      kuma.io/service: client
+destinations:
+  - match:
+      kuma.io/service: server
+conf:
+  destination:
+    kuma.io/service: server
+  loadBalancer:
+    roundRobin: {{}}
+"
+        ),
+    );
+    let a_addr = SocketAddr::from((a_host.ip(), APP_PORT));
+    let b_addr = SocketAddr::from((b_host.ip(), APP_PORT));
+    wait_for_endpoints(&client, "server", &[a_addr, b_addr]);
+    wait_for("round robin to reach the client's sidecar", WAIT, || {
+        outbound(&client, "server").is_some_and(|o| o["loadBalancer"]["kind"] == 1)
+    });
+
+    /// Requests before the kill, all of which must succeed on both endpoints.
+    const BEFORE: usize = 100;
+    /// Requests after the kill that may fail: the one in flight and the next.
+    const SETTLE: usize = 2;
+    /// Requests after the settling window, all of which must succeed on `a`.
+    const AFTER: usize = 200;
+    // Each request's outcome in order; the client stops after `limit` requests.
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let limit = Arc::new(AtomicUsize::new(usize::MAX));
+    // Should this thread give up, the client stops at once.
+    struct StopOnDrop(Arc<AtomicUsize>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(0, Ordering::SeqCst);
+        }
+    }
+    let _stop = StopOnDrop(limit.clone());
+    let done = || results.lock().expect("results").len();
+    let requests = std::thread::spawn({
+        let (results, limit, client_host) = (results.clone(), limit.clone(), client_host.clone());
+        move || {
+            run_in(&client_host, Duration::from_secs(120), || async move {
+                let http = http1_client();
+                let url = format!("http://{a_addr}/x");
+                while results.lock().expect("results").len() < limit.load(Ordering::SeqCst) {
+                    let r = try_get(&http, &url).await;
+                    results.lock().expect("results").push(r);
+                }
+            })
+        }
+    });
+    wait_for(&format!("{BEFORE} requests"), WAIT, || done() >= BEFORE);
+    let killed_at = done();
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait(WAIT);
+    let exited_at = done();
+    let settled_at = exited_at + SETTLE;
+    limit.store(settled_at + AFTER, Ordering::SeqCst);
+    requests.join().expect("the client");
+    let results = results.lock().expect("results");
+    assert_eq!(results.len(), settled_at + AFTER);
+
+    let from_a = format!("a HTTP/1.1 /x host={a_addr}");
+    let from_b = format!("b HTTP/1.1 /x host={a_addr}");
+    let answered_by = |r: &Outcome| match r {
+        Ok((StatusCode::OK, body)) if *body == from_a => "a",
+        Ok((StatusCode::OK, body)) if *body == from_b => "b",
+        _ => "failed",
+    };
+    let mut counts: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, r) in results.iter().enumerate() {
+        let phase = if i < killed_at {
+            "before"
+        } else if i < settled_at {
+            "settling"
+        } else {
+            "after"
+        };
+        let who = answered_by(r);
+        *counts.entry((phase, who)).or_default() += 1;
+        match phase {
+            "before" => assert_ne!(who, "failed", "request {i}, before the kill: {r:?}"),
+            "after" => assert_eq!(
+                who, "a",
+                "request {i}, after the kill at {killed_at}: {r:?}"
+            ),
+            // A request the client's sidecar sent to `b` and lost before the response head
+            // is answered 502 by it; one whose response was cut off by the kill ends with
+            // its body short (the client's sidecar closes the connection, the only way
+            // HTTP/1.1 has to say so).
+            _ => assert!(
+                who != "failed"
+                    || matches!(r, Ok((StatusCode::BAD_GATEWAY, _)))
+                    || matches!(r, Err(e) if e.contains("IncompleteBody")),
+                "request {i}, settling after the kill at {killed_at}: {r:?}"
+            ),
+        }
+    }
+    let count = |phase, who| counts.get(&(phase, who)).copied().unwrap_or(0);
+    // Round robin: both endpoints answered before the kill.
+    assert!(
+        count("before", "a") > 0 && count("before", "b") > 0,
+        "{counts:?}"
+    );
+    // At most the request in flight at the kill, and one sent on the dying connection, failed.
+    assert!(count("settling", "failed") <= SETTLE, "{counts:?}");
+    assert_eq!(count("after", "a"), AFTER, "{counts:?}");
 }
