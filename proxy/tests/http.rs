@@ -2,6 +2,7 @@
 //! WebSocket clients and servers on either side of a client proxy and one or two server
 //! proxies that share a mesh CA and speak mesh mTLS (STRICT) to each other.
 
+mod grpc_echo;
 mod support;
 
 use bytes::Bytes;
@@ -646,85 +647,12 @@ async fn websocket_echo_works_through_the_mesh() {
 
 mod grpc {
     use super::*;
-    use pb::discovery_server::{Discovery, DiscoveryServer};
-    use pb::identity_server::{Identity, IdentityServer};
-    use std::pin::Pin;
-    use tokio_stream::Stream;
-    use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
-
-    /// A small gRPC service: Certify echoes the mesh back (unary); Stream answers each
-    /// request with a snapshot whose version names it (bidirectional streaming).
-    struct Echo;
-
-    #[tonic::async_trait]
-    impl Identity for Echo {
-        async fn certify(
-            &self,
-            req: GrpcRequest<pb::CertifyRequest>,
-        ) -> Result<GrpcResponse<pb::CertifyResponse>, Status> {
-            let r = req.into_inner();
-            if r.mesh == "fail" {
-                return Err(Status::permission_denied("told to fail"));
-            }
-            Ok(GrpcResponse::new(pb::CertifyResponse {
-                cert_chain_pem: format!("mesh={} csr={}", r.mesh, r.csr.len()),
-                ..Default::default()
-            }))
-        }
-    }
-
-    type SnapStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
-
-    #[tonic::async_trait]
-    impl Discovery for Echo {
-        type StreamStream = SnapStream;
-        async fn stream(
-            &self,
-            req: GrpcRequest<Streaming<pb::DiscoveryRequest>>,
-        ) -> Result<GrpcResponse<SnapStream>, Status> {
-            let mut inbound = req.into_inner();
-            let out = async_stream(move |tx| async move {
-                while let Some(Ok(m)) = inbound.next().await {
-                    let version = match m.kind {
-                        Some(pb::discovery_request::Kind::Ack(a)) => a.version,
-                        _ => "other".into(),
-                    };
-                    if tx
-                        .send(Ok(pb::Snapshot {
-                            version: format!("echo-{version}"),
-                            ..Default::default()
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-            Ok(GrpcResponse::new(out))
-        }
-    }
-
-    fn async_stream<F, Fut>(f: F) -> SnapStream
-    where
-        F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(f(tx));
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn grpc_unary_and_bidirectional_streaming_work_through_the_mesh() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_app = l.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(IdentityServer::new(Echo))
-                .add_service(DiscoveryServer::new(Echo))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-        );
+        tokio::spawn(crate::grpc_echo::serve(l));
         let mut ep = endpoint("v1", grpc_app);
         ep.protocol = "grpc";
         let m = mesh(vec![vec![ep]], |_| {});

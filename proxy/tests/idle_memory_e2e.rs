@@ -16,7 +16,8 @@
 mod e2e;
 
 use e2e::{
-    ControlPlane, Sidecar, ThreeHosts, WAIT, mesh_yaml, permission_yaml, request_from, wait_for,
+    ControlPlane, Sidecar, ThreeHosts, WAIT, mesh_yaml, permission_yaml, request_from, vm_rss_kib,
+    wait_for,
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::net::SocketAddr;
@@ -189,16 +190,6 @@ fn raise_open_files_limit(need: u64) -> u64 {
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the soft limit");
     hard
-}
-
-/// `VmRSS` of a process, in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// Anonymous and file-backed resident memory of a process (`/proc/<pid>/smaps_rollup`).

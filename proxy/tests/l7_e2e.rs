@@ -25,9 +25,10 @@
 #[macro_use]
 #[allow(unused_imports)] // the harness re-exports helpers these tests do not need
 mod e2e;
+mod grpc_echo;
 
 use bytes::Bytes;
-use e2e::{ControlPlane, Env, Sidecar, WAIT, mesh_yaml, permission_yaml, wait_for};
+use e2e::{ControlPlane, Env, Sidecar, WAIT, mesh_yaml, permission_yaml, vm_rss_kib, wait_for};
 use futures::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -171,6 +172,30 @@ fn outbound(sidecar: &Sidecar, service: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// Sidecars for the server (its inbound declared `protocol`) and the client on `hosts`, once
+/// the client's sidecar knows the server's endpoint; and the server app's address.
+fn server_and_client(
+    env: &Env,
+    cp: &ControlPlane,
+    hosts: &e2e::ThreeHosts,
+    protocol: &str,
+) -> (Sidecar, Sidecar, SocketAddr) {
+    let server = Sidecar::start_as(
+        env,
+        cp,
+        &hosts.server,
+        MESH,
+        "server",
+        "server",
+        APP_PORT,
+        protocol,
+    );
+    let client = Sidecar::start(env, cp, &hosts.client, MESH, "client", "client", APP_PORT);
+    let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
+    wait_for_endpoints(&client, "server", &[to]);
+    (server, client, to)
+}
+
 /// Waits until the client's sidecar knows `service` at each of `addrs` (before that, its
 /// connections would be passed through in plaintext and refused by the STRICT inbound).
 fn wait_for_endpoints(client: &Sidecar, service: &str, addrs: &[SocketAddr]) {
@@ -189,6 +214,68 @@ fn wait_for_endpoints(client: &Sidecar, service: &str, addrs: &[SocketAddr]) {
 
 /// The control plane with mesh `alpha` (STRICT mTLS) and `client` allowed to call each of
 /// `servers`.
+/// A client and two endpoints of `server` on one LAN with a control plane. Each server host
+/// (named by its label) runs an HTTP app answering with its label and a sidecar whose inbound
+/// is tagged `version`; the client host runs a sidecar. Fields drop in order: the sidecars
+/// first, then the apps, the control plane, the LAN and the hosts.
+struct TwoEndpoints {
+    client: Sidecar,
+    servers: [Sidecar; 2],
+    _apps: Runtime,
+    cp: ControlPlane,
+    _lan: weft_tests::Lan,
+    client_host: Host,
+    server_hosts: [Host; 2],
+    _cp_host: Host,
+}
+
+impl TwoEndpoints {
+    fn start(env: &Env, labels: [&'static str; 2], versions: [&str; 2]) -> TwoEndpoints {
+        let (cp_host, client_host) = (env.host("cp"), env.host("client"));
+        let server_hosts = labels.map(|label| env.host(label));
+        let lan = env
+            .net
+            .lan(&[&cp_host, &client_host, &server_hosts[0], &server_hosts[1]])
+            .expect("a LAN");
+        let cp = control_plane(env, &cp_host, &["server"]);
+        let apps = apps_runtime();
+        for (host, label) in server_hosts.iter().zip(labels) {
+            http_app(&apps, host, APP_PORT, label);
+        }
+        let servers = [0, 1].map(|i| {
+            Sidecar::start_tagged(
+                env,
+                &cp,
+                &server_hosts[i],
+                MESH,
+                &format!("server-{}", labels[i]),
+                "server",
+                APP_PORT,
+                "http",
+                &[("version", versions[i])],
+            )
+        });
+        let client = Sidecar::start(env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+        TwoEndpoints {
+            client,
+            servers,
+            _apps: apps,
+            cp,
+            _lan: lan,
+            client_host,
+            server_hosts,
+            _cp_host: cp_host,
+        }
+    }
+
+    /// The two apps' addresses, in the order of the labels.
+    fn app_addrs(&self) -> [SocketAddr; 2] {
+        self.server_hosts
+            .each_ref()
+            .map(|h| SocketAddr::from((h.ip(), APP_PORT)))
+    }
+}
+
 fn control_plane(env: &Env, host: &Host, servers: &[&str]) -> ControlPlane {
     let cp = ControlPlane::start(env, host);
     let mut yaml = mesh_yaml(MESH, true, "24h");
@@ -267,43 +354,9 @@ fn http1_and_h2c_clients_reach_their_apps_through_sidecars() {
 #[test]
 fn a_90_10_traffic_route_split_over_2000_requests_lands_within_3_points() {
     let env = env_or_skip!("a_90_10_traffic_route_split_over_2000_requests_lands_within_3_points");
-    let (cp_host, client_host, v1_host, v2_host) = (
-        env.host("cp"),
-        env.host("client"),
-        env.host("v1"),
-        env.host("v2"),
-    );
-    let _lan = env
-        .net
-        .lan(&[&cp_host, &client_host, &v1_host, &v2_host])
-        .expect("a LAN");
-    let cp = control_plane(&env, &cp_host, &["server"]);
-    let rt = apps_runtime();
-    http_app(&rt, &v1_host, APP_PORT, "v1");
-    http_app(&rt, &v2_host, APP_PORT, "v2");
-    let v1 = Sidecar::start_tagged(
-        &env,
-        &cp,
-        &v1_host,
-        MESH,
-        "server-v1",
-        "server",
-        APP_PORT,
-        "http",
-        &[("version", "v1")],
-    );
-    let v2 = Sidecar::start_tagged(
-        &env,
-        &cp,
-        &v2_host,
-        MESH,
-        "server-v2",
-        "server",
-        APP_PORT,
-        "http",
-        &[("version", "v2")],
-    );
-    let client = Sidecar::start(&env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+    let mesh = TwoEndpoints::start(&env, ["v1", "v2"], ["v1", "v2"]);
+    let (cp, client, client_host) = (&mesh.cp, &mesh.client, &mesh.client_host);
+    let [v1, v2] = &mesh.servers;
     cp.apply(
         env.dir(),
         &format!(
@@ -329,11 +382,10 @@ conf:
 "
         ),
     );
-    let v1_addr = SocketAddr::from((v1_host.ip(), APP_PORT));
-    let v2_addr = SocketAddr::from((v2_host.ip(), APP_PORT));
-    wait_for_endpoints(&client, "server", &[v1_addr, v2_addr]);
+    let [v1_addr, v2_addr] = mesh.app_addrs();
+    wait_for_endpoints(client, "server", &[v1_addr, v2_addr]);
     wait_for("the split to reach the client's sidecar", WAIT, || {
-        outbound(&client, "server").is_some_and(|o| {
+        outbound(client, "server").is_some_and(|o| {
             let weights: Vec<_> = o["defaultRoute"]
                 .as_array()
                 .map(|d| d.iter().map(|w| w["weight"].clone()).collect())
@@ -343,7 +395,7 @@ conf:
     });
 
     const REQUESTS: usize = 2000;
-    let counts = run_in(&client_host, Duration::from_secs(300), || async move {
+    let counts = run_in(client_host, Duration::from_secs(300), || async move {
         let client = http1_client();
         let url = format!("http://{v1_addr}/split");
         let mut counts: HashMap<String, usize> = HashMap::new();
@@ -418,19 +470,7 @@ fn websocket_echo_works_through_sidecars() {
             });
         }
     });
-    let _server = Sidecar::start_as(
-        &env,
-        &cp,
-        &hosts.server,
-        MESH,
-        "server",
-        "server",
-        APP_PORT,
-        "http",
-    );
-    let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
-    let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
-    wait_for_endpoints(&client, "server", &[to]);
+    let (_server, _client, to) = server_and_client(&env, &cp, &hosts, "http");
 
     run_in(&hosts.client, WAIT, || async move {
         let tcp = tokio::net::TcpStream::connect(to).await.expect("connect");
@@ -458,66 +498,7 @@ fn websocket_echo_works_through_sidecars() {
 
 mod grpc {
     use super::*;
-    use std::pin::Pin;
-    use tokio_stream::Stream;
-    use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
     use weft_api::proto as pb;
-    use weft_api::proto::discovery_server::{Discovery, DiscoveryServer};
-    use weft_api::proto::identity_server::{Identity, IdentityServer};
-
-    /// A small gRPC service (as in `http.rs`): Certify echoes the mesh back (unary, or an
-    /// error status for mesh "fail"); Stream answers each ack with a snapshot whose version
-    /// names it (bidirectional streaming).
-    struct Echo;
-
-    #[tonic::async_trait]
-    impl Identity for Echo {
-        async fn certify(
-            &self,
-            req: GrpcRequest<pb::CertifyRequest>,
-        ) -> Result<GrpcResponse<pb::CertifyResponse>, Status> {
-            let r = req.into_inner();
-            if r.mesh == "fail" {
-                return Err(Status::permission_denied("told to fail"));
-            }
-            Ok(GrpcResponse::new(pb::CertifyResponse {
-                cert_chain_pem: format!("mesh={} csr={}", r.mesh, r.csr.len()),
-                ..Default::default()
-            }))
-        }
-    }
-
-    type SnapStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
-
-    #[tonic::async_trait]
-    impl Discovery for Echo {
-        type StreamStream = SnapStream;
-        async fn stream(
-            &self,
-            req: GrpcRequest<Streaming<pb::DiscoveryRequest>>,
-        ) -> Result<GrpcResponse<SnapStream>, Status> {
-            let mut inbound = req.into_inner();
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tokio::spawn(async move {
-                while let Some(Ok(m)) = inbound.next().await {
-                    let version = match m.kind {
-                        Some(pb::discovery_request::Kind::Ack(a)) => a.version,
-                        _ => "other".into(),
-                    };
-                    let snap = pb::Snapshot {
-                        version: format!("echo-{version}"),
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(snap)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            Ok(GrpcResponse::new(Box::pin(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-            )))
-        }
-    }
 
     /// Issue 7: gRPC unary calls (an answer, and an error status in trailers) and a
     /// bidirectional stream go through the sidecars to an app declared `kuma.io/protocol:
@@ -531,25 +512,9 @@ mod grpc {
         let l = listen_in(&hosts.server, APP_PORT);
         rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
-            tonic::transport::Server::builder()
-                .add_service(IdentityServer::new(Echo))
-                .add_service(DiscoveryServer::new(Echo))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
-                .await
+            crate::grpc_echo::serve(l).await
         });
-        let _server = Sidecar::start_as(
-            &env,
-            &cp,
-            &hosts.server,
-            MESH,
-            "server",
-            "server",
-            APP_PORT,
-            "grpc",
-        );
-        let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
-        let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
-        wait_for_endpoints(&client, "server", &[to]);
+        let (_server, _client, to) = server_and_client(&env, &cp, &hosts, "grpc");
 
         run_in(&hosts.client, WAIT, || async move {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
@@ -768,16 +733,6 @@ fn transfer_app(rt: &Runtime, host: &Host, port: u16) {
     });
 }
 
-/// `VmRSS` of a process, in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 /// Samples the `VmRSS` of each of `pids` every 50 ms on a thread of its own until it is
 /// stopped; [`RssPeaks::stop`] gives the highest value seen for each.
 struct RssPeaks {
@@ -872,19 +827,7 @@ fn a_100_mib_upload_and_download_pass_with_sidecar_rss_growth_under_16_mib() {
     let cp = control_plane(&env, &hosts.cp, &["server"]);
     let rt = apps_runtime();
     transfer_app(&rt, &hosts.server, APP_PORT);
-    let server = Sidecar::start_as(
-        &env,
-        &cp,
-        &hosts.server,
-        MESH,
-        "server",
-        "server",
-        APP_PORT,
-        "http",
-    );
-    let client = Sidecar::start(&env, &cp, &hosts.client, MESH, "client", "client", APP_PORT);
-    let to = SocketAddr::from((hosts.server.ip(), APP_PORT));
-    wait_for_endpoints(&client, "server", &[to]);
+    let (server, client, to) = server_and_client(&env, &cp, &hosts, "http");
     let sidecars = [&client, &server];
     let pids = sidecars.map(|s| s.pid());
 
@@ -969,36 +912,8 @@ fn a_killed_endpoint_is_ejected_and_no_request_fails_after() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     let env = env_or_skip!("a_killed_endpoint_is_ejected_and_no_request_fails_after");
-    let (cp_host, client_host, a_host, b_host) = (
-        env.host("cp"),
-        env.host("client"),
-        env.host("a"),
-        env.host("b"),
-    );
-    let _lan = env
-        .net
-        .lan(&[&cp_host, &client_host, &a_host, &b_host])
-        .expect("a LAN");
-    let cp = control_plane(&env, &cp_host, &["server"]);
-    let rt = apps_runtime();
-    http_app(&rt, &a_host, APP_PORT, "a");
-    http_app(&rt, &b_host, APP_PORT, "b");
-    let tagged = |host: &Host, name: &str| {
-        Sidecar::start_tagged(
-            &env,
-            &cp,
-            host,
-            MESH,
-            name,
-            "server",
-            APP_PORT,
-            "http",
-            &[("version", "v1")],
-        )
-    };
-    let _a = tagged(&a_host, "server-a");
-    let mut b = tagged(&b_host, "server-b");
-    let client = Sidecar::start(&env, &cp, &client_host, MESH, "client", "client", APP_PORT);
+    let mut mesh = TwoEndpoints::start(&env, ["a", "b"], ["v1", "v1"]);
+    let (cp, client, client_host) = (&mesh.cp, &mesh.client, &mesh.client_host);
     cp.apply(
         env.dir(),
         &format!(
@@ -1019,11 +934,10 @@ conf:
 "
         ),
     );
-    let a_addr = SocketAddr::from((a_host.ip(), APP_PORT));
-    let b_addr = SocketAddr::from((b_host.ip(), APP_PORT));
-    wait_for_endpoints(&client, "server", &[a_addr, b_addr]);
+    let [a_addr, b_addr] = mesh.app_addrs();
+    wait_for_endpoints(client, "server", &[a_addr, b_addr]);
     wait_for("round robin to reach the client's sidecar", WAIT, || {
-        outbound(&client, "server").is_some_and(|o| o["loadBalancer"]["kind"] == 1)
+        outbound(client, "server").is_some_and(|o| o["loadBalancer"]["kind"] == 1)
     });
 
     /// Requests before the kill, all of which must succeed on both endpoints.
@@ -1059,8 +973,8 @@ conf:
     });
     wait_for(&format!("{BEFORE} requests"), WAIT, || done() >= BEFORE);
     let killed_at = done();
-    b.signal(nix::sys::signal::Signal::SIGKILL);
-    b.wait(WAIT);
+    mesh.servers[1].signal(nix::sys::signal::Signal::SIGKILL);
+    mesh.servers[1].wait(WAIT);
     let exited_at = done();
     let settled_at = exited_at + SETTLE;
     limit.store(settled_at + AFTER, Ordering::SeqCst);
