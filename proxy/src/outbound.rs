@@ -16,7 +16,7 @@ use crate::copy::{ReadReady, copy_bidirectional};
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
 use crate::detect::{Detection, Protocol, detect};
-use crate::http::PrefixedIo;
+use crate::http::{CONNECT_ATTEMPTS, PrefixedIo};
 use crate::listen::{self, OwnSocketEntry};
 use crate::telemetry::Direction;
 use std::io;
@@ -24,9 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// How many endpoints a connection tries before it gives up.
-const CONNECT_ATTEMPTS: usize = 3;
 
 /// A connection redirected to the transparent outbound listener.
 pub(crate) async fn transparent(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
@@ -143,7 +140,7 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
         forward(shared, client, tunnel, detection.prefix).await
     } else {
         // Boxed: the set-up's state is freed once the connection settles into copying.
-        let Some((_, _, up, _own)) = Box::pin(connect_endpoint(shared, cfg, service)).await else {
+        let Some((up, _own)) = Box::pin(connect_endpoint(shared, cfg, service)).await else {
             return;
         };
         _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());
@@ -162,11 +159,11 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
 
 /// Connects to an endpoint of `service`, trying others on connect errors; an endpoint that
 /// cannot be reached is ejected for a while.
-async fn connect_endpoint<'c>(
+async fn connect_endpoint(
     shared: &Shared,
-    cfg: &'c ProxyConfig,
+    cfg: &ProxyConfig,
     service: &str,
-) -> Option<(&'c str, SocketAddr, TcpStream, OwnSocketEntry)> {
+) -> Option<(TcpStream, OwnSocketEntry)> {
     let svc = cfg.services.get(service)?;
     let mut failed = Vec::new();
     for attempt in 1..=CONNECT_ATTEMPTS {
@@ -179,7 +176,7 @@ async fn connect_endpoint<'c>(
             Ok(s) => {
                 target.endpoint.connect_succeeded();
                 let own = shared.own.register(&s);
-                return Some((target.service, endpoint, s, own));
+                return Some((s, own));
             }
             Err(e) => {
                 target.endpoint.connect_failed();

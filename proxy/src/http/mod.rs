@@ -51,7 +51,7 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// (apps that stop reading) starve every other stream on the connection. It is credit, not
 /// memory: only unread data takes memory, at most [`STREAM_WINDOW`] per stream.
 pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * (pool::TUNNELS_PER_CONNECTION as u32 + 28);
-/// How many endpoints a request tries to connect to before it fails.
+/// How many endpoints a request or an opaque connection tries to connect to before it fails.
 pub const CONNECT_ATTEMPTS: usize = 3;
 
 /// Internal header from the outbound to the inbound proxy: the calling app spoke HTTP/1.x, so

@@ -13,6 +13,7 @@
 
 use crate::copy::ReadReady;
 use crate::datapath::Shared;
+use crate::http::CONNECT_ATTEMPTS;
 use crate::http::body::Body;
 use crate::http::pool::TunnelSlot;
 use crate::route::Service;
@@ -30,9 +31,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The `:protocol` of a tunnel's extended CONNECT. Reserved: an app's own Upgrade to this
 /// protocol is refused by the outbound proxy.
 pub const PROTOCOL: &str = "weft-tcp";
-
-/// How many endpoints a tunnel tries before it gives up.
-const ATTEMPTS: usize = 3;
 
 /// Whether a request from a mesh peer opens an opaque-TCP tunnel.
 pub(crate) fn is_tunnel<B>(req: &Request<B>) -> bool {
@@ -81,7 +79,7 @@ pub(crate) async fn open(
     timeout: Duration,
 ) -> Result<Tunnel, OpenError> {
     let mut failed: Vec<SocketAddr> = Vec::new();
-    for _ in 0..ATTEMPTS {
+    for _ in 0..CONNECT_ATTEMPTS {
         let Some(target) = svc.pick(&failed) else {
             break;
         };
