@@ -510,7 +510,11 @@ fn validate_traffic_route(r: &TrafficRouteSpec) -> Result {
             )?;
         }
         if let Some(method) = &m.method {
-            validate_method(&format!("{p}.match.method"), method)?;
+            let mp = format!("{p}.match.method");
+            match method.exact() {
+                Some(name) => validate_method(&mp, name)?,
+                None => fail(mp, "only `exact` method matches are supported")?,
+            }
         }
         if let Some(path) = &m.path {
             validate_string_match(&format!("{p}.match.path"), path)?;

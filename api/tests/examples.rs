@@ -58,3 +58,21 @@ fn kubernetes_form_equals_universal_form() {
     .unwrap();
     assert_eq!(tp_universal[0].resource, tp_k8s[0].resource);
 }
+
+#[test]
+fn a_traffic_route_method_may_be_a_name_or_a_kuma_string_match() {
+    for method in ["POST", "{exact: POST}"] {
+        let doc = format!(
+            "type: TrafficRoute\nmesh: default\nname: r\nsources: [{{match: {{kuma.io/service: a}}}}]\n\
+             destinations: [{{match: {{kuma.io/service: b}}}}]\nconf:\n  destination: {{kuma.io/service: b}}\n  \
+             http:\n  - match:\n      method: {method}\n    destination: {{kuma.io/service: b}}\n"
+        );
+        let docs =
+            weft_api::parse::parse_documents(&doc).unwrap_or_else(|e| panic!("{method}: {e}"));
+        let weft_api::Spec::TrafficRoute(r) = &docs[0].resource.spec else {
+            panic!("a TrafficRoute")
+        };
+        let m = r.conf.http[0].matcher.method.as_ref().expect("a method");
+        assert_eq!(m.exact(), Some("POST"), "{method}");
+    }
+}

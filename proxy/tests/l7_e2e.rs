@@ -14,7 +14,8 @@
 //! when it fails (then the tail of every process's log is printed).
 //!
 //! The tests: HTTP/1.1 and h2c clients reaching apps declared `http` and `http2`, and each
-//! the other way round; a 90/10 TrafficRoute split over 2,000 requests; WebSocket echo; gRPC
+//! the other way round; a 90/10 TrafficRoute split over 2,000 requests; path, method and
+//! header matches of a TrafficRoute and a MeshHTTPRoute; WebSocket echo; gRPC
 //! unary and bidirectional streaming; a 100 MiB upload and download with each sidecar's RSS
 //! growth under 16 MiB; and one of two endpoints killed mid-run (its sidecar), after which no
 //! request fails.
@@ -129,11 +130,16 @@ fn answer(name: &str, req: &Request<Incoming>) -> Response<AppBody> {
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    Response::new(full(format!(
+    let mut resp = Response::new(full(format!(
         "{name} {:?} {} host={host}",
         req.version(),
         req.uri().path()
-    )))
+    )));
+    // What a route's header modifier set on the way in, for the tests to see.
+    if let Some(v) = req.headers().get("x-routed") {
+        resp.headers_mut().insert("x-routed", v.clone());
+    }
+    resp
 }
 
 fn http1_client() -> Client<HttpConnector, AppBody> {
@@ -148,18 +154,38 @@ fn h2c_client() -> Client<HttpConnector, AppBody> {
 
 /// `GET url`: (status, body).
 async fn get(client: &Client<HttpConnector, AppBody>, url: &str) -> (StatusCode, String) {
-    let req = Request::get(url).body(full("")).expect("a request");
+    let (status, _, body) = get_with(client, "GET", url, &[]).await;
+    (status, body)
+}
+
+/// `method url` with `headers`: (status, the response's `x-routed` header, body).
+async fn get_with(
+    client: &Client<HttpConnector, AppBody>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Option<String>, String) {
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(full("")).expect("a request");
     let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
         .await
-        .unwrap_or_else(|_| panic!("no response to GET {url} in time"))
-        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+        .unwrap_or_else(|_| panic!("no response to {method} {url} in time"))
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
     let status = resp.status();
+    let routed = resp
+        .headers()
+        .get("x-routed")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
         .await
         .expect("the body in time")
         .expect("the body")
         .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, routed, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The outbound for `service` in a sidecar's `/config`, if it has one.
@@ -443,6 +469,128 @@ conf:
             sidecar.name
         );
     }
+}
+
+/// Issue 7: path, method and header matches of a TrafficRoute and a MeshHTTPRoute pick the
+/// subset (`version: v1|v2`) they name, the MeshHTTPRoute's header modifier reaches the app,
+/// and requests no rule matches take the default destination (v1).
+#[test]
+fn path_and_header_matches_pick_the_right_subset() {
+    let env = env_or_skip!("path_and_header_matches_pick_the_right_subset");
+    let mesh = TwoEndpoints::start(&env, ["v1", "v2"], ["v1", "v2"]);
+    let (cp, client, client_host) = (&mesh.cp, &mesh.client, &mesh.client_host);
+    cp.apply(
+        env.dir(),
+        &format!(
+            "type: TrafficRoute
+mesh: {MESH}
+name: server-by-path-and-header
+sources:
+  - match:
+      kuma.io/service: client
+destinations:
+  - match:
+      kuma.io/service: server
+conf:
+  http:
+    - match:
+        path:
+          prefix: /beta
+      destination:
+        kuma.io/service: server
+        version: v2
+    - match:
+        method:
+          exact: POST
+        headers:
+          x-canary:
+            exact: \"yes\"
+      destination:
+        kuma.io/service: server
+        version: v2
+  destination:
+    kuma.io/service: server
+    version: v1
+---
+type: MeshHTTPRoute
+mesh: {MESH}
+name: server-numbered
+spec:
+  targetRef:
+    kind: MeshService
+    name: client
+  to:
+    - targetRef:
+        kind: MeshService
+        name: server
+      rules:
+        - matches:
+            - path:
+                type: RegularExpression
+                value: \"^/items/[0-9]+$\"
+          default:
+            filters:
+              - type: RequestHeaderModifier
+                requestHeaderModifier:
+                  set:
+                    - name: x-routed
+                      value: numbered
+            backendRefs:
+              - kind: MeshServiceSubset
+                name: server
+                tags:
+                  version: v2
+                weight: 1
+"
+        ),
+    );
+    let [v1_addr, v2_addr] = mesh.app_addrs();
+    wait_for_endpoints(client, "server", &[v1_addr, v2_addr]);
+    wait_for("both routes to reach the client's sidecar", WAIT, || {
+        outbound(client, "server").is_some_and(|o| {
+            o["httpRules"].as_array().map_or(0, Vec::len) == 3
+                && o["defaultRoute"].to_string().contains("v1")
+        })
+    });
+
+    /// (method, path, headers, the version that must answer, the x-routed the app must see)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+        Option<&'static str>,
+    );
+    let cases: [Case; 8] = [
+        ("GET", "/beta", &[], "v2", None),
+        ("GET", "/beta/deeper", &[], "v2", None),
+        ("POST", "/other", &[("x-canary", "yes")], "v2", None),
+        ("GET", "/other", &[("x-canary", "yes")], "v1", None),
+        ("POST", "/other", &[("x-canary", "no")], "v1", None),
+        ("GET", "/items/42", &[], "v2", Some("numbered")),
+        ("GET", "/items/forty-two", &[], "v1", None),
+        ("GET", "/alpha", &[], "v1", None),
+    ];
+    let failures = run_in(client_host, Duration::from_secs(60), || async move {
+        let client = http1_client();
+        let mut failures = Vec::new();
+        // Several rounds, so a right answer cannot come from a lucky pick.
+        for _ in 0..10 {
+            for (method, path, headers, version, routed) in cases {
+                let url = format!("http://{v1_addr}{path}");
+                let (status, seen, body) = get_with(&client, method, &url, headers).await;
+                let answered = body.split(' ').next().unwrap_or_default();
+                if status != StatusCode::OK || answered != version || seen.as_deref() != routed {
+                    failures.push(format!(
+                        "{method} {path} {headers:?}: {status} {body:?} x-routed={seen:?}, \
+                         expected {version} x-routed={routed:?}"
+                    ));
+                }
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// Issue 7: a WebSocket (an HTTP/1.1 upgrade to an app declared `kuma.io/protocol: http`)

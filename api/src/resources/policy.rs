@@ -95,15 +95,37 @@ pub struct HttpRoute {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpMatch {
-    /// Request method.
+    /// Request method: `POST`, or as Kuma writes it, `{exact: POST}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<MethodMatch>,
     /// Request path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<StringMatch>,
     /// Request headers, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, StringMatch>,
+}
+
+/// The method of a TrafficRoute `http[].match`: Kuma writes it as a [`StringMatch`];
+/// a plain method name is accepted too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MethodMatch {
+    /// `method: POST`.
+    Name(String),
+    /// `method: {exact: POST}`. Only `exact` is supported: validation rejects `prefix` and
+    /// `regex`, which match no more than a list of methods would.
+    Match(StringMatch),
+}
+
+impl MethodMatch {
+    /// The method to match exactly, or `None` for a `prefix` or `regex` match.
+    pub fn exact(&self) -> Option<&str> {
+        match self {
+            MethodMatch::Name(m) => Some(m),
+            MethodMatch::Match(m) => m.exact.as_deref(),
+        }
+    }
 }
 
 /// Exactly one of `prefix`, `exact` or `regex`.

@@ -129,7 +129,12 @@ fn apply_traffic_route(out: &mut pb::OutboundService, class: &RouteClass, view: 
         out.http_rules.push(pb::HttpRule {
             r#match: Some(pb::HttpMatch {
                 path: m.path.as_ref().map(string_match_of),
-                method: m.method.clone().unwrap_or_default(),
+                method: m
+                    .method
+                    .as_ref()
+                    .and_then(|m| m.exact())
+                    .unwrap_or_default()
+                    .to_string(),
                 headers: m
                     .headers
                     .iter()
