@@ -186,9 +186,12 @@ struct MeshArgs {
     #[arg(long, value_delimiter = ',', default_value = "http,tcp")]
     modes: Vec<String>,
     /// What the app speaks, one group of paths each: http1 (HTTP/1.1
-    /// keep-alive), h2 (h2c), grpc (unary echo). Peers, tcp mode and the
-    /// telemetry paths are HTTP/1.1 only.
-    #[arg(long, value_delimiter = ',', default_value = "http1,h2,grpc")]
+    /// keep-alive), h2 (h2c), grpc (unary echo), tcp (raw TCP ping-pong of
+    /// --body-size bytes against an echo: paths direct-echo, weft-echo-tcp,
+    /// haproxy-echo-tcp, nginx-echo-tcp, tcp mode only). h2 and grpc are
+    /// proxied in http mode only; peers and the telemetry paths are
+    /// HTTP/1.1 only, except the peers' tcp mode for tcp.
+    #[arg(long, value_delimiter = ',', default_value = "http1,h2,grpc,tcp")]
     protocols: Vec<String>,
     /// Repeated rounds; figures are medians (default 3, 1 with --quick).
     #[arg(long)]
@@ -211,7 +214,8 @@ struct MeshArgs {
     /// Connections of the latency runs.
     #[arg(long, default_value_t = 16)]
     latency_connections: usize,
-    /// Upstream response body bytes.
+    /// Upstream response body bytes (HTTP body, gRPC reply), and the size
+    /// of each tcp ping-pong message.
     #[arg(long, default_value_t = 1024)]
     body_size: usize,
     /// Skip the weft paths.
@@ -482,7 +486,7 @@ fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
         match AppProtocol::parse(p) {
             Some(p) if !cfg.protocols.contains(&p) => cfg.protocols.push(p),
             Some(_) => {}
-            None => bail!("unknown protocol {p:?} (known: http1, h2, grpc)"),
+            None => bail!("unknown protocol {p:?} (known: http1, h2, grpc, tcp)"),
         }
     }
     cfg.rounds = args.rounds.unwrap_or(cfg.rounds);
@@ -626,7 +630,11 @@ mod tests {
     #[test]
     fn mesh_protocols_parse() {
         let all = mesh_config(&mesh_args(&["--quick"])).unwrap();
-        assert_eq!(all.protocols, AppProtocol::ALL);
+        assert_eq!(all.protocols, AppProtocol::DEFAULT);
+        let full = mesh_config(&mesh_args(&[])).unwrap();
+        assert_eq!(full.protocols, AppProtocol::DEFAULT);
+        let tcp = mesh_config(&mesh_args(&["--protocols", "tcp"])).unwrap();
+        assert_eq!(tcp.protocols, [AppProtocol::Tcp]);
         let some = mesh_config(&mesh_args(&["--protocols", "grpc,h2,grpc"])).unwrap();
         assert_eq!(some.protocols, [AppProtocol::Grpc, AppProtocol::H2]);
         let err = mesh_config(&mesh_args(&["--protocols", "http3"])).unwrap_err();

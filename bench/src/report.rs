@@ -381,8 +381,14 @@ impl MeshReport {
                 ""
             },
         );
+        // As wide as the longest name (`haproxy-echo-tcp`), at least 12.
+        let w = self
+            .paths
+            .iter()
+            .map(|p| p.summary.name.chars().count())
+            .fold(12, usize::max);
         out.push_str(&format!(
-            "{:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13} {:>9} {:>7}\n",
+            "{:<w$} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13} {:>9} {:>7}\n",
             "path",
             "req/s",
             "×direct",
@@ -411,7 +417,7 @@ impl MeshReport {
                 )
             };
             out.push_str(&format!(
-                "{:<12} {:>9.0} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>13} {:>9} {:>7}\n",
+                "{:<w$} {:>9.0} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>13} {:>9} {:>7}\n",
                 sm.name,
                 sm.rps,
                 p.rps_vs_direct,
@@ -447,7 +453,7 @@ fn protocol_title(p: Protocol) -> &'static str {
         Protocol::Http1 => "HTTP/1.1 keep-alive",
         Protocol::H2 => "h2c",
         Protocol::Grpc => "gRPC unary",
-        Protocol::Tcp => "TCP",
+        Protocol::Tcp => "raw TCP ping-pong",
     }
 }
 
@@ -557,11 +563,28 @@ mod tests {
                 spin: true,
                 weft_transparent: false,
             },
-            paths: vec![path],
+            paths: vec![path.clone()],
             notes: vec![],
             failures: vec![],
         };
         assert!(report.to_table().contains("direct"));
+        // A long name widens the path column for every row.
+        let mut long = path;
+        long.summary.name = "haproxy-echo-tcp".into();
+        long.summary.protocol = Protocol::Tcp;
+        let wide = MeshReport {
+            paths: vec![report.paths[0].clone(), long],
+            ..report.clone()
+        };
+        let table = wide.to_table();
+        for name in ["path", "direct", "haproxy-echo-tcp"] {
+            let padded = format!("{name:<16} ");
+            assert!(
+                table.lines().any(|l| l.starts_with(&padded)),
+                "{name} not in a 16-wide column:\n{table}"
+            );
+        }
+        assert!(table.contains("raw TCP ping-pong"), "{table}");
         let v = serde_json::to_value(&report).unwrap();
         for key in ["date", "machine", "rounds", "paths"] {
             assert!(v.get(key).is_some(), "{key}");

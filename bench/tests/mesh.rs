@@ -1,6 +1,7 @@
 //! `weft-bench mesh --quick` end to end: every path that ran carried
-//! traffic without errors, for each protocol (HTTP/1.1, h2c, gRPC) the
-//! direct path and, when weft ran, the weft path. No timing assertions: the
+//! traffic without errors, for each protocol (HTTP/1.1, h2c, gRPC, raw TCP
+//! ping-pong) the direct path and, when weft ran, the weft path. No timing
+//! assertions: the
 //! figures depend on the machine. Needs root (network namespaces); skipped
 //! visibly otherwise.
 
@@ -65,24 +66,31 @@ fn quick_mesh_run_carries_traffic_on_every_path() {
         "direct is always measured first"
     );
     let names: Vec<&str> = paths.iter().filter_map(|p| p["name"].as_str()).collect();
-    let mut expected = vec!["direct", "direct-h2", "direct-grpc"];
+    let mut expected = vec!["direct", "direct-h2", "direct-grpc", "direct-echo"];
     // weft is skipped (with a note) when its binaries are not beside
-    // weft-bench; when it runs, it runs for every protocol.
+    // weft-bench; when it runs, it runs for every protocol (raw TCP in tcp
+    // mode only).
     if names.contains(&"weft") {
-        expected.extend(["weft-h2", "weft-grpc"]);
+        expected.extend(["weft-h2", "weft-grpc", "weft-echo-tcp"]);
     }
     for want in expected {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     for p in paths {
         let name = p["name"].as_str().expect("name");
+        // `-echo` names raw TCP; a trailing `-tcp` is the proxy mode.
         let protocol = if name.ends_with("-h2") {
             "h2"
         } else if name.ends_with("-grpc") {
             "grpc"
+        } else if name.contains("-echo") {
+            "tcp"
         } else {
             "http1"
         };
+        if protocol == "tcp" && p["proxy_mode"] != "none" {
+            assert_eq!(p["proxy_mode"], "tcp", "{name}: raw TCP in tcp mode only");
+        }
         assert_eq!(p["protocol"], protocol, "{name}: protocol");
         let num = |key: &str| {
             p[key]

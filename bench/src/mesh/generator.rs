@@ -1,7 +1,8 @@
 //! The load generator's side of a path: what it calls ([`Target`]), the
 //! client of the path's protocol (HTTP/1.1 or h2c over hyper, gRPC over
-//! tonic), the probe that waits until a request passes, and load runs. All
-//! of it runs in-process on threads that joined the client namespace.
+//! tonic, raw TCP ping-pong), the probe that waits until a request passes,
+//! and load runs. All of it runs in-process on threads that joined the
+//! client namespace.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use crate::grpc::GrpcClient;
 use crate::http::{HttpClient, Version};
 use crate::load::{self, Client, LoadConfig, Measurement};
+use crate::tcp::PingPongClient;
 
 use super::topology::Topology;
 use super::{AppProtocol, MeshError};
@@ -21,7 +23,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// What it speaks.
     pub protocol: AppProtocol,
-    /// The reply size a gRPC call asks for (the HTTP body's size).
+    /// The reply size a gRPC call asks for (the HTTP body's size), and
+    /// the size of each raw TCP ping-pong message.
     pub body_size: usize,
 }
 
@@ -47,6 +50,17 @@ impl Target {
         }
         Ok(GrpcClient::new(self.addr, 0, size))
     }
+
+    /// The raw TCP ping-pong client: `body_size` bytes out, the same bytes
+    /// back from the echo; one round trip is one request.
+    fn tcp_client(self) -> Result<PingPongClient, MeshError> {
+        if self.body_size == 0 {
+            return Err(MeshError::Config(
+                "tcp paths need --body-size of at least 1 (the ping-pong message)".into(),
+            ));
+        }
+        Ok(PingPongClient::new(self.addr, self.body_size))
+    }
 }
 
 /// Runs the generator in-process on threads inside the client namespace.
@@ -63,6 +77,7 @@ pub fn run_load(
         )?),
         AppProtocol::H2 => Ok(load::run(Arc::new(target.http_client(Version::H2)?), &cfg)?),
         AppProtocol::Grpc => Ok(load::run(Arc::new(target.grpc_client()?), &cfg)?),
+        AppProtocol::Tcp => Ok(load::run(Arc::new(target.tcp_client()?), &cfg)?),
     })?
 }
 
@@ -85,6 +100,10 @@ pub fn wait_request_ok(topo: &Topology, target: Target, timeout: Duration) -> Re
                 AppProtocol::H2 => http(Version::H2),
                 AppProtocol::Grpc => {
                     let client = target.grpc_client().map_err(|e| e.to_string())?;
+                    rt.block_on(first_ok(&client, timeout))
+                }
+                AppProtocol::Tcp => {
+                    let client = target.tcp_client().map_err(|e| e.to_string())?;
                     rt.block_on(first_ok(&client, timeout))
                 }
             }

@@ -9,7 +9,10 @@
 //!   done by the installed peers ([`peers`]), as in the peer baseline;
 //! - `direct-h2`, `weft-h2`, `direct-grpc`, `weft-grpc`: the same for h2c
 //!   and gRPC unary ([`AppProtocol`]), the weft inbound tagged `http2` or
-//!   `grpc` so that it speaks h2c to the upstream.
+//!   `grpc` so that it speaks h2c to the upstream;
+//! - `direct-echo`, `weft-echo-tcp`, `haproxy-echo-tcp`, `nginx-echo-tcp`:
+//!   raw TCP ping-pong against the upstream's TCP echo, through the
+//!   proxies in TCP mode only (`weft-tcp` stays HTTP/1.1 over opaque TCP).
 //!
 //! Paths are grouped by the app's protocol; each group's ratios (× direct,
 //! added latency) are to the direct path of the same protocol.
@@ -42,7 +45,7 @@ use crate::report::{self, MeshReport, MeshSettings, Mode, PathReport, Protocol, 
 use crate::stats::ErrorCounts;
 use generator::{Target, run_load, wait_request_ok};
 use procstat::Usage;
-use topology::{GRPC_PORT, Topology, TopologyOptions, UPSTREAM_PORT};
+use topology::{GRPC_PORT, TCP_ECHO_PORT, Topology, TopologyOptions, UPSTREAM_PORT};
 
 /// What can stop a mesh run.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +97,7 @@ impl MeshError {
     }
 }
 
-/// How a proxy pair handles the app's HTTP/1.1.
+/// How a proxy pair handles the app's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyMode {
     /// The proxies parse HTTP (and pool connections between them).
@@ -132,19 +135,59 @@ pub enum AppProtocol {
     /// gRPC unary echo (`weft.bench.v1.Echo/Unary`) over h2c, a reply as
     /// large as the HTTP body, from the upstream's gRPC listener.
     Grpc,
+    /// Raw TCP ping-pong: write `--body-size` bytes, read them back from
+    /// the upstream's TCP echo; one round trip is one request. Proxies
+    /// carry it in TCP mode only.
+    Tcp,
 }
 
 impl AppProtocol {
     /// Every protocol, in report order.
-    pub const ALL: [AppProtocol; 3] = [AppProtocol::Http1, AppProtocol::H2, AppProtocol::Grpc];
+    pub const ALL: [AppProtocol; 4] = [
+        AppProtocol::Http1,
+        AppProtocol::H2,
+        AppProtocol::Grpc,
+        AppProtocol::Tcp,
+    ];
 
-    /// `http1`, `h2` or `grpc`: the `--protocols` entry and the report's
-    /// `protocol`.
+    /// The default of `--protocols` (also with `--quick`): every protocol,
+    /// raw TCP included, as its four paths keep `--quick` under 60 s
+    /// ([`MeshConfig::quick`]).
+    pub const DEFAULT: [AppProtocol; 4] = AppProtocol::ALL;
+
+    /// `http1`, `h2`, `grpc` or `tcp`: the `--protocols` entry and the
+    /// report's `protocol`.
     pub fn name(self) -> &'static str {
         match self {
             AppProtocol::Http1 => "http1",
             AppProtocol::H2 => "h2",
             AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+        }
+    }
+
+    /// The protocol's part of a path name: none for HTTP/1.1, `h2`,
+    /// `grpc`, and `echo` for raw TCP (not `tcp`, which in a path name
+    /// means opaque proxying: `weft-tcp` is HTTP/1.1 through weft in TCP
+    /// mode, `weft-echo-tcp` raw TCP through it).
+    pub fn path_tag(self) -> Option<&'static str> {
+        match self {
+            AppProtocol::Http1 => None,
+            AppProtocol::H2 => Some("h2"),
+            AppProtocol::Grpc => Some("grpc"),
+            AppProtocol::Tcp => Some("echo"),
+        }
+    }
+
+    /// Whether paths of this protocol go through proxies in `mode`:
+    /// HTTP/1.1 in both; h2c and gRPC in HTTP mode only (opaque bytes cost
+    /// the same whatever the app speaks, and `weft-tcp` measures them);
+    /// raw TCP in TCP mode only (there is no HTTP to parse).
+    pub fn proxied_in(self, mode: ProxyMode) -> bool {
+        match self {
+            AppProtocol::Http1 => true,
+            AppProtocol::H2 | AppProtocol::Grpc => mode == ProxyMode::Http,
+            AppProtocol::Tcp => mode == ProxyMode::Tcp,
         }
     }
 
@@ -159,16 +202,18 @@ impl AppProtocol {
             AppProtocol::Http1 => Protocol::Http1,
             AppProtocol::H2 => Protocol::H2,
             AppProtocol::Grpc => Protocol::Grpc,
+            AppProtocol::Tcp => Protocol::Tcp,
         }
     }
 
     /// The `kuma.io/protocol` tag of a weft inbound that parses this
-    /// protocol (and speaks it to the app).
+    /// protocol (and speaks it to the app); `tcp` for raw TCP.
     pub fn tag(self) -> &'static str {
         match self {
             AppProtocol::Http1 => "http",
             AppProtocol::H2 => "http2",
             AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
         }
     }
 
@@ -177,6 +222,7 @@ impl AppProtocol {
         match self {
             AppProtocol::Http1 | AppProtocol::H2 => UPSTREAM_PORT,
             AppProtocol::Grpc => GRPC_PORT,
+            AppProtocol::Tcp => TCP_ECHO_PORT,
         }
     }
 }
@@ -220,24 +266,29 @@ pub enum PathKind {
     /// weft-proxy pair (HTTP/1.1, HTTP mode) with the mesh's observability
     /// backends on.
     WeftObserved(Observability),
-    /// A peer's pair (HTTP/1.1).
-    Peer(peers::PeerKind, ProxyMode),
+    /// A peer's pair (HTTP/1.1 in either mode, raw TCP in TCP mode).
+    Peer(peers::PeerKind, AppProtocol, ProxyMode),
 }
 
 impl PathKind {
-    /// The report name: `direct`, `weft`, `weft-tcp`, `haproxy-tcp`,
-    /// `direct-h2`, `weft-grpc`, ...: the proxy, then the protocol unless
-    /// HTTP/1.1, then `-tcp` for opaque proxying.
+    /// The report name: the proxy (`direct`, `weft`, `haproxy`, `nginx`),
+    /// then `-` and the protocol's [`AppProtocol::path_tag`] unless
+    /// HTTP/1.1, then `-tcp` for opaque (TCP mode) proxying; `weft+<o>`
+    /// for the observed weft paths. So `direct`, `weft`, `weft-tcp`,
+    /// `haproxy-tcp` are HTTP/1.1 (`-tcp`: through proxies in TCP mode),
+    /// `direct-h2`, `weft-grpc`, `weft-h2-tcp` h2c and gRPC, and
+    /// `direct-echo`, `weft-echo-tcp`, `haproxy-echo-tcp`,
+    /// `nginx-echo-tcp` raw TCP ping-pong against the upstream's echo.
     pub fn name(self) -> String {
         let (base, protocol, mode) = match self {
             PathKind::Direct(p) => ("direct", p, ProxyMode::Http),
             PathKind::WeftObserved(o) => return format!("weft+{}", o.name()),
             PathKind::Weft(p, m) => ("weft", p, m),
-            PathKind::Peer(peer, m) => (peer.name(), AppProtocol::Http1, m),
+            PathKind::Peer(peer, p, m) => (peer.name(), p, m),
         };
         let mut name = base.to_owned();
-        if protocol != AppProtocol::Http1 {
-            name = format!("{name}-{}", protocol.name());
+        if let Some(tag) = protocol.path_tag() {
+            name = format!("{name}-{tag}");
         }
         if mode == ProxyMode::Tcp {
             name.push_str("-tcp");
@@ -248,8 +299,8 @@ impl PathKind {
     /// What the app speaks on this path.
     pub fn protocol(self) -> AppProtocol {
         match self {
-            PathKind::Direct(p) | PathKind::Weft(p, _) => p,
-            PathKind::WeftObserved(_) | PathKind::Peer(..) => AppProtocol::Http1,
+            PathKind::Direct(p) | PathKind::Weft(p, _) | PathKind::Peer(_, p, _) => p,
+            PathKind::WeftObserved(_) => AppProtocol::Http1,
         }
     }
 
@@ -257,7 +308,7 @@ impl PathKind {
         match self {
             PathKind::Direct(_) => None,
             PathKind::WeftObserved(_) => Some(ProxyMode::Http),
-            PathKind::Weft(_, m) | PathKind::Peer(_, m) => Some(m),
+            PathKind::Weft(_, m) | PathKind::Peer(_, _, m) => Some(m),
         }
     }
 }
@@ -362,10 +413,12 @@ pub struct MeshConfig {
     pub connections: usize,
     /// Connections of the latency runs (oha -c16 in the baseline).
     pub latency_connections: usize,
-    /// Upstream response body bytes (HTTP body, gRPC reply payload).
+    /// Upstream response body bytes (HTTP body, gRPC reply payload); the
+    /// size of each raw TCP ping-pong message.
     pub body_size: usize,
-    /// What the app speaks: one group of paths per protocol. Peers and
-    /// the observed weft paths are HTTP/1.1 only.
+    /// What the app speaks: one group of paths per protocol. The observed
+    /// weft paths are HTTP/1.1 only, the peers HTTP/1.1 and raw TCP (in
+    /// TCP mode).
     pub protocols: Vec<AppProtocol>,
     /// Measure the weft paths (when the binaries are found).
     pub weft: bool,
@@ -405,7 +458,7 @@ impl MeshConfig {
             connections: 32,
             latency_connections: 16,
             body_size: 1024,
-            protocols: AppProtocol::ALL.to_vec(),
+            protocols: AppProtocol::DEFAULT.to_vec(),
             weft: true,
             weft_bin_dir,
             weft_transparent: false,
@@ -420,7 +473,9 @@ impl MeshConfig {
     }
 
     /// The smoke check: one round of 1 s runs, under 60 s for all paths
-    /// of all protocols (13 with both peers installed, about 3 s each).
+    /// of all protocols (17 with both peers installed, about 3 s each: the
+    /// raw TCP group's four add about 12 s; 53 s in all on a 2-core
+    /// machine, debug build, while other tests ran beside it).
     pub fn quick(self_exe: PathBuf) -> MeshConfig {
         MeshConfig {
             rounds: 1,
@@ -460,6 +515,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         return Err(MeshError::Config("no protocol to measure".into()));
     }
     let http1 = cfg.protocols.contains(&AppProtocol::Http1);
+    let raw_tcp = cfg.protocols.contains(&AppProtocol::Tcp);
     let weft_bins = if cfg.weft {
         match weft::find(&cfg.weft_bin_dir) {
             Ok(b) => {
@@ -480,18 +536,19 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
         None
     };
     let mut installed = Vec::new();
-    let mut peer_paths = Vec::new();
-    for &kind in cfg.peers.iter().filter(|_| http1) {
+    let mut peer_modes = Vec::new();
+    let peer_protocols = http1 || (raw_tcp && cfg.modes.contains(&ProxyMode::Tcp));
+    for &kind in cfg.peers.iter().filter(|_| peer_protocols) {
         match peers::find(kind) {
             Ok(p) => {
                 for &m in &cfg.modes {
                     if m == ProxyMode::Tcp
                         && let Some(why) = &p.no_tcp
                     {
-                        note(format!("skipping {}-tcp: {why}", kind.name()), log);
+                        note(format!("skipping {}'s tcp mode: {why}", kind.name()), log);
                         continue;
                     }
-                    peer_paths.push(PathKind::Peer(kind, m));
+                    peer_modes.push((kind, m));
                 }
                 note(format!("{}: {}", kind.name(), p.version), log);
                 installed.push(p);
@@ -499,20 +556,40 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             Err(why) => note(format!("skipping {}: {why}", kind.name()), log),
         }
     }
-    if !http1 && !cfg.peers.is_empty() {
+    if !peer_protocols && !cfg.peers.is_empty() {
         note(
-            "peers measure HTTP/1.1 only: none without http1".into(),
+            "peers measure HTTP/1.1 and raw TCP (in tcp mode) only: none without http1, \
+             or tcp with tcp mode"
+                .into(),
             log,
         );
     }
-    let other = cfg.protocols.iter().any(|&p| p != AppProtocol::Http1);
-    if weft_bins.is_some() && other && !cfg.modes.contains(&ProxyMode::Http) {
+    let h2_or_grpc = cfg
+        .protocols
+        .iter()
+        .any(|&p| matches!(p, AppProtocol::H2 | AppProtocol::Grpc));
+    if weft_bins.is_some() && h2_or_grpc && !cfg.modes.contains(&ProxyMode::Http) {
         note(
             "h2 and gRPC have weft paths in http mode only: none without it".into(),
             log,
         );
     }
-    let mut paths = plan_paths(cfg, weft_bins.is_some(), &peer_paths);
+    let proxied = weft_bins.is_some() || !installed.is_empty();
+    if raw_tcp && proxied {
+        if !cfg.modes.contains(&ProxyMode::Tcp) {
+            note(
+                "raw TCP has weft and peer paths in tcp mode only: none without it".into(),
+                log,
+            );
+        } else if cfg.modes.contains(&ProxyMode::Http) {
+            note(
+                "raw TCP is proxied in tcp mode only: no http-mode weft or peer paths for it"
+                    .into(),
+                log,
+            );
+        }
+    }
+    let mut paths = plan_paths(cfg, weft_bins.is_some(), &peer_modes);
 
     let topo = Topology::build(TopologyOptions {
         self_exe: cfg.self_exe.clone(),
@@ -578,7 +655,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                             Ok((Some(pair), addr))
                         })
                 }
-                PathKind::Peer(kind, mode) => {
+                PathKind::Peer(kind, _, mode) => {
                     let peer = installed
                         .iter()
                         .find(|p| p.kind == kind)
@@ -588,7 +665,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                         inbound: ports.1,
                     };
                     let certs = certs.as_ref().expect("certificates exist with peers");
-                    peers::start(peer, mode, p, certs, &topo)
+                    peers::start(peer, protocol, mode, p, certs, &topo)
                         .map(|pair| (Some(pair), SocketAddr::from(([127, 0, 0, 1], ports.0))))
                 }
             };
@@ -661,21 +738,25 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
 
 /// Every path of a run, grouped by protocol (each group's direct path
 /// first): per protocol, direct, then weft in each mode (h2 and gRPC in
-/// HTTP mode only), then for HTTP/1.1 the observed weft paths and the
-/// peers' `peer_paths`.
-fn plan_paths(cfg: &MeshConfig, weft: bool, peer_paths: &[PathKind]) -> Vec<PathKind> {
+/// HTTP mode only, raw TCP in TCP mode only), then for HTTP/1.1 the
+/// observed weft paths, and for HTTP/1.1 and raw TCP the installed peers
+/// in `peer_modes` (raw TCP: TCP mode only).
+fn plan_paths(
+    cfg: &MeshConfig,
+    weft: bool,
+    peer_modes: &[(peers::PeerKind, ProxyMode)],
+) -> Vec<PathKind> {
     let mut paths = Vec::new();
     for &protocol in &cfg.protocols {
         paths.push(PathKind::Direct(protocol));
-        let http1 = protocol == AppProtocol::Http1;
         if weft {
             paths.extend(
                 cfg.modes
                     .iter()
-                    .filter(|&&m| http1 || m == ProxyMode::Http)
+                    .filter(|&&m| protocol.proxied_in(m))
                     .map(|&m| PathKind::Weft(protocol, m)),
             );
-            if http1 && cfg.modes.contains(&ProxyMode::Http) {
+            if protocol == AppProtocol::Http1 && cfg.modes.contains(&ProxyMode::Http) {
                 paths.extend(
                     cfg.weft_telemetry
                         .iter()
@@ -683,8 +764,13 @@ fn plan_paths(cfg: &MeshConfig, weft: bool, peer_paths: &[PathKind]) -> Vec<Path
                 );
             }
         }
-        if http1 {
-            paths.extend_from_slice(peer_paths);
+        if matches!(protocol, AppProtocol::Http1 | AppProtocol::Tcp) {
+            paths.extend(
+                peer_modes
+                    .iter()
+                    .filter(|(_, m)| protocol.proxied_in(*m))
+                    .map(|&(k, m)| PathKind::Peer(k, protocol, m)),
+            );
         }
     }
     paths
@@ -927,8 +1013,14 @@ mod tests {
         assert_eq!(PathKind::Direct(Http1).name(), "direct");
         assert_eq!(PathKind::Weft(Http1, ProxyMode::Http).name(), "weft");
         assert_eq!(PathKind::Weft(Http1, ProxyMode::Tcp).name(), "weft-tcp");
-        assert_eq!(PathKind::Peer(Haproxy, ProxyMode::Http).name(), "haproxy");
-        assert_eq!(PathKind::Peer(Nginx, ProxyMode::Tcp).name(), "nginx-tcp");
+        assert_eq!(
+            PathKind::Peer(Haproxy, Http1, ProxyMode::Http).name(),
+            "haproxy"
+        );
+        assert_eq!(
+            PathKind::Peer(Nginx, Http1, ProxyMode::Tcp).name(),
+            "nginx-tcp"
+        );
         assert_eq!(PathKind::Direct(H2).name(), "direct-h2");
         assert_eq!(PathKind::Weft(H2, ProxyMode::Http).name(), "weft-h2");
         assert_eq!(PathKind::Weft(H2, ProxyMode::Tcp).name(), "weft-h2-tcp");
@@ -938,6 +1030,36 @@ mod tests {
             PathKind::WeftObserved(Observability::Tracing).name(),
             "weft+tracing"
         );
+        // Raw TCP: `echo` names the protocol, `-tcp` still the mode.
+        assert_eq!(PathKind::Direct(Tcp).name(), "direct-echo");
+        assert_eq!(PathKind::Weft(Tcp, ProxyMode::Tcp).name(), "weft-echo-tcp");
+        assert_eq!(
+            PathKind::Peer(Haproxy, Tcp, ProxyMode::Tcp).name(),
+            "haproxy-echo-tcp"
+        );
+        assert_eq!(
+            PathKind::Peer(Nginx, Tcp, ProxyMode::Tcp).name(),
+            "nginx-echo-tcp"
+        );
+        assert_eq!(PathKind::Peer(Nginx, Tcp, ProxyMode::Tcp).protocol(), Tcp);
+        // No two paths share a name.
+        let mut all = vec![
+            PathKind::WeftObserved(Observability::Metrics),
+            PathKind::WeftObserved(Observability::Tracing),
+        ];
+        for p in AppProtocol::ALL {
+            all.push(PathKind::Direct(p));
+            for m in [ProxyMode::Http, ProxyMode::Tcp] {
+                all.push(PathKind::Weft(p, m));
+                for peer in peers::PeerKind::ALL {
+                    all.push(PathKind::Peer(peer, p, m));
+                }
+            }
+        }
+        let mut names: Vec<String> = all.iter().map(|p| p.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "{names:?}");
     }
 
     #[test]
@@ -952,27 +1074,29 @@ mod tests {
             );
         }
         assert_eq!(AppProtocol::parse("http2"), None);
+        assert_eq!(AppProtocol::parse("tcp"), Some(AppProtocol::Tcp));
+        assert_eq!(AppProtocol::parse("echo"), None);
+        assert_eq!(AppProtocol::Tcp.report(), Protocol::Tcp);
         assert_eq!(AppProtocol::Grpc.upstream_port(), GRPC_PORT);
         assert_eq!(AppProtocol::H2.upstream_port(), UPSTREAM_PORT);
+        assert_eq!(AppProtocol::Tcp.upstream_port(), TCP_ECHO_PORT);
+        assert_eq!(AppProtocol::Tcp.tag(), "tcp");
     }
 
     fn config() -> MeshConfig {
         MeshConfig::quick(PathBuf::from("weft-bench"))
     }
 
+    fn names(paths: Vec<PathKind>) -> Vec<String> {
+        paths.into_iter().map(PathKind::name).collect()
+    }
+
     #[test]
     fn paths_are_grouped_by_protocol_with_direct_first() {
         use peers::PeerKind::*;
-        let peers = [
-            PathKind::Peer(Haproxy, ProxyMode::Http),
-            PathKind::Peer(Haproxy, ProxyMode::Tcp),
-        ];
-        let names: Vec<String> = plan_paths(&config(), true, &peers)
-            .into_iter()
-            .map(PathKind::name)
-            .collect();
+        let peers = [(Haproxy, ProxyMode::Http), (Haproxy, ProxyMode::Tcp)];
         assert_eq!(
-            names,
+            names(plan_paths(&config(), true, &peers)),
             [
                 "direct",
                 "weft",
@@ -985,6 +1109,9 @@ mod tests {
                 "weft-h2",
                 "direct-grpc",
                 "weft-grpc",
+                "direct-echo",
+                "weft-echo-tcp",
+                "haproxy-echo-tcp",
             ]
         );
 
@@ -993,16 +1120,71 @@ mod tests {
             modes: vec![ProxyMode::Tcp],
             ..config()
         };
-        let names: Vec<String> = plan_paths(&cfg, true, &[])
-            .into_iter()
-            .map(PathKind::name)
-            .collect();
-        assert_eq!(names, ["direct-grpc"], "no tcp-mode gRPC path");
-        let names: Vec<String> = plan_paths(&config(), false, &[])
-            .into_iter()
-            .map(PathKind::name)
-            .collect();
-        assert_eq!(names, ["direct", "direct-h2", "direct-grpc"]);
+        assert_eq!(
+            names(plan_paths(&cfg, true, &[])),
+            ["direct-grpc"],
+            "no tcp-mode gRPC path"
+        );
+        assert_eq!(
+            names(plan_paths(&config(), false, &[])),
+            ["direct", "direct-h2", "direct-grpc", "direct-echo"]
+        );
+    }
+
+    #[test]
+    fn raw_tcp_is_direct_weft_and_peers_in_tcp_mode_only() {
+        use peers::PeerKind::*;
+        let peers = [
+            (Haproxy, ProxyMode::Http),
+            (Haproxy, ProxyMode::Tcp),
+            (Nginx, ProxyMode::Http),
+            (Nginx, ProxyMode::Tcp),
+        ];
+        let cfg = MeshConfig {
+            protocols: vec![AppProtocol::Tcp],
+            ..config()
+        };
+        let paths = plan_paths(&cfg, true, &peers);
+        assert_eq!(
+            paths,
+            [
+                PathKind::Direct(AppProtocol::Tcp),
+                PathKind::Weft(AppProtocol::Tcp, ProxyMode::Tcp),
+                PathKind::Peer(Haproxy, AppProtocol::Tcp, ProxyMode::Tcp),
+                PathKind::Peer(Nginx, AppProtocol::Tcp, ProxyMode::Tcp),
+            ]
+        );
+        assert!(
+            paths
+                .iter()
+                .all(|p| p.mode() != Some(ProxyMode::Http) && p.protocol() == AppProtocol::Tcp),
+            "no http-mode path for raw TCP, and no other protocol"
+        );
+        assert_eq!(
+            names(paths),
+            [
+                "direct-echo",
+                "weft-echo-tcp",
+                "haproxy-echo-tcp",
+                "nginx-echo-tcp"
+            ]
+        );
+
+        // Without tcp mode, only the direct path is left.
+        let http_only = MeshConfig {
+            modes: vec![ProxyMode::Http],
+            ..cfg.clone()
+        };
+        let http_peers = [(Haproxy, ProxyMode::Http)];
+        assert_eq!(
+            names(plan_paths(&http_only, true, &http_peers)),
+            ["direct-echo"]
+        );
+        // Without weft, the peers still run.
+        assert_eq!(
+            names(plan_paths(&cfg, false, &peers[..2])),
+            ["direct-echo", "haproxy-echo-tcp"]
+        );
     }
 
     fn report(kind: PathKind, rps: f64, p50_ms: f64) -> (PathKind, PathReport) {

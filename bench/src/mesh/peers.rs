@@ -4,7 +4,9 @@
 //! from one CA made here with rcgen, each side verifying the other against
 //! it), plaintext out to the upstream; one worker each, in HTTP mode (the
 //! proxy parses HTTP/1.1 and pools its connections to the other side) or TCP
-//! mode (one TLS connection per app connection, bytes copied).
+//! mode (one TLS connection per app connection, bytes copied). The inbound
+//! side forwards to the upstream's port for the app's protocol: HTTP/1.1 on
+//! :8080, raw TCP (TCP mode only) to the echo on :8082.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -15,8 +17,8 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
-use super::topology::{Topology, UPSTREAM_PORT, pinned};
-use super::{MeshError, ProxyMode, Sidecar, SidecarPair};
+use super::topology::{Topology, pinned};
+use super::{AppProtocol, MeshError, PathKind, ProxyMode, Sidecar, SidecarPair};
 
 /// The DNS name in the inbound sidecar's certificate, checked by the
 /// outbound side.
@@ -222,29 +224,44 @@ pub struct Ports {
     pub inbound: u16,
 }
 
-/// Writes both configs of a pair into the scratch dir and starts the
-/// inbound side, then the outbound side, each pinned to the sidecar CPU.
+/// Writes both configs of a pair for the app's `protocol` into the scratch
+/// dir and starts the inbound side, then the outbound side, each pinned to
+/// the sidecar CPU. Raw TCP needs TCP mode.
 pub fn start(
     peer: &Installed,
+    protocol: AppProtocol,
     mode: ProxyMode,
     ports: Ports,
     certs: &Certs,
     topo: &Topology,
 ) -> Result<SidecarPair, MeshError> {
-    let name = format!("{}-{}", peer.kind.name(), mode.name());
+    let path = PathKind::Peer(peer.kind, protocol, mode);
+    if !matches!(protocol, AppProtocol::Http1 | AppProtocol::Tcp) || !protocol.proxied_in(mode) {
+        return Err(MeshError::Config(format!(
+            "no {} path: the peers carry HTTP/1.1, and raw TCP in tcp mode only",
+            path.name()
+        )));
+    }
+    // Unique per path (`haproxy-http`, `nginx-tcp`, `nginx-echo-tcp`): the
+    // names of its configs, logs, pid and temp files.
+    let name = match protocol.path_tag() {
+        None => format!("{}-{}", peer.kind.name(), mode.name()),
+        Some(_) => path.name(),
+    };
+    let app_port = protocol.upstream_port();
     let server_addr = SocketAddr::from((topo.server_ip, ports.inbound));
     let server = server_addr.to_string();
     let (out_conf, in_conf) = match peer.kind {
         PeerKind::Haproxy => (
             haproxy_outbound(mode, ports.outbound, &server, certs),
-            haproxy_inbound(mode, &server, certs),
+            haproxy_inbound(mode, &server, app_port, certs),
         ),
         PeerKind::Nginx => {
             let dir = topo.dir().display().to_string();
             let module = peer.stream_module.as_deref();
             (
                 nginx_outbound(mode, ports.outbound, &server, certs, &dir, &name, module),
-                nginx_inbound(mode, &server, certs, &dir, &name, module),
+                nginx_inbound(mode, &server, app_port, certs, &dir, &name, module),
             )
         }
     };
@@ -313,13 +330,13 @@ fn haproxy_outbound(mode: ProxyMode, port: u16, server: &str, c: &Certs) -> Stri
     s
 }
 
-fn haproxy_inbound(mode: ProxyMode, server: &str, c: &Certs) -> String {
+fn haproxy_inbound(mode: ProxyMode, server: &str, app_port: u16, c: &Certs) -> String {
     let mut s = haproxy_global(mode);
     let _ = write!(
         s,
         "frontend inbound\n  bind {server} ssl ssl-min-ver TLSv1.3 crt {crt} verify required ca-file {ca}\n  \
          default_backend app\n\
-         backend app\n  server app 127.0.0.1:{UPSTREAM_PORT}\n",
+         backend app\n  server app 127.0.0.1:{app_port}\n",
         ca = c.ca.display(),
         crt = c.server_pem.display(),
     );
@@ -394,6 +411,7 @@ fn nginx_outbound(
 fn nginx_inbound(
     mode: ProxyMode,
     server: &str,
+    app_port: u16,
     c: &Certs,
     dir: &str,
     name: &str,
@@ -411,7 +429,7 @@ fn nginx_inbound(
         ProxyMode::Http => {
             let _ = write!(
                 s,
-                "http {{\n{common}  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 256; \
+                "http {{\n{common}  upstream app {{ server 127.0.0.1:{app_port}; keepalive 256; \
                  keepalive_requests 10000000; }}\n  server {{\n    listen {server} ssl;\n    {tls}    \
                  location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      \
                  proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
@@ -422,7 +440,7 @@ fn nginx_inbound(
             let _ = write!(
                 s,
                 "stream {{\n  server {{\n    listen {server} ssl;\n    {tls}    \
-                 proxy_pass 127.0.0.1:{UPSTREAM_PORT};\n  }}\n}}\n"
+                 proxy_pass 127.0.0.1:{app_port};\n  }}\n}}\n"
             );
         }
     }
@@ -457,9 +475,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn configs_do_mutual_tls_13() {
-        let c = Certs {
+    fn certs() -> Certs {
+        Certs {
             ca: "/d/ca.pem".into(),
             client_cert: "/d/c.crt".into(),
             client_key: "/d/c.key".into(),
@@ -467,18 +484,24 @@ mod tests {
             server_cert: "/d/s.crt".into(),
             server_key: "/d/s.key".into(),
             server_pem: "/d/s.pem".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn configs_do_mutual_tls_13() {
+        let c = certs();
         let out = haproxy_outbound(ProxyMode::Http, 15001, "10.77.0.2:15006", &c);
         assert!(
             out.contains("mode http")
                 && out.contains("verify required")
                 && out.contains("crt /d/c.pem")
         );
-        let inb = haproxy_inbound(ProxyMode::Tcp, "10.77.0.2:15006", &c);
+        let inb = haproxy_inbound(ProxyMode::Tcp, "10.77.0.2:15006", 8080, &c);
         assert!(
             inb.contains("mode tcp")
                 && inb.contains("ssl-min-ver TLSv1.3")
                 && inb.contains("verify required")
+                && inb.contains("server app 127.0.0.1:8080\n")
         );
         let out = nginx_outbound(
             ProxyMode::Tcp,
@@ -490,7 +513,27 @@ mod tests {
             Some(Path::new("/m.so")),
         );
         assert!(out.starts_with("load_module /m.so;") && out.contains("proxy_ssl on;"));
-        let inb = nginx_inbound(ProxyMode::Http, "10.77.0.2:15006", &c, "/d", "n", None);
+        let inb = nginx_inbound(
+            ProxyMode::Http,
+            "10.77.0.2:15006",
+            8080,
+            &c,
+            "/d",
+            "n",
+            None,
+        );
         assert!(inb.contains("ssl_verify_client on;") && inb.contains("worker_processes 1;"));
+        assert!(inb.contains("server 127.0.0.1:8080;"));
+    }
+
+    #[test]
+    fn inbounds_forward_to_the_protocols_upstream_port() {
+        let c = certs();
+        let port = AppProtocol::Tcp.upstream_port();
+        assert_eq!(port, super::super::topology::TCP_ECHO_PORT);
+        let h = haproxy_inbound(ProxyMode::Tcp, "10.77.0.2:15006", port, &c);
+        assert!(h.contains("mode tcp") && h.contains("server app 127.0.0.1:8082\n"));
+        let n = nginx_inbound(ProxyMode::Tcp, "10.77.0.2:15006", port, &c, "/d", "n", None);
+        assert!(n.contains("stream {") && n.contains("proxy_pass 127.0.0.1:8082;"));
     }
 }

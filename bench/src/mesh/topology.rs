@@ -8,7 +8,7 @@
 //!
 //! The generator runs in this process on threads that joined the client
 //! namespace; the upstream is `weft-bench serve` (HTTP/1.1 + h2c with a
-//! fixed body on :8080, gRPC echo on :8081) started from this very
+//! fixed body on :8080, gRPC echo on :8081, TCP echo on :8082) started from this very
 //! executable in the server namespace. Every process
 //! started here lives in one of the namespaces, so dropping the
 //! [`Topology`] kills them all and deletes the namespaces, also on error or
@@ -35,6 +35,10 @@ pub const TRACE_SINK_PORT: u16 = 9411;
 
 /// The upstream app's gRPC echo port, beside [`UPSTREAM_PORT`].
 pub const GRPC_PORT: u16 = 8081;
+
+/// The upstream app's raw TCP echo port (the `tcp` protocol's ping-pong),
+/// beside [`UPSTREAM_PORT`].
+pub const TCP_ECHO_PORT: u16 = 8082;
 
 /// What the topology needs to know to start.
 #[derive(Debug, Clone)]
@@ -99,6 +103,8 @@ impl Topology {
             &format!("0.0.0.0:{UPSTREAM_PORT}"),
             "--grpc",
             &format!("0.0.0.0:{GRPC_PORT}"),
+            "--tcp",
+            &format!("0.0.0.0:{TCP_ECHO_PORT}"),
             "--body-size",
             &opts.body_size.to_string(),
             "--threads",

@@ -11,9 +11,11 @@
 //! from the app, carried as HTTP/2 between the proxies), `http2` for
 //! `weft-h2` and `grpc` for `weft-grpc` (h2c from the app and to the
 //! upstream: the inbound speaks HTTP/2 to the app), and `tcp` for
-//! `weft-tcp` (opaque bytes over one mTLS connection per app connection).
-//! Each path has its own service, `upstream-<key>`, whose inbound forwards
-//! to the upstream's port for the protocol.
+//! `weft-tcp` (opaque bytes over one mTLS connection per app connection)
+//! and `weft-echo-tcp` (raw TCP ping-pong to the upstream's echo, the only
+//! weft path of the `tcp` protocol). Each path has its own service,
+//! `upstream-<key>`, whose inbound forwards to the upstream's port for the
+//! protocol.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -213,12 +215,13 @@ pub struct Flavour {
 
 impl Flavour {
     /// Names the pair's dataplanes and service: `http`, `tcp`, `h2`,
-    /// `grpc`, `h2-tcp`, ...
+    /// `grpc`, `h2-tcp`, `echo-tcp` (raw TCP), ...: the protocol's
+    /// [`AppProtocol::path_tag`] and the mode, as in the path names.
     fn key(self) -> String {
-        match (self.protocol, self.mode) {
-            (AppProtocol::Http1, m) => m.name().to_owned(),
-            (p, ProxyMode::Http) => p.name().to_owned(),
-            (p, ProxyMode::Tcp) => format!("{}-tcp", p.name()),
+        match (self.protocol.path_tag(), self.mode) {
+            (None, m) => m.name().to_owned(),
+            (Some(tag), ProxyMode::Http) => tag.to_owned(),
+            (Some(tag), ProxyMode::Tcp) => format!("{tag}-tcp"),
         }
     }
 
@@ -470,6 +473,17 @@ mod tests {
         assert!(c.contains("name: client-grpc") && c.contains("kuma.io/service: upstream-grpc\n"));
         assert_eq!(flavour(AppProtocol::H2, ProxyMode::Tcp).key(), "h2-tcp");
         assert_eq!(flavour(AppProtocol::H2, ProxyMode::Tcp).tag(), "tcp");
+    }
+
+    #[test]
+    fn raw_tcp_inbound_is_tagged_tcp_and_forwards_to_the_echo() {
+        let echo = flavour(AppProtocol::Tcp, ProxyMode::Tcp);
+        assert_eq!(echo.key(), "echo-tcp");
+        let s = server_dataplane(echo, "10.77.0.2", 15209, false);
+        assert!(s.contains("name: server-echo-tcp") && s.contains("kuma.io/protocol: tcp"));
+        assert!(s.contains("servicePort: 8082") && s.contains("upstream-echo-tcp\n"));
+        let c = client_dataplane(echo, "10.77.0.1", 15109, false);
+        assert!(c.contains("kuma.io/service: upstream-echo-tcp\n"));
     }
 
     #[test]
