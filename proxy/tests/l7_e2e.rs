@@ -15,7 +15,8 @@
 //!
 //! The tests: HTTP/1.1 and h2c clients reaching apps declared `http` and `http2`, and each
 //! the other way round; a 90/10 TrafficRoute split over 2,000 requests; path, method and
-//! header matches of a TrafficRoute and a MeshHTTPRoute; WebSocket echo; gRPC
+//! header matches of a TrafficRoute and a MeshHTTPRoute; WebSocket echo; HTTP/1.1 chunked
+//! bodies with trailers both ways, `Expect: 100-continue` and CONNECT; gRPC
 //! unary and bidirectional streaming; a 100 MiB upload and download with each sidecar's RSS
 //! growth under 16 MiB; and one of two endpoints killed mid-run (its sidecar), after which no
 //! request fails.
@@ -641,6 +642,228 @@ fn websocket_echo_works_through_sidecars() {
             assert_eq!(back, msg);
         }
         ws.close(None).await.expect("close");
+    });
+}
+
+/// An HTTP/1.1 app for [`http1_details_work_through_sidecars`]:
+/// - `POST /trailers` reads the whole (chunked) request and answers a chunked body in three
+///   chunks with a `Trailer: x-seen` header and trailer `x-seen: <the request's x-checksum
+///   trailer>`;
+/// - `POST /continue` echoes the body, answering `expect=<Expect header or ->` first;
+/// - `CONNECT` answers `200`, then writes `<authority>\n` into the tunnel and echoes it.
+fn details_app(rt: &Runtime, host: &Host, port: u16) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let l = listen_in(host, port);
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    if req.method() == http::Method::CONNECT {
+                        let authority = req.uri().to_string();
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncWriteExt;
+                            let Ok(io) = upgrade.await else { return };
+                            let mut io = TokioIo::new(io);
+                            if io
+                                .write_all(format!("{authority}\n").as_bytes())
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            let (mut r, mut w) = tokio::io::split(io);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        });
+                        return Ok::<_, Infallible>(Response::new(full("")));
+                    }
+                    let expect = req
+                        .headers()
+                        .get(http::header::EXPECT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    let path = req.uri().path().to_string();
+                    let body = req.into_body().collect().await.expect("the request body");
+                    let checksum = body
+                        .trailers()
+                        .and_then(|t| t.get("x-checksum"))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    let data = body.to_bytes();
+                    if path == "/continue" {
+                        return Ok(Response::new(full(format!(
+                            "expect={expect} {}",
+                            String::from_utf8_lossy(&data)
+                        ))));
+                    }
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert(
+                        "x-seen",
+                        http::HeaderValue::from_str(&checksum).expect("a header value"),
+                    );
+                    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                        Ok(Frame::data(Bytes::from_static(b"one,"))),
+                        Ok(Frame::data(Bytes::from(format!("{},", data.len())))),
+                        Ok(Frame::data(Bytes::from_static(b"three"))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(
+                        futures::stream::iter(frames),
+                    )));
+                    resp.headers_mut()
+                        .insert("trailer", http::HeaderValue::from_static("x-seen"));
+                    Ok(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+}
+
+/// Reads from `io` until the end of a response head; returns the head and what followed it.
+async fn read_head(io: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+        let n = tokio::time::timeout(REQUEST_TIMEOUT, io.read(&mut chunk))
+            .await
+            .expect("a response head in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a full head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Issue 7: through the sidecars, to an app declared `kuma.io/protocol: http`, with real
+/// HTTP/1.1 clients: a chunked request body with a trailer reaches the app, and a chunked
+/// response with a trailer reaches the client; `Expect: 100-continue` is answered `100
+/// Continue` before the body is sent (and not passed on to the app); and a CONNECT tunnel
+/// carries bytes both ways to the app, which sees the authority asked for.
+#[test]
+fn http1_details_work_through_sidecars() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = env_or_skip!("http1_details_work_through_sidecars");
+    let hosts = e2e::ThreeHosts::new(&env);
+    let cp = control_plane(&env, &hosts.cp, &["server"]);
+    let rt = apps_runtime();
+    details_app(&rt, &hosts.server, APP_PORT);
+    let (_server, _client, to) = server_and_client(&env, &cp, &hosts, "http");
+
+    run_in(&hosts.client, WAIT, || async move {
+        // Chunked both ways, trailers both ways.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"hello "))),
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"chunked "))),
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"world"))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let req = Request::post(format!("http://{to}/trailers"))
+            .header("trailer", "x-checksum")
+            .header("te", "trailers")
+            .body(BodyExt::boxed(http_body_util::StreamBody::new(
+                futures::stream::iter(frames),
+            )))
+            .expect("a request");
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, http1_client().request(req))
+            .await
+            .expect("a response in time")
+            .expect("a response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()
+                .get("transfer-encoding")
+                .map(|v| v.as_bytes()),
+            Some(&b"chunked"[..]),
+            "{:?}",
+            resp.headers()
+        );
+        assert!(resp.headers().get("content-length").is_none());
+        let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+            .await
+            .expect("the body in time")
+            .expect("the body");
+        let seen = body.trailers().and_then(|t| t.get("x-seen")).cloned();
+        // The app counted the 19 bytes of the three chunks.
+        assert_eq!(body.to_bytes(), "one,19,three");
+        assert_eq!(
+            seen.as_ref().map(|v| v.as_bytes()),
+            Some(&b"abc123"[..]),
+            "the request trailer reaches the app and the response trailer the client"
+        );
+
+        // 100-continue: the body goes only after the interim answer.
+        let mut io = tokio::net::TcpStream::connect(to).await.expect("connect");
+        io.write_all(
+            format!(
+                "POST /continue HTTP/1.1\r\nHost: {to}\r\nContent-Length: 5\r\n\
+                 Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write the head");
+        let (interim, rest) = read_head(&mut io).await;
+        assert!(
+            interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+            "{interim:?}"
+        );
+        assert!(rest.is_empty(), "nothing before the body is sent: {rest:?}");
+        io.write_all(b"hello").await.expect("write the body");
+        let mut answer = Vec::new();
+        tokio::time::timeout(REQUEST_TIMEOUT, io.read_to_end(&mut answer))
+            .await
+            .expect("the answer in time")
+            .expect("read the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(answer.contains("expect=- hello"), "{answer:?}");
+
+        // CONNECT: a tunnel to the app, which sees the authority.
+        let mut io = tokio::net::TcpStream::connect(to).await.expect("connect");
+        io.write_all(b"CONNECT tunnel.example:443 HTTP/1.1\r\nHost: tunnel.example:443\r\n\r\n")
+            .await
+            .expect("write CONNECT");
+        let (head, mut got) = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
+        let payload = b"bytes through a CONNECT tunnel";
+        io.write_all(payload).await.expect("write into the tunnel");
+        let mut want = b"tunnel.example:443\n".to_vec();
+        want.extend_from_slice(payload);
+        let mut chunk = [0u8; 1024];
+        while got.len() < want.len() {
+            let n = tokio::time::timeout(REQUEST_TIMEOUT, io.read(&mut chunk))
+                .await
+                .expect("tunnel bytes in time")
+                .expect("read from the tunnel");
+            assert!(
+                n > 0,
+                "the tunnel closed early: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
     });
 }
 

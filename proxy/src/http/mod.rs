@@ -63,8 +63,9 @@ pub const DOWNSTREAM_PROTOCOL: HeaderName = HeaderName::from_static("weft-downst
 pub const DOWNSTREAM_HTTP1: HeaderValue = HeaderValue::from_static("http1");
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), besides those the
-/// `Connection` header names.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Connection` header names. `Trailer` is end to end and stays: it announces the trailer
+/// fields, and an HTTP/1.1 hop (hyper's encoder) sends only the trailers it announces.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -72,7 +73,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    header::TRAILER,
 ];
 
 /// Removes hop-by-hop headers. `TE: trailers` is kept (gRPC needs it; HTTP/2 allows only it).
@@ -192,7 +192,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+    fn hop_by_hop_headers_go_and_te_trailers_and_trailer_stay() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -202,6 +202,7 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
         h.insert(header::HOST, HeaderValue::from_static("api"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         h.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
@@ -209,7 +210,7 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["host", "te"]);
+        assert_eq!(names, ["host", "te", "trailer"]);
         assert_eq!(h[header::TE], "trailers");
     }
 
