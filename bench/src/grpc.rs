@@ -1,4 +1,6 @@
-//! The gRPC unary echo client, and the generated service types.
+//! The gRPC unary echo client, and the generated service types (the client
+//! and server of `weft.bench.v1.Echo`, whose streaming methods the load
+//! client does not call).
 //!
 //! Each lane owns one tonic `Channel`, i.e. one HTTP/2 connection, and makes
 //! one `weft.bench.v1.Echo/Unary` call at a time.
@@ -11,7 +13,8 @@ use tonic::{Code, Status};
 use crate::load::Client;
 use crate::stats::ErrorKind;
 
-/// Types generated from `proto/echo.proto`.
+/// Types generated from `proto/echo.proto`: the messages, `echo_client::EchoClient`
+/// and `echo_server::{Echo, EchoServer}`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("weft.bench.v1");

@@ -14,8 +14,8 @@
 //!   counters; [`report`] turns a [`load::Measurement`] into text or the
 //!   `--json` object, and defines the `mesh --json` schema that single runs
 //!   are designed to slot into.
-//! - [`serve`] runs the upstream apps (HTTP/1.1 + h2c, gRPC echo, TCP echo),
-//!   in-process for tests or as `weft-bench serve`.
+//! - [`serve`] runs the upstream apps (HTTP/1.1 + h2c, gRPC echo of every
+//!   call kind, TCP echo), in-process for tests or as `weft-bench serve`.
 //! - [`mesh`] is `weft-bench mesh`: network namespaces, the sidecar pairs
 //!   (weft, HAProxy, nginx), `/proc` accounting, rounds and medians; it
 //!   drives [`load`] in-process from inside the client namespace.

@@ -61,7 +61,7 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// Upstream apps: HTTP/1.1 + h2c, gRPC echo, TCP echo.
+    /// Upstream apps: HTTP/1.1 + h2c, gRPC echo (unary and streaming), TCP echo.
     ///
     /// With no listener flags, serves HTTP on 127.0.0.1:8080, gRPC on :8081
     /// and TCP echo on :8082.
@@ -153,7 +153,8 @@ struct ServeArgs {
     /// HTTP/1.1 + h2c listen address (repeatable).
     #[arg(long)]
     http: Vec<SocketAddr>,
-    /// gRPC echo listen address (repeatable).
+    /// gRPC echo listen address (repeatable): `weft.bench.v1.Echo`, unary,
+    /// server, client and bidirectional streaming.
     #[arg(long)]
     grpc: Vec<SocketAddr>,
     /// TCP echo listen address (repeatable).
@@ -162,7 +163,8 @@ struct ServeArgs {
     /// HTTP response body bytes.
     #[arg(long, default_value_t = 1024)]
     body_size: usize,
-    /// Delay before every HTTP and gRPC response (e.g. 20ms).
+    /// Delay before every HTTP and gRPC response, each reply of a gRPC stream
+    /// (e.g. 20ms).
     #[arg(long, default_value = "0s", value_parser = duration::parse)]
     delay: Duration,
     /// Runtime worker threads (default: one per CPU in --cpu, or per CPU).

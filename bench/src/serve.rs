@@ -1,5 +1,6 @@
 //! The upstream apps of `weft-bench serve`: HTTP/1.1 + h2c with a fixed
-//! body, gRPC echo and TCP echo, each with an optional per-response delay.
+//! body, gRPC echo (unary and every streaming kind) and TCP echo, each with
+//! an optional per-response delay.
 //!
 //! [`Server::start`] binds every listener before it returns (port 0 picks a
 //! free port; [`Server::http_addrs`] and friends say which), and runs them on
@@ -25,7 +26,7 @@ use tokio::runtime::Runtime;
 
 use crate::cpu;
 use crate::grpc::pb::echo_server::{Echo, EchoServer};
-use crate::grpc::pb::{EchoReply, EchoRequest};
+use crate::grpc::pb::{EchoReply, EchoRequest, Failure, ServerStreamRequest, StreamSummary};
 
 /// What to serve, and where.
 #[derive(Debug, Clone, Default)]
@@ -38,7 +39,8 @@ pub struct ServeConfig {
     pub tcp: Vec<SocketAddr>,
     /// HTTP response body size in bytes.
     pub body_size: usize,
-    /// Added before every HTTP and gRPC response (not TCP echo).
+    /// Added before every HTTP and gRPC response, each reply of a gRPC stream
+    /// included (not TCP echo).
     pub delay: Duration,
     /// Runtime worker threads (0: one per CPU).
     pub threads: usize,
@@ -209,10 +211,55 @@ async fn serve_http(stream: TcpStream, body: Bytes, delay: Duration) {
 /// Largest reply the echo service will build on request.
 const MAX_GRPC_RESPONSE: u32 = 16 << 20;
 
-/// The gRPC echo service.
+/// Most replies one `ServerStream` call may ask for.
+const MAX_STREAM_REPLIES: u32 = 1 << 20;
+
+/// Replies a streaming call buffers ahead of a slow reader.
+const STREAM_BUFFER: usize = 16;
+
+/// The replies of a streaming call: OK messages, then possibly one error status.
+type ReplyStream = tokio_stream::wrappers::ReceiverStream<Result<EchoReply, tonic::Status>>;
+
+/// The gRPC echo service (`weft.bench.v1.Echo`): unary, server, client and
+/// bidirectional streaming. See `proto/echo.proto` for what each method answers.
 #[derive(Debug, Clone, Copy)]
 struct EchoService {
+    /// Added before every reply (each reply of a stream; not `ClientStream`'s
+    /// reading).
     delay: Duration,
+}
+
+impl EchoService {
+    /// Waits the configured delay, if any.
+    async fn pause(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+}
+
+/// The payload of a reply: `payload` itself (moved, not copied: `Unary` is
+/// the load path), or `response_size` bytes when that is non-zero; over
+/// [`MAX_GRPC_RESPONSE`] is an invalid argument.
+fn reply_payload(payload: Vec<u8>, response_size: u32) -> Result<Vec<u8>, tonic::Status> {
+    match response_size {
+        0 => Ok(payload),
+        n if n > MAX_GRPC_RESPONSE => {
+            Err(tonic::Status::invalid_argument("response_size over 16 MiB"))
+        }
+        n => Ok(vec![b'x'; n as usize]),
+    }
+}
+
+/// The status a `ServerStream` request's `fail` asks for: its code (which
+/// must not be OK; an unknown number is `Unknown`) and message.
+fn failure_status(fail: &Failure) -> Result<tonic::Status, tonic::Status> {
+    match tonic::Code::from(fail.code) {
+        tonic::Code::Ok => Err(tonic::Status::invalid_argument(
+            "fail.code 0 (OK) is not a failure",
+        )),
+        code => Ok(tonic::Status::new(code, fail.message.clone())),
+    }
 }
 
 #[tonic::async_trait]
@@ -221,18 +268,104 @@ impl Echo for EchoService {
         &self,
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
+        self.pause().await;
         let req = request.into_inner();
-        let payload = match req.response_size {
-            0 => req.payload,
-            n if n > MAX_GRPC_RESPONSE => {
-                return Err(tonic::Status::invalid_argument("response_size over 16 MiB"));
-            }
-            n => vec![b'x'; n as usize],
+        let payload = reply_payload(req.payload, req.response_size)?;
+        Ok(tonic::Response::new(EchoReply { payload, seq: 0 }))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    /// Checks the request whole before answering, so a bad one, or a failure
+    /// after 0 replies, is a trailers-only response; then a task sends the
+    /// replies, each after the delay, until they are done or the client goes.
+    async fn server_stream(
+        &self,
+        request: tonic::Request<ServerStreamRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let req = request.into_inner();
+        if req.count > MAX_STREAM_REPLIES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "count over {MAX_STREAM_REPLIES}"
+            )));
+        }
+        let payload = reply_payload(req.payload, req.response_size)?;
+        let (replies, end) = match &req.fail {
+            None => (req.count, None),
+            Some(fail) => (req.count.min(fail.after), Some(failure_status(fail)?)),
         };
-        Ok(tonic::Response::new(EchoReply { payload }))
+        if replies == 0
+            && let Some(status) = end
+        {
+            self.pause().await;
+            return Err(status);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let service = *self;
+        tokio::spawn(async move {
+            for seq in 0..replies {
+                service.pause().await;
+                let reply = EchoReply {
+                    payload: payload.clone(),
+                    seq,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            if let Some(status) = end {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(tonic::Response::new(ReplyStream::new(rx)))
+    }
+
+    /// Counts the requests and their payload bytes until the client's side
+    /// ends; a broken request stream ends the call with its status.
+    async fn client_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<StreamSummary>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let mut summary = StreamSummary { count: 0, bytes: 0 };
+        while let Some(req) = requests.message().await? {
+            summary.count += 1;
+            summary.bytes += req.payload.len() as u64;
+        }
+        self.pause().await;
+        Ok(tonic::Response::new(summary))
+    }
+
+    type BidiStreamStream = ReplyStream;
+
+    /// A task answers each request as it comes, in order; a request asking
+    /// for too large a reply, or a broken request stream, ends the call with
+    /// that status, and the client going away ends the task.
+    async fn bidi_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let service = *self;
+        tokio::spawn(async move {
+            let mut seq = 0u32;
+            loop {
+                let reply = match requests.message().await {
+                    Ok(None) => return,
+                    Ok(Some(req)) => reply_payload(req.payload, req.response_size)
+                        .map(|payload| EchoReply { payload, seq }),
+                    Err(status) => Err(status),
+                };
+                let last = reply.is_err();
+                service.pause().await;
+                if tx.send(reply).await.is_err() || last {
+                    return;
+                }
+                seq = seq.wrapping_add(1);
+            }
+        });
+        Ok(tonic::Response::new(ReplyStream::new(rx)))
     }
 }
 

@@ -6,23 +6,26 @@
 //! Each test builds its own LAN: a control-plane host, a client host and one or more server
 //! hosts, each with a transparent sidecar (iptables rules + `weft-proxy` as uid 5678) in mesh
 //! `alpha` (builtin CA, STRICT mTLS). The server apps are tokio/hyper/tonic servers of this
-//! process, listening on sockets bound inside their host's namespace; the client code runs on
-//! a thread inside the client host's namespace, so its plain `connect()` to a server's
-//! `IP:port` is redirected to its sidecar. The servers' inbounds declare their protocol with
-//! `kuma.io/protocol`, which the control plane also hands to the client's sidecar.
-//! Everything — processes, rules, namespaces, files, apps — goes when the test ends, also
-//! when it fails (then the tail of every process's log is printed).
+//! process, listening on sockets bound inside their host's namespace (but for the gRPC
+//! streaming test's, `weft-bench serve --grpc`, a process started inside its host); the client
+//! code runs on a thread inside the client host's namespace, so its plain `connect()` to a
+//! server's `IP:port` is redirected to its sidecar. The servers' inbounds declare their
+//! protocol with `kuma.io/protocol`, which the control plane also hands to the client's
+//! sidecar. Everything — processes, rules, namespaces, files, apps — goes when the test ends,
+//! also when it fails (then the tail of every process's log is printed).
 //!
 //! The tests: HTTP/1.1 and h2c clients reaching apps declared `http` and `http2`, and each
 //! the other way round; a 90/10 TrafficRoute split over 2,000 requests; path, method and
 //! header matches of a TrafficRoute and a MeshHTTPRoute; WebSocket echo; HTTP/1.1 chunked
-//! bodies with trailers both ways, `Expect: 100-continue` and CONNECT; gRPC
-//! unary and bidirectional streaming; a 100 MiB upload and download with each sidecar's RSS
-//! growth under 16 MiB; and one of two endpoints killed mid-run (its sidecar), after which no
-//! request fails.
+//! bodies with trailers both ways, `Expect: 100-continue` and CONNECT; gRPC unary and
+//! bidirectional streaming against `grpc_echo`; gRPC server, client and bidirectional
+//! streaming against `weft-bench serve --grpc`, server streams ending OK, with an error
+//! status after some replies, and trailers-only; a 100 MiB upload and download with each
+//! sidecar's RSS growth under 16 MiB; and one of two endpoints killed mid-run (its sidecar),
+//! after which no request fails.
 //!
-//! Needs root; skipped, visibly, otherwise. Needs every weft binary built: `cargo test
-//! --workspace` (or `cargo build --workspace --bins` first).
+//! Needs root; skipped, visibly, otherwise. Needs every weft binary built, `weft-bench`
+//! included: `cargo test --workspace` (or `cargo build --workspace --bins` first).
 
 #[macro_use]
 #[allow(unused_imports)] // the harness re-exports helpers these tests do not need
@@ -870,6 +873,8 @@ fn http1_details_work_through_sidecars() {
 mod grpc {
     use super::*;
     use weft_api::proto as pb;
+    use weft_bench::grpc::pb as bpb;
+    use weft_bench::grpc::pb::echo_client::EchoClient;
 
     /// Issue 7: gRPC unary calls (an answer, and an error status in trailers) and a
     /// bidirectional stream go through the sidecars to an app declared `kuma.io/protocol:
@@ -948,6 +953,256 @@ mod grpc {
                 "the stream ends when the client's does: {end:?}"
             );
         });
+    }
+
+    /// Every message of a server stream, then how it ended: `Ok` with its trailers for status
+    /// OK (tonic yields the end only when the trailers say `grpc-status: 0`), else the status.
+    async fn drain(
+        mut replies: tonic::Streaming<bpb::EchoReply>,
+    ) -> (
+        Vec<bpb::EchoReply>,
+        Result<Option<tonic::metadata::MetadataMap>, tonic::Status>,
+    ) {
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(REQUEST_TIMEOUT, replies.message())
+                .await
+                .unwrap_or_else(|_| panic!("no message or end in time after {}", got.len()))
+            {
+                Ok(Some(r)) => got.push(r),
+                Ok(None) => return (got, replies.trailers().await),
+                Err(s) => return (got, Err(s)),
+            }
+        }
+    }
+
+    /// `n` replies `seq` 0..n carrying `payload`.
+    fn replies(n: u32, payload: &[u8]) -> Vec<bpb::EchoReply> {
+        (0..n)
+            .map(|seq| bpb::EchoReply {
+                payload: payload.to_vec(),
+                seq,
+            })
+            .collect()
+    }
+
+    /// Asserts a stream ended with status OK in its trailers.
+    fn assert_ok_end(
+        what: &str,
+        end: &Result<Option<tonic::metadata::MetadataMap>, tonic::Status>,
+    ) {
+        let trailers = match end {
+            Ok(Some(t)) => t,
+            other => panic!("{what}: ends with status OK in trailers, not {other:?}"),
+        };
+        assert_eq!(
+            trailers.get("grpc-status").and_then(|v| v.to_str().ok()),
+            Some("0"),
+            "{what}: {trailers:?}"
+        );
+    }
+
+    /// Issue 7: every streaming kind of gRPC goes through the sidecars to an app declared
+    /// `kuma.io/protocol: grpc`: `weft-bench serve --grpc` (a process of its own in the server
+    /// host), called with weft-bench's generated `weft.bench.v1.Echo` client. Server
+    /// streaming delivers exactly the N replies asked for, in order, with their payloads (small
+    /// ones, and 64 KiB ones past the HTTP/2 flow-control windows), and ends with status OK in
+    /// trailers; one asked to fail after k replies delivers exactly k, then that status and
+    /// message; one asked to fail before any reply is a trailers-only response (the call itself
+    /// fails with it). Client streaming's one reply counts all N requests and their bytes. A
+    /// bidirectional stream of 20 messages has each answered, in turn, and ends OK when the
+    /// client's side does. A unary call still works alongside.
+    #[test]
+    fn grpc_server_client_and_bidi_streaming_of_the_bench_echo_work_through_sidecars() {
+        const NAME: &str =
+            "grpc_server_client_and_bidi_streaming_of_the_bench_echo_work_through_sidecars";
+        let env = env_or_skip!(NAME);
+        let bench = env.bins.proxy.with_file_name("weft-bench");
+        assert!(
+            bench.exists(),
+            "{} is missing: run `cargo test --workspace` or `cargo build --workspace --bins` first",
+            bench.display()
+        );
+        let hosts = e2e::ThreeHosts::new(&env);
+        let cp = control_plane(&env, &hosts.cp, &["server"]);
+        let mut app = std::process::Command::new(&bench);
+        app.args([
+            "serve",
+            "--grpc",
+            &format!("0.0.0.0:{APP_PORT}"),
+            "--threads",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null());
+        let _app = hosts.server.spawn(app).expect("start weft-bench serve");
+        // Loopback is outside the sidecar's rules: this reaches the app itself.
+        wait_for("weft-bench serve to listen", WAIT, || {
+            hosts
+                .server
+                .enter(|| std::net::TcpStream::connect(("127.0.0.1", APP_PORT)))
+                .is_ok_and(|c| c.is_ok())
+        });
+        let (server, client, to) = server_and_client(&env, &cp, &hosts, "grpc");
+
+        run_in(&hosts.client, WAIT, || async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+                .expect("an endpoint")
+                .timeout(REQUEST_TIMEOUT)
+                .connect()
+                .await
+                .expect("a channel through the client's sidecar");
+            let mut echo = EchoClient::new(channel);
+
+            let r = echo
+                .unary(bpb::EchoRequest {
+                    payload: b"unary".to_vec(),
+                    response_size: 0,
+                })
+                .await
+                .expect("the unary call");
+            assert_eq!(
+                r.into_inner(),
+                bpb::EchoReply {
+                    payload: b"unary".to_vec(),
+                    seq: 0
+                }
+            );
+
+            // Server streaming, to the end: small replies echoing the payload, then large ones.
+            const N: u32 = 10;
+            let payload = b"through the mesh".to_vec();
+            let stream = echo
+                .server_stream(bpb::ServerStreamRequest {
+                    payload: payload.clone(),
+                    count: N,
+                    ..Default::default()
+                })
+                .await
+                .expect("the server stream opens")
+                .into_inner();
+            let (got, end) = drain(stream).await;
+            assert_eq!(got, replies(N, &payload), "server stream of {N}");
+            assert_ok_end("server stream", &end);
+
+            const LARGE: u32 = 64 * 1024;
+            let stream = echo
+                .server_stream(bpb::ServerStreamRequest {
+                    response_size: LARGE,
+                    count: 50,
+                    ..Default::default()
+                })
+                .await
+                .expect("the large server stream opens")
+                .into_inner();
+            let (got, end) = drain(stream).await;
+            assert_eq!(got.len(), 50, "replies of the large server stream");
+            assert_eq!(
+                got,
+                replies(50, &vec![b'x'; LARGE as usize]),
+                "large server stream"
+            );
+            assert_ok_end("large server stream", &end);
+
+            // Server streaming that fails after k replies: k replies, then the status.
+            const K: u32 = 3;
+            let fail = |after| bpb::Failure {
+                after,
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!("told to fail after {after}"),
+            };
+            let stream = echo
+                .server_stream(bpb::ServerStreamRequest {
+                    payload: payload.clone(),
+                    count: N,
+                    fail: Some(fail(K)),
+                    ..Default::default()
+                })
+                .await
+                .expect("the failing server stream opens")
+                .into_inner();
+            let (got, end) = drain(stream).await;
+            assert_eq!(got, replies(K, &payload), "replies before the failure");
+            let status = end.expect_err("the stream ends with the failure");
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            assert_eq!(status.message(), format!("told to fail after {K}"));
+
+            // ... and before any reply: a trailers-only response.
+            let status = echo
+                .server_stream(bpb::ServerStreamRequest {
+                    payload: payload.clone(),
+                    count: N,
+                    fail: Some(fail(0)),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a trailers-only failure fails the call itself");
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            assert_eq!(status.message(), "told to fail after 0");
+
+            // Client streaming: N requests of 0, 100, 200, ... bytes.
+            const REQUESTS: u64 = 30;
+            let requests = (0..REQUESTS).map(|i| bpb::EchoRequest {
+                payload: vec![b'c'; i as usize * 100],
+                response_size: 0,
+            });
+            let summary = echo
+                .client_stream(tokio_stream::iter(requests))
+                .await
+                .expect("the client stream's reply")
+                .into_inner();
+            assert_eq!(
+                summary,
+                bpb::StreamSummary {
+                    count: REQUESTS,
+                    bytes: (0..REQUESTS).map(|i| i * 100).sum(),
+                },
+                "client stream summary"
+            );
+
+            // Bidirectional streaming: each message answered before the next is sent.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut bidi = echo
+                .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("the bidirectional stream opens")
+                .into_inner();
+            for i in 0..20u32 {
+                let payload = format!("message {i}").into_bytes();
+                tx.send(bpb::EchoRequest {
+                    payload: payload.clone(),
+                    response_size: 0,
+                })
+                .await
+                .expect("send on the stream");
+                let reply = tokio::time::timeout(REQUEST_TIMEOUT, bidi.message())
+                    .await
+                    .expect("a reply in time")
+                    .expect("a reply, not a status")
+                    .expect("a reply, not the end");
+                assert_eq!(reply, bpb::EchoReply { payload, seq: i });
+            }
+            drop(tx);
+            let (rest, end) = drain(bidi).await;
+            assert_eq!(rest, [], "no reply after the client's side ended");
+            assert_ok_end("bidirectional stream", &end);
+        });
+
+        // The 7 calls (1 unary, 4 server streams, 1 client stream, 1 bidirectional) went
+        // through both sidecars, each an HTTP/2 request answered 200 (gRPC statuses ride in
+        // trailers, or in the head of the trailers-only response).
+        let ok = |direction: &str| {
+            format!(
+                "weft_requests_total{{direction=\"{direction}\",service=\"server\",code=\"200\"}}"
+            )
+        };
+        for (sidecar, series) in [(&client, ok("outbound")), (&server, ok("inbound"))] {
+            wait_for(
+                &format!("{} to count 7 {series}", sidecar.name),
+                WAIT,
+                || sidecar.metric(&series) >= 7.0,
+            );
+            assert_eq!(sidecar.metric(&series), 7.0, "{} {series}", sidecar.name);
+        }
     }
 }
 
