@@ -185,11 +185,11 @@ fn method_name(m: &Method) -> &'static str {
         .map_or("_OTHER", |(_, n)| n)
 }
 
-/// Where `server.address`/`server.port` will come from: the URI's authority, else the `Host`
-/// header (parsed only at export).
+/// Where `server.address`/`server.port` come from: the URI's authority, else the `Host`
+/// header.
 fn server(uri: &Uri, headers: &HeaderMap) -> Option<ServerName> {
     match uri.authority() {
-        Some(a) => ServerName::new(a.as_str().as_bytes()),
+        Some(a) => Some(ServerName::from_authority(a)),
         None => ServerName::new(headers.get(http::header::HOST)?.as_bytes()),
     }
 }

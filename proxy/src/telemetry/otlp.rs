@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use tonic::transport::{Channel, Endpoint};
 
 use super::TelemetryError;
-use super::span::{SpanKind, SpanRecord};
+use super::span::{ServerName, SpanKind, SpanRecord};
 
 /// Exports spans to an OTLP/gRPC collector.
 #[derive(Debug, Clone)]
@@ -138,8 +138,8 @@ pub fn to_proto(s: &SpanRecord) -> Span {
     }
     attributes.push(text("url.path", s.url_path()));
     attributes.push(text("url.scheme", if s.https { "https" } else { "http" }));
-    if let Some((host, port)) = s.server.as_ref().and_then(|n| n.host_port()) {
-        attributes.push(kv("server.address", Value::StringValue(host)));
+    if let Some((host, port)) = s.server.as_ref().map(ServerName::host_port) {
+        attributes.push(kv("server.address", Value::StringValue(host.to_string())));
         if let Some(p) = port {
             attributes.push(kv("server.port", Value::IntValue(i64::from(p))));
         }

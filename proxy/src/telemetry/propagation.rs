@@ -13,6 +13,7 @@
 //! the single header wins over the multi headers, which win over `traceparent`. A B3 header
 //! that carries only a sampling decision (`b3: 0`) has no ids to continue and is ignored.
 
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanId, TraceId};
 
@@ -272,34 +273,32 @@ pub fn inject(
         B3Mode::Write => {}
     }
     // {trace}-{id}-{flag}[-{parent}]
-    let mut single = [0u8; 68];
-    single[..32].copy_from_slice(&trace);
-    single[32] = b'-';
-    single[33..49].copy_from_slice(&id);
-    single[49] = b'-';
-    single[50] = flag;
+    // B3 single is `trace-span-flag[-parent]`, and the multi headers are pieces of it: one
+    // buffer, and each header value a slice sharing it (one allocation, not four).
+    let mut single = BytesMut::with_capacity(68);
+    single.extend_from_slice(&trace);
+    single.extend_from_slice(b"-");
+    single.extend_from_slice(&id);
+    single.extend_from_slice(&[b'-', flag]);
     let parent = parent.map(span_hex);
-    let len = match &parent {
-        Some(p) => {
-            single[51] = b'-';
-            single[52..68].copy_from_slice(p);
-            68
-        }
-        None => 51,
-    };
-    if let Some(v) = unique(&single[..len]) {
+    if let Some(p) = &parent {
+        single.extend_from_slice(b"-");
+        single.extend_from_slice(p);
+    }
+    let single = single.freeze();
+    if let Some(v) = shared(single.clone()) {
         headers.insert(B3, v);
     }
-    if let Some(v) = unique(&trace) {
+    if let Some(v) = shared(single.slice(0..32)) {
         headers.insert(B3_TRACE_ID, v);
     }
-    if let Some(v) = unique(&id) {
+    if let Some(v) = shared(single.slice(33..49)) {
         headers.insert(B3_SPAN_ID, v);
     }
     let flag = if span.sampled { "1" } else { "0" };
     headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
     headers.remove(B3_FLAGS);
-    match parent.and_then(|p| unique(&p)) {
+    match parent.and_then(|_| shared(single.slice(52..68))) {
         Some(v) => {
             headers.insert(B3_PARENT_SPAN_ID, v);
         }
@@ -307,6 +306,13 @@ pub fn inject(
             headers.remove(B3_PARENT_SPAN_ID);
         }
     }
+}
+
+/// A sensitive header value over `bytes` without copying them.
+fn shared(bytes: Bytes) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_maybe_shared(bytes).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 #[cfg(test)]
@@ -469,6 +475,22 @@ mod tests {
         assert_eq!(
             h.get(B3_PARENT_SPAN_ID).and_then(|v| v.to_str().ok()),
             Some("00f067aa0ba902b7")
+        );
+        assert_eq!(
+            h.get(B3_TRACE_ID).and_then(|v| v.to_str().ok()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            h.get(B3_SPAN_ID).and_then(|v| v.to_str().ok()),
+            Some("1122334455667788")
+        );
+        assert_eq!(h.get(B3_SAMPLED).and_then(|v| v.to_str().ok()), Some("1"));
+        let mut multi = h.clone();
+        multi.remove(B3);
+        assert_eq!(
+            extract_b3(&multi).map(|e| (e.trace_id, e.span_id)),
+            Some((sc.trace_id, sc.span_id)),
+            "the multi headers alone carry the span"
         );
         for b3 in [false, true] {
             let e = extract(&h, b3).expect("round trip");

@@ -45,20 +45,25 @@ impl SpanKind {
 }
 
 /// `server.address`/`server.port` as the request named them: its authority, or its `Host`
-/// header. Parsed only at export, and only if valid.
+/// header. Held as a parsed [`Authority`], which shares the request's buffer when it comes
+/// from the URI, so that exporting reads host and port without parsing or allocating.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerName(Box<str>);
+pub struct ServerName(Authority);
 
 impl ServerName {
-    /// The text of an authority or `Host` header; `None` when it is not text.
-    pub fn new(authority: &[u8]) -> Option<Self> {
-        std::str::from_utf8(authority).ok().map(|s| Self(s.into()))
+    /// A request URI's authority (a reference-count increment, not a copy).
+    pub fn from_authority(authority: &Authority) -> Self {
+        Self(authority.clone())
     }
 
-    /// Host and port, when they parse.
-    pub fn host_port(&self) -> Option<(String, Option<u16>)> {
-        let authority = Authority::try_from(&*self.0).ok()?;
-        Some((authority.host().to_string(), authority.port_u16()))
+    /// A `Host` header's value; `None` when it is not a valid authority.
+    pub fn new(authority: &[u8]) -> Option<Self> {
+        Authority::try_from(authority).ok().map(Self)
+    }
+
+    /// Host and port.
+    pub fn host_port(&self) -> (&str, Option<u16>) {
+        (self.0.host(), self.0.port_u16())
     }
 }
 
@@ -303,11 +308,15 @@ mod tests {
     }
 
     #[test]
-    fn server_names_parse_at_export() {
-        let host = ServerName::new(b"api.example:8080").expect("text");
-        assert_eq!(host.host_port(), Some(("api.example".into(), Some(8080))));
-        let bad = ServerName::new(b"a b").expect("text");
-        assert_eq!(bad.host_port(), None);
+    fn server_names_give_host_and_port() {
+        let host = ServerName::new(b"api.example:8080").expect("an authority");
+        assert_eq!(host.host_port(), ("api.example", Some(8080)));
+        let v6 = ServerName::new(b"[::1]").expect("an authority");
+        assert_eq!(v6.host_port(), ("[::1]", None));
+        let uri: http::Uri = "http://backend:9090/x".parse().expect("a uri");
+        let from_uri = ServerName::from_authority(uri.authority().expect("an authority"));
+        assert_eq!(from_uri.host_port(), ("backend", Some(9090)));
+        assert_eq!(ServerName::new(b"a b"), None);
         assert_eq!(ServerName::new(b"\xff"), None);
     }
 }

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::TelemetryError;
-use super::span::{SpanKind, SpanRecord, span_hex, trace_hex};
+use super::span::{ServerName, SpanKind, SpanRecord, span_hex, trace_hex};
 
 /// Exports spans to a Zipkin v2 HTTP endpoint.
 pub struct ZipkinExporter {
@@ -155,7 +155,15 @@ fn tag(out: &mut Vec<u8>, first: &mut bool, key: &str, value: &str) {
 /// `"key":"number"` of a tag, written without an intermediate `String`.
 fn tag_number(out: &mut Vec<u8>, first: &mut bool, key: &str, value: u64) {
     tag_key(out, first, key);
-    let _ = write!(out, "\"{value}\"");
+    out.push(b'"');
+    number(out, value);
+    out.push(b'"');
+}
+
+/// A number in decimal (`itoa`: the formatting machinery of `write!` costs more than the
+/// digits).
+fn number(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 fn tag_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
@@ -194,7 +202,10 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
     let duration = u64::try_from(s.duration.as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
-    let _ = write!(out, ",\"timestamp\":{start},\"duration\":{duration}");
+    out.extend_from_slice(b",\"timestamp\":");
+    number(out, start);
+    out.extend_from_slice(b",\"duration\":");
+    number(out, duration);
     out.extend_from_slice(b",\"localEndpoint\":{\"serviceName\":");
     string(out, local_service);
     out.push(b'}');
@@ -214,12 +225,8 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
                 IpAddr::V4(_) => "ipv4",
                 IpAddr::V6(_) => "ipv6",
             };
-            let _ = write!(
-                out,
-                "\"{family}\":\"{}\",\"port\":{}",
-                peer.ip(),
-                peer.port()
-            );
+            let _ = write!(out, "\"{family}\":\"{}\",\"port\":", peer.ip());
+            number(out, u64::from(peer.port()));
         }
         out.push(b'}');
     }
@@ -237,8 +244,8 @@ fn encode_span(out: &mut Vec<u8>, s: &SpanRecord, local_service: &str) {
         "url.scheme",
         if s.https { "https" } else { "http" },
     );
-    if let Some((host, port)) = s.server.as_ref().and_then(|n| n.host_port()) {
-        tag(out, first, "server.address", &host);
+    if let Some((host, port)) = s.server.as_ref().map(ServerName::host_port) {
+        tag(out, first, "server.address", host);
         if let Some(p) = port {
             tag_number(out, first, "server.port", u64::from(p));
         }
