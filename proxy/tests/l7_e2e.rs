@@ -732,25 +732,30 @@ fn details_app(rt: &Runtime, host: &Host, port: u16) {
 
 /// Reads from `io` until the end of a response head; returns the head and what followed it.
 async fn read_head(io: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
-    use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let rest = buf.split_off(end + 4);
             return (String::from_utf8_lossy(&buf).into_owned(), rest);
         }
-        let n = tokio::time::timeout(REQUEST_TIMEOUT, io.read(&mut chunk))
-            .await
-            .expect("a response head in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed before a full head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(io, &mut buf, "a full response head").await;
     }
+}
+
+/// One read from `io` onto `buf`, in time; fails the test on a close before `what`.
+async fn read_more(io: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, io.read(&mut chunk))
+        .await
+        .unwrap_or_else(|_| panic!("no bytes in time, waiting for {what}"))
+        .expect("read");
+    assert!(
+        n > 0,
+        "closed before {what}: {:?}",
+        String::from_utf8_lossy(buf)
+    );
+    buf.extend_from_slice(&chunk[..n]);
 }
 
 /// Issue 7: through the sidecars, to an app declared `kuma.io/protocol: http`, with real
@@ -850,18 +855,8 @@ fn http1_details_work_through_sidecars() {
         io.write_all(payload).await.expect("write into the tunnel");
         let mut want = b"tunnel.example:443\n".to_vec();
         want.extend_from_slice(payload);
-        let mut chunk = [0u8; 1024];
         while got.len() < want.len() {
-            let n = tokio::time::timeout(REQUEST_TIMEOUT, io.read(&mut chunk))
-                .await
-                .expect("tunnel bytes in time")
-                .expect("read from the tunnel");
-            assert!(
-                n > 0,
-                "the tunnel closed early: {:?}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&chunk[..n]);
+            read_more(&mut io, &mut got, "the tunnel's echo").await;
         }
         assert_eq!(
             String::from_utf8_lossy(&got),
@@ -875,6 +870,16 @@ mod grpc {
     use weft_api::proto as pb;
     use weft_bench::grpc::pb as bpb;
     use weft_bench::grpc::pb::echo_client::EchoClient;
+
+    /// A gRPC channel to `to`, through the client's sidecar (the caller runs in its host).
+    async fn channel_to(to: SocketAddr) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+            .expect("an endpoint")
+            .timeout(REQUEST_TIMEOUT)
+            .connect()
+            .await
+            .expect("a channel through the client's sidecar")
+    }
 
     /// Issue 7: gRPC unary calls (an answer, and an error status in trailers) and a
     /// bidirectional stream go through the sidecars to an app declared `kuma.io/protocol:
@@ -893,12 +898,7 @@ mod grpc {
         let (_server, _client, to) = server_and_client(&env, &cp, &hosts, "grpc");
 
         run_in(&hosts.client, WAIT, || async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
-                .expect("an endpoint")
-                .timeout(REQUEST_TIMEOUT)
-                .connect()
-                .await
-                .expect("a channel through the client's sidecar");
+            let channel = channel_to(to).await;
 
             let mut id = pb::identity_client::IdentityClient::new(channel.clone());
             let r = id
@@ -1045,12 +1045,7 @@ mod grpc {
         let (server, client, to) = server_and_client(&env, &cp, &hosts, "grpc");
 
         run_in(&hosts.client, WAIT, || async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
-                .expect("an endpoint")
-                .timeout(REQUEST_TIMEOUT)
-                .connect()
-                .await
-                .expect("a channel through the client's sidecar");
+            let channel = channel_to(to).await;
             let mut echo = EchoClient::new(channel);
 
             let r = echo
