@@ -309,7 +309,10 @@ async fn connect(
             "the peer does not speak the mesh's HTTP/2 transport".into(),
         ));
     }
-    handshake(tls, own, endpoint).await
+    // Boxed: hyper's per-request task is an enum sized like its connection task, which holds
+    // the I/O inline, and a TLS stream is over a kilobyte. Behind a box, every request's task
+    // is 1.1 KB smaller to allocate and move (2,528 → 1,432 bytes in a release build).
+    handshake(Box::new(tls), own, endpoint).await
 }
 
 async fn handshake<I>(
