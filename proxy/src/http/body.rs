@@ -3,7 +3,9 @@
 //! An enum instead of a boxed trait object: forwarding a hyper [`Incoming`] body costs no
 //! allocation, and the proxy's own small responses are a [`Bytes`]. A body can also hold
 //! something until it ends (the endpoint's in-flight guard, the request's observation), so
-//! that load and duration cover the whole exchange, streaming included.
+//! that load and duration cover the whole exchange, streaming included, and the app
+//! connection a response comes on, which goes back to its pool ([`crate::http::app_pool`])
+//! when the response ends.
 
 use crate::telemetry::RequestObservation;
 use bytes::Bytes;
@@ -21,6 +23,9 @@ pub struct Body {
     kind: Kind,
     bytes: u64,
     hold: Option<crate::balance::InFlight>,
+    /// The app connection this (response) body comes on, given back to its pool when the
+    /// body ends cleanly.
+    conn: Option<crate::http::app_pool::Lent>,
     /// This body's bytes go here as they pass (a request body, for its observation).
     count: Option<ByteCount>,
     /// Finished when this (response) body ends: with the request's bytes and this body's.
@@ -61,6 +66,7 @@ impl Body {
             kind,
             bytes: 0,
             hold: None,
+            conn: None,
             count: None,
             observation: None,
         }
@@ -69,6 +75,12 @@ impl Body {
     /// Keeps `guard` (a request in flight to an endpoint) until the body ends.
     pub fn hold(mut self, guard: crate::balance::InFlight) -> Self {
         self.hold = Some(guard);
+        self
+    }
+
+    /// Gives `conn` back to its pool when this body ends cleanly (and closes it otherwise).
+    pub fn give_back_at_end(mut self, conn: crate::http::app_pool::Lent) -> Self {
+        self.conn = Some(conn);
         self
     }
 
@@ -91,6 +103,11 @@ impl Body {
 
     fn end(&mut self, clean: bool) {
         self.hold = None;
+        if let Some(conn) = self.conn.take()
+            && clean
+        {
+            conn.give_back();
+        }
         if let Some(c) = &self.count {
             c.fetch_add(self.bytes, Ordering::Relaxed);
             self.bytes = 0;

@@ -1,6 +1,7 @@
 //! The inbound HTTP proxy: serves HTTP/2 streams from mesh peers (or a plaintext HTTP client,
 //! where the mesh lets one in) and forwards each request to the local app in the app's own
-//! protocol, over hyper's pooled client.
+//! protocol: HTTP/1.1 requests over the inbound's own keep-alive pool ([`app_pool`]), h2c,
+//! Upgrade and CONNECT over hyper's pooled client.
 //!
 //! The source's permission is decided per connection (its certificate) and applied to every
 //! request, and decided again for the next request after a config change, since pooled
@@ -12,6 +13,7 @@ use crate::config::{Authz, Inbound, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
+use crate::http::app_pool::{self, AppConnector, Http1Pool};
 use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
@@ -23,57 +25,24 @@ use crate::listen;
 use crate::outbound::forward_with;
 use crate::telemetry::{Direction, RequestObservation};
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-
-/// How long an idle connection to the app stays in the pool.
-const APP_POOL_IDLE: Duration = Duration::from_secs(90);
-
-/// Connects to one app address, whatever the request's URI says (the URI keeps the caller's
-/// authority, which HTTP/2 sends as `:authority`).
-#[derive(Debug, Clone)]
-pub struct AppConnector {
-    upstream: SocketAddr,
-    source: Option<IpAddr>,
-    timeout: Duration,
-}
-
-impl tower::Service<Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let c = self.clone();
-        Box::pin(async move {
-            listen::connect(c.upstream, c.source, c.timeout)
-                .await
-                .map(TokioIo::new)
-        })
-    }
-}
 
 /// Pooled clients to one app address: HTTP/1.1 and h2c.
 #[derive(Clone)]
 pub struct AppClients {
-    /// HTTP/1.1 (also used for Upgrade and CONNECT).
+    /// HTTP/1.1 requests.
+    pub http1_pool: Http1Pool,
+    /// HTTP/1.1 for Upgrade and CONNECT, whose connections are never reused.
     pub http1: Client<AppConnector, Body>,
     /// h2c, prior knowledge.
     pub http2: Client<AppConnector, Body>,
@@ -81,16 +50,21 @@ pub struct AppClients {
 
 impl AppClients {
     fn new(connector: AppConnector) -> Self {
+        let http1_pool = Http1Pool::new(connector.clone());
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
-            .pool_idle_timeout(APP_POOL_IDLE)
+            .pool_idle_timeout(app_pool::IDLE)
             .set_host(false);
         let http1 = b.build(connector.clone());
         b.http2_only(true)
             .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
             .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW);
         let http2 = b.build(connector);
-        Self { http1, http2 }
+        Self {
+            http1_pool,
+            http1,
+            http2,
+        }
     }
 }
 
@@ -116,11 +90,7 @@ impl AppClientRegistry {
         source: Option<IpAddr>,
         timeout: Duration,
     ) -> AppClients {
-        let connector = AppConnector {
-            upstream,
-            source,
-            timeout,
-        };
+        let connector = AppConnector::new(upstream, source, timeout);
         let Ok(mut map) = self.clients.lock() else {
             return AppClients::new(connector);
         };
@@ -361,27 +331,44 @@ async fn forward(
         }
         parts.version = Version::HTTP_11;
     }
-    let Some(uri) = absolute_uri(authority, &parts.uri) else {
-        return observed(
-            local_response(StatusCode::BAD_REQUEST, "no usable authority\n"),
-            observation,
-        );
-    };
-    parts.uri = uri;
-    let client = if app_http2 {
-        &ctx.clients.http2
+    // h2c carries the authority in the URI (`:authority`); HTTP/1.1 in `Host`, with the
+    // path alone as the request target.
+    parts.uri = if app_http2 {
+        let Some(uri) = absolute_uri(authority, &parts.uri) else {
+            return observed(
+                local_response(StatusCode::BAD_REQUEST, "no usable authority\n"),
+                observation,
+            );
+        };
+        uri
     } else {
-        &ctx.clients.http1
+        app_pool::origin_form(&parts.uri)
     };
     let mut body = Body::incoming(body);
     let request_bytes = ctx.telemetry.access_log_enabled().then(ByteCount::default);
     if let Some(c) = &request_bytes {
         body = body.count_into(c.clone());
     }
-    let resp = match client.request(Request::from_parts(parts, body)).await {
+    let req = Request::from_parts(parts, body);
+    let sent = if app_http2 {
+        ctx.clients
+            .http2
+            .request(req)
+            .await
+            .map(|r| (r, None))
+            .map_err(|e| e.to_string())
+    } else {
+        ctx.clients
+            .http1_pool
+            .send(req)
+            .await
+            .map(|(r, conn)| (r, Some(conn)))
+            .map_err(|e| e.to_string())
+    };
+    let (resp, conn) = match sent {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, error = %e,
+        Err(error) => {
+            tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, %error,
                 "app request failed");
             return observed(
                 local_response(StatusCode::BAD_GATEWAY, "app request failed\n"),
@@ -393,5 +380,9 @@ async fn forward(
     strip_hop_by_hop(&mut rp.headers);
     rp.version = downstream_version(downstream_http1);
     observation.status(rp.status.as_u16());
-    Response::from_parts(rp, Body::incoming(rb).finish(observation, request_bytes))
+    let mut body = Body::incoming(rb).finish(observation, request_bytes);
+    if let Some(conn) = conn {
+        body = body.give_back_at_end(conn);
+    }
+    Response::from_parts(rp, body)
 }

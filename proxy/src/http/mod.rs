@@ -10,7 +10,8 @@
 //! - [`inbound`] serves those HTTP/2 streams (ALPN [`crate::mesh_tls::ALPN_H2`]) or a plaintext
 //!   HTTP client, checks the source's permission per request (403 when denied), and speaks to
 //!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without
-//!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]).
+//!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]). HTTP/1.1
+//!   connections to the app are kept alive in [`app_pool`].
 //! - [`opaque`] carries TCP that is not HTTP, with mTLS on: one CONNECT stream per app
 //!   connection on the same pooled connections.
 //! - [`tunnel`] carries Upgrade (WebSocket) and CONNECT: an extended CONNECT stream between the
@@ -19,6 +20,7 @@
 //! Bodies are streamed frame by frame ([`body::Body`]), never buffered whole; trailers pass
 //! through.
 
+pub mod app_pool;
 pub mod body;
 pub mod idle;
 pub mod inbound;
