@@ -346,6 +346,11 @@ mod tests {
             .expect("request")
     }
 
+    /// A pool of connections to the test app at `addr`.
+    fn pool_for(addr: SocketAddr) -> Http1Pool {
+        Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)))
+    }
+
     /// One request: its body read to the end, then the connection given back.
     async fn exchange(pool: &Http1Pool, addr: SocketAddr) -> String {
         let (resp, lent) = pool.send(get(addr)).await.expect("response");
@@ -357,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
         let (addr, accepted) = app(Closing::Never).await;
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         for _ in 0..20 {
             assert_eq!(exchange(&pool, addr).await, "hello");
         }
@@ -368,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_open_connections_that_are_then_reused() {
         let (addr, accepted) = app(Closing::Never).await;
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         // Four in flight at once: none can wait for another's connection.
         let mut held = Vec::new();
         for _ in 0..4 {
@@ -389,7 +394,7 @@ mod tests {
     #[tokio::test]
     async fn connections_the_app_closes_are_not_reused() {
         let (addr, accepted) = app(Closing::WithHeader).await;
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         for _ in 0..5 {
             assert_eq!(exchange(&pool, addr).await, "hello");
         }
@@ -399,7 +404,7 @@ mod tests {
     #[tokio::test]
     async fn connections_the_app_drops_while_idle_are_replaced() {
         let (addr, accepted) = app(Closing::Silently).await;
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         for round in 1..=3 {
             assert_eq!(exchange(&pool, addr).await, "hello");
             // The app drops the idle connection meanwhile; the next request needs a new one.
@@ -418,7 +423,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_not_given_back_is_not_reused() {
         let (addr, accepted) = app(Closing::Never).await;
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         let (resp, lent) = pool.send(get(addr)).await.expect("response");
         drop(lent);
         drop(resp);
@@ -431,7 +436,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let pool = Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)));
+        let pool = pool_for(addr);
         let err = pool.send(get(addr)).await.expect_err("nothing listens");
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
