@@ -226,18 +226,8 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         identity: identity.clone(),
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let (shutdown, stop) = watch::channel(false);
-    let mut api_stop = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    tracing::info!(%api_address, "REST API listening");
-
-    // The CA file exists before the port opens: a proxy that sees the port can read it.
+    // The CA file exists, and the dataplane port is bound, before either port answers: a
+    // proxy or script that sees the REST API (or the dataplane port) can read `cp-ca.pem`.
     let tls = match &cfg.dp_server_cert {
         Some((cert, key)) => CpTls::from_files(cert, key),
         None => CpTls::load_or_create(&cfg.data_dir, &[cfg.dp_server_address], &cfg.dp_server_sans),
@@ -253,6 +243,17 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         addr: cfg.dp_server_address,
         source,
     })?;
+    let (shutdown, stop) = watch::channel(false);
+    let mut api_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%api_address, "REST API listening");
+
     let discovery =
         DiscoveryService::new(hub.clone(), Arc::new(TokenAuth(identity.tokens().clone())));
     let mut dp_stop = stop;

@@ -5,6 +5,7 @@ mod support;
 
 use serde_json::Value;
 use std::sync::{Arc, Barrier};
+use std::time::Duration;
 use support::{ControlPlane, examples_dir};
 use weft_api::parse::parse_documents;
 use weft_api::{Resource, ResourceType};
@@ -77,6 +78,23 @@ fn every_example_applies_and_reads_back_equal() {
         out.contains("payments") && out.contains("builtin/ca-1"),
         "{out}"
     );
+}
+
+/// A script (or a proxy) that waits for the REST API and then reads `cp-ca.pem` must find it:
+/// the control plane creates its dataplane CA before the API answers. (It once served the API
+/// first, and `weft-bench mesh` found no `cp-ca.pem` on a loaded CI machine.)
+#[test]
+fn the_rest_api_answers_only_once_the_dataplane_ca_exists() {
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp = ControlPlane::spawn(dir.path(), &[]);
+        cp.wait_ready(Duration::from_millis(1));
+        let ca = dir.path().join("cp-ca.pem");
+        let pem = std::fs::read_to_string(&ca)
+            .unwrap_or_else(|e| panic!("REST API answered before {} existed: {e}", ca.display()));
+        assert!(pem.contains("BEGIN CERTIFICATE"), "{pem}");
+        cp.stop();
+    }
 }
 
 #[test]

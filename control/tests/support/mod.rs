@@ -39,6 +39,13 @@ pub fn free_port() -> u16 {
 
 impl ControlPlane {
     pub fn start(data_dir: &Path, extra: &[&str]) -> ControlPlane {
+        let cp = Self::spawn(data_dir, extra);
+        cp.wait_ready(Duration::from_millis(50));
+        cp
+    }
+
+    /// Starts the process and returns at once, before it answers.
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> ControlPlane {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(WEFT_CONTROL)
             .args(["run", "--data-dir"])
@@ -50,22 +57,21 @@ impl ControlPlane {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn weft-control");
-        let cp = ControlPlane {
+        ControlPlane {
             child,
             api,
             data_dir: data_dir.to_path_buf(),
-        };
-        cp.wait_ready();
-        cp
+        }
     }
 
-    fn wait_ready(&self) {
+    /// Polls the REST API every `interval` until it answers (at most 20 s).
+    pub fn wait_ready(&self, interval: Duration) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.client().get("/").is_ok() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(interval);
         }
         panic!("weft-control did not come up on {}", self.api);
     }
