@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -194,9 +194,14 @@ where
 }
 
 async fn serve_http(stream: TcpStream, body: Bytes, delay: Duration) {
-    let service = service_fn(move |_req: Request<Incoming>| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let body = body.clone();
         async move {
+            // Read the request body to its end, as a real server (or span collector) does:
+            // hyper closes a connection whose request body was left unread, so a client that
+            // posts (the sidecars' span exports) would pay a new connection per request.
+            let mut request_body = req.into_body();
+            while let Some(Ok(_)) = request_body.frame().await {}
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

@@ -171,7 +171,7 @@ fn exchange(
     let mut client = web.begin(
         Direction::Outbound,
         "backend",
-        Some("backend"),
+        Some(&Arc::from("backend")),
         &Method::GET,
         &uri,
         &mut headers,
@@ -182,7 +182,7 @@ fn exchange(
     let mut server = backend.begin(
         Direction::Inbound,
         "backend",
-        Some("web"),
+        Some(&Arc::from("web")),
         &Method::GET,
         &inbound_uri,
         &mut headers,
@@ -439,7 +439,7 @@ async fn access_log_lines_match_observations_one_to_one() {
     backend.connection(
         Direction::Inbound,
         "backend",
-        Some("web"),
+        Some(&Arc::from("web")),
         start,
         Duration::from_millis(1500),
         42,

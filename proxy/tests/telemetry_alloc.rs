@@ -4,6 +4,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method, Uri};
 use weft_proxy::telemetry::{Direction, Telemetry, TelemetrySettings};
@@ -79,6 +80,7 @@ fn recording_a_request_allocates_nothing_once_warm() {
         .expect("apply");
     let uri = Uri::from_static("/api/items");
     let mut headers = HeaderMap::new();
+    let web: Arc<str> = Arc::from("web");
     let round = |headers: &mut HeaderMap| {
         for (direction, service) in [
             (Direction::Outbound, "backend"),
@@ -86,7 +88,7 @@ fn recording_a_request_allocates_nothing_once_warm() {
             (Direction::Outbound, "not-in-the-snapshot"),
         ] {
             let mut o =
-                telemetry.begin(direction, service, Some("web"), &Method::GET, &uri, headers);
+                telemetry.begin(direction, service, Some(&web), &Method::GET, &uri, headers);
             o.status(200);
             o.finish(100, 2000, None);
             // Dropped unfinished: recorded as aborted, still without allocating.

@@ -117,6 +117,8 @@ struct Ctx {
     /// `Some(origin)` when the source is denied.
     denied: Option<Option<String>>,
     sources: Vec<String>,
+    /// The first of `sources`, shared with each request's span (`peer.service`).
+    peer_service: Option<Arc<str>>,
     peer: Option<SocketAddr>,
     telemetry: crate::telemetry::Telemetry,
 }
@@ -160,6 +162,7 @@ pub(crate) async fn serve<I>(
         upstream_authority: Authority::try_from(inbound.upstream.to_string().as_str()).ok(),
         clients,
         denied: caller.denied,
+        peer_service: caller.sources.first().map(|s| Arc::from(s.as_str())),
         sources: caller.sources,
         peer: caller.peer,
         telemetry: cfg.telemetry.clone(),
@@ -180,7 +183,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let observation = ctx.telemetry.begin(
         Direction::Inbound,
         &ctx.service,
-        ctx.sources.first().map(String::as_str),
+        ctx.peer_service.as_ref(),
         &method,
         &uri,
         req.headers_mut(),

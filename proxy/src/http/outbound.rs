@@ -35,8 +35,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub(crate) struct Ctx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) cfg: Arc<ProxyConfig>,
-    /// The mesh service the connection is for.
-    pub(crate) service: String,
+    /// The mesh service the connection is for (shared: each request's span names it).
+    pub(crate) service: Arc<str>,
     /// Whether the app speaks HTTP/1.x (else HTTP/2).
     pub(crate) http1: bool,
 }
@@ -56,7 +56,7 @@ pub(crate) async fn serve<I>(
     let ctx = Arc::new(Ctx {
         shared,
         cfg,
-        service,
+        service: Arc::from(service),
         http1: protocol == Protocol::Http1,
     });
     let svc = service_fn(move |req| {
@@ -157,7 +157,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             "too many header fields\n",
         );
     }
-    let Some(svc) = ctx.cfg.services.get(&ctx.service) else {
+    let Some(svc) = ctx.cfg.services.get(&*ctx.service) else {
         return local_response(StatusCode::SERVICE_UNAVAILABLE, "unknown mesh service\n");
     };
     if tunnel::is_tunnel(&req) {
@@ -165,7 +165,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     }
     let (mut parts, body) = req.into_parts();
     let authority = authority_of(&parts.uri, &parts.headers)
-        .or_else(|| Authority::try_from(ctx.service.as_str()).ok());
+        .or_else(|| Authority::try_from(&*ctx.service).ok());
     let Some(uri) = authority.and_then(|a| absolute_uri(a, &parts.uri)) else {
         return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
     };

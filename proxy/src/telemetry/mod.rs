@@ -374,7 +374,7 @@ impl Telemetry {
         &self,
         direction: Direction,
         service: &str,
-        peer_service: Option<&str>,
+        peer_service: Option<&Arc<str>>,
         method: &http::Method,
         uri: &http::Uri,
         headers: &mut http::HeaderMap,

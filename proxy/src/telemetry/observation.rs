@@ -17,7 +17,7 @@ use super::Direction;
 use super::access_log::{AccessLog, AccessLogEntry};
 use super::propagation;
 use super::requests::ServiceHandles;
-use super::span::{ServerName, SpanError, SpanKind, SpanRecord};
+use super::span::{InlineStr, ServerName, SpanError, SpanKind, SpanRecord};
 use super::trace::{SpanSink, Tracing};
 
 /// An HTTP exchange being observed. `Send + 'static`; finishing it records the request
@@ -130,7 +130,7 @@ pub(super) struct Begin<'a> {
     pub mesh: &'a Arc<str>,
     pub local_service: &'a Arc<str>,
     pub service: &'a str,
-    pub peer_service: Option<&'a str>,
+    pub peer_service: Option<&'a Arc<str>>,
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a mut HeaderMap,
@@ -209,12 +209,12 @@ fn record(
         kind: SpanKind::of(b.direction),
         method,
         method_original: (method == "_OTHER").then(|| b.method.as_str().into()),
-        path: b.uri.path().into(),
+        path: InlineStr::new(b.uri.path()),
         https: b.uri.scheme_str() == Some("https"),
         server: server(b.uri, b.headers),
         mesh: Arc::clone(b.mesh),
         service: Arc::clone(service),
-        peer_service: b.peer_service.map(Arc::from),
+        peer_service: b.peer_service.cloned(),
         start,
         duration: std::time::Duration::ZERO,
         status: None,
@@ -250,7 +250,7 @@ impl Detail {
                 b.direction,
                 b.local_service,
                 b.service,
-                b.peer_service.map(Arc::from),
+                b.peer_service.cloned(),
             );
             let fields = LogFields {
                 mesh: Arc::clone(b.mesh),

@@ -72,7 +72,12 @@ pub struct SpanIds {
 /// Reads the caller's trace context: `traceparent`, and with `b3` also the B3 headers (which
 /// take precedence). `None` when nothing valid is present.
 pub fn extract(headers: &HeaderMap, b3: bool) -> Option<Extracted> {
-    if b3 && let Some(e) = extract_b3(headers) {
+    // One pass over the few names, rather than lookups that miss when there is no B3 (as
+    // between two weft proxies).
+    if b3
+        && headers.keys().any(is_b3)
+        && let Some(e) = extract_b3(headers)
+    {
         return Some(e);
     }
     extract_w3c(headers)
@@ -198,15 +203,6 @@ fn extract_b3_single(value: &str) -> Option<Extracted> {
     })
 }
 
-/// A header value that is new with every request. Marked sensitive so that HTTP/2 sends it as
-/// a never-indexed literal: inserting a value nobody will repeat into the HPACK table would
-/// only cost the insert and evict entries that do repeat.
-fn unique(bytes: &[u8]) -> Option<HeaderValue> {
-    let mut v = HeaderValue::from_bytes(bytes).ok()?;
-    v.set_sensitive(true);
-    Some(v)
-}
-
 /// What [`inject`] does with the B3 headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum B3Mode {
@@ -237,8 +233,8 @@ const B3_HEADERS: [HeaderName; 6] = [
 /// `tracestate` is dropped; when it continues, `tracestate` is forwarded untouched). `b3` says
 /// whether the B3 single and multi headers are written, removed or left alone.
 ///
-/// Runs for every traced request: the values are written as hex into stack buffers, not
-/// through `format!`.
+/// Runs for every traced request, so it allocates little: the values are written as hex into
+/// one buffer, not through `format!`, and every header value is a slice of it.
 pub fn inject(
     headers: &mut HeaderMap,
     span: SpanIds,
@@ -249,14 +245,32 @@ pub fn inject(
     let trace = trace_hex(span.trace_id);
     let id = span_hex(span.span_id);
     let flag = if span.sampled { b'1' } else { b'0' };
-    // 00-{trace}-{id}-0{flag}
-    let mut tp = [0u8; 55];
-    tp[..3].copy_from_slice(b"00-");
-    tp[3..35].copy_from_slice(&trace);
-    tp[35] = b'-';
-    tp[36..52].copy_from_slice(&id);
-    tp[52..55].copy_from_slice(&[b'-', b'0', flag]);
-    if let Some(v) = unique(&tp) {
+    let parent = parent.map(span_hex);
+    let write_b3 = b3 == B3Mode::Write;
+    // `00-{trace}-{id}-0{flag}`, then for B3 the single header `{trace}-{id}-{flag}[-{parent}]`,
+    // whose pieces are also the multi headers' values.
+    let mut buf = BytesMut::with_capacity(if write_b3 { 55 + 68 } else { 55 });
+    buf.extend_from_slice(b"00-");
+    buf.extend_from_slice(&trace);
+    buf.extend_from_slice(b"-");
+    buf.extend_from_slice(&id);
+    buf.extend_from_slice(&[b'-', b'0', flag]);
+    if write_b3 {
+        buf.extend_from_slice(&trace);
+        buf.extend_from_slice(b"-");
+        buf.extend_from_slice(&id);
+        buf.extend_from_slice(&[b'-', flag]);
+        if let Some(p) = &parent {
+            buf.extend_from_slice(b"-");
+            buf.extend_from_slice(p);
+        }
+    }
+    // Slicing makes the buffer shared, which costs an allocation of its own: only done when
+    // there is more than one value in it.
+    let buf = buf.freeze();
+    let b3_single = write_b3.then(|| buf.slice(55..));
+    let traceparent = if write_b3 { buf.slice(..55) } else { buf };
+    if let Some(v) = shared(traceparent) {
         headers.insert(TRACEPARENT, v);
     }
     if !continued {
@@ -265,27 +279,20 @@ pub fn inject(
     match b3 {
         B3Mode::Leave => return,
         B3Mode::Remove => {
-            for name in B3_HEADERS {
-                headers.remove(name);
+            // Between the proxies there are none to remove, and one pass over the few
+            // names is cheaper than six lookups that miss.
+            if headers.keys().any(is_b3) {
+                for name in B3_HEADERS {
+                    headers.remove(name);
+                }
             }
             return;
         }
         B3Mode::Write => {}
     }
-    // {trace}-{id}-{flag}[-{parent}]
-    // B3 single is `trace-span-flag[-parent]`, and the multi headers are pieces of it: one
-    // buffer, and each header value a slice sharing it (one allocation, not four).
-    let mut single = BytesMut::with_capacity(68);
-    single.extend_from_slice(&trace);
-    single.extend_from_slice(b"-");
-    single.extend_from_slice(&id);
-    single.extend_from_slice(&[b'-', flag]);
-    let parent = parent.map(span_hex);
-    if let Some(p) = &parent {
-        single.extend_from_slice(b"-");
-        single.extend_from_slice(p);
-    }
-    let single = single.freeze();
+    let Some(single) = b3_single else { return };
+    // Only a caller's B3 can leave a flags or parent header behind.
+    let had_b3 = headers.keys().any(is_b3);
     if let Some(v) = shared(single.clone()) {
         headers.insert(B3, v);
     }
@@ -297,18 +304,30 @@ pub fn inject(
     }
     let flag = if span.sampled { "1" } else { "0" };
     headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
-    headers.remove(B3_FLAGS);
+    if had_b3 {
+        headers.remove(B3_FLAGS);
+    }
     match parent.and_then(|_| shared(single.slice(52..68))) {
         Some(v) => {
             headers.insert(B3_PARENT_SPAN_ID, v);
         }
-        None => {
+        None if had_b3 => {
             headers.remove(B3_PARENT_SPAN_ID);
         }
+        None => {}
     }
 }
 
-/// A sensitive header value over `bytes` without copying them.
+/// Whether `name` is one of the B3 headers.
+fn is_b3(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "b3" || name.starts_with("x-b3-")
+}
+
+/// A header value over `bytes`, without copying them. These values are new with every
+/// request, so they are marked sensitive: HTTP/2 then sends them as never-indexed literals,
+/// since inserting a value nobody will repeat into the HPACK table would only cost the insert
+/// and evict entries that do repeat.
 fn shared(bytes: Bytes) -> Option<HeaderValue> {
     let mut v = HeaderValue::from_maybe_shared(bytes).ok()?;
     v.set_sensitive(true);

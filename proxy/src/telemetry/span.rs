@@ -11,10 +11,10 @@
 //! [`super::otlp`]) and Zipkin v2 JSON. (linkerd2-proxy does the same: its spans are its own
 //! type, converted to OTLP for export.)
 //!
-//! The path and authority are copied, not shared: hyper hands them out as slices of the
-//! connection's read buffer, and a queued span holding one would keep that whole buffer alive
-//! until its batch is exported.
+//! The path and authority are copied into the record, inline when short ([`InlineStr`] says
+//! why).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
 use opentelemetry::trace::{SpanId, TraceId};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use super::Direction;
 
@@ -44,26 +46,93 @@ impl SpanKind {
     }
 }
 
+/// Text a span copies out of its request (the path, the authority): inline up to
+/// [`InlineStr::INLINE`] bytes, which holds almost every path and authority, and on the heap
+/// beyond that.
+///
+/// Copied rather than shared: hyper hands the path and the `Host` header out as slices of the
+/// connection's read buffer, and a queued span holding one would keep that whole buffer alive
+/// until its batch is exported. Inline rather than boxed: two allocations per span were a
+/// measurable part of tracing's cost (`weft-bench mesh --weft-telemetry tracing`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct InlineStr(InlineRepr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum InlineRepr {
+    Inline {
+        len: u8,
+        bytes: [u8; InlineStr::INLINE],
+    },
+    Heap(Box<str>),
+}
+
+impl InlineStr {
+    /// The longest text held without an allocation.
+    pub const INLINE: usize = 46;
+
+    /// A copy of `text`.
+    pub fn new(text: &str) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= Self::INLINE => {
+                let mut bytes = [0; Self::INLINE];
+                bytes[..text.len()].copy_from_slice(text.as_bytes());
+                Self(InlineRepr::Inline { len, bytes })
+            }
+            _ => Self(InlineRepr::Heap(text.into())),
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Always valid: the bytes were copied whole from a `&str`.
+            InlineRepr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            InlineRepr::Heap(text) => text,
+        }
+    }
+}
+
+impl fmt::Debug for InlineStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// `server.address`/`server.port` as the request named them: its authority, or its `Host`
-/// header. Held as a parsed [`Authority`], which shares the request's buffer when it comes
-/// from the URI, so that exporting reads host and port without parsing or allocating.
+/// header, copied as text (an [`InlineStr`]) and split into host and port when exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerName(Authority);
+pub struct ServerName(InlineStr);
 
 impl ServerName {
-    /// A request URI's authority (a reference-count increment, not a copy).
+    /// A request URI's authority.
     pub fn from_authority(authority: &Authority) -> Self {
-        Self(authority.clone())
+        Self(InlineStr::new(authority.as_str()))
     }
 
-    /// A `Host` header's value; `None` when it is not a valid authority.
+    /// A `Host` header's value; `None` when it is empty or holds a byte no authority may
+    /// hold (RFC 3986: letters, digits and `-._~!$&'()*+,;=:@[]%`).
     pub fn new(authority: &[u8]) -> Option<Self> {
-        Authority::try_from(authority).ok().map(Self)
+        const ALLOWED: &[u8] = b"-._~!$&'()*+,;=:@[]%";
+        let allowed = |b: &u8| b.is_ascii_alphanumeric() || ALLOWED.contains(b);
+        if authority.is_empty() || !authority.iter().all(allowed) {
+            return None;
+        }
+        let text = std::str::from_utf8(authority).ok()?;
+        Some(Self(InlineStr::new(text)))
     }
 
-    /// Host and port.
+    /// Host and port (`None` when absent or not a number). The host keeps an IPv6
+    /// literal's brackets and drops any `userinfo@`, as [`Authority::host`] does.
     pub fn host_port(&self) -> (&str, Option<u16>) {
-        (self.0.host(), self.0.port_u16())
+        let text = self.0.as_str();
+        let host_port = text.rsplit_once('@').map_or(text, |(_, rest)| rest);
+        match host_port.rsplit_once(':') {
+            // A ':' inside the brackets belongs to an IPv6 literal, not to a port.
+            Some((host, port)) if !port.contains(']') => (host, port.parse().ok()),
+            _ => (host_port, None),
+        }
     }
 }
 
@@ -120,7 +189,7 @@ pub struct SpanRecord {
     /// `http.request.method_original`, for `_OTHER` only.
     pub method_original: Option<Box<str>>,
     /// `url.path`, without the query.
-    pub path: Box<str>,
+    pub path: InlineStr,
     /// `url.scheme` is `https` (else `http`).
     pub https: bool,
     /// `server.address`/`server.port`.
@@ -167,10 +236,9 @@ impl SpanRecord {
 
     /// The path without its query.
     pub fn url_path(&self) -> &str {
-        if self.path.is_empty() {
-            "/"
-        } else {
-            &self.path
+        match self.path.as_str() {
+            "" => "/",
+            path => path,
         }
     }
 
@@ -252,24 +320,36 @@ impl Sampler {
     }
 }
 
+thread_local! {
+    /// The ids' generator: a small fast generator per thread, seeded from the thread's
+    /// cryptographic generator. Ids must be unique, not secret; the OpenTelemetry SDK's
+    /// `RandomIdGenerator` makes the same choice. It runs twice or three times per traced
+    /// request.
+    static ID_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
 /// A new random trace id (never the invalid all-zero id).
 pub fn new_trace_id() -> TraceId {
-    loop {
-        let id: u128 = rand::random();
-        if id != 0 {
-            return TraceId::from(id);
+    ID_RNG.with_borrow_mut(|rng| {
+        loop {
+            let id: u128 = rng.random();
+            if id != 0 {
+                return TraceId::from(id);
+            }
         }
-    }
+    })
 }
 
 /// A new random span id (never the invalid all-zero id).
 pub fn new_span_id() -> SpanId {
-    loop {
-        let id: u64 = rand::random();
-        if id != 0 {
-            return SpanId::from(id);
+    ID_RNG.with_borrow_mut(|rng| {
+        loop {
+            let id: u64 = rng.random();
+            if id != 0 {
+                return SpanId::from(id);
+            }
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -316,7 +396,30 @@ mod tests {
         let uri: http::Uri = "http://backend:9090/x".parse().expect("a uri");
         let from_uri = ServerName::from_authority(uri.authority().expect("an authority"));
         assert_eq!(from_uri.host_port(), ("backend", Some(9090)));
+        let with_user = ServerName::new(b"user@[fe80::1]:443").expect("an authority");
+        assert_eq!(with_user.host_port(), ("[fe80::1]", Some(443)));
         assert_eq!(ServerName::new(b"a b"), None);
         assert_eq!(ServerName::new(b"\xff"), None);
+        assert_eq!(ServerName::new(b""), None);
+    }
+
+    #[test]
+    fn inline_strs_hold_short_and_long_text() {
+        let (fits, too_long) = (
+            "x".repeat(InlineStr::INLINE),
+            "y".repeat(InlineStr::INLINE + 1),
+        );
+        for text in [
+            "",
+            "/",
+            "/api/v1/users/42",
+            &fits,
+            &too_long,
+            "/\u{e9}t\u{e9}",
+        ] {
+            let copy = InlineStr::new(text);
+            assert_eq!(copy.as_str(), text);
+            assert_eq!(copy.clone(), copy);
+        }
     }
 }

@@ -47,7 +47,7 @@ fn metrics_only_observations_count_and_leave_headers_alone() {
     let mut o = t.begin(
         Direction::Inbound,
         "web",
-        Some("client"),
+        Some(&Arc::from("client")),
         &Method::POST,
         &uri,
         &mut headers,
@@ -165,7 +165,7 @@ async fn backends_are_applied_and_replaced_live() {
     let i = t.begin(
         Direction::Inbound,
         "web",
-        Some("backend"),
+        Some(&Arc::from("backend")),
         &Method::GET,
         &uri,
         &mut headers,

@@ -169,14 +169,14 @@ pub struct Started {
     pub sampled: bool,
 }
 
-/// The two exporters, behind one `export`.
+/// The two exporters, behind one `export` (boxed: made once per backend, and of unequal size).
 enum Exporter {
-    Otlp(OtlpExporter),
-    Zipkin(ZipkinExporter),
+    Otlp(Box<OtlpExporter>),
+    Zipkin(Box<ZipkinExporter>),
 }
 
 impl Exporter {
-    async fn export(&self, batch: &[SpanRecord]) -> Result<(), String> {
+    async fn export(&mut self, batch: &[SpanRecord]) -> Result<(), String> {
         match self {
             Exporter::Otlp(e) => e.export(batch).await,
             Exporter::Zipkin(e) => e.export(batch).await,
@@ -201,10 +201,10 @@ impl Tracing {
                 let _enter = runtime.enter();
                 let e =
                     OtlpExporter::new(&backend.endpoint, service, mesh, options.export_timeout)?;
-                (Exporter::Otlp(e), false)
+                (Exporter::Otlp(Box::new(e)), false)
             }
             "zipkin" => (
-                Exporter::Zipkin(ZipkinExporter::new(&backend.endpoint, service)?),
+                Exporter::Zipkin(Box::new(ZipkinExporter::new(&backend.endpoint, service)?)),
                 true,
             ),
             other => {
@@ -288,7 +288,7 @@ impl Tracing {
 /// Sends a batch whenever one is full or `export_interval` has passed with spans waiting,
 /// until the queue's senders are all gone; then flushes what is left and exits.
 async fn export_loop(
-    exporter: Exporter,
+    mut exporter: Exporter,
     mut rx: mpsc::Receiver<SpanRecord>,
     batch_ready: Arc<Notify>,
     options: TelemetryOptions,
@@ -339,7 +339,7 @@ async fn export_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::span::SpanKind;
+    use crate::telemetry::span::{InlineStr, SpanKind};
     use std::time::{Duration, SystemTime};
 
     fn backend(kind: &str, endpoint: &str, sampling: f64) -> TracingBackend {
@@ -360,7 +360,7 @@ mod tests {
             kind: SpanKind::Client,
             method: "GET",
             method_original: None,
-            path: "/".into(),
+            path: InlineStr::new("/"),
             https: false,
             server: None,
             mesh: Arc::from("m"),
