@@ -26,7 +26,8 @@
 //! open finish on the old one (each holds its [`SpanSink`]), whose task flushes and exits once
 //! the last of them is gone.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use http::HeaderMap;
 use opentelemetry::trace::{SpanId, TraceId};
@@ -34,7 +35,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use weft_api::proto::TracingBackend;
 
 use super::otlp::OtlpExporter;
@@ -122,37 +123,65 @@ pub fn same_backend(a: &TracingBackend, b: &TracingBackend) -> bool {
 }
 
 /// Where a span goes when it ends: the bounded queue of one [`Tracing`]'s exporter task.
-/// Clones share the queue; the task exits once the last clone is gone.
+/// Clones share the queue; the task flushes and exits once the last clone is gone.
 #[derive(Debug, Clone)]
 pub struct SpanSink(Arc<Queue>);
 
+/// Finished spans waiting for the exporter task.
+///
+/// A vector behind a lock rather than a channel: a span is pushed into spare capacity under
+/// a lock that nobody else holds but for the few instructions of a push or a swap, and the
+/// exporter takes everything waiting by swapping in its own emptied vector, so neither side
+/// allocates in the steady state. (tokio's bounded channel costs a semaphore permit, a slot
+/// in a linked block and a waker check per span, and a new block every 32 spans.)
 #[derive(Debug)]
 struct Queue {
-    tx: mpsc::Sender<SpanRecord>,
-    metrics: TraceMetrics,
+    spans: Mutex<Vec<SpanRecord>>,
+    /// Most spans waiting; more are dropped.
+    capacity: usize,
     /// Wakes the exporter task when a full batch is waiting.
-    batch_ready: Arc<Notify>,
+    batch_ready: Notify,
+    /// Spans per export.
     batch: usize,
+    /// The exporter task has stopped.
+    closed: AtomicBool,
+    metrics: TraceMetrics,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Vec<SpanRecord>> {
+        // A panic while holding the lock leaves a valid vector: keep using it.
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl SpanSink {
     /// Queues a finished span without waiting; counts it as dropped when it does not fit.
     pub fn send(&self, span: SpanRecord) {
         let q = &self.0;
-        let counter = match q.tx.try_send(span) {
-            Ok(()) => {
-                // The exporter sleeps until a batch is full (or its interval ends) rather
-                // than waking for every span.
-                if q.tx.max_capacity() - q.tx.capacity() >= q.batch {
-                    q.batch_ready.notify_one();
-                }
-                return;
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => &q.metrics.queue_full,
+        if q.closed.load(Ordering::Acquire) {
             // The task is gone (the runtime is shutting down).
-            Err(mpsc::error::TrySendError::Closed(_)) => &q.metrics.closed,
+            q.metrics.closed.inc();
+            return;
+        }
+        let waiting = {
+            let mut spans = q.lock();
+            if spans.len() >= q.capacity {
+                None
+            } else {
+                spans.push(span);
+                Some(spans.len())
+            }
         };
-        counter.inc();
+        match waiting {
+            None => {
+                q.metrics.queue_full.inc();
+            }
+            // The exporter sleeps until a batch is full (or its interval ends) rather than
+            // waking for every span.
+            Some(n) if n == q.batch => q.batch_ready.notify_one(),
+            Some(_) => {}
+        }
     }
 }
 
@@ -214,22 +243,18 @@ impl Tracing {
                 });
             }
         };
-        let (tx, rx) = mpsc::channel(options.trace_queue.max(1));
-        let batch_ready = Arc::new(Notify::new());
-        runtime.spawn(export_loop(
-            exporter,
-            rx,
-            Arc::clone(&batch_ready),
-            options.clone(),
-            metrics.clone(),
-        ));
+        let capacity = options.trace_queue.max(1);
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(Vec::new()),
+            capacity,
+            batch_ready: Notify::new(),
+            batch: options.trace_batch.clamp(1, capacity),
+            closed: AtomicBool::new(false),
+            metrics: metrics.clone(),
+        });
+        runtime.spawn(export_loop(exporter, Arc::clone(&queue), options.clone()));
         Ok(Self {
-            sink: SpanSink(Arc::new(Queue {
-                tx,
-                metrics: metrics.clone(),
-                batch_ready,
-                batch: options.trace_batch.clamp(1, options.trace_queue.max(1)),
-            })),
+            sink: SpanSink(queue),
             sampler: Sampler::percent(backend.sampling),
             b3,
             settings: backend.clone(),
@@ -285,53 +310,60 @@ impl Tracing {
     }
 }
 
-/// Sends a batch whenever one is full or `export_interval` has passed with spans waiting,
-/// until the queue's senders are all gone; then flushes what is left and exits.
-async fn export_loop(
-    mut exporter: Exporter,
-    mut rx: mpsc::Receiver<SpanRecord>,
-    batch_ready: Arc<Notify>,
-    options: TelemetryOptions,
-    metrics: TraceMetrics,
-) {
+/// Sends the waiting spans, in batches of at most `trace_batch`, whenever a batch is full or
+/// `export_interval` has passed with spans waiting, until the queue's senders are all gone;
+/// then flushes what is left and exits.
+async fn export_loop(mut exporter: Exporter, queue: Arc<Queue>, options: TelemetryOptions) {
+    /// Marks the queue closed however the task ends, also when the runtime drops it.
+    struct Closing<'a>(&'a Queue);
+    impl Drop for Closing<'_> {
+        fn drop(&mut self) {
+            self.0.closed.store(true, Ordering::Release);
+        }
+    }
+    let _closing = Closing(&queue);
     let max = options.trace_batch.max(1);
-    let mut batch = Vec::with_capacity(max);
+    let metrics = &queue.metrics;
+    let mut batch = Vec::new();
     loop {
-        if rx.is_empty() {
-            if rx.is_closed() {
-                return;
-            }
+        let waiting = queue.lock().len();
+        // Only this task's own reference is left: no span can arrive any more.
+        let senders_gone = Arc::strong_count(&queue) == 1;
+        if waiting == 0 && senders_gone {
+            return;
+        }
+        if waiting < queue.batch && !senders_gone {
             // Sleeps through a whole interval: no wake-up per span (the senders notify only
-            // when a batch is full). A closed, empty queue is seen at the next tick.
+            // when a batch is full). Senders that are gone are seen at the next tick.
             tokio::select! {
-                () = batch_ready.notified() => {}
+                () = queue.batch_ready.notified() => {}
                 () = tokio::time::sleep(options.export_interval) => {}
             }
-            continue;
+            if queue.lock().is_empty() {
+                continue;
+            }
+        }
+        std::mem::swap(&mut *queue.lock(), &mut batch);
+        for chunk in batch.chunks(max) {
+            let n = chunk.len() as u64;
+            match tokio::time::timeout(options.export_timeout, exporter.export(chunk)).await {
+                Ok(Ok(())) => {
+                    metrics.exported.inc_by(n);
+                }
+                Ok(Err(e)) => {
+                    metrics.export_failed.inc_by(n);
+                    tracing::debug!(error = %e, spans = n, "span export failed; batch dropped");
+                }
+                Err(_) => {
+                    metrics.export_failed.inc_by(n);
+                    tracing::debug!(spans = n, "span export timed out; batch dropped");
+                }
+            }
         }
         batch.clear();
-        // Spans are waiting: this returns at once.
-        rx.recv_many(&mut batch, max).await;
-        let n = batch.len() as u64;
-        match tokio::time::timeout(options.export_timeout, exporter.export(&batch)).await {
-            Ok(Ok(())) => {
-                metrics.exported.inc_by(n);
-            }
-            Ok(Err(e)) => {
-                metrics.export_failed.inc_by(n);
-                tracing::debug!(error = %e, spans = n, "span export failed; batch dropped");
-            }
-            Err(_) => {
-                metrics.export_failed.inc_by(n);
-                tracing::debug!(spans = n, "span export timed out; batch dropped");
-            }
-        }
-        if batch.len() < max {
-            // A partial batch went out on the interval: wait for the next one.
-            tokio::select! {
-                () = batch_ready.notified() => {}
-                () = tokio::time::sleep(options.export_interval) => {}
-            }
+        // After a backlog (a slow backend), give back what a normal batch does not need.
+        if batch.capacity() > 2 * max {
+            batch.shrink_to(max);
         }
     }
 }

@@ -142,10 +142,15 @@ fn needs_escape(b: u8) -> bool {
 /// A JSON string literal.
 fn string(out: &mut BytesMut, s: &str) {
     out.put_u8(b'"');
+    escaped(out, s);
+    out.put_u8(b'"');
+}
+
+/// The inside of a JSON string literal.
+fn escaped(out: &mut BytesMut, s: &str) {
     // Almost every value (names, paths, ids) needs no escaping: one scan, one copy.
     if !s.bytes().any(needs_escape) {
         out.extend_from_slice(s.as_bytes());
-        out.put_u8(b'"');
         return;
     }
     let mut start = 0;
@@ -169,20 +174,26 @@ fn string(out: &mut BytesMut, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&s.as_bytes()[start..]);
+}
+
+/// `,"key":"` as one literal: each tag is three copies (this, the value, the closing quote)
+/// rather than six. Keys are weft's own names, which need no escaping.
+macro_rules! key {
+    ($key:literal) => {
+        concat!(",\"", $key, "\":\"").as_bytes()
+    };
+}
+
+/// `,"key":"value"` of a tag after the first; `key` from [`key!`].
+fn tag(out: &mut BytesMut, key: &[u8], value: &str) {
+    out.extend_from_slice(key);
+    escaped(out, value);
     out.put_u8(b'"');
 }
 
-/// `"key":"value"` of a tag, after the first. Keys are weft's own names, which need no
-/// escaping: they are written as they are.
-fn tag(out: &mut BytesMut, first: &mut bool, key: &str, value: &str) {
-    tag_key(out, first, key);
-    string(out, value);
-}
-
-/// `"key":"number"` of a tag, written without an intermediate `String`.
-fn tag_number(out: &mut BytesMut, first: &mut bool, key: &str, value: u64) {
-    tag_key(out, first, key);
-    out.put_u8(b'"');
+/// `,"key":"number"` of a tag, written without an intermediate `String`.
+fn tag_number(out: &mut BytesMut, key: &[u8], value: u64) {
+    out.extend_from_slice(key);
     number(out, value);
     out.put_u8(b'"');
 }
@@ -191,16 +202,6 @@ fn tag_number(out: &mut BytesMut, first: &mut bool, key: &str, value: u64) {
 /// digits).
 fn number(out: &mut BytesMut, value: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-}
-
-fn tag_key(out: &mut BytesMut, first: &mut bool, key: &str) {
-    debug_assert!(!key.bytes().any(needs_escape));
-    if !std::mem::take(first) {
-        out.put_u8(b',');
-    }
-    out.put_u8(b'"');
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
 }
 
 /// Dotted decimal, without the `fmt` machinery.
@@ -228,8 +229,10 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
         out.extend_from_slice(&span_hex(p));
         out.put_u8(b'"');
     }
-    out.extend_from_slice(b",\"name\":");
-    string(out, s.method);
+    // The span name is the method: a standard method's name or `_OTHER`, nothing to escape.
+    out.extend_from_slice(b",\"name\":\"");
+    out.extend_from_slice(s.method.as_bytes());
+    out.put_u8(b'"');
     out.extend_from_slice(match s.kind {
         SpanKind::Client => b",\"kind\":\"CLIENT\"",
         SpanKind::Server => b",\"kind\":\"SERVER\"",
@@ -272,42 +275,42 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
         }
         out.put_u8(b'}');
     }
-    out.extend_from_slice(b",\"tags\":{");
-    let mut first = true;
-    let first = &mut first;
-    tag(out, first, "http.request.method", s.method);
+    out.extend_from_slice(b",\"tags\":{\"http.request.method\":\"");
+    out.extend_from_slice(s.method.as_bytes());
+    out.put_u8(b'"');
     if let Some(original) = &s.method_original {
-        tag(out, first, "http.request.method_original", original);
+        tag(out, key!("http.request.method_original"), original);
     }
-    tag(out, first, "url.path", s.url_path());
-    tag(
-        out,
-        first,
-        "url.scheme",
-        if s.https { "https" } else { "http" },
-    );
+    tag(out, key!("url.path"), s.url_path());
+    out.extend_from_slice(if s.https {
+        b",\"url.scheme\":\"https\""
+    } else {
+        b",\"url.scheme\":\"http\""
+    });
     if let Some((host, port)) = s.server.as_ref().map(ServerName::host_port) {
-        tag(out, first, "server.address", host);
+        tag(out, key!("server.address"), host);
         if let Some(p) = port {
-            tag_number(out, first, "server.port", u64::from(p));
+            tag_number(out, key!("server.port"), u64::from(p));
         }
     }
-    tag(out, first, "weft.mesh", &s.mesh);
-    tag(out, first, "weft.direction", s.direction());
-    tag(out, first, "weft.service", &s.service);
+    tag(out, key!("weft.mesh"), &s.mesh);
+    out.extend_from_slice(match s.kind {
+        SpanKind::Client => b",\"weft.direction\":\"outbound\"",
+        SpanKind::Server => b",\"weft.direction\":\"inbound\"",
+    });
+    tag(out, key!("weft.service"), &s.service);
     if let Some(p) = &s.peer_service {
-        tag(out, first, "peer.service", p);
+        tag(out, key!("peer.service"), p);
     }
     if let Some(code) = s.status {
-        tag_number(out, first, "http.response.status_code", u64::from(code));
+        tag_number(out, key!("http.response.status_code"), u64::from(code));
     }
     if let Some(e) = &s.error {
-        tag(out, first, "error.type", &e.error_type());
+        tag(out, key!("error.type"), &e.error_type());
         let message = e.message();
         tag(
             out,
-            first,
-            "error",
+            key!("error"),
             if message.is_empty() { "true" } else { message },
         );
     }
@@ -363,7 +366,14 @@ mod tests {
         assert_eq!(s["remoteEndpoint"]["port"], 40000);
         let tags = &s["tags"];
         assert_eq!(tags["url.path"], "/a\"b\\c");
+        assert_eq!(s["name"], "_OTHER");
+        assert_eq!(tags["http.request.method"], "_OTHER");
         assert_eq!(tags["http.request.method_original"], "PURGE");
+        assert_eq!(tags["url.scheme"], "http");
+        assert_eq!(tags["weft.mesh"], "default");
+        assert_eq!(tags["weft.direction"], "inbound");
+        assert_eq!(tags["weft.service"], "backend");
+        assert_eq!(tags["peer.service"], "web\u{1}");
         assert_eq!(tags["server.address"], "backend");
         assert_eq!(tags["server.port"], "8080");
         assert_eq!(tags["http.response.status_code"], "503");
