@@ -16,8 +16,8 @@
 //! not force weft's hand.) An unsampled request costs two random ids and the header rewrite;
 //! nothing is recorded.
 //!
-//! Exporting never slows or fails traffic: a finished span goes into a bounded queue with
-//! `try_send`, and a span that does not fit is dropped and counted
+//! Exporting never slows or fails traffic: a finished span goes into a bounded queue without
+//! waiting (see [`SpanSink`]), and a span that does not fit is dropped and counted
 //! (`weft_trace_spans_dropped_total{reason="queue_full"}`). The exporter task sends batches of
 //! up to `batch` spans at least every `export_interval`, each bounded by `export_timeout`; a
 //! failed batch is dropped and counted (`reason="export_failed"`), never retried past that;
