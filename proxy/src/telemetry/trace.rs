@@ -252,7 +252,8 @@ impl Tracing {
             closed: AtomicBool::new(false),
             metrics: metrics.clone(),
         });
-        runtime.spawn(export_loop(exporter, Arc::clone(&queue), options.clone()));
+        let task_queue = TaskQueue(Arc::clone(&queue));
+        runtime.spawn(export_loop(exporter, task_queue, options.clone()));
         Ok(Self {
             sink: SpanSink(queue),
             sampler: Sampler::percent(backend.sampling),
@@ -310,25 +311,29 @@ impl Tracing {
     }
 }
 
+/// The exporter task's own handle on its queue. It marks the queue closed when the task ends,
+/// and also when the task is dropped unpolled with its runtime, so that later spans are
+/// counted as `closed` rather than left waiting.
+struct TaskQueue(Arc<Queue>);
+
+impl Drop for TaskQueue {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+}
+
 /// Sends the waiting spans, in batches of at most `trace_batch`, whenever a batch is full or
 /// `export_interval` has passed with spans waiting, until the queue's senders are all gone;
 /// then flushes what is left and exits.
-async fn export_loop(mut exporter: Exporter, queue: Arc<Queue>, options: TelemetryOptions) {
-    /// Marks the queue closed however the task ends, also when the runtime drops it.
-    struct Closing<'a>(&'a Queue);
-    impl Drop for Closing<'_> {
-        fn drop(&mut self) {
-            self.0.closed.store(true, Ordering::Release);
-        }
-    }
-    let _closing = Closing(&queue);
+async fn export_loop(mut exporter: Exporter, task_queue: TaskQueue, options: TelemetryOptions) {
+    let queue = &task_queue.0;
     let max = options.trace_batch.max(1);
     let metrics = &queue.metrics;
     let mut batch = Vec::new();
     loop {
         let waiting = queue.lock().len();
         // Only this task's own reference is left: no span can arrive any more.
-        let senders_gone = Arc::strong_count(&queue) == 1;
+        let senders_gone = Arc::strong_count(queue) == 1;
         if waiting == 0 && senders_gone {
             return;
         }
@@ -483,6 +488,32 @@ mod tests {
         // The task may have taken up to one batch out of the queue: 4 queued + 4 in hand.
         let dropped = metrics.dropped_queue_full();
         assert!((12..=16).contains(&dropped), "dropped {dropped}");
+    }
+
+    #[test]
+    fn spans_after_the_exporter_task_is_gone_count_as_closed() {
+        let metrics = TraceMetrics::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let t = {
+            let _enter = runtime.enter();
+            Tracing::new(
+                &backend("zipkin", "http://127.0.0.1:9/", 100.0),
+                "web",
+                "m",
+                &TelemetryOptions::default(),
+                &metrics,
+            )
+            .expect("tracing")
+        };
+        // The exporter task never ran: the runtime drops it unpolled.
+        drop(runtime);
+        let s = t.start(&mut HeaderMap::new(), true);
+        t.sink().send(record(s));
+        assert_eq!(metrics.closed.get(), 1);
+        assert_eq!(metrics.dropped_queue_full(), 0);
     }
 
     #[test]
