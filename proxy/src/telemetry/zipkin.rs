@@ -294,10 +294,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
         }
     }
     tag(out, key!("weft.mesh"), &s.mesh);
-    out.extend_from_slice(match s.kind {
-        SpanKind::Client => b",\"weft.direction\":\"outbound\"",
-        SpanKind::Server => b",\"weft.direction\":\"inbound\"",
-    });
+    tag(out, key!("weft.direction"), s.direction());
     tag(out, key!("weft.service"), &s.service);
     if let Some(p) = &s.peer_service {
         tag(out, key!("peer.service"), p);
