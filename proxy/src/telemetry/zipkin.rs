@@ -28,7 +28,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::TelemetryError;
-use super::span::{ServerName, SpanKind, SpanRecord, span_hex, trace_hex};
+use super::span::{ServerName, SpanKind, SpanRecord, hex_into, span_hex, trace_hex};
 
 /// Exports spans to a Zipkin v2 HTTP endpoint.
 pub struct ZipkinExporter {
@@ -166,9 +166,10 @@ fn escaped(out: &mut BytesMut, s: &str) {
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
             _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut hex = [0u8; 2];
+                hex_into(&[b], &mut hex);
                 out.extend_from_slice(b"\\u00");
-                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+                out.extend_from_slice(&hex);
             }
         }
         start = i + 1;
