@@ -16,7 +16,8 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::net::SocketAddr;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -268,6 +269,52 @@ pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// An IP address as text in a stack buffer, for the exporters: IPv4 without the `fmt`
+/// machinery (which costs more than the digits) and without a `String`; IPv6, rare in a mesh,
+/// through `fmt`.
+pub struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    /// `ip` in its usual text form (dotted decimal, or RFC 5952 for IPv6).
+    pub fn new(ip: IpAddr) -> Self {
+        let mut t = Self {
+            buf: [0; 45],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b".");
+                    }
+                    t.push(itoa::Buffer::new().format(octet).as_bytes());
+                }
+            }
+            IpAddr::V6(v6) => {
+                // 45 bytes hold the longest form (an IPv4-mapped address in full).
+                let mut cursor = std::io::Cursor::new(&mut t.buf[..]);
+                if write!(cursor, "{v6}").is_ok() {
+                    t.len = usize::try_from(cursor.position()).unwrap_or(0);
+                }
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
 /// A trace id as 32 lowercase hex digits, without going through `fmt`.
 pub fn trace_hex(id: TraceId) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -355,6 +402,22 @@ pub fn new_span_id() -> SpanId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::1:2",
+            "::ffff:255.255.255.255",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let ip: IpAddr = ip.parse().expect("address");
+            assert_eq!(IpText::new(ip).as_str(), ip.to_string());
+        }
+    }
 
     #[test]
     fn hex_matches_display() {

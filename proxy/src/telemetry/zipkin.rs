@@ -18,7 +18,7 @@
 //! every span of the exporter (the local endpoint) is encoded once.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -28,7 +28,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::TelemetryError;
-use super::span::{ServerName, SpanKind, SpanRecord, hex_into, span_hex, trace_hex};
+use super::span::{IpText, ServerName, SpanKind, SpanRecord, hex_into, span_hex, trace_hex};
 
 /// Exports spans to a Zipkin v2 HTTP endpoint.
 pub struct ZipkinExporter {
@@ -205,16 +205,6 @@ fn number(out: &mut BytesMut, value: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
-/// Dotted decimal, without the `fmt` machinery.
-fn ipv4(out: &mut BytesMut, ip: Ipv4Addr) {
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.put_u8(b'.');
-        }
-        number(out, u64::from(octet));
-    }
-}
-
 fn micros(nanos: u64) -> u64 {
     nanos / 1_000
 }
@@ -260,17 +250,11 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
             if !first {
                 out.put_u8(b',');
             }
-            match peer.ip() {
-                IpAddr::V4(ip) => {
-                    out.extend_from_slice(b"\"ipv4\":\"");
-                    ipv4(out, ip);
-                }
-                IpAddr::V6(ip) => {
-                    out.extend_from_slice(b"\"ipv6\":\"");
-                    // Rare in a mesh, and its compressed form is fiddly: `fmt` writes it.
-                    out.extend_from_slice(ip.to_string().as_bytes());
-                }
-            }
+            out.extend_from_slice(match peer.ip() {
+                IpAddr::V4(_) => b"\"ipv4\":\"",
+                IpAddr::V6(_) => b"\"ipv6\":\"",
+            });
+            out.extend_from_slice(IpText::new(peer.ip()).as_str().as_bytes());
             out.extend_from_slice(b"\",\"port\":");
             number(out, u64::from(peer.port()));
         }
