@@ -29,6 +29,42 @@ fn fail(path: impl Into<String>, message: impl Into<String>) -> Result {
     })
 }
 
+/// What is wrong with a tracing backend's collector address, if anything: the rules of the
+/// proxy's exporters, so that a mesh is refused at apply time rather than failing every export.
+/// Zipkin takes an `http://` URL; OpenTelemetry takes `host:port` (Kuma's form) or an
+/// `http://` URL. The exporters have no TLS client yet, so `https://` is refused.
+fn collector_address_problem(kind: TracingBackendType, v: &str) -> Option<String> {
+    let otlp = kind == TracingBackendType::Opentelemetry;
+    let expected = if otlp {
+        "host:port or an http:// URL"
+    } else {
+        "an http:// URL"
+    };
+    if v.starts_with("https://") {
+        return Some(format!("{v:?}: https is not supported yet; use http://"));
+    }
+    let (rest, scheme) = match v.strip_prefix("http://") {
+        Some(rest) => (rest, true),
+        None if otlp && !v.contains("://") => (v, false),
+        None => return Some(format!("{v:?} is not {expected}")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.ends_with(':'))
+        .map(|(_, port)| port);
+    let has_host = !authority.is_empty() && !authority.starts_with(':');
+    let port_ok = match port {
+        Some(p) => p.parse::<u16>().is_ok_and(|p| p > 0),
+        // `host:port` needs its port; a URL has a default one.
+        None => scheme,
+    };
+    if !has_host || !port_ok || (!scheme && rest.len() != authority.len()) {
+        return Some(format!("{v:?} is not {expected}"));
+    }
+    None
+}
+
 /// The protocols `kuma.io/protocol` may name.
 pub const PROTOCOLS: [&str; 4] = ["tcp", "http", "http2", "grpc"];
 
@@ -316,11 +352,11 @@ fn validate_mesh(m: &MeshSpec) -> Result {
             }
             match value {
                 None => fail(format!("{p}.conf.{field}"), "required")?,
-                Some(v) if !(v.starts_with("http://") || v.starts_with("https://")) => fail(
-                    format!("{p}.conf.{field}"),
-                    format!("{v:?} must be an http:// or https:// URL"),
-                )?,
-                Some(_) => {}
+                Some(v) => {
+                    if let Some(problem) = collector_address_problem(b.kind, &v) {
+                        fail(format!("{p}.conf.{field}"), problem)?;
+                    }
+                }
             }
         }
     }

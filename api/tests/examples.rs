@@ -76,3 +76,25 @@ fn a_traffic_route_method_may_be_a_name_or_a_kuma_string_match() {
         assert_eq!(m.exact(), Some("POST"), "{method}");
     }
 }
+
+#[test]
+fn tracing_collectors_take_the_forms_the_proxy_exports_to() {
+    for (kind, field, address) in [
+        (
+            "opentelemetry",
+            "endpoint",
+            "otel-collector.observability:4317",
+        ),
+        ("opentelemetry", "endpoint", "10.0.0.5:4317"),
+        ("opentelemetry", "endpoint", "[fd00::5]:4317"),
+        ("opentelemetry", "endpoint", "http://127.0.0.1:4317"),
+        ("zipkin", "url", "http://jaeger:9411/api/v2/spans"),
+        ("zipkin", "url", "http://[fd00::5]/api/v2/spans"),
+    ] {
+        let doc = format!(
+            "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: t\n    type: {kind}\n    \
+             conf: {{{field}: '{address}'}}\n"
+        );
+        weft_api::parse::parse_documents(&doc).unwrap_or_else(|e| panic!("{address}: {e}"));
+    }
+}
