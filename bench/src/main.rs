@@ -160,6 +160,10 @@ struct ServeArgs {
     /// TCP echo listen address (repeatable).
     #[arg(long)]
     tcp: Vec<SocketAddr>,
+    /// OTLP/gRPC trace collector listen address (repeatable): takes every
+    /// `TraceService/Export` and keeps nothing.
+    #[arg(long)]
+    otlp: Vec<SocketAddr>,
     /// HTTP response body bytes.
     #[arg(long, default_value_t = 1024)]
     body_size: usize,
@@ -232,9 +236,14 @@ struct MeshArgs {
     #[arg(long)]
     weft_transparent: bool,
     /// Also measure weft (HTTP) with the mesh's observability on: `metrics`
-    /// (the Prometheus backend) and `tracing` (metrics plus 100% sampled
-    /// traces to a Zipkin sink), each as its own path. `none` for neither.
-    #[arg(long, value_delimiter = ',', default_value = "metrics,tracing")]
+    /// (the Prometheus backend), `tracing` (metrics plus 100% sampled traces
+    /// to a Zipkin sink) and `tracing-otlp` (the same to an OTLP/gRPC sink),
+    /// each as its own path. `none` for none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "metrics,tracing,tracing-otlp"
+    )]
     weft_telemetry: Vec<String>,
     /// The load generator's CPU.
     #[arg(long, default_value_t = 0)]
@@ -439,12 +448,13 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         http: args.http,
         grpc: args.grpc,
         tcp: args.tcp,
+        otlp: args.otlp,
         body_size: args.body_size,
         delay: args.delay,
         threads: threads(args.threads, &args.cpu),
         cpus: args.cpu.map(|c| c.0).unwrap_or_default(),
     };
-    if cfg.http.is_empty() && cfg.grpc.is_empty() && cfg.tcp.is_empty() {
+    if cfg.http.is_empty() && cfg.grpc.is_empty() && cfg.tcp.is_empty() && cfg.otlp.is_empty() {
         cfg.http.push(SocketAddr::from(([127, 0, 0, 1], 8080)));
         cfg.grpc.push(SocketAddr::from(([127, 0, 0, 1], 8081)));
         cfg.tcp.push(SocketAddr::from(([127, 0, 0, 1], 8082)));
@@ -455,6 +465,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     }
     for a in server.grpc_addrs() {
         eprintln!("grpc echo on {a}");
+    }
+    for a in server.otlp_addrs() {
+        eprintln!("otlp trace collector on {a}");
     }
     for a in server.tcp_addrs() {
         eprintln!("tcp echo on {a}");
@@ -508,7 +521,9 @@ fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
     for t in args.weft_telemetry.iter().filter(|t| t.as_str() != "none") {
         match mesh::Observability::parse(t) {
             Some(o) => cfg.weft_telemetry.push(o),
-            None => anyhow::bail!("--weft-telemetry: unknown {t:?} (metrics, tracing, none)"),
+            None => anyhow::bail!(
+                "--weft-telemetry: unknown {t:?} (metrics, tracing, tracing-otlp, none)"
+            ),
         }
     }
     cfg.generator_cpu = args.generator_cpu;

@@ -1,6 +1,7 @@
 //! The upstream apps of `weft-bench serve`: HTTP/1.1 + h2c with a fixed
 //! body, gRPC echo (unary and every streaming kind) and TCP echo, each with
-//! an optional per-response delay.
+//! an optional per-response delay; and an OTLP/gRPC trace collector that
+//! takes every export and keeps nothing (the span sink of `mesh`).
 //!
 //! [`Server::start`] binds every listener before it returns (port 0 picks a
 //! free port; [`Server::http_addrs`] and friends say which), and runs them on
@@ -27,6 +28,12 @@ use tokio::runtime::Runtime;
 use crate::cpu;
 use crate::grpc::pb::echo_server::{Echo, EchoServer};
 use crate::grpc::pb::{EchoReply, EchoRequest, Failure, ServerStreamRequest, StreamSummary};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 
 /// What to serve, and where.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +44,8 @@ pub struct ServeConfig {
     pub grpc: Vec<SocketAddr>,
     /// TCP echo listeners.
     pub tcp: Vec<SocketAddr>,
+    /// OTLP/gRPC trace collector listeners.
+    pub otlp: Vec<SocketAddr>,
     /// HTTP response body size in bytes.
     pub body_size: usize,
     /// Added before every HTTP and gRPC response, each reply of a gRPC stream
@@ -63,7 +72,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// Nothing to serve.
-    #[error("no listener given (use --http, --grpc or --tcp)")]
+    #[error("no listener given (use --http, --grpc, --tcp or --otlp)")]
     Nothing,
 }
 
@@ -74,12 +83,13 @@ pub struct Server {
     http: Vec<SocketAddr>,
     grpc: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
+    otlp: Vec<SocketAddr>,
 }
 
 impl Server {
     /// Binds every listener and starts serving on a new multi-thread runtime.
     pub fn start(cfg: &ServeConfig) -> Result<Server, ServeError> {
-        if cfg.http.is_empty() && cfg.grpc.is_empty() && cfg.tcp.is_empty() {
+        if cfg.http.is_empty() && cfg.grpc.is_empty() && cfg.tcp.is_empty() && cfg.otlp.is_empty() {
             return Err(ServeError::Nothing);
         }
         let cpus = cfg.cpus.clone();
@@ -103,17 +113,19 @@ impl Server {
 
         let body = Bytes::from(vec![b'x'; cfg.body_size]);
         let delay = cfg.delay;
-        let (http, grpc, tcp) = runtime.block_on(async {
+        let (http, grpc, tcp, otlp) = runtime.block_on(async {
             let http = bind_all(&cfg.http).await?;
             let grpc = bind_all(&cfg.grpc).await?;
             let tcp = bind_all(&cfg.tcp).await?;
-            Ok::<_, ServeError>((http, grpc, tcp))
+            let otlp = bind_all(&cfg.otlp).await?;
+            Ok::<_, ServeError>((http, grpc, tcp, otlp))
         })?;
         let mut server = Server {
             runtime: None,
             http: Vec::new(),
             grpc: Vec::new(),
             tcp: Vec::new(),
+            otlp: Vec::new(),
         };
         for l in http {
             server.http.extend(l.local_addr().ok());
@@ -129,6 +141,10 @@ impl Server {
         for l in tcp {
             server.tcp.extend(l.local_addr().ok());
             runtime.spawn(accept_loop(l, serve_tcp_echo));
+        }
+        for l in otlp {
+            server.otlp.extend(l.local_addr().ok());
+            runtime.spawn(accept_loop(l, serve_otlp));
         }
         server.runtime = Some(runtime);
         Ok(server)
@@ -147,6 +163,11 @@ impl Server {
     /// Where the TCP echo listeners ended up.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp
+    }
+
+    /// Where the OTLP collector listeners ended up.
+    pub fn otlp_addrs(&self) -> &[SocketAddr] {
+        &self.otlp
     }
 
     /// Serves until the process is killed.
@@ -376,6 +397,28 @@ impl Echo for EchoService {
 
 async fn serve_grpc(stream: TcpStream, delay: Duration) {
     let service = TowerToHyperService::new(EchoServer::new(EchoService { delay }));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .http2_only()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// The OTLP trace collector: decodes every export, as a collector does, and keeps nothing.
+#[derive(Debug, Clone, Copy)]
+struct SpanSink;
+
+#[tonic::async_trait]
+impl TraceService for SpanSink {
+    async fn export(
+        &self,
+        _request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn serve_otlp(stream: TcpStream) {
+    let service = TowerToHyperService::new(TraceServiceServer::new(SpanSink));
     let _ = auto::Builder::new(TokioExecutor::new())
         .http2_only()
         .serve_connection(TokioIo::new(stream), service)

@@ -236,6 +236,8 @@ pub enum Observability {
     Metrics,
     /// Metrics plus every request traced (100% sampling) to a Zipkin sink.
     Tracing,
+    /// The same with an OpenTelemetry (OTLP/gRPC) backend instead of Zipkin.
+    TracingOtlp,
 }
 
 impl Observability {
@@ -245,14 +247,19 @@ impl Observability {
             Observability::Off => "off",
             Observability::Metrics => "metrics",
             Observability::Tracing => "tracing",
+            Observability::TracingOtlp => "tracing-otlp",
         }
     }
 
     /// Parses a `--weft-telemetry` entry.
     pub fn parse(s: &str) -> Option<Observability> {
-        [Observability::Metrics, Observability::Tracing]
-            .into_iter()
-            .find(|o| o.name() == s)
+        [
+            Observability::Metrics,
+            Observability::Tracing,
+            Observability::TracingOtlp,
+        ]
+        .into_iter()
+        .find(|o| o.name() == s)
     }
 }
 
@@ -462,7 +469,11 @@ impl MeshConfig {
             weft: true,
             weft_bin_dir,
             weft_transparent: false,
-            weft_telemetry: vec![Observability::Metrics, Observability::Tracing],
+            weft_telemetry: vec![
+                Observability::Metrics,
+                Observability::Tracing,
+                Observability::TracingOtlp,
+            ],
             peers: peers::PeerKind::ALL.to_vec(),
             modes: vec![ProxyMode::Http, ProxyMode::Tcp],
             generator_cpu: 0,
@@ -1046,6 +1057,7 @@ mod tests {
         let mut all = vec![
             PathKind::WeftObserved(Observability::Metrics),
             PathKind::WeftObserved(Observability::Tracing),
+            PathKind::WeftObserved(Observability::TracingOtlp),
         ];
         for p in AppProtocol::ALL {
             all.push(PathKind::Direct(p));
@@ -1103,6 +1115,7 @@ mod tests {
                 "weft-tcp",
                 "weft+metrics",
                 "weft+tracing",
+                "weft+tracing-otlp",
                 "haproxy",
                 "haproxy-tcp",
                 "direct-h2",

@@ -33,6 +33,9 @@ pub const UPSTREAM_PORT: u16 = 8080;
 /// answers any `POST`, pinned to the generator's CPU like a collector on another machine.
 pub const TRACE_SINK_PORT: u16 = 9411;
 
+/// The same collector's OTLP/gRPC port (OTLP's), which takes every export.
+pub const OTLP_SINK_PORT: u16 = 4317;
+
 /// The upstream app's gRPC echo port, beside [`UPSTREAM_PORT`].
 pub const GRPC_PORT: u16 = 8081;
 
@@ -121,6 +124,8 @@ impl Topology {
             "serve",
             "--http",
             &format!("0.0.0.0:{TRACE_SINK_PORT}"),
+            "--otlp",
+            &format!("0.0.0.0:{OTLP_SINK_PORT}"),
             "--body-size",
             "0",
             "--threads",

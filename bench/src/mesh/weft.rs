@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use weft_tests::{Host, Proc};
 
-use super::topology::{TRACE_SINK_PORT, Topology, pinned, wait_http_ok};
+use super::topology::{OTLP_SINK_PORT, TRACE_SINK_PORT, Topology, pinned, wait_http_ok};
 use super::{AppProtocol, MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
 
 /// The mesh the bench creates.
@@ -167,9 +167,9 @@ fn write(path: &Path, text: &str) -> Result<(), MeshError> {
 }
 
 /// Mesh `bench`: builtin CA, STRICT mTLS, every service may call every
-/// service; with `o`, the Prometheus backend and (for tracing) a Zipkin
-/// backend at 100% sampling whose collector is the topology's trace sink (it
-/// answers any POST, on the generator's CPU).
+/// service; with `o`, the Prometheus backend and (for tracing) a Zipkin or
+/// OpenTelemetry backend at 100% sampling whose collector is the topology's
+/// trace sink (it takes every export, on the generator's CPU).
 fn mesh_yaml(o: Observability, topo: &Topology) -> String {
     let metrics = if o == Observability::Off {
         String::new()
@@ -178,14 +178,18 @@ fn mesh_yaml(o: Observability, topo: &Topology) -> String {
          conf:\n        port: 5670\n        path: /metrics\n"
             .to_string()
     };
-    let tracing = if o == Observability::Tracing {
-        format!(
+    let tracing = match o {
+        Observability::Tracing => format!(
             "tracing:\n  defaultBackend: zipkin-1\n  backends:\n    - name: zipkin-1\n      type: zipkin\n      \
              sampling: 100.0\n      conf:\n        url: http://{}:{TRACE_SINK_PORT}/api/v2/spans\n",
             topo.server_ip
-        )
-    } else {
-        String::new()
+        ),
+        Observability::TracingOtlp => format!(
+            "tracing:\n  defaultBackend: otlp-1\n  backends:\n    - name: otlp-1\n      type: opentelemetry\n      \
+             sampling: 100.0\n      conf:\n        endpoint: {}:{OTLP_SINK_PORT}\n",
+            topo.server_ip
+        ),
+        Observability::Off | Observability::Metrics => String::new(),
     };
     format!(
         "type: Mesh\nname: {MESH}\nmtls:\n  enabledBackend: ca-1\n  backends:\n    - name: ca-1\n      \

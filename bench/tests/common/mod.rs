@@ -17,7 +17,7 @@ pub fn server(delay: Duration) -> Server {
         body_size: 1024,
         delay,
         threads: 1,
-        cpus: Vec::new(),
+        ..ServeConfig::default()
     })
     .unwrap()
 }
