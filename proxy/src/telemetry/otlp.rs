@@ -229,10 +229,21 @@ const STATUS_CODE_ERROR: u8 = 2;
 const KIND_SERVER: u8 = 2;
 const KIND_CLIENT: u8 = 3;
 
+/// A varint; one byte, the common case for the lengths and numbers of a span, without a call
+/// (prost's `encode_varint` is not inlined).
+#[inline]
+fn put_varint(out: &mut impl BufMut, value: u64) {
+    if value < 0x80 {
+        out.put_u8(value as u8);
+    } else {
+        encode_varint(value, out);
+    }
+}
+
 /// A length-delimited field's key and length prefix.
 fn put_len_prefix(out: &mut impl BufMut, key: u8, len: usize) {
     out.put_u8(key);
-    encode_varint(len as u64, out);
+    put_varint(out, len as u64);
 }
 
 /// The encoded size of a length-delimited field (one-byte key) with `len` bytes of content.
@@ -451,7 +462,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord) {
             AttributeValue::Text(t) => put_string(out, ANY_VALUE_STRING, t),
             AttributeValue::Int(i) => {
                 out.put_u8(ANY_VALUE_INT);
-                encode_varint(i as u64, out);
+                put_varint(out, i as u64);
             }
         }
     }
