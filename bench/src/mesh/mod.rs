@@ -687,13 +687,20 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                     body_size: cfg.body_size,
                 };
                 let r = measure(cfg, &topo, target, pair.as_ref());
+                // Read while the sidecars still run: their counters go with them.
+                let spans = match path {
+                    PathKind::WeftObserved(Observability::Tracing | Observability::TracingOtlp) => {
+                        Some(weft::span_counts(&topo))
+                    }
+                    _ => None,
+                };
                 if let Some(pair) = pair {
                     pair.stop();
                 }
-                r
+                r.map(|r| (r, spans))
             });
             match outcome {
-                Ok(r) => {
+                Ok((r, spans)) => {
                     log(&format!(
                         "  {:.0} req/s, p50 {:.3} ms at {} req/s, {} errors",
                         r.closed.rps(),
@@ -701,6 +708,26 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                         cfg.rate,
                         r.closed.recorder.errors.total() + r.open.recorder.errors.total()
                     ));
+                    match spans {
+                        Some(Ok(s)) if s.dropped > 0 => note(
+                            format!(
+                                "{} round {round}: the sidecars dropped {} spans (exported {}): \
+                                 this round understates tracing's cost",
+                                path.name(),
+                                s.dropped,
+                                s.exported
+                            ),
+                            log,
+                        ),
+                        Some(Ok(s)) => {
+                            log(&format!("  {} spans exported, none dropped", s.exported))
+                        }
+                        Some(Err(e)) => note(
+                            format!("{} round {round}: span counters unread: {e}", path.name()),
+                            log,
+                        ),
+                        None => {}
+                    }
                     results[i].push(r);
                 }
                 Err(e) => {

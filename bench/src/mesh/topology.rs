@@ -241,6 +241,12 @@ fn spawn_spinner(host: &Host, cpu: usize) -> Result<Proc, MeshError> {
 /// `GET path` over a fresh HTTP/1.1 connection from inside `host`; returns
 /// the status once the whole response has been read.
 pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    http_fetch(host, addr, path).map(|(code, _)| code)
+}
+
+/// `GET path` from inside `host`'s namespace: the status code and the body
+/// (read to the end; the request asks the server to close).
+pub fn http_fetch(host: &Host, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let path = path.to_owned();
     host.enter(move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
@@ -254,11 +260,15 @@ pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<u16, String
         s.read_to_end(&mut resp)
             .map_err(|e| format!("read from {addr}: {e}"))?;
         let head = String::from_utf8_lossy(&resp[..resp.len().min(64)]).into_owned();
-        head.strip_prefix("HTTP/1.1 ")
+        let code = head
+            .strip_prefix("HTTP/1.1 ")
             .or_else(|| head.strip_prefix("HTTP/1.0 "))
             .and_then(|rest| rest.get(..3))
             .and_then(|code| code.parse().ok())
-            .ok_or_else(|| format!("no HTTP response from {addr}: {head:?}"))
+            .ok_or_else(|| format!("no HTTP response from {addr}: {head:?}"))?;
+        let text = String::from_utf8_lossy(&resp);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((code, body.to_owned()))
     })
     .map_err(|e| e.to_string())?
 }

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use weft_tests::{Host, Proc};
 
-use super::topology::{OTLP_SINK_PORT, TRACE_SINK_PORT, Topology, pinned, wait_http_ok};
+use super::topology::{
+    OTLP_SINK_PORT, TRACE_SINK_PORT, Topology, http_fetch, pinned, wait_http_ok,
+};
 use super::{AppProtocol, MeshError, Observability, ProxyMode, Sidecar, SidecarPair};
 
 /// The mesh the bench creates.
@@ -434,9 +436,75 @@ pub fn start(
     Ok((pair, url))
 }
 
+/// What the two sidecars of a traced path did with their spans so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpanCounts {
+    /// `weft_trace_spans_exported_total`, both sidecars.
+    pub exported: u64,
+    /// `weft_trace_spans_dropped_total`, every reason, both sidecars.
+    pub dropped: u64,
+}
+
+/// Reads [`SpanCounts`] from both running sidecars' admin `/metrics`: a traced path's cost is
+/// only the cost of tracing if the spans were exported, not dropped.
+pub fn span_counts(topo: &Topology) -> Result<SpanCounts, String> {
+    let admin: SocketAddr = ADMIN.parse().map_err(|e| format!("{ADMIN}: {e}"))?;
+    let mut total = SpanCounts::default();
+    for host in [&topo.client, &topo.server] {
+        let (code, body) = http_fetch(host, admin, "/metrics")?;
+        if code != 200 {
+            return Err(format!("GET /metrics answered {code}"));
+        }
+        let c = parse_span_counts(&body);
+        total.exported += c.exported;
+        total.dropped += c.dropped;
+    }
+    Ok(total)
+}
+
+/// Sums the span counters in a Prometheus text exposition.
+fn parse_span_counts(text: &str) -> SpanCounts {
+    let mut c = SpanCounts::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or_default();
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        // Counters are whole numbers well below 2^53.
+        let value = value as u64;
+        match name {
+            "weft_trace_spans_exported_total" => c.exported += value,
+            "weft_trace_spans_dropped_total" => c.dropped += value,
+            _ => {}
+        }
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn span_counters_are_summed_over_reasons() {
+        let text = "# HELP weft_trace_spans_exported Spans exported.\n\
+                    # TYPE weft_trace_spans_exported counter\n\
+                    weft_trace_spans_exported_total 1024\n\
+                    weft_trace_spans_dropped_total{reason=\"queue_full\"} 3\n\
+                    weft_trace_spans_dropped_total{reason=\"export_failed\"} 2\n\
+                    weft_trace_spans_dropped_total{reason=\"closed\"} 0\n\
+                    weft_requests_total{direction=\"inbound\",service=\"a\",code=\"200\"} 9\n";
+        assert_eq!(
+            parse_span_counts(text),
+            SpanCounts {
+                exported: 1024,
+                dropped: 5
+            }
+        );
+    }
 
     fn flavour(protocol: AppProtocol, mode: ProxyMode) -> Flavour {
         Flavour { protocol, mode }
