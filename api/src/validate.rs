@@ -48,19 +48,37 @@ fn collector_address_problem(kind: TracingBackendType, v: &str) -> Option<String
         None if otlp && !v.contains("://") => (v, false),
         None => return Some(format!("{v:?} is not {expected}")),
     };
+    let bad = || Some(format!("{v:?} is not {expected}"));
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let port = authority
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty() && !host.ends_with(':'))
-        .map(|(_, port)| port);
-    let has_host = !authority.is_empty() && !authority.starts_with(':');
+    if !scheme && rest.len() != authority.len() {
+        return bad();
+    }
+    // An IPv6 host is in brackets, and its colons are not the port's.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => {
+            let Some((host, after)) = bracketed.split_once(']') else {
+                return bad();
+            };
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return bad(),
+                },
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
     let port_ok = match port {
         Some(p) => p.parse::<u16>().is_ok_and(|p| p > 0),
         // `host:port` needs its port; a URL has a default one.
         None => scheme,
     };
-    if !has_host || !port_ok || (!scheme && rest.len() != authority.len()) {
-        return Some(format!("{v:?} is not {expected}"));
+    if host.is_empty() || !port_ok {
+        return bad();
     }
     None
 }

@@ -90,6 +90,7 @@ fn tracing_collectors_take_the_forms_the_proxy_exports_to() {
         ("opentelemetry", "endpoint", "http://127.0.0.1:4317"),
         ("zipkin", "url", "http://jaeger:9411/api/v2/spans"),
         ("zipkin", "url", "http://[fd00::5]/api/v2/spans"),
+        ("zipkin", "url", "http://[fd00::1:2]:9411/api/v2/spans"),
     ] {
         let doc = format!(
             "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: t\n    type: {kind}\n    \

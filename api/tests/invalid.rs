@@ -30,6 +30,8 @@ fn cases() -> Vec<(&'static str, String, &'static str, usize)> {
         ("zipkin without scheme", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: z\n    type: zipkin\n    conf: {url: 'z:9411'}\n".into(), "tracing.backends[0].conf.url", 7),
         ("otel without port", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: o\n    type: opentelemetry\n    conf: {endpoint: collector}\n".into(), "tracing.backends[0].conf.endpoint", 7),
         ("otel bad port", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: o\n    type: opentelemetry\n    conf: {endpoint: 'collector:99999'}\n".into(), "tracing.backends[0].conf.endpoint", 7),
+        ("otel IPv6 without port", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: o\n    type: opentelemetry\n    conf: {endpoint: '[fd00::5]'}\n".into(), "tracing.backends[0].conf.endpoint", 7),
+        ("otel with a path", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: o\n    type: opentelemetry\n    conf: {endpoint: 'collector:4317/v1'}\n".into(), "tracing.backends[0].conf.endpoint", 7),
         ("otel over grpcs", "type: Mesh\nname: a\ntracing:\n  backends:\n  - name: o\n    type: opentelemetry\n    conf: {endpoint: 'grpcs://collector:4317'}\n".into(), "tracing.backends[0].conf.endpoint", 7),
         ("otel without endpoint", "type: Mesh\nname: a\ntracing:\n  backends:\n  - {name: o, type: opentelemetry}\n".into(), "tracing.backends[0].conf.endpoint", 0),
         ("tcp log without port", "type: Mesh\nname: a\nlogging:\n  backends:\n  - {name: t, type: tcp, conf: {address: logs}}\n".into(), "logging.backends[0].conf.address", 0),

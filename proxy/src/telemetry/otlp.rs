@@ -213,8 +213,8 @@ const SPAN_START: u8 = key(7, 1);
 const SPAN_END: u8 = key(8, 1);
 const SPAN_ATTRIBUTES: u8 = key(9, 2);
 const SPAN_STATUS: u8 = key(15, 2);
-/// `Span.flags` (field 16, fixed 32 bits): a two-byte varint key.
-const SPAN_FLAGS: [u8; 2] = [(16 << 3 | 5) | 0x80, 1];
+/// `Span.flags` (field 16, fixed 32 bits): key 16 << 3 | 5 = 133, two bytes as a varint.
+const SPAN_FLAGS: [u8; 2] = [0x85, 0x01];
 /// `Span.flags`: the W3C sampled bit; only sampled spans are recorded.
 const SAMPLED: u32 = 0x1;
 const KEY_VALUE_KEY: u8 = key(1, 2);
