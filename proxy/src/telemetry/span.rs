@@ -6,10 +6,10 @@
 //! links, through a span processor chain. Measured with `weft-bench mesh --weft-telemetry
 //! tracing`, that cost a third of the proxy's throughput. A [`SpanRecord`] instead holds ids,
 //! times, the method, copies of the path and authority, and the service names' `Arc`s; the
-//! attribute set is built once per batch, in the exporter task, off the request path. The
-//! wire formats stay the standard ones: OTLP through `opentelemetry-proto`'s types (see
-//! [`super::otlp`]) and Zipkin v2 JSON. (linkerd2-proxy does the same: its spans are its own
-//! type, converted to OTLP for export.)
+//! attributes are written once per batch, in the exporter task, off the request path. The
+//! wire formats stay the standard ones: OTLP's protobuf (written directly, and checked against
+//! `opentelemetry-proto`'s types: see [`super::otlp`]) and Zipkin v2 JSON. (linkerd2-proxy
+//! does the same: its spans are its own type, converted to OTLP for export.)
 //!
 //! The path and authority are copied into the record, inline when short ([`InlineStr`] says
 //! why).

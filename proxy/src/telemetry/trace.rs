@@ -490,6 +490,41 @@ mod tests {
         assert!((12..=16).contains(&dropped), "dropped {dropped}");
     }
 
+    #[tokio::test]
+    async fn an_unreachable_collector_drops_and_counts_the_batches() {
+        // Port 9 on loopback refuses connections: every export fails at once.
+        for (kind, endpoint) in [
+            ("zipkin", "http://127.0.0.1:9/api/v2/spans"),
+            ("opentelemetry", "127.0.0.1:9"),
+        ] {
+            let metrics = TraceMetrics::default();
+            let options = TelemetryOptions {
+                trace_batch: 4,
+                export_interval: Duration::from_millis(10),
+                ..TelemetryOptions::default()
+            };
+            let t = Tracing::new(
+                &backend(kind, endpoint, 100.0),
+                "web",
+                "m",
+                &options,
+                &metrics,
+            )
+            .expect("tracing");
+            for _ in 0..10 {
+                let s = t.start(&mut HeaderMap::new(), true);
+                t.sink().send(record(s));
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while metrics.dropped_export_failed() < 10 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(metrics.dropped_export_failed(), 10, "{kind}");
+            assert_eq!(metrics.exported.get(), 0, "{kind}");
+            assert_eq!(metrics.dropped_queue_full(), 0, "{kind}");
+        }
+    }
+
     #[test]
     fn spans_after_the_exporter_task_is_gone_count_as_closed() {
         let metrics = TraceMetrics::default();
