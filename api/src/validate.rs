@@ -29,60 +29,6 @@ fn fail(path: impl Into<String>, message: impl Into<String>) -> Result {
     })
 }
 
-/// What is wrong with a tracing backend's collector address, if anything: the rules of the
-/// proxy's exporters, so that a mesh is refused at apply time rather than failing every export.
-/// Zipkin takes an `http://` URL; OpenTelemetry takes `host:port` (Kuma's form) or an
-/// `http://` URL. The exporters have no TLS client yet, so `https://` is refused.
-fn collector_address_problem(kind: TracingBackendType, v: &str) -> Option<String> {
-    let otlp = kind == TracingBackendType::Opentelemetry;
-    let expected = if otlp {
-        "host:port or an http:// URL"
-    } else {
-        "an http:// URL"
-    };
-    if v.starts_with("https://") {
-        return Some(format!("{v:?}: https is not supported yet; use http://"));
-    }
-    let (rest, scheme) = match v.strip_prefix("http://") {
-        Some(rest) => (rest, true),
-        None if otlp && !v.contains("://") => (v, false),
-        None => return Some(format!("{v:?} is not {expected}")),
-    };
-    let bad = || Some(format!("{v:?} is not {expected}"));
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if !scheme && rest.len() != authority.len() {
-        return bad();
-    }
-    // An IPv6 host is in brackets, and its colons are not the port's.
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(bracketed) => {
-            let Some((host, after)) = bracketed.split_once(']') else {
-                return bad();
-            };
-            match after {
-                "" => (host, None),
-                _ => match after.strip_prefix(':') {
-                    Some(port) => (host, Some(port)),
-                    None => return bad(),
-                },
-            }
-        }
-        None => match authority.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        },
-    };
-    let port_ok = match port {
-        Some(p) => p.parse::<u16>().is_ok_and(|p| p > 0),
-        // `host:port` needs its port; a URL has a default one.
-        None => scheme,
-    };
-    if host.is_empty() || !port_ok {
-        return bad();
-    }
-    None
-}
-
 /// The protocols `kuma.io/protocol` may name.
 pub const PROTOCOLS: [&str; 4] = ["tcp", "http", "http2", "grpc"];
 
@@ -371,7 +317,7 @@ fn validate_mesh(m: &MeshSpec) -> Result {
             match value {
                 None => fail(format!("{p}.conf.{field}"), "required")?,
                 Some(v) => {
-                    if let Some(problem) = collector_address_problem(b.kind, &v) {
+                    if let Err(problem) = b.kind.collector_url(&v) {
                         fail(format!("{p}.conf.{field}"), problem)?;
                     }
                 }

@@ -268,6 +268,62 @@ pub enum TracingBackendType {
     Opentelemetry,
 }
 
+impl TracingBackendType {
+    /// The type's name as in a resource and in a snapshot's `backend_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Zipkin => "zipkin",
+            Self::Opentelemetry => "opentelemetry",
+        }
+    }
+
+    /// The type called `name` (see [`Self::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Zipkin, Self::Opentelemetry]
+            .into_iter()
+            .find(|t| t.name() == name)
+    }
+
+    /// The URL a proxy exports to, from a backend's collector address, or why there is none.
+    /// One rule for both sides: the control plane refuses a mesh whose address fails it, and
+    /// the proxy builds its exporter from what it returns. Zipkin takes an `http://` URL;
+    /// OpenTelemetry takes Kuma's `host:port` (IPv6 in brackets) or an `http://` URL. The
+    /// exporters have no TLS client yet, so `https://` is refused.
+    pub fn collector_url(self, address: &str) -> Result<http::Uri, String> {
+        let a = address.trim();
+        let expected = match self {
+            Self::Zipkin => "an http:// URL",
+            Self::Opentelemetry => "host:port or an http:// URL",
+        };
+        let bad = || format!("{address:?} is not {expected}");
+        if a.starts_with("https://") {
+            return Err(format!(
+                "{address:?}: https is not supported yet; use http://"
+            ));
+        }
+        let bare = self == Self::Opentelemetry && !a.contains("://");
+        let url = if bare {
+            format!("http://{a}")
+        } else {
+            a.to_string()
+        };
+        let uri: http::Uri = url.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+            return Err(bad());
+        }
+        let port_ok = match uri.port() {
+            Some(p) => p.as_str().parse::<u16>().is_ok_and(|p| p > 0),
+            // `host:port` needs its port; a URL has a default one.
+            None => !bare,
+        };
+        let has_path = uri.path_and_query().is_some_and(|p| p.as_str() != "/");
+        if !port_ok || (bare && has_path) {
+            return Err(bad());
+        }
+        Ok(uri)
+    }
+}
+
 /// `conf` of a tracing backend: `url` for zipkin, `endpoint` for opentelemetry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -31,6 +31,7 @@ use tonic::client::Grpc;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic_prost::ProstDecoder;
+use weft_api::mesh::TracingBackendType;
 
 use super::TelemetryError;
 use super::span::{IpText, ServerName, SpanError, SpanKind, SpanRecord};
@@ -70,33 +71,6 @@ fn text(key: &str, value: &str) -> KeyValue {
     kv(key, Value::StringValue(value.to_string()))
 }
 
-/// An OTLP endpoint as tonic wants it: Kuma's examples give `host:port` without a scheme.
-pub fn endpoint_url(endpoint: &str) -> Result<String, TelemetryError> {
-    let e = endpoint.trim();
-    if e.is_empty() {
-        return Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: "no endpoint".into(),
-        });
-    }
-    let url = if e.contains("://") {
-        e.to_string()
-    } else {
-        format!("http://{e}")
-    };
-    match url.parse::<http::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Ok(url),
-        Ok(u) if u.scheme_str() == Some("https") => Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: format!("{endpoint:?}: https is not supported; use http"),
-        }),
-        _ => Err(TelemetryError::Backend {
-            backend: "opentelemetry",
-            reason: format!("{endpoint:?} is not host:port or an http:// URL"),
-        }),
-    }
-}
-
 impl OtlpExporter {
     /// An exporter to `endpoint` (`host:port` or `http://…`) for spans of `service` in
     /// `mesh`. Connects on first export (and again after a failure); each call is bounded by
@@ -107,12 +81,13 @@ impl OtlpExporter {
         mesh: &str,
         timeout: Duration,
     ) -> Result<Self, TelemetryError> {
-        let url = endpoint_url(endpoint)?;
-        let channel = Endpoint::from_shared(url)
-            .map_err(|e| TelemetryError::Backend {
+        let url = TracingBackendType::Opentelemetry
+            .collector_url(endpoint)
+            .map_err(|reason| TelemetryError::Backend {
                 backend: "opentelemetry",
-                reason: format!("{endpoint:?}: {e}"),
-            })?
+                reason,
+            })?;
+        let channel = Endpoint::from(url)
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout)
             .tcp_nodelay(true)
@@ -662,14 +637,13 @@ mod tests {
         assert_eq!(decoded, reference(&batch[..2], "backend", "default"));
     }
 
-    #[test]
-    fn endpoints_are_checked() {
-        assert_eq!(
-            endpoint_url("collector:4317").ok().as_deref(),
-            Some("http://collector:4317")
-        );
-        assert!(endpoint_url("").is_err());
-        assert!(endpoint_url("https://collector:4317").is_err());
-        assert!(endpoint_url("http://").is_err());
+    #[tokio::test]
+    async fn endpoints_are_checked() {
+        let new = |e: &str| OtlpExporter::new(e, "web", "m", Duration::from_secs(1));
+        assert!(new("collector:4317").is_ok());
+        assert!(new("http://127.0.0.1:4317").is_ok());
+        for bad in ["", "collector", "https://collector:4317", "http://"] {
+            assert!(new(bad).is_err(), "{bad}");
+        }
     }
 }

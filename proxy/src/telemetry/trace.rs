@@ -36,6 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
+use weft_api::mesh::TracingBackendType;
 use weft_api::proto::TracingBackend;
 
 use super::otlp::OtlpExporter;
@@ -224,22 +225,22 @@ impl Tracing {
     ) -> Result<Self, TelemetryError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
-        let (exporter, b3) = match backend.backend_type.as_str() {
-            "opentelemetry" => {
+        let (exporter, b3) = match TracingBackendType::from_name(&backend.backend_type) {
+            Some(TracingBackendType::Opentelemetry) => {
                 // The tonic channel must be built inside the runtime.
                 let _enter = runtime.enter();
                 let e =
                     OtlpExporter::new(&backend.endpoint, service, mesh, options.export_timeout)?;
                 (Exporter::Otlp(Box::new(e)), false)
             }
-            "zipkin" => (
+            Some(TracingBackendType::Zipkin) => (
                 Exporter::Zipkin(Box::new(ZipkinExporter::new(&backend.endpoint, service)?)),
                 true,
             ),
-            other => {
+            None => {
                 return Err(TelemetryError::Backend {
                     backend: "tracing",
-                    reason: format!("unknown backend type {other:?}"),
+                    reason: format!("unknown backend type {:?}", backend.backend_type),
                 });
             }
         };

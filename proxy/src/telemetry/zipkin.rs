@@ -27,6 +27,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use weft_api::mesh::TracingBackendType;
+
 use super::TelemetryError;
 use super::span::{IpText, ServerName, SpanKind, SpanRecord, hex_into, span_hex, trace_hex};
 
@@ -53,19 +55,12 @@ impl fmt::Debug for ZipkinExporter {
 impl ZipkinExporter {
     /// An exporter posting to `url` (`http://…`) for spans of `local_service`.
     pub fn new(url: &str, local_service: &str) -> Result<Self, TelemetryError> {
-        let bad = |reason: &str| TelemetryError::Backend {
-            backend: "zipkin",
-            reason: format!("{url:?}: {reason}"),
-        };
-        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(bad("https is not supported; use http")),
-            _ => return Err(bad("expected an http:// URL")),
-        }
-        if uri.host().is_none() {
-            return Err(bad("has no host"));
-        }
+        let uri = TracingBackendType::Zipkin
+            .collector_url(url)
+            .map_err(|reason| TelemetryError::Backend {
+                backend: "zipkin",
+                reason,
+            })?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);

@@ -53,14 +53,14 @@ pub(super) fn mesh_settings(mesh: &str, view: &MeshView) -> pb::MeshSettings {
             None => t.backends.first()?,
         };
         let conf = b.conf.clone().unwrap_or_default();
-        let (kind, endpoint) = match b.kind {
-            TracingBackendType::Zipkin => ("zipkin", conf.url),
-            TracingBackendType::Opentelemetry => ("opentelemetry", conf.endpoint),
+        let endpoint = match b.kind {
+            TracingBackendType::Zipkin => conf.url,
+            TracingBackendType::Opentelemetry => conf.endpoint,
         };
         Some(pb::TracingBackend {
             enabled: true,
             name: b.name.clone(),
-            backend_type: kind.into(),
+            backend_type: b.kind.name().into(),
             endpoint: endpoint.unwrap_or_default(),
             sampling: b.sampling.unwrap_or(100.0),
         })
