@@ -101,6 +101,25 @@ impl fmt::Debug for InlineStr {
     }
 }
 
+/// The bytes an authority may hold (RFC 3986), as a table: the outbound proxy checks the
+/// `Host` header of every traced HTTP/1.1 request.
+static AUTHORITY_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~!$&'()*+,;=:@[]%";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// `server.address`/`server.port` as the request named them: its authority, or its `Host`
 /// header, copied as text (an [`InlineStr`]) and split into host and port when exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,9 +134,7 @@ impl ServerName {
     /// A `Host` header's value; `None` when it is empty or holds a byte no authority may
     /// hold (RFC 3986: letters, digits and `-._~!$&'()*+,;=:@[]%`).
     pub fn new(authority: &[u8]) -> Option<Self> {
-        const ALLOWED: &[u8] = b"-._~!$&'()*+,;=:@[]%";
-        let allowed = |b: &u8| b.is_ascii_alphanumeric() || ALLOWED.contains(b);
-        if authority.is_empty() || !authority.iter().all(allowed) {
+        if authority.is_empty() || !authority.iter().all(|&b| AUTHORITY_BYTES[usize::from(b)]) {
             return None;
         }
         let text = std::str::from_utf8(authority).ok()?;
@@ -464,6 +481,14 @@ mod tests {
         assert_eq!(ServerName::new(b"a b"), None);
         assert_eq!(ServerName::new(b"\xff"), None);
         assert_eq!(ServerName::new(b""), None);
+    }
+
+    #[test]
+    fn host_headers_take_exactly_the_bytes_of_an_authority() {
+        for b in 0..=255u8 {
+            let allowed = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@[]%".contains(&b);
+            assert_eq!(ServerName::new(&[b]).is_some(), allowed, "{b:#04x}");
+        }
     }
 
     #[test]
