@@ -24,7 +24,8 @@
 //! then a closed-loop run (throughput; CPU time of both sidecars over it ÷
 //! requests; RSS sampled every 100 ms) and an open-loop run at `rate`
 //! (latency, corrected for coordinated omission); then stop the pair.
-//! Rounds go through all paths in turn, so drift hits every path alike.
+//! Rounds go through all paths in turn, in the listed order in odd rounds and
+//! in reverse in even ones, so drift hits every path alike.
 
 pub mod generator;
 pub mod peers;
@@ -634,7 +635,8 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     let mut results: Vec<Vec<RoundResult>> = vec![Vec::new(); paths.len()];
     let mut failed = vec![false; paths.len()];
     for round in 1..=cfg.rounds {
-        for (i, &path) in paths.iter().enumerate() {
+        for i in round_order(paths.len(), round) {
+            let path = paths[i];
             if failed[i] {
                 continue;
             }
@@ -843,6 +845,15 @@ fn url_addr(url: &str) -> Result<SocketAddr, MeshError> {
         })
 }
 
+/// The order of the paths in `round` (from 1): as listed in odd rounds, reversed in even
+/// ones. A path's place in a round then changes from round to round, so what drifts within a
+/// round (the host's load, the namespaces' kernel state) does not always favour the paths
+/// measured first, such as `weft` before the `weft+…` paths compared with it.
+fn round_order(paths: usize, round: u32) -> impl Iterator<Item = usize> {
+    let reversed = round % 2 == 0;
+    (0..paths).map(move |i| if reversed { paths - 1 - i } else { i })
+}
+
 /// One round of one path whose sidecars (if any) are up.
 fn measure(
     cfg: &MeshConfig,
@@ -1036,6 +1047,15 @@ fn aggregate(path: PathKind, rounds: &[RoundResult], cfg: &MeshConfig) -> PathRe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_alternate_the_order_of_the_paths() {
+        let order = |round| round_order(3, round).collect::<Vec<_>>();
+        assert_eq!(order(1), [0, 1, 2]);
+        assert_eq!(order(2), [2, 1, 0]);
+        assert_eq!(order(3), [0, 1, 2]);
+        assert_eq!(round_order(0, 2).count(), 0);
+    }
 
     #[test]
     fn medians() {
