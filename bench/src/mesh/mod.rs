@@ -850,7 +850,7 @@ fn url_addr(url: &str) -> Result<SocketAddr, MeshError> {
 /// round (the host's load, the namespaces' kernel state) does not always favour the paths
 /// measured first, such as `weft` before the `weft+…` paths compared with it.
 fn round_order(paths: usize, round: u32) -> impl Iterator<Item = usize> {
-    let reversed = round % 2 == 0;
+    let reversed = round.is_multiple_of(2);
     (0..paths).map(move |i| if reversed { paths - 1 - i } else { i })
 }
 
