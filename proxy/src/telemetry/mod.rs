@@ -472,5 +472,19 @@ impl Telemetry {
     }
 }
 
+/// An error and its causes, `: `-separated. The exporters' clients name only their own layer
+/// (tonic: "transport error", hyper-util: "client error (Connect)"), and the cause, say a
+/// refused connection, is what an operator needs in the log.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests;

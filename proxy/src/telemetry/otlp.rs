@@ -37,8 +37,8 @@ use tonic::{Code, Status};
 use tower::{Service, ServiceExt};
 use weft_api::mesh::TracingBackendType;
 
-use super::TelemetryError;
 use super::span::{IpText, ServerName, SpanError, SpanKind, SpanRecord};
+use super::{TelemetryError, with_causes};
 
 /// The OTLP trace service's one method.
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -167,19 +167,6 @@ async fn call(channel: &mut Channel, message: Bytes) -> Result<ExportTraceServic
         .map_err(|e| Status::unavailable(format!("reading the response: {e}")))?;
     let trailers = body.trailers().cloned().unwrap_or_default();
     read_response(body.to_bytes(), &trailers)
-}
-
-/// An error and its causes, `: `-separated: tonic's transport error says only "transport
-/// error", and the cause (say, a refused connection) is what an operator needs in the log.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// The call's outcome from the response body and trailers: the `grpc-status` in the trailers,

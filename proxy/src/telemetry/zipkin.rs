@@ -29,8 +29,8 @@ use hyper_util::rt::TokioExecutor;
 
 use weft_api::mesh::TracingBackendType;
 
-use super::TelemetryError;
 use super::span::{IpText, ServerName, SpanKind, SpanRecord, hex_into, span_hex, trace_hex};
+use super::{TelemetryError, with_causes};
 
 /// Exports spans to a Zipkin v2 HTTP endpoint.
 pub struct ZipkinExporter {
@@ -85,7 +85,7 @@ impl ZipkinExporter {
             .client
             .request(request)
             .await
-            .map_err(|e| format!("zipkin post: {e}"))?;
+            .map_err(|e| format!("zipkin post: {}", with_causes(&e)))?;
         let status = response.status();
         // Read the (small) body so the connection can be reused.
         let _ = response.into_body().collect().await;
@@ -307,6 +307,18 @@ mod tests {
             assert!(ZipkinExporter::new(url, "web").is_err(), "{url}");
         }
         assert!(ZipkinExporter::new("http://127.0.0.1:9411/api/v2/spans", "web").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_named_in_the_error() {
+        // A port nothing listens on: bind one, then close it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let mut exporter =
+            ZipkinExporter::new(&format!("http://{addr}/api/v2/spans"), "web").expect("exporter");
+        let error = exporter.export(&[]).await.expect_err("nothing listens");
+        assert!(error.contains("refused"), "{error}");
     }
 
     #[test]
