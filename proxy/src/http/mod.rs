@@ -18,10 +18,12 @@
 //!   proxies (RFC 8441's shape), an Upgrade or CONNECT again towards the app.
 //!
 //! Bodies are streamed frame by frame ([`body::Body`]), never buffered whole; trailers pass
-//! through.
+//! through. Under the HTTP/2 of both sides of a pooled mTLS connection, [`coalesce`] gathers
+//! the frames of each turn of the connection into one TLS write.
 
 pub mod app_pool;
 pub mod body;
+pub mod coalesce;
 pub mod idle;
 pub mod inbound;
 pub mod opaque;
