@@ -16,7 +16,7 @@ use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::{Detection, Protocol, detect};
-use crate::http::{self, PrefixedIo, coalesce::Coalesce, inbound::Caller};
+use crate::http::{self, PrefixedIo, inbound::Caller};
 use crate::listen;
 use crate::mesh_tls::{ALPN_H2, peer_services};
 use crate::outbound::forward_with;
@@ -200,8 +200,6 @@ async fn pooled_http2(
         return;
     }
     let sources = peer_sources(conn, cfg);
-    // Each turn of the connection goes out as one TLS write (see `http::coalesce`).
-    let tls = Coalesce::new(tls);
     serve_http2(shared, cfg, inbound, tls, sources, peer, transparent).await;
 }
 

@@ -17,6 +17,11 @@
 //! on a write the socket did not take, and the socket wakes the task when it has room; and a
 //! closing connection shuts the I/O down, which writes what is waiting first.
 //!
+//! Only h2 drives I/O that way, so only HTTP/2 connections are wrapped: the pooled ones
+//! between proxies ([`super::pool`]) and the ones the proxies serve (from peers, and from
+//! apps that speak h2). HTTP/1.1 writes each response in one `writev` already, and a tunnel's
+//! copy loop may wait on its other side after a flush, where a put-off flush would stall.
+//!
 //! The cost is one more poll of the connection task per turn that wrote, and a copy of the
 //! frames (which rustls copies again to encrypt them in place). The gain is a `writev`, a TLS
 //! record and a TCP segment per frame, on both proxies' side of the connection.
@@ -31,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const GATHER_LIMIT: usize = 16 * 1024;
 
 /// An I/O stream whose writes are gathered and written once per turn of its task (see the
-/// module docs). Reads pass through.
+/// module docs). Reads pass through. Only for I/O that an HTTP/2 connection drives.
 #[derive(Debug)]
 pub struct Coalesce<I> {
     io: I,

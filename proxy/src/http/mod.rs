@@ -18,8 +18,8 @@
 //!   proxies (RFC 8441's shape), an Upgrade or CONNECT again towards the app.
 //!
 //! Bodies are streamed frame by frame ([`body::Body`]), never buffered whole; trailers pass
-//! through. Under the HTTP/2 of both sides of a pooled mTLS connection, [`coalesce`] gathers
-//! the frames of each turn of the connection into one TLS write.
+//! through. Under every HTTP/2 connection, served or pooled, [`coalesce`] gathers the frames
+//! of each turn of the connection into one write.
 
 pub mod app_pool;
 pub mod body;

@@ -12,6 +12,7 @@ use crate::config::ProxyConfig;
 use crate::datapath::Shared;
 use crate::detect::Protocol;
 use crate::http::body::{Body, ByteCount};
+use crate::http::coalesce::Coalesce;
 use crate::http::idle::{Activity, IdleIo};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
@@ -82,7 +83,7 @@ pub(crate) async fn serve_connection<I, S>(
     S::Future: Send + 'static,
 {
     let activity = Activity::default();
-    let io = TokioIo::new(IdleIo::new(io, activity.clone()));
+    let io = IdleIo::new(io, activity.clone());
     // Ends the connection gracefully on drain or after the idle timeout, then waits for it.
     macro_rules! run {
         ($conn:expr) => {{
@@ -107,7 +108,7 @@ pub(crate) async fn serve_connection<I, S>(
                 .timer(TokioTimer::new())
                 .max_buf_size(MAX_HEADER_BYTES)
                 .max_headers(MAX_HEADERS)
-                .serve_connection(io, svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades()
         )
     } else {
@@ -119,7 +120,8 @@ pub(crate) async fn serve_connection<I, S>(
                 .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
                 .max_concurrent_streams(crate::http::pool::MAX_STREAMS_PER_CONNECTION)
                 .enable_connect_protocol()
-                .serve_connection(io, svc)
+                // Each turn of the connection goes out in one write (see `coalesce`).
+                .serve_connection(TokioIo::new(Coalesce::new(io)), svc)
         )
     };
     if let Err(e) = result {
