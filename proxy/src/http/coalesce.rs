@@ -1,4 +1,4 @@
-//! One write per turn of a mesh connection, however many HTTP/2 frames the turn produced.
+//! One write per turn of an HTTP/2 connection, however many frames the turn produced.
 //!
 //! h2 hands a DATA frame's payload to the I/O without copying it, and so writes and flushes
 //! the I/O before it takes the next frame. Under TLS every flush is a TLS record and a
@@ -24,8 +24,8 @@
 //!
 //! The cost is one more poll of the connection task per turn that wrote, a copy of the
 //! frames (which rustls copies again to encrypt them in place), and a 16 KiB buffer per
-//! connection from its first write on, beside h2's own 16 KiB write buffer. The gain is a `writev`, a TLS
-//! record and a TCP segment per frame, on both proxies' side of the connection.
+//! connection from its first write on, beside h2's own 16 KiB write buffer. The gain is a
+//! `writev`, a TLS record and a TCP segment per frame, on both sides of the connection.
 
 use std::io;
 use std::pin::Pin;
@@ -124,8 +124,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<I> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.flush_deferred || this.waiting() {
-            // A new turn: the put-off flush happens now. If the socket is full the task is
-            // woken when it drains, and reading goes on meanwhile.
+            // A new turn, or bytes gathered before a read: they go out now. If the socket is
+            // full, the task is woken when it drains, and reading goes on meanwhile.
             if let Poll::Ready(Err(e)) = this.poll_flush_now(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -173,8 +173,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesce<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.waiting() {
-            this.flush_deferred = false;
-            return Pin::new(&mut this.io).poll_flush(cx);
+            return this.poll_flush_now(cx);
         }
         if !this.flush_deferred {
             this.flush_deferred = true;
