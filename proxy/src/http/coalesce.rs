@@ -258,6 +258,14 @@ mod tests {
         }
     }
 
+    /// The result of a poll of a [`Recorder`], which never leaves one pending.
+    fn ready<T>(polled: Poll<T>) -> T {
+        match polled {
+            Poll::Ready(r) => r,
+            Poll::Pending => panic!("the recorder never blocks"),
+        }
+    }
+
     /// Drives `c` by hand, as a task would, counting the wake-ups it asks for.
     struct Turns {
         c: Coalesce<Recorder>,
@@ -276,41 +284,27 @@ mod tests {
         }
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
             let mut cx = Context::from_waker(&self.waker);
-            match Pin::new(&mut self.c).poll_write(&mut cx, bytes) {
-                Poll::Ready(r) => r,
-                Poll::Pending => panic!("the recorder never blocks"),
-            }
+            ready(Pin::new(&mut self.c).poll_write(&mut cx, bytes))
         }
         fn write_vectored(&mut self, parts: &[&[u8]]) -> io::Result<usize> {
             let slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
             let mut cx = Context::from_waker(&self.waker);
-            match Pin::new(&mut self.c).poll_write_vectored(&mut cx, &slices) {
-                Poll::Ready(r) => r,
-                Poll::Pending => panic!("the recorder never blocks"),
-            }
+            ready(Pin::new(&mut self.c).poll_write_vectored(&mut cx, &slices))
         }
         fn flush(&mut self) -> io::Result<()> {
             let mut cx = Context::from_waker(&self.waker);
-            match Pin::new(&mut self.c).poll_flush(&mut cx) {
-                Poll::Ready(r) => r,
-                Poll::Pending => panic!("the recorder never blocks"),
-            }
+            ready(Pin::new(&mut self.c).poll_flush(&mut cx))
         }
         fn read(&mut self) -> io::Result<Vec<u8>> {
             let mut space = [0u8; 64];
             let mut buf = ReadBuf::new(&mut space);
             let mut cx = Context::from_waker(&self.waker);
-            match Pin::new(&mut self.c).poll_read(&mut cx, &mut buf) {
-                Poll::Ready(r) => r.map(|()| buf.filled().to_vec()),
-                Poll::Pending => panic!("the recorder never blocks"),
-            }
+            ready(Pin::new(&mut self.c).poll_read(&mut cx, &mut buf))
+                .map(|()| buf.filled().to_vec())
         }
         fn shutdown(&mut self) -> io::Result<()> {
             let mut cx = Context::from_waker(&self.waker);
-            match Pin::new(&mut self.c).poll_shutdown(&mut cx) {
-                Poll::Ready(r) => r,
-                Poll::Pending => panic!("the recorder never blocks"),
-            }
+            ready(Pin::new(&mut self.c).poll_shutdown(&mut cx))
         }
         fn inner(&self) -> &Recorder {
             self.c.get_ref()
