@@ -10,10 +10,10 @@
 //!
 //! The request is written as protobuf straight into one reused buffer, framed as a gRPC message
 //! in place, and sent on the tonic channel as the request body without a copy. Building
-//! `opentelemetry-proto`'s structs and letting prost encode them took 3.1 µs and about 30 allocations per span (two `String`s per
-//! attribute, and prost sizes each nested message once per level above it); writing the bytes
-//! takes 0.35 µs (release build, batches of 512), and this runs for every span the proxy
-//! exports. The structs remain the reference: the tests decode the bytes with prost and compare
+//! `opentelemetry-proto`'s structs and letting prost encode them took 3.1 µs and about 30
+//! allocations per span (two `String`s per attribute, and prost sizes each nested message once
+//! per level above it); writing the bytes takes 0.35 µs (release build, batches of 512), and
+//! this runs for every span the proxy exports. The structs remain the reference: the tests decode the bytes with prost and compare
 //! them with what the structs give for the same spans. Prost decodes the response.
 //!
 //! The unary call itself is written here too (`call`, `read_response`): tonic's client copies
