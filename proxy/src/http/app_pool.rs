@@ -17,6 +17,7 @@
 //! it in the meantime) is retried once on a new connection.
 
 use crate::http::body::Body;
+use crate::http::coalesce::Coalesce;
 use crate::listen;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -94,6 +95,27 @@ impl tower::Service<Uri> for AppConnector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let c = self.clone();
         Box::pin(async move { c.connect().await.map(TokioIo::new) })
+    }
+}
+
+/// [`AppConnector`] for h2c: the connections it makes write once per turn of their HTTP/2
+/// task ([`Coalesce`]), so the requests of one turn reach the app in one `writev`. Only for
+/// h2c: the HTTP/1.1 client's tunnels copy bytes in loops whose flushes must not wait.
+#[derive(Debug, Clone)]
+pub struct H2cConnector(pub AppConnector);
+
+impl tower::Service<Uri> for H2cConnector {
+    type Response = TokioIo<Coalesce<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let c = self.0.clone();
+        Box::pin(async move { c.connect().await.map(|s| TokioIo::new(Coalesce::new(s))) })
     }
 }
 

@@ -18,8 +18,9 @@
 //! closing connection shuts the I/O down, which writes what is waiting first.
 //!
 //! Only h2 drives I/O that way, so only HTTP/2 connections are wrapped: the pooled ones
-//! between proxies ([`super::pool`]) and the ones the proxies serve (from peers, and from
-//! apps that speak h2). HTTP/1.1 writes each response in one `writev` already, and a tunnel's
+//! between proxies ([`super::pool`]), the ones the proxies serve (from peers, and from apps
+//! that speak h2), and the inbound's h2c connections to its app
+//! ([`super::app_pool::H2cConnector`]). HTTP/1.1 writes each response in one `writev` already, and a tunnel's
 //! copy loop may wait on its other side after a flush, where a put-off flush would stall.
 //!
 //! The cost is one more poll of the connection task per turn that wrote, a copy of the
@@ -71,6 +72,16 @@ impl<I> Coalesce<I> {
 
     fn waiting(&self) -> bool {
         self.sent < self.gathered.len()
+    }
+}
+
+/// So that hyper-util's pooled client can hold a wrapped connection (the inbound's h2c
+/// client to its app).
+impl<I: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for Coalesce<I>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
     }
 }
 

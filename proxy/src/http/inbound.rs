@@ -13,7 +13,7 @@ use crate::config::{Authz, Inbound, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
-use crate::http::app_pool::{self, AppConnector, Http1Pool};
+use crate::http::app_pool::{self, AppConnector, H2cConnector, Http1Pool};
 use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
@@ -45,7 +45,7 @@ pub struct AppClients {
     /// HTTP/1.1 for Upgrade and CONNECT, whose connections are never reused.
     pub http1: Client<AppConnector, Body>,
     /// h2c, prior knowledge.
-    pub http2: Client<AppConnector, Body>,
+    pub http2: Client<H2cConnector, Body>,
 }
 
 impl AppClients {
@@ -59,7 +59,7 @@ impl AppClients {
         b.http2_only(true)
             .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
             .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW);
-        let http2 = b.build(connector);
+        let http2 = b.build(H2cConnector(connector));
         Self {
             http1_pool,
             http1,
