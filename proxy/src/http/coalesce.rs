@@ -20,8 +20,9 @@
 //! Only h2 drives I/O that way, so only HTTP/2 connections are wrapped: the pooled ones
 //! between proxies ([`super::pool`]), the ones the proxies serve (from peers, and from apps
 //! that speak h2), and the inbound's h2c connections to its app
-//! ([`super::app_pool::H2cConnector`]). HTTP/1.1 writes each response in one `writev` already, and a tunnel's
-//! copy loop may wait on its other side after a flush, where a put-off flush would stall.
+//! ([`super::app_pool::H2cConnector`]). HTTP/1.1 writes each response in one `writev`
+//! already, and a tunnel's copy loop may wait on its other side after a flush, where a
+//! put-off flush would stall.
 //!
 //! The cost is one more poll of the connection task per turn that wrote, a copy of the
 //! frames (which rustls copies again to encrypt them in place), and a 16 KiB buffer per
