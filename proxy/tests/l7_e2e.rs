@@ -379,6 +379,50 @@ fn http1_and_h2c_clients_reach_their_apps_through_sidecars() {
     assert_eq!(to_h2.1, format!("h2app HTTP/2.0 /h2app host={h2_addr}"));
 }
 
+/// Issue 7 (Kuma's idle timeout is 1 h): an HTTP/1.1 keep-alive connection from the app that
+/// stays idle for 35 s still carries the next request. hyper's HTTP/1.1 server would close it
+/// after 30 s by default (its header read timeout runs while a connection waits for a request).
+#[test]
+fn an_idle_http1_keep_alive_connection_outlives_35_seconds() {
+    use tokio::io::AsyncWriteExt;
+    let env = env_or_skip!("an_idle_http1_keep_alive_connection_outlives_35_seconds");
+    let hosts = e2e::ThreeHosts::new(&env);
+    let cp = control_plane(&env, &hosts.cp, &["server"]);
+    let rt = apps_runtime();
+    http_app(&rt, &hosts.server, APP_PORT, "server");
+    let (_server, _client, to) = server_and_client(&env, &cp, &hosts, "http");
+    const IDLE: Duration = Duration::from_secs(35);
+
+    run_in(&hosts.client, WAIT + IDLE, || async move {
+        let mut io = tokio::net::TcpStream::connect(to).await.expect("connect");
+        for path in ["/before", "/after"] {
+            if path == "/after" {
+                tokio::time::sleep(IDLE).await;
+            }
+            io.write_all(format!("GET {path} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("write the request for {path}: {e}"));
+            let (head, mut body) = read_head(&mut io).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or_else(|| panic!("{path}: no content-length in {head}"));
+            while body.len() < length {
+                read_more(&mut io, &mut body, "the response body").await;
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                format!("server HTTP/1.1 {path} host={to}")
+            );
+        }
+    });
+}
+
 /// Issue 7: a 90/10 TrafficRoute split between versions v1 and v2 of `server` (one host, app
 /// and sidecar each) over 2,000 keep-alive HTTP/1.1 requests lands within ±3 points.
 #[test]

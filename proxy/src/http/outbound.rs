@@ -106,6 +106,11 @@ pub(crate) async fn serve_connection<I, S>(
         run!(
             http1::Builder::new()
                 .timer(TokioTimer::new())
+                // hyper's default of 30 s runs from the moment the connection waits for a
+                // request head, so it closed every keep-alive connection idle for 30 s:
+                // `idle_timeout` (Kuma's 1 h) is the limit instead. Envoy also has no header
+                // read timeout by default. It also saves arming a timer per request.
+                .header_read_timeout(None)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .max_headers(MAX_HEADERS)
                 .serve_connection(TokioIo::new(io), svc)
