@@ -6,6 +6,7 @@ use crate::identity::IdentityService;
 use crate::identity::adapter::{StoreIdentity, TokenAuth};
 use crate::identity::cp_tls::CpTls;
 use crate::rest::{ApiState, router};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -24,7 +25,8 @@ pub const DEFAULT_MESH: &str = "default";
 pub struct RunConfig {
     /// Where the embedded store and generated files live.
     pub data_dir: PathBuf,
-    /// Store URL: `sqlite://PATH` (default: `<data-dir>/weft.db`).
+    /// Store URL: `sqlite://PATH` (default: `<data-dir>/weft.db`) or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` (the store several replicas share).
     pub store_url: Option<String>,
     /// REST API listen address.
     pub api_address: SocketAddr,
@@ -121,7 +123,8 @@ impl ControlPlane {
     }
 }
 
-/// Opens the store the configuration names.
+/// Opens the store the configuration names. Blocks (connecting to PostgreSQL): call it
+/// outside the async runtime or through `spawn_blocking`.
 pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
     let path = match cfg.store_url.as_deref() {
         None => {
@@ -139,13 +142,15 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
             PathBuf::from(p)
         }
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            return Err(RunError::Config(
-                "the PostgreSQL store is not available in this build yet; use the embedded store (omit --store)".into(),
-            ));
+            // The data directory still holds the dataplane server's CA.
+            create_private_dir(&cfg.data_dir)?;
+            return Ok(Arc::new(PostgresStore::open(url)?));
         }
         Some(url) => {
+            // Not echoed: a URL may carry a password.
+            let scheme = url.split_once("://").map_or("(none)", |(s, _)| s);
             return Err(RunError::Config(format!(
-                "--store {url:?}: expected sqlite://PATH or postgres://…"
+                "--store: unknown scheme {scheme:?}; expected sqlite://PATH or postgres://USER@HOST/DB"
             )));
         }
     };
@@ -190,7 +195,12 @@ pub fn initialize_store(store: &dyn Store, no_default_mesh: bool) -> Result<bool
 
 /// Starts the control plane and returns once it listens.
 pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
-    let store = open_store(&cfg)?;
+    let store = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_store(&cfg))
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))??
+    };
     {
         let store = store.clone();
         let no_default = cfg.no_default_mesh;

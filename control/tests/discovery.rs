@@ -4,17 +4,19 @@
 mod support;
 
 use std::time::Duration;
-use support::in_process::{control_plane, put};
+use support::in_process::{control_plane, control_plane_on, put, put_off_runtime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use weft_api::ResourceType;
 use weft_api::proto::discovery_client::DiscoveryClient;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{
     Ack, DiscoveryRequest, Nack, Register, Snapshot, SnapshotPart, permission_rule,
 };
 use weft_control::run::ControlPlane;
+use weft_tests::postgres::PgServer;
 
 /// A simulated proxy: the real protocol, no data path.
 struct FakeProxy {
@@ -46,6 +48,22 @@ fn token(cp: &ControlPlane, mesh: &str, name: &str) -> String {
         .issue(mesh, name, Duration::from_secs(3600))
         .expect("token")
         .token
+}
+
+/// A token from `cp`, issued on a blocking thread (it may create the mesh's signing key, and
+/// the PostgreSQL store's client must not run on the async runtime).
+async fn token_off_runtime(cp: &ControlPlane, mesh: &str, name: &str) -> String {
+    let identity = cp.identity.clone();
+    let (mesh, name) = (mesh.to_string(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        identity
+            .tokens()
+            .issue(&mesh, &name, Duration::from_secs(3600))
+            .expect("token")
+            .token
+    })
+    .await
+    .expect("token thread")
 }
 
 fn mesh_and_name(dataplane: &str) -> (String, String) {
@@ -645,4 +663,88 @@ async fn a_nack_makes_the_next_push_complete() {
         kept(&s3)
     );
     cp.shutdown().await;
+}
+
+const ALLOW_WEB: &str = "type: MeshTrafficPermission\nmesh: payments\nname: backend-from-web\nspec:\n  targetRef: {kind: MeshService, name: backend}\n  from:\n  - targetRef: {kind: MeshService, name: web}\n    default: {action: Allow}\n";
+
+/// Two control-plane replicas on one PostgreSQL store act as one control plane: they start
+/// together without creating the default mesh twice, a token issued by one registers a proxy
+/// at the other, and what one replica writes reaches the proxies connected to the other.
+#[tokio::test]
+async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
+    let (pg, url) = tokio::task::spawn_blocking(|| {
+        let pg = PgServer::start().expect("start PostgreSQL");
+        pg.create_database("replicas").expect("createdb");
+        let url = pg.url("replicas");
+        (pg, url)
+    })
+    .await
+    .expect("PostgreSQL");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (a, b) = tokio::join!(
+        control_plane_on(dir_a.path(), Some(url.clone())),
+        control_plane_on(dir_b.path(), Some(url)),
+    );
+    let store = b.store.clone();
+    let meshes = tokio::task::spawn_blocking(move || store.list(ResourceType::Mesh, None))
+        .await
+        .expect("list")
+        .expect("list meshes");
+    let names: Vec<_> = meshes.iter().map(|m| m.resource.name.as_str()).collect();
+    assert_eq!(names, ["default"]);
+    assert_eq!(
+        meshes[0].meta.version, 1,
+        "the default mesh was written once"
+    );
+
+    put_off_runtime(&a, PAYMENTS).await;
+    let from_a = token_off_runtime(&a, "payments", "web-1").await;
+    let mut web = connect_with(
+        &b,
+        dataplane("payments", "web-1", "web", "10.0.0.1"),
+        Some(from_a),
+    )
+    .await
+    .expect("a token from replica A registers web at replica B");
+    let s = web.next().await;
+    web.ack(&s).await;
+    let from_b = token_off_runtime(&b, "payments", "backend-1").await;
+    let mut backend = connect_with(
+        &a,
+        dataplane("payments", "backend-1", "backend", "10.0.0.2"),
+        Some(from_b),
+    )
+    .await
+    .expect("a token from replica B registers backend at replica A");
+    let b0 = backend.next().await;
+    backend.ack(&b0).await;
+    assert!(b0.inbounds[0].permissions.is_empty());
+
+    // A stores backend's Dataplane; B sees the store move and tells web.
+    let s = web
+        .next_matching("backend's endpoint, registered at the other replica", |s| {
+            s.outbounds.iter().any(|o| {
+                o.service == "backend" && o.endpoints.iter().any(|e| e.address == "10.0.0.2")
+            })
+        })
+        .await;
+    web.ack(&s).await;
+    // A permission written through B reaches backend at A.
+    put_off_runtime(&b, ALLOW_WEB).await;
+    let b1 = backend
+        .next_matching("the permission written through the other replica", |s| {
+            !s.inbounds[0].permissions.is_empty()
+        })
+        .await;
+    assert_eq!(b1.inbounds[0].permissions[0].source_service, "web");
+    backend.ack(&b1).await;
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tokio::task::spawn_blocking(move || drop(pg))
+        .await
+        .expect("stop PostgreSQL");
 }

@@ -6,6 +6,8 @@
 //!   [`Link`]/[`Lan`] (how hosts are joined), [`Proc`] (a child process that
 //!   dies with its guard).
 //! - [`require_root!`]: skips a test, visibly, when not run as root.
+//! - [`postgres`]: [`postgres::PgServer`], a private PostgreSQL server for the PostgreSQL
+//!   store's tests.
 //!
 //! ```no_run
 //! use std::process::Command;
@@ -29,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod netns;
+pub mod postgres;
 
 pub use netns::{Error, Host, Iface, Lan, Link, Net, Proc, Result, TIMEOUT, is_root};
 

@@ -29,7 +29,9 @@ struct RunArgs {
     /// Directory of the embedded store and generated files.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "./weft-data")]
     data_dir: PathBuf,
-    /// Store URL: sqlite://PATH (default: <data-dir>/weft.db).
+    /// Store URL: sqlite://PATH (default: <data-dir>/weft.db), or postgres://USER:PASSWORD@HOST:PORT/DB
+    /// for a store several control-plane replicas share (the URL may also come from WEFT_STORE,
+    /// which keeps the password out of the process list).
     #[arg(long, env = "WEFT_STORE")]
     store: Option<String>,
     /// REST API address.

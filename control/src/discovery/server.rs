@@ -30,7 +30,8 @@ use weft_api::{DataplaneSpec, Spec};
 /// How long a new stream may take to send its `Register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Decides whether a token may register or certify a dataplane.
+/// Decides whether a token may register or certify a dataplane. May block (it may read the
+/// store): the service calls it through `spawn_blocking`.
 pub trait DataplaneAuth: Send + Sync + 'static {
     /// `Ok` if `token` (from `authorization: Bearer …`) is valid for dataplane `name` of `mesh`;
     /// otherwise a message for the proxy.
@@ -103,8 +104,13 @@ impl DiscoveryService {
         };
         let mesh = resource.mesh_name().to_string();
         let name = resource.name.clone();
-        self.auth
-            .authenticate(token.as_deref(), &mesh, &name)
+        // Checking a token reads the store (the mesh's signing key, revocations): a blocking
+        // call, kept off the runtime like every other store access.
+        let auth = Arc::clone(&self.auth);
+        let (m, n) = (mesh.clone(), name.clone());
+        tokio::task::spawn_blocking(move || auth.authenticate(token.as_deref(), &m, &n))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::unauthenticated)?;
         let stream_id = self
             .hub

@@ -1,10 +1,12 @@
 //! The resource store: where meshes, dataplanes, policies and secrets live.
 //!
-//! [`Store`] is the contract every backend keeps; [`sqlite::SqliteStore`] is the embedded
-//! default. Every write is one transaction, and every resource carries a version so that
-//! concurrent writers cannot silently overwrite each other (a stale write is a
-//! [`StoreError::Conflict`]). The SQL is kept portable so a PostgreSQL backend can follow.
+//! [`Store`] is the contract every backend keeps: [`sqlite::SqliteStore`] is the embedded
+//! default, [`postgres::PostgresStore`] the one several control-plane replicas share. Every
+//! write is one transaction, and every resource carries a version so that concurrent writers
+//! cannot silently overwrite each other (a stale write is a [`StoreError::Conflict`]). Both
+//! keep the same tables and the same SQL, as far as the two dialects allow.
 
+pub mod postgres;
 pub mod sqlite;
 
 use weft_api::{Resource, ResourceMeta, ResourceType};

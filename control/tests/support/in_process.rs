@@ -5,9 +5,15 @@ use weft_control::run::{ControlPlane, RunConfig, start};
 
 /// Starts a control plane on loopback with its data under `dir`.
 pub async fn control_plane(dir: &std::path::Path) -> ControlPlane {
+    control_plane_on(dir, None).await
+}
+
+/// Starts a control plane on loopback with its data under `dir` and its store at `store_url`
+/// (`None`: the embedded store under `dir`).
+pub async fn control_plane_on(dir: &std::path::Path, store_url: Option<String>) -> ControlPlane {
     start(RunConfig {
         data_dir: dir.to_path_buf(),
-        store_url: None,
+        store_url,
         api_address: "127.0.0.1:0".parse().expect("addr"),
         dp_server_address: "127.0.0.1:0".parse().expect("addr"),
         dp_server_sans: vec![],
@@ -17,6 +23,21 @@ pub async fn control_plane(dir: &std::path::Path) -> ControlPlane {
     })
     .await
     .expect("control plane starts")
+}
+
+/// Stores every resource of `yaml` and tells the hub, as an apply would, from a blocking
+/// thread (the PostgreSQL store's client must not run on the async runtime).
+pub async fn put_off_runtime(cp: &ControlPlane, yaml: &str) {
+    let store = cp.store.clone();
+    let yaml = yaml.to_string();
+    tokio::task::spawn_blocking(move || {
+        for doc in weft_api::parse::parse_documents(&yaml).expect("valid yaml") {
+            store.put(&doc.resource, None).expect("stored");
+        }
+    })
+    .await
+    .expect("put");
+    cp.hub.notify_change();
 }
 
 /// Stores every resource of `yaml` and tells the hub, as an apply would.

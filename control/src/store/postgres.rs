@@ -1,0 +1,456 @@
+//! The PostgreSQL store (`--store postgres://…`): the store several control-plane replicas
+//! share.
+//!
+//! Same tables and same rules as the SQLite store: resources as their universal JSON, parsed
+//! and validated again when read; a version per resource; a store-wide revision that every
+//! write moves, which each replica polls to rebuild its proxies' snapshots.
+//!
+//! Every write transaction starts by moving the revision (`UPDATE store_meta … 'revision'`),
+//! which locks that one row until the transaction ends. Writers from every replica therefore
+//! run one after another, and each statement of a write (PostgreSQL's default READ COMMITTED)
+//! sees everything committed before it: a versioned write, the mesh-exists check, a cascade
+//! delete and a create-if-absent are as serial as over SQLite's `BEGIN IMMEDIATE`. A write
+//! that ends in an error rolls back, so the revision moves only with a change. The control
+//! plane writes a few times per change of a resource, so one lock is no bottleneck; reads
+//! take no lock.
+//!
+//! One connection per store, behind a mutex (the store's callers block, as over SQLite),
+//! opened again on the next call after it breaks. The connection is plaintext: `sslmode=require`
+//! is refused when the store is opened rather than silently downgraded (and `verify-ca`/
+//! `verify-full` are not understood by the URL parser, so refused too).
+
+use super::{ResourceKey, Store, StoreError, StoreResult, StoredResource, mesh_secret_prefix};
+use postgres::config::SslMode;
+use postgres::{Client, Config, NoTls, Transaction};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use weft_api::{Resource, ResourceMeta, ResourceType, parse};
+
+/// The tables, created by the first replica to start, under an advisory lock: two replicas
+/// starting at once would otherwise race on `CREATE TABLE IF NOT EXISTS`, which is not
+/// atomic in PostgreSQL.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    spec TEXT NOT NULL,
+    creation_time TEXT NOT NULL,
+    modification_time TEXT NOT NULL,
+    PRIMARY KEY (type, mesh, name)
+);
+CREATE INDEX IF NOT EXISTS resources_by_mesh ON resources (mesh);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_meta (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
+";
+
+/// The advisory lock key of schema creation (any constant; "weft" in ASCII).
+const SCHEMA_LOCK: i64 = 0x7765_6674;
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A [`Store`] on a PostgreSQL database.
+pub struct PostgresStore {
+    config: Config,
+    /// The open connection; `None` after it broke, until the next call opens another.
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration holds the password: name the database only.
+        f.debug_struct("PostgresStore")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed call, with the server's own message when it sent one (`postgres::Error` alone
+/// says only "db error").
+fn backend(e: postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => {
+            let detail = db.detail().map(|d| format!(": {d}")).unwrap_or_default();
+            StoreError::Backend(format!(
+                "postgres: {} {}{detail} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            ))
+        }
+        None => StoreError::Backend(format!("postgres: {e}")),
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl PostgresStore {
+    /// Connects to the database that `url` names (`postgres://user:password@host:port/db`,
+    /// or the key-value form `host=… user=… dbname=…`) and creates the tables if they are
+    /// missing. A bad URL is an error naming what is wrong, without echoing the password.
+    pub fn open(url: &str) -> StoreResult<Self> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("--store: not a PostgreSQL URL: {e}")))?;
+        if matches!(config.get_ssl_mode(), SslMode::Require) {
+            return Err(StoreError::Backend(
+                "--store: sslmode=require is not supported yet: weft connects to PostgreSQL \
+                 without TLS (use sslmode=disable, over a network you trust)"
+                    .into(),
+            ));
+        }
+        config.ssl_mode(SslMode::Disable);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("weft-control");
+        }
+        let mut client = config.connect(NoTls).map_err(backend)?;
+        let mut tx = client.transaction().map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .map_err(backend)?;
+        // Created whole or not at all (one transaction), so one table stands for all. When
+        // it is there, nothing runs: `CREATE INDEX IF NOT EXISTS` locks its table even when
+        // the index exists, and that lock deadlocked with another replica's first writes.
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('store_meta') IS NOT NULL", &[])
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        if !exists {
+            tx.batch_execute(SCHEMA).map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(PostgresStore {
+            config,
+            client: Mutex::new(Some(client)),
+        })
+    }
+
+    /// Runs `f` on the open connection, opening a new one first if the last one broke.
+    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
+        let mut guard = self
+            .client
+            .lock()
+            .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            *guard = Some(self.config.connect(NoTls).map_err(backend)?);
+        }
+        match guard.as_mut() {
+            Some(client) => f(client),
+            None => Err(StoreError::Backend("postgres: not connected".into())),
+        }
+    }
+
+    /// Runs `f` in a write transaction that first moves the revision (which serializes
+    /// writers, see the module docs). Commits when `f` returns [`Write::Changed`], rolls back
+    /// when it returns [`Write::Unchanged`] or an error.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> StoreResult<Write<T>>,
+    ) -> StoreResult<T> {
+        self.with_client(|client| {
+            let mut tx = client.transaction().map_err(backend)?;
+            tx.execute(
+                "UPDATE store_meta SET value = value + 1 WHERE name = 'revision'",
+                &[],
+            )
+            .map_err(backend)?;
+            match f(&mut tx)? {
+                Write::Changed(out) => {
+                    tx.commit().map_err(backend)?;
+                    Ok(out)
+                }
+                Write::Unchanged(out) => {
+                    tx.rollback().map_err(backend)?;
+                    Ok(out)
+                }
+            }
+        })
+    }
+}
+
+/// What a write transaction did: changed the store (commit), or nothing (roll back, and so
+/// leave the revision where it was).
+enum Write<T> {
+    Changed(T),
+    Unchanged(T),
+}
+
+const SELECT: &str =
+    "SELECT type, mesh, name, version, spec, creation_time, modification_time FROM resources";
+
+fn row_to_stored(row: &postgres::Row) -> StoreResult<StoredResource> {
+    let get = |i: usize| -> StoreResult<String> { row.try_get(i).map_err(backend) };
+    let (ty, mesh, name) = (get(0)?, get(1)?, get(2)?);
+    let version: i64 = row.try_get(3).map_err(backend)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("{ty}/{mesh}/{name}"),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&get(4)?).map_err(|e| corrupt(e.to_string()))?;
+    let doc = parse::parse_value(value).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredResource {
+        resource: doc.resource,
+        meta: ResourceMeta {
+            version: version.max(0) as u64,
+            creation_time: get(5)?,
+            modification_time: get(6)?,
+        },
+    })
+}
+
+fn current_version(
+    tx: &mut Transaction<'_>,
+    key: &ResourceKey,
+) -> StoreResult<Option<(i64, String)>> {
+    let row = tx
+        .query_opt(
+            "SELECT version, creation_time FROM resources WHERE type = $1 AND mesh = $2 AND name = $3",
+            &[&key.ty.name(), &key.mesh, &key.name],
+        )
+        .map_err(backend)?;
+    row.map(|r| {
+        Ok((
+            r.try_get(0).map_err(backend)?,
+            r.try_get(1).map_err(backend)?,
+        ))
+    })
+    .transpose()
+}
+
+fn mesh_contents(tx: &mut Transaction<'_>, mesh: &str) -> StoreResult<Vec<ResourceKey>> {
+    let rows = tx
+        .query(
+            "SELECT type, name FROM resources WHERE mesh = $1 AND type <> 'Mesh' ORDER BY type, name",
+            &[&mesh],
+        )
+        .map_err(backend)?;
+    rows.iter()
+        .map(|r| {
+            let t: String = r.try_get(0).map_err(backend)?;
+            let name: String = r.try_get(1).map_err(backend)?;
+            let ty = ResourceType::from_name(&t).ok_or_else(|| StoreError::Corrupt {
+                key: format!("{t}/{mesh}/{name}"),
+                reason: "unknown type".into(),
+            })?;
+            Ok(ResourceKey {
+                ty,
+                mesh: mesh.to_string(),
+                name,
+            })
+        })
+        .collect()
+}
+
+impl Store for PostgresStore {
+    fn get(&self, key: &ResourceKey) -> StoreResult<Option<StoredResource>> {
+        self.with_client(|client| {
+            let row = client
+                .query_opt(
+                    &format!("{SELECT} WHERE type = $1 AND mesh = $2 AND name = $3"),
+                    &[&key.ty.name(), &key.mesh, &key.name],
+                )
+                .map_err(backend)?;
+            row.as_ref().map(row_to_stored).transpose()
+        })
+    }
+
+    fn list(&self, ty: ResourceType, mesh: Option<&str>) -> StoreResult<Vec<StoredResource>> {
+        self.with_client(|client| {
+            let rows = match mesh {
+                Some(m) => client.query(
+                    &format!("{SELECT} WHERE type = $1 AND mesh = $2 ORDER BY name"),
+                    &[&ty.name(), &m],
+                ),
+                None => client.query(
+                    &format!("{SELECT} WHERE type = $1 ORDER BY mesh, name"),
+                    &[&ty.name()],
+                ),
+            }
+            .map_err(backend)?;
+            rows.iter().map(row_to_stored).collect()
+        })
+    }
+
+    fn put(
+        &self,
+        resource: &Resource,
+        expected_version: Option<u64>,
+    ) -> StoreResult<(StoredResource, bool)> {
+        let ty = resource.resource_type();
+        let key = ResourceKey {
+            ty,
+            mesh: resource.mesh_name().to_string(),
+            name: resource.name.clone(),
+        };
+        let spec = resource.to_universal(None).to_string();
+        self.write(|tx| {
+            if ty.is_mesh_scoped() && current_version(tx, &ResourceKey::mesh(key.mesh.clone()))?.is_none() {
+                return Err(StoreError::MeshNotFound(key.mesh.clone()));
+            }
+            let current = current_version(tx, &key)?;
+            let actual = current.as_ref().map_or(0, |(v, _)| *v as u64);
+            if let Some(expected) = expected_version
+                && expected != actual
+            {
+                return Err(StoreError::Conflict { key: key.clone(), expected, actual });
+            }
+            let now = now();
+            let (version, created, is_new) = match current {
+                Some((v, created)) => {
+                    tx.execute(
+                        "UPDATE resources SET version = $1, spec = $2, modification_time = $3 WHERE type = $4 AND mesh = $5 AND name = $6",
+                        &[&(v + 1), &spec, &now, &ty.name(), &key.mesh, &key.name],
+                    )
+                    .map_err(backend)?;
+                    (v + 1, created, false)
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO resources (type, mesh, name, version, spec, creation_time, modification_time) VALUES ($1, $2, $3, 1, $4, $5, $5)",
+                        &[&ty.name(), &key.mesh, &key.name, &spec, &now],
+                    )
+                    .map_err(backend)?;
+                    (1, now.clone(), true)
+                }
+            };
+            let meta = ResourceMeta {
+                version: version as u64,
+                creation_time: created,
+                modification_time: now,
+            };
+            Ok(Write::Changed((StoredResource { resource: resource.clone(), meta }, is_new)))
+        })
+    }
+
+    fn delete(&self, key: &ResourceKey, cascade: bool) -> StoreResult<Vec<ResourceKey>> {
+        self.write(|tx| {
+            if current_version(tx, key)?.is_none() {
+                return Err(StoreError::NotFound(key.clone()));
+            }
+            let mut deleted = Vec::new();
+            if key.ty == ResourceType::Mesh {
+                let contents = mesh_contents(tx, &key.name)?;
+                if !contents.is_empty() && !cascade {
+                    return Err(StoreError::MeshNotEmpty {
+                        mesh: key.name.clone(),
+                        contents,
+                    });
+                }
+                tx.execute(
+                    "DELETE FROM resources WHERE mesh = $1 AND type <> 'Mesh'",
+                    &[&key.name],
+                )
+                .map_err(backend)?;
+                // `starts_with` would do, but LIKE needs escaping and `left` is plain SQL.
+                let prefix = mesh_secret_prefix(&key.name);
+                let len = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
+                tx.execute(
+                    "DELETE FROM secrets WHERE left(name, $1) = $2",
+                    &[&len, &prefix],
+                )
+                .map_err(backend)?;
+                deleted = contents;
+            }
+            tx.execute(
+                "DELETE FROM resources WHERE type = $1 AND mesh = $2 AND name = $3",
+                &[&key.ty.name(), &key.mesh, &key.name],
+            )
+            .map_err(backend)?;
+            deleted.push(key.clone());
+            Ok(Write::Changed(deleted))
+        })
+    }
+
+    fn get_secret(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.with_client(|client| {
+            let row = client
+                .query_opt("SELECT value FROM secrets WHERE name = $1", &[&key])
+                .map_err(backend)?;
+            row.map(|r| r.try_get(0).map_err(backend)).transpose()
+        })
+    }
+
+    fn create_secret_if_absent(&self, key: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
+        self.write(|tx| {
+            let existing = tx
+                .query_opt("SELECT value FROM secrets WHERE name = $1", &[&key])
+                .map_err(backend)?;
+            if let Some(row) = existing {
+                return Ok(Write::Unchanged(row.try_get(0).map_err(backend)?));
+            }
+            tx.execute(
+                "INSERT INTO secrets (name, value) VALUES ($1, $2)",
+                &[&key, &value],
+            )
+            .map_err(backend)?;
+            Ok(Write::Changed(value.to_vec()))
+        })
+    }
+
+    fn put_secret(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO secrets (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&key, &value],
+            )
+            .map_err(backend)?;
+            Ok(Write::Changed(()))
+        })
+    }
+
+    fn delete_secret(&self, key: &str) -> StoreResult<bool> {
+        self.write(|tx| {
+            let n = tx
+                .execute("DELETE FROM secrets WHERE name = $1", &[&key])
+                .map_err(backend)?;
+            Ok(if n > 0 {
+                Write::Changed(true)
+            } else {
+                Write::Unchanged(false)
+            })
+        })
+    }
+
+    fn revision(&self) -> StoreResult<u64> {
+        self.with_client(|client| {
+            let row = client
+                .query_one("SELECT value FROM store_meta WHERE name = 'revision'", &[])
+                .map_err(backend)?;
+            let value: i64 = row.try_get(0).map_err(backend)?;
+            Ok(value.max(0) as u64)
+        })
+    }
+
+    fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool> {
+        let first = self.with_client(|client| {
+            let n = client
+                .execute(
+                    "INSERT INTO store_meta (name, value) VALUES ('initialized', 1) ON CONFLICT (name) DO NOTHING",
+                    &[],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })?;
+        if first {
+            init(self)?;
+        }
+        Ok(first)
+    }
+}

@@ -1,0 +1,350 @@
+//! The PostgreSQL store against a real PostgreSQL server (started by the test, see
+//! `weft_tests::postgres`): the same contract as the SQLite store, checked on both; two
+//! stores on one database (two control-plane replicas) that never lose each other's writes;
+//! a broken connection opened again; bad URLs refused with clear errors.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use weft_api::Resource;
+use weft_api::parse::parse_documents;
+use weft_control::store::postgres::PostgresStore;
+use weft_control::store::sqlite::SqliteStore;
+use weft_control::store::{ResourceKey, Store, StoreError};
+use weft_tests::postgres::PgServer;
+
+fn resource(yaml: &str) -> Resource {
+    parse_documents(yaml)
+        .expect("test resource")
+        .remove(0)
+        .resource
+}
+
+fn mesh(name: &str) -> Resource {
+    resource(&format!("type: Mesh\nname: {name}\n"))
+}
+
+fn permission(mesh: &str, name: &str) -> Resource {
+    resource(&format!(
+        "type: TrafficPermission\nmesh: {mesh}\nname: {name}\n\
+         sources:\n  - match:\n      kuma.io/service: web\n\
+         destinations:\n  - match:\n      kuma.io/service: backend\n"
+    ))
+}
+
+fn key(r: &Resource) -> ResourceKey {
+    ResourceKey {
+        ty: r.resource_type(),
+        mesh: r.mesh_name().to_string(),
+        name: r.name.clone(),
+    }
+}
+
+/// A server and a fresh database on it.
+fn database(name: &str) -> (PgServer, String) {
+    let pg = PgServer::start().expect("start PostgreSQL");
+    pg.create_database(name).expect("createdb");
+    let url = pg.url(name);
+    (pg, url)
+}
+
+/// What every store must do, whatever its backend.
+fn contract(store: &dyn Store) {
+    let rev0 = store.revision().expect("revision");
+
+    // A mesh-scoped resource needs its mesh.
+    let tp = permission("m1", "web-to-backend");
+    assert!(matches!(
+        store.put(&tp, None),
+        Err(StoreError::MeshNotFound(m)) if m == "m1"
+    ));
+    assert_eq!(
+        store.revision().expect("revision"),
+        rev0,
+        "a refused write moved the revision"
+    );
+
+    let (stored, created) = store.put(&mesh("m1"), None).expect("put mesh");
+    assert!(created);
+    assert_eq!(stored.meta.version, 1);
+    let (stored, created) = store.put(&tp, Some(0)).expect("create with version 0");
+    assert!(created);
+    assert_eq!(stored.meta.version, 1);
+    let rev1 = store.revision().expect("revision");
+    assert!(rev1 >= rev0 + 2, "two writes, revision {rev0} -> {rev1}");
+
+    // Versions: a stale write is a conflict naming both versions.
+    let (stored, created) = store.put(&tp, Some(1)).expect("update with version 1");
+    assert!(!created);
+    assert_eq!(stored.meta.version, 2);
+    match store.put(&tp, Some(1)) {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (1, 2)),
+        other => panic!("stale write: {other:?}"),
+    }
+    match store.put(&tp, Some(0)) {
+        Err(StoreError::Conflict { actual: 2, .. }) => {}
+        other => panic!("create over an existing resource: {other:?}"),
+    }
+
+    // Reads.
+    let got = store.get(&key(&tp)).expect("get").expect("exists");
+    assert_eq!(got.resource, tp);
+    assert_eq!(got.meta.version, 2);
+    assert!(!got.meta.creation_time.is_empty());
+    store
+        .put(&permission("m1", "a-first"), None)
+        .expect("second permission");
+    store.put(&mesh("m2"), None).expect("second mesh");
+    store
+        .put(&permission("m2", "other"), None)
+        .expect("permission in m2");
+    let names = |mesh: Option<&str>| -> Vec<(String, String)> {
+        store
+            .list(tp.resource_type(), mesh)
+            .expect("list")
+            .into_iter()
+            .map(|s| (s.resource.mesh_name().to_string(), s.resource.name))
+            .collect()
+    };
+    assert_eq!(
+        names(Some("m1")),
+        [
+            ("m1".into(), "a-first".into()),
+            ("m1".into(), "web-to-backend".into())
+        ]
+    );
+    assert_eq!(names(None).len(), 3);
+    assert!(
+        store
+            .get(&key(&permission("m1", "absent")))
+            .expect("get")
+            .is_none()
+    );
+
+    // Secrets.
+    assert_eq!(store.get_secret("m1.ca").expect("get secret"), None);
+    let won = store
+        .create_secret_if_absent("m1.ca", b"first")
+        .expect("create secret");
+    assert_eq!(won, b"first");
+    let rev = store.revision().expect("revision");
+    let kept = store
+        .create_secret_if_absent("m1.ca", b"second")
+        .expect("create existing secret");
+    assert_eq!(kept, b"first", "the first value wins");
+    assert_eq!(
+        store.revision().expect("revision"),
+        rev,
+        "no change, no new revision"
+    );
+    store.put_secret("m1.ca", &[0, 255, 1]).expect("replace");
+    assert_eq!(
+        store.get_secret("m1.ca").expect("get"),
+        Some(vec![0, 255, 1])
+    );
+    store.put_secret("m2.key", b"m2").expect("secret of m2");
+    store.put_secret("m10.key", b"m10").expect("secret of m10");
+    assert!(!store.delete_secret("absent").expect("delete absent"));
+    assert!(store.delete_secret("m2.key").expect("delete"));
+    store
+        .put_secret("m2.key", b"m2")
+        .expect("secret of m2 again");
+
+    // A mesh with contents is kept unless the delete cascades; a cascade takes the mesh's
+    // resources and secrets, and nothing of another mesh, even one whose name it prefixes.
+    match store.delete(&ResourceKey::mesh("m1"), false) {
+        Err(StoreError::MeshNotEmpty { mesh, contents }) => {
+            assert_eq!(mesh, "m1");
+            assert_eq!(contents.len(), 2);
+        }
+        other => panic!("non-cascade delete of a non-empty mesh: {other:?}"),
+    }
+    let deleted = store
+        .delete(&ResourceKey::mesh("m1"), true)
+        .expect("cascade");
+    assert_eq!(deleted.len(), 3, "{deleted:?}");
+    assert_eq!(store.get_secret("m1.ca").expect("get"), None);
+    assert_eq!(
+        store.get_secret("m2.key").expect("get"),
+        Some(b"m2".to_vec())
+    );
+    assert_eq!(
+        store.get_secret("m10.key").expect("get"),
+        Some(b"m10".to_vec())
+    );
+    assert_eq!(names(None), [("m2".into(), "other".into())]);
+    assert!(matches!(
+        store.delete(&ResourceKey::mesh("m1"), true),
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Initialization runs once in the life of the store.
+    let runs = AtomicUsize::new(0);
+    let init = |_: &dyn Store| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    };
+    assert!(store.initialize_once(&init).expect("first init"));
+    assert!(!store.initialize_once(&init).expect("second init"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_sqlite_store_keeps_the_contract() {
+    contract(&SqliteStore::in_memory().expect("sqlite"));
+}
+
+#[test]
+fn the_postgres_store_keeps_the_contract() {
+    let (_pg, url) = database("contract");
+    contract(&PostgresStore::open(&url).expect("open"));
+    // Opening the same database again (a restart, or a second replica) keeps what is there.
+    let again = PostgresStore::open(&url).expect("open again");
+    assert!(again.get(&ResourceKey::mesh("m2")).expect("get").is_some());
+}
+
+#[test]
+fn two_replicas_on_one_database_never_lose_a_write() {
+    let (_pg, url) = database("replicas");
+    let stores: Vec<Arc<dyn Store>> = (0..2)
+        .map(|_| Arc::new(PostgresStore::open(&url).expect("open")) as Arc<dyn Store>)
+        .collect();
+    stores[0].put(&mesh("shared"), None).expect("mesh");
+    const WRITERS: usize = 4;
+    const EACH: usize = 10;
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let threads: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = Arc::clone(&stores[w % 2]);
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                // Read, modify, write with the version read; retry on a conflict.
+                for i in 0..EACH {
+                    loop {
+                        let current = store
+                            .get(&ResourceKey::mesh("shared"))
+                            .expect("get")
+                            .expect("mesh");
+                        let mut m = current.resource;
+                        m.labels.insert(format!("w{w}-{i}"), "x".into());
+                        match store.put(&m, Some(current.meta.version)) {
+                            Ok(_) => break,
+                            Err(StoreError::Conflict { .. }) => {}
+                            Err(e) => panic!("writer {w}: {e}"),
+                        }
+                    }
+                }
+                // Every writer races for the same secret: all see the one value that won.
+                store
+                    .create_secret_if_absent("shared.ca", format!("writer {w}").as_bytes())
+                    .expect("secret")
+            })
+        })
+        .collect();
+    let winners: Vec<Vec<u8>> = threads
+        .into_iter()
+        .map(|t| t.join().expect("writer"))
+        .collect();
+    let m = stores[1]
+        .get(&ResourceKey::mesh("shared"))
+        .expect("get")
+        .expect("mesh");
+    assert_eq!(m.resource.labels.len(), WRITERS * EACH, "lost updates");
+    assert_eq!(m.meta.version, (WRITERS * EACH + 1) as u64);
+    assert!(winners.iter().all(|w| w == &winners[0]), "{winners:?}");
+    assert_eq!(
+        stores[0].get_secret("shared.ca").expect("get"),
+        Some(winners[0].clone())
+    );
+    // The replicas see one revision.
+    assert_eq!(
+        stores[0].revision().expect("revision"),
+        stores[1].revision().expect("revision")
+    );
+
+    // Initialization runs once across the replicas.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let firsts: usize = stores
+        .iter()
+        .map(|s| {
+            let runs = Arc::clone(&runs);
+            let init = move |_: &dyn Store| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            };
+            usize::from(s.initialize_once(&init).expect("init"))
+        })
+        .sum();
+    assert_eq!((firsts, runs.load(Ordering::SeqCst)), (1, 1));
+}
+
+#[test]
+fn a_broken_connection_is_opened_again() {
+    let (pg, url) = database("reconnect");
+    let store = PostgresStore::open(&url).expect("open");
+    store.put(&mesh("m"), None).expect("mesh");
+    let killed = pg
+        .psql(
+            "reconnect",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'weft-control'",
+        )
+        .expect("terminate");
+    assert_eq!(killed.trim(), "1", "the store's one connection");
+    // The first call may find the connection dead (and say so); the next one reconnects.
+    if let Err(e) = store.get(&ResourceKey::mesh("m")) {
+        assert!(
+            matches!(&e, StoreError::Backend(m) if m.starts_with("postgres:")),
+            "{e}"
+        );
+    }
+    let m = store.get(&ResourceKey::mesh("m")).expect("after reconnect");
+    assert!(m.is_some());
+}
+
+#[test]
+fn bad_urls_are_refused_with_a_clear_error() {
+    let err = |url: &str| match PostgresStore::open(url) {
+        Ok(_) => panic!("{url}: opened"),
+        Err(e) => e.to_string(),
+    };
+    let e = err("postgres://weft@127.0.0.1:1/db?sslmode=require");
+    assert!(e.contains("sslmode=require is not supported"), "{e}");
+    let e = err("postgres://weft@127.0.0.1:1/db?sslmode=sometimes");
+    assert!(e.contains("not a PostgreSQL URL"), "{e}");
+    // Nothing listens on port 1; the password is not repeated back.
+    let e = err("postgres://weft:s3cret@127.0.0.1:1/db");
+    assert!(e.starts_with("store backend error: postgres:"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+}
+
+#[test]
+fn a_replica_starts_while_another_writes() {
+    // Opening the store while another replica writes must neither wait for nor deadlock with
+    // those writes (it once ran `CREATE INDEX IF NOT EXISTS`, which locks the table).
+    let (_pg, url) = database("startup");
+    let writer = Arc::new(PostgresStore::open(&url).expect("open"));
+    writer.put(&mesh("busy"), None).expect("mesh");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = {
+        let (writer, stop) = (Arc::clone(&writer), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                writer
+                    .put(&permission("busy", &format!("p{n}")), None)
+                    .expect("write during start-ups");
+                n += 1;
+            }
+            n
+        })
+    };
+    for _ in 0..20 {
+        PostgresStore::open(&url).expect("a replica starts during writes");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let n = writes.join().expect("writer");
+    assert!(n > 0);
+}
