@@ -1,7 +1,8 @@
 //! The PostgreSQL store against a real PostgreSQL server (started by the test, see
 //! `weft_tests::postgres`): the same contract as the SQLite store, checked on both; two
 //! stores on one database (two control-plane replicas) that never lose each other's writes;
-//! a broken connection opened again; bad URLs refused with clear errors.
+//! a broken connection opened again; TLS used and verified; bad URLs refused with clear
+//! errors.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -310,14 +311,99 @@ fn bad_urls_are_refused_with_a_clear_error() {
         Ok(_) => panic!("{url}: opened"),
         Err(e) => e.to_string(),
     };
-    let e = err("postgres://weft@127.0.0.1:1/db?sslmode=require");
-    assert!(e.contains("sslmode=require is not supported"), "{e}");
     let e = err("postgres://weft@127.0.0.1:1/db?sslmode=sometimes");
+    assert!(e.contains("sslmode=sometimes: expected disable"), "{e}");
+    let e = err("postgres://weft@127.0.0.1:1/db?connect_timeout=soon");
     assert!(e.contains("not a PostgreSQL URL"), "{e}");
+    let e = err("postgres://weft@127.0.0.1:1/db?sslmode=require&sslrootcert=/nonexistent/ca.pem");
+    assert!(e.contains("sslrootcert=/nonexistent/ca.pem"), "{e}");
     // Nothing listens on port 1; the password is not repeated back.
-    let e = err("postgres://weft:s3cret@127.0.0.1:1/db");
+    let e = err("postgres://weft:s3cret@127.0.0.1:1/db?sslmode=disable");
     assert!(e.starts_with("store backend error: postgres:"), "{e}");
     assert!(!e.contains("s3cret"), "{e}");
+}
+
+/// A CA (PEM) and a server certificate it signed for 127.0.0.1 and localhost: (CA, chain,
+/// key).
+fn server_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "weft test database CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("server params");
+    let cert = params.signed_by(&key, &issuer).expect("server certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Whether the store's connection (`application_name` weft-control) uses TLS, as the server
+/// sees it.
+fn store_connection_tls(pg: &PgServer, db: &str) -> String {
+    pg.psql(
+        db,
+        "SELECT string_agg(s.ssl::text, ',') FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'weft-control'",
+    )
+    .expect("pg_stat_ssl")
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn tls_to_postgres_is_used_and_verified() {
+    let (ca, chain, key) = server_pki();
+    let (other_ca, _, _) = server_pki();
+    let pg = PgServer::start_with_tls(&chain, &key).expect("start PostgreSQL with TLS");
+    pg.create_database("tls").expect("createdb");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_file, other_file) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&ca_file, ca).expect("write CA");
+    std::fs::write(&other_file, other_ca).expect("write CA");
+    let url = |query: &str| format!("{}?{query}", pg.url("tls"));
+    let root = format!("sslrootcert={}", ca_file.display());
+
+    for query in [
+        format!("sslmode=verify-full&{root}"),
+        format!("sslmode=require&{root}"),
+        root.clone(),
+    ] {
+        let store = PostgresStore::open(&url(&query)).expect(&query);
+        store.revision().expect("a query over TLS");
+        assert_eq!(store_connection_tls(&pg, "tls"), "true", "{query}");
+    }
+    let store = PostgresStore::open(&url("sslmode=disable")).expect("plaintext");
+    store.revision().expect("a query in plaintext");
+    assert_eq!(store_connection_tls(&pg, "tls"), "false");
+    drop(store);
+
+    // A server certificate the roots do not vouch for is refused, whatever the mode that
+    // would use TLS.
+    let wrong = format!("sslrootcert={}", other_file.display());
+    for query in [format!("sslmode=require&{wrong}"), wrong.clone()] {
+        let e = PostgresStore::open(&url(&query))
+            .expect_err(&query)
+            .to_string();
+        assert!(
+            e.contains("certificate") && e.contains("sslrootcert=PATH"),
+            "{query}: {e}"
+        );
+    }
+    // A server without TLS is refused when TLS is required, and used in plaintext when it
+    // is only preferred.
+    let (plain, plain_url) = database("plain");
+    let e = PostgresStore::open(&format!("{plain_url}?sslmode=require&{root}"))
+        .expect_err("TLS required")
+        .to_string();
+    assert!(e.contains("TLS"), "{e}");
+    let store = PostgresStore::open(&format!("{plain_url}?{root}")).expect("preferred");
+    store.revision().expect("a query in plaintext");
+    assert_eq!(store_connection_tls(&plain, "plain"), "false");
 }
 
 #[test]

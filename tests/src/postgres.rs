@@ -140,6 +140,16 @@ impl PgServer {
     /// Creates a data directory and starts a server on a free port of 127.0.0.1; returns once
     /// it accepts connections.
     pub fn start() -> Result<Self, PgError> {
+        Self::start_with(None)
+    }
+
+    /// Like [`PgServer::start`], with TLS on: the server presents `cert_pem` (its chain, PEM)
+    /// with the key `key_pem`, and still accepts plaintext connections too.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Self, PgError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Self, PgError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let bin = find_bin()?;
         let user = server_user()?;
@@ -188,6 +198,33 @@ impl PgServer {
             "--no-sync",
         ]);
         run(&mut initdb, "initdb")?;
+        let mut settings: Vec<String> = Vec::new();
+        if let Some((cert, key)) = tls {
+            // PostgreSQL wants its key readable by its own user only.
+            for (name, pem, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+                let path = dir.join(name);
+                std::fs::write(&path, pem).map_err(io(&path))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(io(&path))?;
+                if let Some((uid, gid)) = user {
+                    nix::unistd::chown(
+                        &path,
+                        Some(nix::unistd::Uid::from_raw(uid)),
+                        Some(nix::unistd::Gid::from_raw(gid)),
+                    )
+                    .map_err(|e| PgError::Io {
+                        path: path.clone(),
+                        source: e.into(),
+                    })?;
+                }
+            }
+            settings.push("ssl=on".into());
+            settings.push(format!(
+                "ssl_cert_file={}",
+                dir.join("server.crt").display()
+            ));
+            settings.push(format!("ssl_key_file={}", dir.join("server.key").display()));
+        }
         let log = dir.join("server.log");
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;
         std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).map_err(io(&log))?;
@@ -201,6 +238,7 @@ impl PgServer {
             // A test's database needs no durability: skip the fsyncs.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off"])
+            .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)

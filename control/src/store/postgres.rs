@@ -15,15 +15,23 @@
 //! take no lock.
 //!
 //! One connection per store, behind a mutex (the store's callers block, as over SQLite),
-//! opened again on the next call after it breaks. The connection is plaintext: `sslmode=require`
-//! is refused when the store is opened rather than silently downgraded (and `verify-ca`/
-//! `verify-full` are not understood by the URL parser, so refused too).
+//! opened again on the next call after it breaks.
+//!
+//! TLS (rustls, through `tokio-postgres-rustls`): the server's certificate is always verified,
+//! chain and host name, against the PEM file the URL names with `sslrootcert=PATH`, else the
+//! system's roots. `sslmode` picks when TLS is used: `disable` (and `allow`) never;
+//! `prefer`, the default, when the server offers it; `require`, `verify-ca` and `verify-full`
+//! always. So weft's `require` checks what libpq's `verify-full` checks: a mesh's store holds
+//! its CA keys, and an unverified TLS connection would hand them to whoever sits in between.
 
 use super::{ResourceKey, Store, StoreError, StoreResult, StoredResource, mesh_secret_prefix};
 use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls, Transaction};
-use std::sync::Mutex;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use weft_api::{Resource, ResourceMeta, ResourceType, parse};
 
 /// The tables, created by the first replica to start, under an advisory lock: two replicas
@@ -61,6 +69,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A [`Store`] on a PostgreSQL database.
 pub struct PostgresStore {
     config: Config,
+    /// The TLS connector, unless `sslmode` says never to use TLS.
+    tls: Option<MakeRustlsConnect>,
     /// The open connection; `None` after it broke, until the next call opens another.
     client: Mutex<Option<Client>>,
 }
@@ -88,7 +98,17 @@ fn backend(e: postgres::Error) -> StoreError {
                 db.code().code()
             ))
         }
-        None => StoreError::Backend(format!("postgres: {e}")),
+        None => {
+            // The cause says what went wrong ("error performing TLS handshake" alone does
+            // not): the whole chain, as `anyhow` would print it.
+            let mut message = format!("postgres: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            StoreError::Backend(message)
+        }
     }
 }
 
@@ -96,29 +116,141 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// What the URL says about TLS, taken out of it before `postgres` parses the rest (which
+/// knows neither `sslrootcert` nor the `verify-*` modes).
+#[derive(Debug, PartialEq)]
+struct TlsParams {
+    /// `sslmode`, as written (`None`: absent, which means `prefer`).
+    mode: Option<String>,
+    /// `sslrootcert`, percent-decoded.
+    root_cert: Option<String>,
+}
+
+/// Splits `sslmode` and `sslrootcert` off a `postgres://` URL's query. The key-value form
+/// (`host=… dbname=…`) is returned unchanged: `postgres` reads its `sslmode`.
+fn split_tls_params(url: &str) -> (String, TlsParams) {
+    let mut params = TlsParams {
+        mode: None,
+        root_cert: None,
+    };
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
+        return (url.to_string(), params);
+    };
+    let decode = |v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslmode", v)) => params.mode = Some(decode(v)),
+            Some(("sslrootcert", v)) => params.root_cert = Some(decode(v)),
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (url, params)
+}
+
+/// The roots a server certificate must chain to: the `sslrootcert` file, else the system's.
+fn root_store(root_cert: Option<&str>) -> StoreResult<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let bad =
+                |why: String| StoreError::Backend(format!("--store: sslrootcert={path}: {why}"));
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped: the ones that load still verify.
+            let system = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(system.certs);
+        }
+    }
+    Ok(roots)
+}
+
+/// The TLS connector for `roots`, on the workspace's crypto provider.
+fn connector(roots: rustls::RootCertStore) -> StoreResult<MakeRustlsConnect> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Backend(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Opens a connection, over TLS when a connector is given.
+fn connect(config: &Config, tls: Option<&MakeRustlsConnect>) -> Result<Client, postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
+    }
+}
+
 impl PostgresStore {
-    /// Connects to the database that `url` names (`postgres://user:password@host:port/db`,
-    /// or the key-value form `host=… user=… dbname=…`) and creates the tables if they are
-    /// missing. A bad URL is an error naming what is wrong, without echoing the password.
+    /// Connects to the database that `url` names (`postgres://user:password@host:port/db`
+    /// with optional `?sslmode=…&sslrootcert=PATH`, or the key-value form
+    /// `host=… user=… dbname=…`) and creates the tables if they are missing. A bad URL is an
+    /// error naming what is wrong, without echoing the password.
     pub fn open(url: &str) -> StoreResult<Self> {
+        let (url, tls) = split_tls_params(url);
         let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Backend(format!("--store: not a PostgreSQL URL: {e}")))?;
-        if matches!(config.get_ssl_mode(), SslMode::Require) {
-            return Err(StoreError::Backend(
-                "--store: sslmode=require is not supported yet: weft connects to PostgreSQL \
-                 without TLS (use sslmode=disable, over a network you trust)"
-                    .into(),
-            ));
-        }
-        config.ssl_mode(SslMode::Disable);
+        let mode = match tls.mode.as_deref() {
+            // Absent from the URL, or the key-value form's own: what `postgres` read.
+            None => config.get_ssl_mode(),
+            Some("disable" | "allow") => SslMode::Disable,
+            Some("prefer") => SslMode::Prefer,
+            Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+            Some(other) => {
+                return Err(StoreError::Backend(format!(
+                    "--store: sslmode={other}: expected disable, allow, prefer, require, \
+                     verify-ca or verify-full"
+                )));
+            }
+        };
+        config.ssl_mode(mode);
+        let tls = match mode {
+            SslMode::Disable => None,
+            _ => Some(connector(root_store(tls.root_cert.as_deref())?)?),
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("weft-control");
         }
-        let mut client = config.connect(NoTls).map_err(backend)?;
+        let mut client = connect(&config, tls.as_ref()).map_err(|e| {
+            let mut err = backend(e);
+            if let StoreError::Backend(m) = &mut err
+                && (m.contains("TLS") || m.contains("certificate"))
+            {
+                m.push_str(
+                    " (name the server's CA with sslrootcert=PATH in the --store URL, or use \
+                     sslmode=disable)",
+                );
+            }
+            err
+        })?;
         let mut tx = client.transaction().map_err(backend)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .map_err(backend)?;
@@ -135,6 +267,7 @@ impl PostgresStore {
         tx.commit().map_err(backend)?;
         Ok(PostgresStore {
             config,
+            tls,
             client: Mutex::new(Some(client)),
         })
     }
@@ -147,7 +280,7 @@ impl PostgresStore {
             .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
-            *guard = Some(self.config.connect(NoTls).map_err(backend)?);
+            *guard = Some(connect(&self.config, self.tls.as_ref()).map_err(backend)?);
         }
         match guard.as_mut() {
             Some(client) => f(client),
