@@ -66,6 +66,10 @@ const SCHEMA_LOCK: i64 = 0x7765_6674;
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the connection waits on a silent server before it counts as broken (unless the
+/// URL sets `tcp_user_timeout`/`keepalives_idle`).
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A [`Store`] on a PostgreSQL database.
 pub struct PostgresStore {
     config: Config,
@@ -205,40 +209,57 @@ fn connect(config: &Config, tls: Option<&MakeRustlsConnect>) -> Result<Client, p
     }
 }
 
+/// The connection settings and TLS connector of `url`, with weft's defaults where the URL
+/// is silent (see [`PostgresStore::open`]).
+fn configure(url: &str) -> StoreResult<(Config, Option<MakeRustlsConnect>)> {
+    let (url, tls) = split_tls_params(url);
+    let mut config: Config = url
+        .parse()
+        .map_err(|e| StoreError::Backend(format!("--store: not a PostgreSQL URL: {e}")))?;
+    let mode = match tls.mode.as_deref() {
+        // Absent from the URL, or the key-value form's own: what `postgres` read.
+        None => config.get_ssl_mode(),
+        Some("disable" | "allow") => SslMode::Disable,
+        Some("prefer") => SslMode::Prefer,
+        Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+        Some(other) => {
+            return Err(StoreError::Backend(format!(
+                "--store: sslmode={other}: expected disable, allow, prefer, require, \
+                 verify-ca or verify-full"
+            )));
+        }
+    };
+    config.ssl_mode(mode);
+    let tls = match mode {
+        SslMode::Disable => None,
+        _ => Some(connector(root_store(tls.root_cert.as_deref())?)?),
+    };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("weft-control");
+    }
+    // A database that stops answering must fail the call, not hang it: every store call
+    // waits on the one connection. The kernel gives up on unacknowledged data after
+    // `tcp_user_timeout`, and keepalives find a dead idle connection (libpq's defaults
+    // leave both to the system: minutes to hours).
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(DEAD_PEER_TIMEOUT);
+    }
+    if config.get_keepalives_idle() > DEAD_PEER_TIMEOUT {
+        config.keepalives_idle(DEAD_PEER_TIMEOUT);
+    }
+    Ok((config, tls))
+}
+
 impl PostgresStore {
     /// Connects to the database that `url` names (`postgres://user:password@host:port/db`
     /// with optional `?sslmode=…&sslrootcert=PATH`, or the key-value form
     /// `host=… user=… dbname=…`) and creates the tables if they are missing. A bad URL is an
     /// error naming what is wrong, without echoing the password.
     pub fn open(url: &str) -> StoreResult<Self> {
-        let (url, tls) = split_tls_params(url);
-        let mut config: Config = url
-            .parse()
-            .map_err(|e| StoreError::Backend(format!("--store: not a PostgreSQL URL: {e}")))?;
-        let mode = match tls.mode.as_deref() {
-            // Absent from the URL, or the key-value form's own: what `postgres` read.
-            None => config.get_ssl_mode(),
-            Some("disable" | "allow") => SslMode::Disable,
-            Some("prefer") => SslMode::Prefer,
-            Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
-            Some(other) => {
-                return Err(StoreError::Backend(format!(
-                    "--store: sslmode={other}: expected disable, allow, prefer, require, \
-                     verify-ca or verify-full"
-                )));
-            }
-        };
-        config.ssl_mode(mode);
-        let tls = match mode {
-            SslMode::Disable => None,
-            _ => Some(connector(root_store(tls.root_cert.as_deref())?)?),
-        };
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("weft-control");
-        }
+        let (config, tls) = configure(url)?;
         let mut client = connect(&config, tls.as_ref()).map_err(|e| {
             let mut err = backend(e);
             if let StoreError::Backend(m) = &mut err
@@ -585,5 +606,69 @@ impl Store for PostgresStore {
             init(self)?;
         }
         Ok(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_the_url() {
+        let (url, p) = split_tls_params(
+            "postgres://u:p@db:5432/weft?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        assert_eq!(url, "postgres://u:p@db:5432/weft?application_name=x");
+        assert_eq!(p.mode.as_deref(), Some("verify-full"));
+        assert_eq!(p.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let (url, p) = split_tls_params("postgresql://db/weft?sslmode=disable");
+        assert_eq!(
+            (url.as_str(), p.mode.as_deref()),
+            ("postgresql://db/weft", Some("disable"))
+        );
+        // The key-value form is left to `postgres`.
+        let kv = "host=db dbname=weft sslmode=require";
+        assert_eq!(split_tls_params(kv).0, kv);
+    }
+
+    #[test]
+    fn defaults_fill_in_what_the_url_leaves_out() {
+        let (config, tls) = configure("postgres://weft@db/weft?sslmode=disable").expect("url");
+        assert!(tls.is_none());
+        assert_eq!(config.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&DEAD_PEER_TIMEOUT));
+        assert_eq!(config.get_keepalives_idle(), DEAD_PEER_TIMEOUT);
+        assert_eq!(config.get_application_name(), Some("weft-control"));
+        // What the URL says wins.
+        let (config, _) = configure(
+            "postgres://weft@db/weft?sslmode=disable&connect_timeout=3&tcp_user_timeout=5\
+             &keepalives_idle=7&application_name=cp-1",
+        )
+        .expect("url");
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(config.get_application_name(), Some("cp-1"));
+    }
+
+    #[test]
+    fn sslmode_decides_whether_tls_is_used() {
+        for (mode, expected, tls) in [
+            ("disable", SslMode::Disable, false),
+            ("allow", SslMode::Disable, false),
+            ("prefer", SslMode::Prefer, true),
+            ("require", SslMode::Require, true),
+            ("verify-ca", SslMode::Require, true),
+            ("verify-full", SslMode::Require, true),
+        ] {
+            let (config, connector) =
+                configure(&format!("postgres://weft@db/weft?sslmode={mode}")).expect(mode);
+            assert_eq!(config.get_ssl_mode(), expected, "{mode}");
+            assert_eq!(connector.is_some(), tls, "{mode}");
+        }
+        let (config, connector) = configure("postgres://weft@db/weft").expect("no sslmode");
+        assert_eq!(config.get_ssl_mode(), SslMode::Prefer);
+        assert!(connector.is_some());
     }
 }
