@@ -157,6 +157,44 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
     Ok(Arc::new(SqliteStore::open(&path)?))
 }
 
+/// The file in the data directory that keeps this control plane's replica id.
+const REPLICA_ID_FILE: &str = "replica-id";
+
+/// This control plane's id among the replicas sharing its store: read from
+/// `<data-dir>/replica-id`, or made and written there on first start, so that a restarted
+/// replica is the same replica to its proxies' presence records.
+fn replica_id(data_dir: &std::path::Path) -> Result<String, RunError> {
+    create_private_dir(&data_dir.to_path_buf())?;
+    let path = data_dir.join(REPLICA_ID_FILE);
+    let err = |source| RunError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !valid {
+                return Err(RunError::Config(format!(
+                    "{}: not a replica id (1-64 letters, digits, '-', '_' or '.'); delete it to get a new one",
+                    path.display()
+                )));
+            }
+            Ok(id.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::discovery::hub::new_replica_id();
+            std::fs::write(&path, format!("{id}\n")).map_err(err)?;
+            Ok(id)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
 fn create_private_dir(path: &PathBuf) -> Result<(), RunError> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |source| RunError::DataDir {
@@ -220,7 +258,11 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     })?;
     let store_identity = Arc::new(StoreIdentity(store.clone()));
     let identity = IdentityService::new(store_identity.clone(), store_identity);
-    let hub = Hub::new(store.clone(), Arc::new(identity.clone()));
+    let hub = Hub::with_replica(
+        store.clone(),
+        Arc::new(identity.clone()),
+        replica_id(&cfg.data_dir)?,
+    );
     let observed = Arc::downgrade(&hub);
     let identity =
         identity.with_issue_observer(Arc::new(move |mesh: &str, name: &str, not_after| {

@@ -50,6 +50,58 @@ fn token(cp: &ControlPlane, mesh: &str, name: &str) -> String {
         .token
 }
 
+/// A TCP relay in front of `target`: [`Relay::cut`] closes every connection through it under
+/// both ends, as when a proxy dies or loses its network: no end of stream, no goodbye.
+struct Relay {
+    addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay bind");
+        let addr = listener.local_addr().expect("relay address");
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tracked = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut downstream, _)) = listener.accept().await {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let task = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                });
+                tracked
+                    .lock()
+                    .expect("relay list")
+                    .push(task.abort_handle());
+            }
+        });
+        Relay {
+            addr,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every relayed connection at once.
+    fn cut(&self) {
+        for conn in self.conns.lock().expect("relay list").drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
 /// A token from `cp`, issued on a blocking thread (it may create the mesh's signing key, and
 /// the PostgreSQL store's client must not run on the async runtime).
 async fn token_off_runtime(cp: &ControlPlane, mesh: &str, name: &str) -> String {
@@ -669,7 +721,9 @@ const ALLOW_WEB: &str = "type: MeshTrafficPermission\nmesh: payments\nname: back
 
 /// Two control-plane replicas on one PostgreSQL store act as one control plane: they start
 /// together without creating the default mesh twice, a token issued by one registers a proxy
-/// at the other, and what one replica writes reaches the proxies connected to the other.
+/// at the other, a name online at one is refused at the other, what one replica writes
+/// reaches the proxies connected to the other, and a proxy that dies at one is offline at
+/// both.
 #[tokio::test]
 async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     let (pg, url) = tokio::task::spawn_blocking(|| {
@@ -711,11 +765,32 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     .expect("a token from replica A registers web at replica B");
     let s = web.next().await;
     web.ack(&s).await;
-    let from_b = token_off_runtime(&b, "payments", "backend-1").await;
-    let mut backend = connect_with(
+    // A second proxy named web-1 is refused at the other replica too.
+    let again = token_off_runtime(&a, "payments", "web-1").await;
+    match connect_with(
         &a,
+        dataplane("payments", "web-1", "web", "10.0.0.9"),
+        Some(again),
+    )
+    .await
+    {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status}");
+            assert!(
+                status.message().contains("another") || status.message().contains("replica"),
+                "{status}"
+            );
+        }
+        Ok(_) => panic!("a second web-1 registered at the other replica"),
+    }
+    let from_b = token_off_runtime(&b, "payments", "backend-1").await;
+    // Through a relay, so that its connection can die under it below.
+    let relay = Relay::start(a.dp_server_address).await;
+    let mut backend = register(
+        channel(relay.addr, &a.data_dir).await,
         dataplane("payments", "backend-1", "backend", "10.0.0.2"),
         Some(from_b),
+        vec![],
     )
     .await
     .expect("a token from replica B registers backend at replica A");
@@ -741,6 +816,22 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
         .await;
     assert_eq!(b1.inbounds[0].permissions[0].source_service, "web");
     backend.ack(&b1).await;
+
+    // backend's connection to A dies under it, with no end of stream; web, at B, sees its
+    // endpoint go unhealthy.
+    relay.cut();
+    web.next_matching(
+        "the dead proxy's endpoint, unhealthy at the other replica",
+        |s| {
+            s.outbounds.iter().any(|o| {
+                o.service == "backend"
+                    && o.endpoints
+                        .iter()
+                        .any(|e| e.address == "10.0.0.2" && !e.healthy)
+            })
+        },
+    )
+    .await;
 
     a.shutdown().await;
     b.shutdown().await;

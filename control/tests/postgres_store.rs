@@ -152,6 +152,73 @@ fn contract(store: &dyn Store) {
         .put_secret("m2.key", b"m2")
         .expect("secret of m2 again");
 
+    // Presence: a dataplane is online at one replica at a time, while its lease runs.
+    let offline = |now: i64| store.offline_proxies(now).expect("offline proxies");
+    let dp = |n: &str| ("m1".to_string(), n.to_string());
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r1", 1_000, 31_000)
+            .expect("claim"),
+        None
+    );
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r2", 2_000, 32_000)
+            .expect("claim"),
+        Some("r1".into()),
+        "online at another replica"
+    );
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r1", 2_000, 32_000)
+            .expect("claim"),
+        None
+    );
+    assert!(offline(2_000).is_empty());
+    let rev = store.revision().expect("revision");
+    store.renew_proxies("r1", 62_000).expect("renew");
+    assert_eq!(
+        store.revision().expect("revision"),
+        rev,
+        "a renewal changes no content"
+    );
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r2", 40_000, 70_000)
+            .expect("claim"),
+        Some("r1".into()),
+        "the renewed lease still holds"
+    );
+    assert_eq!(offline(62_000), [dp("dp-1")], "the lease ran out");
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r2", 62_001, 92_000)
+            .expect("claim"),
+        None
+    );
+    store
+        .release_proxy("m1", "dp-1", "r1", false)
+        .expect("release");
+    assert!(offline(62_001).is_empty(), "r1 no longer held it");
+    store
+        .release_proxy("m1", "dp-1", "r2", false)
+        .expect("release");
+    assert_eq!(offline(62_001), [dp("dp-1")], "its stream broke");
+    assert_eq!(
+        store
+            .claim_proxy("m1", "dp-1", "r1", 62_002, 92_000)
+            .expect("claim"),
+        None
+    );
+    store
+        .release_proxy("m1", "dp-1", "r1", true)
+        .expect("graceful");
+    assert!(offline(i64::MAX).is_empty(), "a graceful end forgets it");
+    store.claim_proxy("m1", "dp-2", "r1", 0, 1).expect("claim");
+    store
+        .release_proxy("m1", "dp-2", "r1", false)
+        .expect("release");
+
     // A mesh with contents is kept unless the delete cascades; a cascade takes the mesh's
     // resources and secrets, and nothing of another mesh, even one whose name it prefixes.
     match store.delete(&ResourceKey::mesh("m1"), false) {
@@ -175,6 +242,10 @@ fn contract(store: &dyn Store) {
         Some(b"m10".to_vec())
     );
     assert_eq!(names(None), [("m2".into(), "other".into())]);
+    assert!(
+        offline(i64::MAX).is_empty(),
+        "the mesh's presence went with it"
+    );
     assert!(matches!(
         store.delete(&ResourceKey::mesh("m1"), true),
         Err(StoreError::NotFound(_))

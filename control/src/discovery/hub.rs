@@ -4,6 +4,13 @@
 //! One reloader task rebuilds the views when the store changes (debounced, so a burst of
 //! writes costs one reload) and publishes them on a `watch` channel; each stream wakes, builds
 //! its proxy's snapshot from the new view, and sends it only if its version changed.
+//!
+//! Which proxy is online where lives in the store too (`Store::claim_proxy` and friends), so
+//! that control-plane replicas sharing a store agree: a name online at one replica is refused
+//! at another, and a proxy whose stream broke at one replica is offline (its endpoints
+//! unhealthy) in every replica's views. Each replica leases its proxies for
+//! [`PRESENCE_LEASE`] and renews the leases while it runs; the proxies of a replica that is
+//! gone count as offline once their leases run out.
 
 use super::snapshot::{self, EncodedSnapshot};
 use super::view::{self, MeshView, TrustSource, Views};
@@ -21,6 +28,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(20);
 /// How often the reloader checks the store revision without a notification (another
 /// control-plane replica may have written).
 pub const POLL: Duration = Duration::from_secs(1);
+/// How long a replica's claim on a connected proxy lasts without renewal.
+pub const PRESENCE_LEASE: Duration = Duration::from_secs(15);
+/// How often a replica renews the leases of its proxies.
+pub const PRESENCE_RENEWAL: Duration = Duration::from_secs(5);
 
 /// What the control plane knows about one proxy.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -131,15 +142,60 @@ pub struct Hub {
     reload_tx: watch::Sender<u64>,
     proxies: Mutex<HashMap<(String, String), ProxyStatus>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// This replica's id in the store's presence records.
+    replica: String,
 }
 
 pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Now, in Unix milliseconds (the presence leases' clock).
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A lease that ends [`PRESENCE_LEASE`] after `now_ms`.
+fn lease_end(now_ms: i64) -> i64 {
+    now_ms.saturating_add(i64::try_from(PRESENCE_LEASE.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Offline proxies as `view::load` takes them: names by mesh.
+fn by_mesh(pairs: Vec<(String, String)>) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (mesh, name) in pairs {
+        out.entry(mesh).or_default().push(name);
+    }
+    out
+}
+
+/// A replica id nobody else has: 64 random bits, in hex.
+pub fn new_replica_id() -> String {
+    let mut bytes = [0u8; 8];
+    // The system's generator does not fail on Linux; a zero id would still work alone.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    format!(
+        "cp-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
 impl Hub {
-    /// A hub over `store`; call [`Hub::spawn_reloader`] to keep its views current.
+    /// A hub over `store` with a new replica id; call [`Hub::spawn_reloader`] to keep its
+    /// views current.
     pub fn new(store: Arc<dyn Store>, trust: Arc<dyn TrustSource>) -> Arc<Hub> {
+        Self::with_replica(store, trust, new_replica_id())
+    }
+
+    /// A hub that records its proxies' presence as replica `replica` (kept across restarts,
+    /// so that a restarted replica takes its proxies back at once).
+    pub fn with_replica(
+        store: Arc<dyn Store>,
+        trust: Arc<dyn TrustSource>,
+        replica: String,
+    ) -> Arc<Hub> {
         let (views_tx, _) = watch::channel(Arc::new(Views::default()));
         let (reload_tx, _) = watch::channel(0);
         Arc::new(Hub {
@@ -149,7 +205,49 @@ impl Hub {
             reload_tx,
             proxies: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            replica,
         })
+    }
+
+    /// This replica's id in the store's presence records.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Records in the store that (mesh, name) is online here. `Ok(Some(replica))`: it is
+    /// online at another replica, and nothing was recorded.
+    pub(crate) async fn claim_presence(
+        &self,
+        mesh: &str,
+        name: &str,
+    ) -> Result<Option<String>, String> {
+        let store = self.store.clone();
+        let (mesh, name, replica) = (mesh.to_string(), name.to_string(), self.replica.clone());
+        tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            store.claim_proxy(&mesh, &name, &replica, now, lease_end(now))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// Records in the store that the stream of (mesh, name) here ended.
+    pub(crate) async fn release_presence(&self, mesh: &str, name: &str, graceful: bool) {
+        let store = self.store.clone();
+        let (m, n, replica) = (mesh.to_string(), name.to_string(), self.replica.clone());
+        let released =
+            tokio::task::spawn_blocking(move || store.release_proxy(&m, &n, &replica, graceful))
+                .await;
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%mesh, %name, error = %e, "cannot record that the dataplane left")
+            }
+            Err(e) => {
+                tracing::warn!(%mesh, %name, error = %e, "cannot record that the dataplane left")
+            }
+        }
     }
 
     /// Asks for the views to be rebuilt (after a write, or a proxy going on- or offline).
@@ -177,9 +275,18 @@ impl Hub {
     /// Rebuilds the views now.
     pub async fn reload(self: &Arc<Self>) {
         let hub = self.clone();
-        let offline = self.offline_map();
+        let local_offline = self.offline_map();
         let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
+            // Every replica's word on who is offline; this replica's own alone if the store
+            // cannot say.
+            let offline = match hub.store.offline_proxies(now_ms()) {
+                Ok(pairs) => by_mesh(pairs),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read which proxies are offline; using this replica's own");
+                    local_offline
+                }
+            };
             view::load(hub.store.as_ref(), hub.trust.as_ref(), &offline)
         })
         .await;
@@ -200,22 +307,24 @@ impl Hub {
     }
 
     /// Keeps the views current until the hub is dropped: reloads after notifications
-    /// (debounced) and when the store revision moves.
+    /// (debounced), when the store revision moves, and when the set of offline proxies
+    /// changes (a lease ran out). Renews this replica's presence leases on the way.
     pub fn spawn_reloader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let mut notified = self.reload_tx.subscribe();
         tokio::spawn(async move {
-            let mut last_revision = None;
+            let mut last_seen = None;
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 let Some(hub) = weak.upgrade() else { return };
-                let store = hub.store.clone();
-                let revision = tokio::task::spawn_blocking(move || store.revision().ok())
-                    .await
-                    .ok()
-                    .flatten();
-                if revision != last_revision || last_revision.is_none() {
+                let seen = hub.store_state().await;
+                if seen != last_seen || last_seen.is_none() {
                     hub.reload().await;
-                    last_revision = revision;
+                    last_seen = seen;
+                }
+                if renewed.elapsed() >= PRESENCE_RENEWAL {
+                    hub.renew_presence().await;
+                    renewed = tokio::time::Instant::now();
                 }
                 drop(hub);
                 tokio::select! {
@@ -224,14 +333,45 @@ impl Hub {
                         tokio::time::sleep(DEBOUNCE).await;
                         notified.borrow_and_update();
                         let Some(hub) = weak.upgrade() else { return };
+                        // Read before the reload: a change that lands during it is then
+                        // seen as a change at the next tick, not taken for loaded.
+                        let seen = hub.store_state().await;
                         hub.reload().await;
-                        let store = hub.store.clone();
-                        last_revision = tokio::task::spawn_blocking(move || store.revision().ok()).await.ok().flatten();
+                        last_seen = seen;
                     }
                     _ = tokio::time::sleep(POLL) => {}
                 }
             }
         })
+    }
+
+    /// What the reloader watches in the store: its revision, and who is offline now (which
+    /// changes without a write when a lease runs out). `None` when the store cannot say.
+    async fn store_state(&self) -> Option<(u64, Vec<(String, String)>)> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            Some((
+                store.revision().ok()?,
+                store.offline_proxies(now_ms()).ok()?,
+            ))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Extends the leases of this replica's proxies.
+    async fn renew_presence(&self) {
+        let store = self.store.clone();
+        let replica = self.replica.clone();
+        let renewed =
+            tokio::task::spawn_blocking(move || store.renew_proxies(&replica, lease_end(now_ms())))
+                .await;
+        match renewed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the proxies' presence leases"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the proxies' presence leases"),
+        }
     }
 
     /// Builds the snapshot for a proxy from the given views; the dataplane as stored wins over
@@ -286,20 +426,22 @@ impl Hub {
         Ok(id)
     }
 
-    /// Updates the entry of (mesh, name) if `stream_id` still owns it.
+    /// Updates the entry of (mesh, name) if `stream_id` still owns it; says whether it did.
     pub(crate) fn update(
         &self,
         mesh: &str,
         name: &str,
         stream_id: u64,
         f: impl FnOnce(&mut ProxyStatus),
-    ) {
+    ) -> bool {
         if let Ok(mut p) = self.proxies.lock()
             && let Some(st) = p.get_mut(&(mesh.to_string(), name.to_string()))
             && st.stream_id == stream_id
         {
             f(st);
+            return true;
         }
+        false
     }
 
     /// Forgets (mesh, name) if `stream_id` owns it (graceful deregistration).

@@ -117,19 +117,33 @@ impl DiscoveryService {
             .claim(&mesh, &name, &register.proxy_version)
             .map_err(Status::already_exists)?;
 
-        let store = self.hub.store.clone();
-        let upsert = resource.clone();
-        let stored = tokio::task::spawn_blocking(move || store.put(&upsert, None)).await;
-        match stored {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+        match self.hub.claim_presence(&mesh, &name).await {
+            Ok(None) => {}
+            Ok(Some(replica)) => {
                 self.hub.forget(&mesh, &name, stream_id);
-                return Err(Status::failed_precondition(e.to_string()));
+                return Err(Status::already_exists(format!(
+                    "dataplane {name:?} of mesh {mesh:?} is already online at control-plane replica {replica}; a second proxy cannot register the same name"
+                )));
             }
             Err(e) => {
                 self.hub.forget(&mesh, &name, stream_id);
-                return Err(Status::internal(e.to_string()));
+                return Err(Status::unavailable(format!(
+                    "cannot record the dataplane as online: {e}"
+                )));
             }
+        }
+        let store = self.hub.store.clone();
+        let upsert = resource.clone();
+        let stored = tokio::task::spawn_blocking(move || store.put(&upsert, None)).await;
+        let refused = match stored {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(Status::failed_precondition(e.to_string())),
+            Err(e) => Some(Status::internal(e.to_string())),
+        };
+        if let Some(status) = refused {
+            self.hub.forget(&mesh, &name, stream_id);
+            self.hub.release_presence(&mesh, &name, true).await;
+            return Err(status);
         }
         tracing::info!(%mesh, %name, "dataplane registered");
         self.hub.notify_change();
@@ -319,6 +333,7 @@ async fn serve_stream(
     };
     if graceful {
         if hub.forget(&mesh, &name, stream_id) {
+            hub.release_presence(&mesh, &name, true).await;
             let store = hub.store.clone();
             let key = crate::store::ResourceKey {
                 ty: weft_api::ResourceType::Dataplane,
@@ -332,10 +347,13 @@ async fn serve_stream(
             }
         }
     } else {
-        hub.update(&mesh, &name, stream_id, |st| {
+        let owned = hub.update(&mesh, &name, stream_id, |st| {
             st.online = false;
             st.last_seen = Some(now_rfc3339());
         });
+        if owned {
+            hub.release_presence(&mesh, &name, false).await;
+        }
         tracing::info!(%mesh, %name, "dataplane offline");
     }
     hub.notify_change();

@@ -152,6 +152,37 @@ pub trait Store: Send + Sync + 'static {
     /// Runs `init` once in the life of the store (the first start with an empty store);
     /// returns whether it ran.
     fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool>;
+
+    /// Marks dataplane `(mesh, name)` online at control-plane replica `replica`, leased until
+    /// `until_ms` (Unix milliseconds), unless another replica holds it online on a lease that
+    /// has not expired at `now_ms`: then nothing changes and that replica's id comes back.
+    fn claim_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Option<String>>;
+
+    /// Extends to `until_ms` the lease of every dataplane online at `replica`. Not a change
+    /// of the store's contents: the revision stays.
+    fn renew_proxies(&self, replica: &str, until_ms: i64) -> StoreResult<()>;
+
+    /// The stream of `(mesh, name)` at `replica` ended: a graceful end forgets the dataplane's
+    /// presence, an abrupt one leaves it known as offline. Does nothing if another replica
+    /// holds it by now.
+    fn release_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        graceful: bool,
+    ) -> StoreResult<()>;
+
+    /// The dataplanes known to be offline at `now_ms`: their stream broke, or the replica
+    /// that held them stopped renewing their lease (it is gone). `(mesh, name)` pairs.
+    fn offline_proxies(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
 }
 
 /// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.

@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS store_meta (
     value BIGINT NOT NULL
 );
 INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS proxy_presence (
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    online BIGINT NOT NULL,
+    expires BIGINT NOT NULL,
+    PRIMARY KEY (mesh, name)
+);
 ";
 
 /// The advisory lock key of schema creation (any constant; "weft" in ASCII).
@@ -77,6 +85,25 @@ pub struct PostgresStore {
     tls: Option<MakeRustlsConnect>,
     /// The open connection; `None` after it broke, until the next call opens another.
     client: Mutex<Option<Client>>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Closing the connection runs the client's own small runtime, which panics on a
+        // thread that drives tokio (as when the control plane drops its store at shutdown):
+        // there, the connection is closed on a thread of its own.
+        let client = match self.client.get_mut() {
+            Ok(client) => client.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(client) = client
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::Builder::new()
+                .name("postgres-close".into())
+                .spawn(move || drop(client));
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -275,11 +302,12 @@ impl PostgresStore {
         let mut tx = client.transaction().map_err(backend)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .map_err(backend)?;
-        // Created whole or not at all (one transaction), so one table stands for all. When
-        // it is there, nothing runs: `CREATE INDEX IF NOT EXISTS` locks its table even when
-        // the index exists, and that lock deadlocked with another replica's first writes.
+        // Created whole or not at all (one transaction), so the table created last stands
+        // for all. When it is there, nothing runs: `CREATE INDEX IF NOT EXISTS` locks its
+        // table even when the index exists, and that lock deadlocked with another replica's
+        // first writes.
         let exists: bool = tx
-            .query_one("SELECT to_regclass('store_meta') IS NOT NULL", &[])
+            .query_one("SELECT to_regclass('proxy_presence') IS NOT NULL", &[])
             .and_then(|row| row.try_get(0))
             .map_err(backend)?;
         if !exists {
@@ -511,6 +539,8 @@ impl Store for PostgresStore {
                     &[&key.name],
                 )
                 .map_err(backend)?;
+                tx.execute("DELETE FROM proxy_presence WHERE mesh = $1", &[&key.name])
+                    .map_err(backend)?;
                 // `starts_with` would do, but LIKE needs escaping and `left` is plain SQL.
                 let prefix = mesh_secret_prefix(&key.name);
                 let len = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
@@ -526,6 +556,13 @@ impl Store for PostgresStore {
                 &[&key.ty.name(), &key.mesh, &key.name],
             )
             .map_err(backend)?;
+            if key.ty == ResourceType::Dataplane {
+                tx.execute(
+                    "DELETE FROM proxy_presence WHERE mesh = $1 AND name = $2",
+                    &[&key.mesh, &key.name],
+                )
+                .map_err(backend)?;
+            }
             deleted.push(key.clone());
             Ok(Write::Changed(deleted))
         })
@@ -606,6 +643,91 @@ impl Store for PostgresStore {
             init(self)?;
         }
         Ok(first)
+    }
+
+    fn claim_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Option<String>> {
+        self.write(|tx| {
+            let holder = tx
+                .query_opt(
+                    "SELECT replica, online, expires FROM proxy_presence WHERE mesh = $1 AND name = $2",
+                    &[&mesh, &name],
+                )
+                .map_err(backend)?;
+            if let Some(row) = holder {
+                let other: String = row.try_get(0).map_err(backend)?;
+                let online: i64 = row.try_get(1).map_err(backend)?;
+                let expires: i64 = row.try_get(2).map_err(backend)?;
+                if other != replica && online != 0 && expires > now_ms {
+                    return Ok(Write::Unchanged(Some(other)));
+                }
+            }
+            tx.execute(
+                "INSERT INTO proxy_presence (mesh, name, replica, online, expires) VALUES ($1, $2, $3, 1, $4) \
+                 ON CONFLICT (mesh, name) DO UPDATE SET replica = EXCLUDED.replica, online = 1, expires = EXCLUDED.expires",
+                &[&mesh, &name, &replica, &until_ms],
+            )
+            .map_err(backend)?;
+            Ok(Write::Changed(None))
+        })
+    }
+
+    fn renew_proxies(&self, replica: &str, until_ms: i64) -> StoreResult<()> {
+        // Outside `write`: a renewal is no change of the contents, so it leaves the revision
+        // (and takes no lock but the rows').
+        self.with_client(|client| {
+            client
+                .execute(
+                    "UPDATE proxy_presence SET expires = $2 WHERE replica = $1 AND online = 1",
+                    &[&replica, &until_ms],
+                )
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn release_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        graceful: bool,
+    ) -> StoreResult<()> {
+        self.write(|tx| {
+            let sql = if graceful {
+                "DELETE FROM proxy_presence WHERE mesh = $1 AND name = $2 AND replica = $3"
+            } else {
+                "UPDATE proxy_presence SET online = 0 WHERE mesh = $1 AND name = $2 AND replica = $3"
+            };
+            let n = tx
+                .execute(sql, &[&mesh, &name, &replica])
+                .map_err(backend)?;
+            Ok(if n > 0 {
+                Write::Changed(())
+            } else {
+                Write::Unchanged(())
+            })
+        })
+    }
+
+    fn offline_proxies(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>> {
+        self.with_client(|client| {
+            let rows = client
+                .query(
+                    "SELECT mesh, name FROM proxy_presence WHERE online = 0 OR expires <= $1 ORDER BY mesh, name",
+                    &[&now_ms],
+                )
+                .map_err(backend)?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0).map_err(backend)?, r.try_get(1).map_err(backend)?)))
+                .collect()
+        })
     }
 }
 

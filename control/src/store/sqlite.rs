@@ -32,6 +32,14 @@ CREATE TABLE IF NOT EXISTS store_meta (
     value BIGINT NOT NULL
 );
 INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS proxy_presence (
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    online BIGINT NOT NULL,
+    expires BIGINT NOT NULL,
+    PRIMARY KEY (mesh, name)
+);
 ";
 
 /// A [`Store`] on an SQLite file.
@@ -291,6 +299,11 @@ impl Store for SqliteStore {
                     params![key.name],
                 )
                 .map_err(backend)?;
+                tx.execute(
+                    "DELETE FROM proxy_presence WHERE mesh = ?1",
+                    params![key.name],
+                )
+                .map_err(backend)?;
                 let prefix = mesh_secret_prefix(&key.name);
                 tx.execute(
                     "DELETE FROM secrets WHERE substr(name, 1, ?1) = ?2",
@@ -304,6 +317,13 @@ impl Store for SqliteStore {
                 params![key.ty.name(), key.mesh, key.name],
             )
             .map_err(backend)?;
+            if key.ty == ResourceType::Dataplane {
+                tx.execute(
+                    "DELETE FROM proxy_presence WHERE mesh = ?1 AND name = ?2",
+                    params![key.mesh, key.name],
+                )
+                .map_err(backend)?;
+            }
             deleted.push(key.clone());
             bump_revision(tx)?;
             Ok(deleted)
@@ -391,5 +411,88 @@ impl Store for SqliteStore {
             init(self)?;
         }
         Ok(first)
+    }
+
+    fn claim_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Option<String>> {
+        self.with_tx(|tx| {
+            let holder: Option<(String, i64, i64)> = tx
+                .query_row(
+                    "SELECT replica, online, expires FROM proxy_presence WHERE mesh = ?1 AND name = ?2",
+                    params![mesh, name],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            if let Some((other, online, expires)) = holder
+                && other != replica
+                && online != 0
+                && expires > now_ms
+            {
+                return Ok(Some(other));
+            }
+            tx.execute(
+                "INSERT INTO proxy_presence (mesh, name, replica, online, expires) VALUES (?1, ?2, ?3, 1, ?4) \
+                 ON CONFLICT (mesh, name) DO UPDATE SET replica = excluded.replica, online = 1, expires = excluded.expires",
+                params![mesh, name, replica, until_ms],
+            )
+            .map_err(backend)?;
+            bump_revision(tx)?;
+            Ok(None)
+        })
+    }
+
+    fn renew_proxies(&self, replica: &str, until_ms: i64) -> StoreResult<()> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE proxy_presence SET expires = ?2 WHERE replica = ?1 AND online = 1",
+                params![replica, until_ms],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn release_proxy(
+        &self,
+        mesh: &str,
+        name: &str,
+        replica: &str,
+        graceful: bool,
+    ) -> StoreResult<()> {
+        self.with_tx(|tx| {
+            let sql = if graceful {
+                "DELETE FROM proxy_presence WHERE mesh = ?1 AND name = ?2 AND replica = ?3"
+            } else {
+                "UPDATE proxy_presence SET online = 0 WHERE mesh = ?1 AND name = ?2 AND replica = ?3"
+            };
+            let n = tx
+                .execute(sql, params![mesh, name, replica])
+                .map_err(backend)?;
+            if n > 0 {
+                bump_revision(tx)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn offline_proxies(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT mesh, name FROM proxy_presence WHERE online = 0 OR expires <= ?1 ORDER BY mesh, name",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
     }
 }
