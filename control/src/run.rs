@@ -157,6 +157,91 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
     Ok(Arc::new(SqliteStore::open(&path)?))
 }
 
+/// Whether the store at `url` is one that several replicas share (PostgreSQL).
+fn is_shared_store(url: Option<&str>) -> bool {
+    url.is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+}
+
+/// The store secret that holds the control-plane CA the replicas of a shared store use. No
+/// mesh's secrets can collide with it: a mesh name cannot start with `_`.
+const CP_CA_SECRET: &str = "_control-plane.ca";
+
+/// The control-plane CA as kept in the store: both PEMs, so they are shared as one.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct SharedCpCa {
+    cert: String,
+    key: String,
+}
+
+/// Makes `cp-ca.pem` and `cp-ca-key.pem` in `data_dir` the CA every replica of the shared
+/// store uses, so that proxies trust whichever replica they reach with one `--ca-cert-file`.
+/// The first replica to start offers its CA (the files it has, or a new one); every other
+/// replica writes that one into its data directory. A data directory that already holds
+/// another CA is an error: replacing it would cut off the proxies that trust it.
+fn share_cp_ca(store: &dyn Store, data_dir: &std::path::Path) -> Result<(), RunError> {
+    use crate::identity::cp_tls::{CA_CERT_FILE, CA_KEY_FILE, generate_ca};
+    let (cert_path, key_path) = (data_dir.join(CA_CERT_FILE), data_dir.join(CA_KEY_FILE));
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|source| RunError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let local = if cert_path.exists() || key_path.exists() {
+        Some(SharedCpCa {
+            cert: read(&cert_path)?,
+            key: read(&key_path)?,
+        })
+    } else {
+        None
+    };
+    let shared = match store.get_secret(CP_CA_SECRET)? {
+        Some(bytes) => bytes,
+        None => {
+            let offer = match &local {
+                Some(ca) => serde_json::to_vec(ca),
+                None => {
+                    let (cert, key) = generate_ca().map_err(|e| RunError::Tls(e.to_string()))?;
+                    serde_json::to_vec(&SharedCpCa {
+                        cert,
+                        key: key.serialize_pem(),
+                    })
+                }
+            }
+            .map_err(|e| RunError::Config(e.to_string()))?;
+            store.create_secret_if_absent(CP_CA_SECRET, &offer)?
+        }
+    };
+    let shared: SharedCpCa = serde_json::from_slice(&shared).map_err(|e| {
+        RunError::Config(format!(
+            "the store's control-plane CA ({CP_CA_SECRET}) is unreadable: {e}"
+        ))
+    })?;
+    match local {
+        Some(ca) if ca == shared => Ok(()),
+        Some(_) => Err(RunError::Config(format!(
+            "{} holds a control-plane CA other than the one the replicas of this store share: \
+             proxies that trust it would not trust the others. Move cp-ca.pem and \
+             cp-ca-key.pem away to use the shared one, or give this replica \
+             --dp-server-cert-file/--dp-server-key-file",
+            data_dir.display()
+        ))),
+        None => {
+            // Key first, as when the CA is made here: no CA without its key.
+            crate::identity::store::write_private(&key_path, shared.key.as_bytes()).map_err(
+                |source| RunError::DataDir {
+                    path: key_path.clone(),
+                    source,
+                },
+            )?;
+            std::fs::write(&cert_path, &shared.cert).map_err(|source| RunError::DataDir {
+                path: cert_path.clone(),
+                source,
+            })
+        }
+    }
+}
+
 /// The file in the data directory that keeps this control plane's replica id.
 const REPLICA_ID_FILE: &str = "replica-id";
 
@@ -280,6 +365,12 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // The CA file exists, and the dataplane port is bound, before either port answers: a
     // proxy or script that sees the REST API (or the dataplane port) can read `cp-ca.pem`.
+    if cfg.dp_server_cert.is_none() && is_shared_store(cfg.store_url.as_deref()) {
+        let (store, dir) = (store.clone(), cfg.data_dir.clone());
+        tokio::task::spawn_blocking(move || share_cp_ca(store.as_ref(), &dir))
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))??;
+    }
     let tls = match &cfg.dp_server_cert {
         Some((cert, key)) => CpTls::from_files(cert, key),
         None => CpTls::load_or_create(&cfg.data_dir, &[cfg.dp_server_address], &cfg.dp_server_sans),

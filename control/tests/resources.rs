@@ -350,6 +350,38 @@ fn two_replicas_on_one_postgres_store_serve_the_same_resources() {
     }
     // No SQLite file: the store is the database.
     assert!(!dir_a.path().join("weft.db").exists());
+    // One control-plane CA for both, so proxies trust either with one --ca-cert-file.
+    let ca =
+        |dir: &std::path::Path| std::fs::read_to_string(dir.join("cp-ca.pem")).expect("cp-ca.pem");
+    assert_eq!(ca(dir_a.path()), ca(dir_b.path()));
+    // A replica whose data directory holds another CA refuses to start.
+    let dir_c = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir_c.path().join("cp-ca.pem"), "another CA").expect("write");
+    std::fs::write(dir_c.path().join("cp-ca-key.pem"), "its key").expect("write");
+    let mut c = std::process::Command::new(support::WEFT_CONTROL)
+        .args(["run", "--data-dir"])
+        .arg(dir_c.path())
+        .args(["--store", &url, "--api-address", "127.0.0.1:0"])
+        .args(["--dp-server-address", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn a third replica");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("a replica with another CA started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = c.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("other than the one the replicas of this store share"),
+        "{err}"
+    );
 
     for f in ["mesh-payments.yaml", "permissions.yaml"] {
         let path = examples_dir().join(f);

@@ -70,6 +70,23 @@ impl std::fmt::Debug for CpTls {
     }
 }
 
+/// A new control-plane CA: its certificate (PEM) and key.
+pub fn generate_ca() -> Result<(String, KeyPair), CpTlsError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "weft");
+    dn.push(DnType::CommonName, "weft control plane CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + CA_VALIDITY).into();
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key))
+}
+
 impl CpTls {
     /// Loads (or creates on first start) the control-plane CA in `data_dir` and
     /// signs a server certificate for `listen` plus `extra_sans` (names or IPs).
@@ -93,18 +110,7 @@ impl CpTls {
             })?;
             (ca_pem, key)
         } else {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let now = SystemTime::now();
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::OrganizationName, "weft");
-            dn.push(DnType::CommonName, "weft control plane CA");
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.not_before = (now - Duration::from_secs(60)).into();
-            params.not_after = (now + CA_VALIDITY).into();
-            let cert = params.self_signed(&key)?;
+            let (cert_pem, key) = generate_ca()?;
             // Key first: a crash between the writes leaves no CA without its key.
             super::store::write_private(&key_path, key.serialize_pem().as_bytes()).map_err(
                 |source| CpTlsError::Io {
@@ -112,12 +118,12 @@ impl CpTls {
                     source,
                 },
             )?;
-            std::fs::write(&cert_path, cert.pem()).map_err(|source| CpTlsError::Io {
+            std::fs::write(&cert_path, &cert_pem).map_err(|source| CpTlsError::Io {
                 path: cert_path.clone(),
                 source,
             })?;
             tracing::info!(path = %cert_path.display(), "created control-plane CA");
-            (cert.pem(), key)
+            (cert_pem, key)
         };
         let issuer =
             Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| CpTlsError::Invalid {
