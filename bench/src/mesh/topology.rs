@@ -30,7 +30,8 @@ use super::MeshError;
 pub const UPSTREAM_PORT: u16 = 8080;
 
 /// The trace collector's port (Zipkin's), in the server namespace: a second `serve` that
-/// answers any `POST`, pinned to the generator's CPU like a collector on another machine.
+/// answers any `POST`, on the generator's CPU at idle priority, like a collector on another
+/// machine.
 pub const TRACE_SINK_PORT: u16 = 9411;
 
 /// The same collector's OTLP/gRPC port (OTLP's), which takes every export.
@@ -118,8 +119,16 @@ impl Topology {
         let upstream = spawn_logged(&server, topo_cmd, dir.path(), "upstream")?;
         // The sidecars' span exports go to a collector of their own, not to the upstream:
         // a collector's work is not the mesh's, and on the sidecars' CPU it would be counted
-        // as tracing's cost.
-        let mut sink_cmd = pinned(opts.generator_cpu, &opts.self_exe);
+        // as tracing's cost. It stands for a collector on another machine, so it runs at
+        // SCHED_IDLE on the generator's CPU and takes only what the generator leaves: at
+        // normal priority, each OTLP batch it decoded (512 spans, some milliseconds) held the
+        // generator back, the closed loop stalled, and the sidecars' CPU sat idle for about
+        // 1 µs per request, which the benchmark then charged to OTLP tracing.
+        let mut sink_cmd = Command::new("chrt");
+        sink_cmd
+            .args(["--idle", "0", "taskset", "-c"])
+            .arg(opts.generator_cpu.to_string())
+            .arg(&opts.self_exe);
         sink_cmd.args([
             "serve",
             "--http",
