@@ -98,6 +98,22 @@ fn server_user() -> Result<Option<(u32, u32)>, PgError> {
     Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
 }
 
+/// Makes `path` the server user's (`user` from [`server_user`]; `None`: ours already).
+fn give_to(path: &Path, user: Option<(u32, u32)>) -> Result<(), PgError> {
+    let Some((uid, gid)) = user else {
+        return Ok(());
+    };
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| PgError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
 /// A port on 127.0.0.1 that was free a moment ago, below the ephemeral range and spread by
 /// process id, so parallel tests rarely try the same one.
 fn free_port() -> u16 {
@@ -174,17 +190,7 @@ impl PgServer {
             port: free_port(),
             server: None,
         };
-        if let Some((uid, gid)) = user {
-            nix::unistd::chown(
-                &dir,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            )
-            .map_err(|e| PgError::Io {
-                path: dir.clone(),
-                source: e.into(),
-            })?;
-        }
+        give_to(&dir, user)?;
         let data = dir.join("data");
         let mut initdb = server.as_server_user(Command::new(server.bin.join("initdb")), user);
         initdb.arg("-D").arg(&data).args([
@@ -206,17 +212,7 @@ impl PgServer {
                 std::fs::write(&path, pem).map_err(io(&path))?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                     .map_err(io(&path))?;
-                if let Some((uid, gid)) = user {
-                    nix::unistd::chown(
-                        &path,
-                        Some(nix::unistd::Uid::from_raw(uid)),
-                        Some(nix::unistd::Gid::from_raw(gid)),
-                    )
-                    .map_err(|e| PgError::Io {
-                        path: path.clone(),
-                        source: e.into(),
-                    })?;
-                }
+                give_to(&path, user)?;
             }
             settings.push("ssl=on".into());
             settings.push(format!(
@@ -291,34 +287,29 @@ impl PgServer {
         self.port
     }
 
-    /// Creates database `name` (owned by `weft`).
-    pub fn create_database(&self, name: &str) -> Result<(), PgError> {
-        let mut createdb = Command::new(self.bin.join("createdb"));
-        createdb
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "weft",
-            ])
-            .arg(name);
-        run(&mut createdb, "createdb").map(drop)
-    }
-
-    /// Runs one SQL command with `psql` on database `db`; returns its output.
-    pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgError> {
-        let mut psql = Command::new(self.bin.join("psql"));
-        psql.args([
+    /// A client program of the server's package, connecting as superuser `weft`.
+    fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args([
             "-h",
             "127.0.0.1",
             "-p",
             &self.port.to_string(),
             "-U",
             "weft",
-        ])
-        .args([
+        ]);
+        cmd
+    }
+
+    /// Creates database `name` (owned by `weft`).
+    pub fn create_database(&self, name: &str) -> Result<(), PgError> {
+        run(self.client("createdb").arg(name), "createdb").map(drop)
+    }
+
+    /// Runs one SQL command with `psql` on database `db`; returns its output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgError> {
+        let mut psql = self.client("psql");
+        psql.args([
             "-X",
             "-q",
             "-t",

@@ -185,6 +185,56 @@ pub trait Store: Send + Sync + 'static {
     fn offline_proxies(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
 }
 
+/// Whether a presence record of `holder` (`online`, leased until `expires`) keeps `replica`
+/// from claiming the proxy at `now_ms`: only another replica's unexpired online record does.
+pub(crate) fn held_elsewhere(
+    holder: &str,
+    online: bool,
+    expires: i64,
+    replica: &str,
+    now_ms: i64,
+) -> bool {
+    holder != replica && online && expires > now_ms
+}
+
+/// The tables every backend keeps, in SQL both dialects take; `bytes` is the dialect's name for
+/// a byte string (`BLOB` in SQLite, `BYTEA` in PostgreSQL). `proxy_presence`, created last,
+/// stands for the whole schema where a backend checks whether it exists.
+pub(crate) fn schema(bytes: &str) -> String {
+    format!(
+        "
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    spec TEXT NOT NULL,
+    creation_time TEXT NOT NULL,
+    modification_time TEXT NOT NULL,
+    PRIMARY KEY (type, mesh, name)
+);
+CREATE INDEX IF NOT EXISTS resources_by_mesh ON resources (mesh);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value {bytes} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_meta (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS proxy_presence (
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    online BIGINT NOT NULL,
+    expires BIGINT NOT NULL,
+    PRIMARY KEY (mesh, name)
+);
+"
+    )
+}
+
 /// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.
 /// Mesh names are DNS labels (no dots), so `<mesh>.` belongs to exactly one mesh.
 pub fn mesh_secret_prefix(mesh: &str) -> String {

@@ -34,40 +34,6 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use weft_api::{Resource, ResourceMeta, ResourceType, parse};
 
-/// The tables, created by the first replica to start, under an advisory lock: two replicas
-/// starting at once would otherwise race on `CREATE TABLE IF NOT EXISTS`, which is not
-/// atomic in PostgreSQL.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS resources (
-    type TEXT NOT NULL,
-    mesh TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    spec TEXT NOT NULL,
-    creation_time TEXT NOT NULL,
-    modification_time TEXT NOT NULL,
-    PRIMARY KEY (type, mesh, name)
-);
-CREATE INDEX IF NOT EXISTS resources_by_mesh ON resources (mesh);
-CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
-    value BYTEA NOT NULL
-);
-CREATE TABLE IF NOT EXISTS store_meta (
-    name TEXT PRIMARY KEY,
-    value BIGINT NOT NULL
-);
-INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
-CREATE TABLE IF NOT EXISTS proxy_presence (
-    mesh TEXT NOT NULL,
-    name TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    online BIGINT NOT NULL,
-    expires BIGINT NOT NULL,
-    PRIMARY KEY (mesh, name)
-);
-";
-
 /// The advisory lock key of schema creation (any constant; "weft" in ASCII).
 const SCHEMA_LOCK: i64 = 0x7765_6674;
 
@@ -311,7 +277,10 @@ impl PostgresStore {
             .and_then(|row| row.try_get(0))
             .map_err(backend)?;
         if !exists {
-            tx.batch_execute(SCHEMA).map_err(backend)?;
+            // Created by the first replica to start, under the advisory lock: two replicas
+            // starting at once would otherwise race on `CREATE TABLE IF NOT EXISTS`, which is
+            // not atomic in PostgreSQL.
+            tx.batch_execute(&super::schema("BYTEA")).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
         Ok(PostgresStore {
@@ -664,7 +633,7 @@ impl Store for PostgresStore {
                 let other: String = row.try_get(0).map_err(backend)?;
                 let online: i64 = row.try_get(1).map_err(backend)?;
                 let expires: i64 = row.try_get(2).map_err(backend)?;
-                if other != replica && online != 0 && expires > now_ms {
+                if super::held_elsewhere(&other, online != 0, expires, replica, now_ms) {
                     return Ok(Write::Unchanged(Some(other)));
                 }
             }

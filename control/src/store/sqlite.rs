@@ -11,37 +11,6 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 use weft_api::{Resource, ResourceMeta, ResourceType, parse};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS resources (
-    type TEXT NOT NULL,
-    mesh TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    spec TEXT NOT NULL,
-    creation_time TEXT NOT NULL,
-    modification_time TEXT NOT NULL,
-    PRIMARY KEY (type, mesh, name)
-);
-CREATE INDEX IF NOT EXISTS resources_by_mesh ON resources (mesh);
-CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS store_meta (
-    name TEXT PRIMARY KEY,
-    value BIGINT NOT NULL
-);
-INSERT INTO store_meta (name, value) VALUES ('revision', 0) ON CONFLICT (name) DO NOTHING;
-CREATE TABLE IF NOT EXISTS proxy_presence (
-    mesh TEXT NOT NULL,
-    name TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    online BIGINT NOT NULL,
-    expires BIGINT NOT NULL,
-    PRIMARY KEY (mesh, name)
-);
-";
-
 /// A [`Store`] on an SQLite file.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -74,7 +43,8 @@ impl SqliteStore {
         let _ = conn.pragma_update(None, "journal_mode", "WAL");
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
+        conn.execute_batch(&super::schema("BLOB"))
+            .map_err(backend)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -431,9 +401,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(backend)?;
             if let Some((other, online, expires)) = holder
-                && other != replica
-                && online != 0
-                && expires > now_ms
+                && super::held_elsewhere(&other, online != 0, expires, replica, now_ms)
             {
                 return Ok(Some(other));
             }
