@@ -6,7 +6,7 @@ use crate::identity::IdentityService;
 use crate::identity::adapter::{StoreIdentity, TokenAuth};
 use crate::identity::cp_tls::CpTls;
 use crate::rest::{ApiState, router};
-use crate::store::postgres::PostgresStore;
+use crate::store::postgres::{PostgresStore, is_postgres_url};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -141,7 +141,7 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
             }
             PathBuf::from(p)
         }
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+        Some(url) if is_postgres_url(url) => {
             // The data directory still holds the dataplane server's CA.
             create_private_dir(&cfg.data_dir)?;
             return Ok(Arc::new(PostgresStore::open(url)?));
@@ -155,11 +155,6 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
         }
     };
     Ok(Arc::new(SqliteStore::open(&path)?))
-}
-
-/// Whether the store at `url` is one that several replicas share (PostgreSQL).
-fn is_shared_store(url: Option<&str>) -> bool {
-    url.is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
 }
 
 /// The store secret that holds the control-plane CA the replicas of a shared store use. No
@@ -365,7 +360,8 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // The CA file exists, and the dataplane port is bound, before either port answers: a
     // proxy or script that sees the REST API (or the dataplane port) can read `cp-ca.pem`.
-    if cfg.dp_server_cert.is_none() && is_shared_store(cfg.store_url.as_deref()) {
+    // Several replicas share a PostgreSQL store, and then their CA too.
+    if cfg.dp_server_cert.is_none() && cfg.store_url.as_deref().is_some_and(is_postgres_url) {
         let (store, dir) = (store.clone(), cfg.data_dir.clone());
         tokio::task::spawn_blocking(move || share_cp_ca(store.as_ref(), &dir))
             .await

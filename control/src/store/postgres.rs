@@ -113,6 +113,11 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Whether `url` names a PostgreSQL store (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 /// What the URL says about TLS, taken out of it before `postgres` parses the rest (which
 /// knows neither `sslrootcert` nor the `verify-*` modes).
 #[derive(Debug, PartialEq)]
@@ -130,8 +135,7 @@ fn split_tls_params(url: &str) -> (String, TlsParams) {
         mode: None,
         root_cert: None,
     };
-    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
+    let Some((base, query)) = url.split_once('?').filter(|_| is_postgres_url(url)) else {
         return (url.to_string(), params);
     };
     let decode = |v: &str| {
