@@ -338,7 +338,7 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     })?;
     let store_identity = Arc::new(StoreIdentity(store.clone()));
     let identity = IdentityService::new(store_identity.clone(), store_identity);
-    let hub = Hub::with_replica(
+    let hub = Hub::new(
         store.clone(),
         Arc::new(identity.clone()),
         replica_id(&cfg.data_dir)?,

@@ -183,19 +183,10 @@ pub fn new_replica_id() -> String {
 }
 
 impl Hub {
-    /// A hub over `store` with a new replica id; call [`Hub::spawn_reloader`] to keep its
-    /// views current.
-    pub fn new(store: Arc<dyn Store>, trust: Arc<dyn TrustSource>) -> Arc<Hub> {
-        Self::with_replica(store, trust, new_replica_id())
-    }
-
-    /// A hub that records its proxies' presence as replica `replica` (kept across restarts,
-    /// so that a restarted replica takes its proxies back at once).
-    pub fn with_replica(
-        store: Arc<dyn Store>,
-        trust: Arc<dyn TrustSource>,
-        replica: String,
-    ) -> Arc<Hub> {
+    /// A hub over `store` that records its proxies' presence as replica `replica` (kept
+    /// across restarts, so that a restarted replica takes its proxies back at once); call
+    /// [`Hub::spawn_reloader`] to keep its views current.
+    pub fn new(store: Arc<dyn Store>, trust: Arc<dyn TrustSource>, replica: String) -> Arc<Hub> {
         let (views_tx, _) = watch::channel(Arc::new(Views::default()));
         let (reload_tx, _) = watch::channel(0);
         Arc::new(Hub {
@@ -207,11 +198,6 @@ impl Hub {
             next_stream: std::sync::atomic::AtomicU64::new(1),
             replica,
         })
-    }
-
-    /// This replica's id in the store's presence records.
-    pub fn replica(&self) -> &str {
-        &self.replica
     }
 
     /// Records in the store that (mesh, name) is online here. `Ok(Some(replica))`: it is
