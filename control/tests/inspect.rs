@@ -72,13 +72,16 @@ async fn insights(cp: &ControlPlane, mesh: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn stats_of<'a>(items: &'a [(String, Value)], name: &str) -> &'a Value {
-    let item = items
+/// The reported stats of dataplane `name`, if it is listed yet.
+fn find_stats<'a>(items: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
+    items
         .iter()
         .find(|(n, _)| n == name)
-        .map(|(_, i)| i)
-        .unwrap_or_else(|| panic!("no dataplane {name} in {items:?}"));
-    &item["dataplaneInsight"]["stats"]
+        .map(|(_, i)| &i["dataplaneInsight"]["stats"])
+}
+
+fn stats_of<'a>(items: &'a [(String, Value)], name: &str) -> &'a Value {
+    find_stats(items, name).unwrap_or_else(|| panic!("no dataplane {name} in {items:?}"))
 }
 
 /// Runs `weftctl --api-url … args` off the runtime (the control plane runs on it).
@@ -203,7 +206,8 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
     let (default, payments) = loop {
         let default = insights(&cp, "default").await;
         let payments = insights(&cp, "payments").await;
-        let backend = stats_of(&payments, "backend-1")["requestsTotal"].as_u64();
+        // backend-1 registers from its own task: it may not be listed on the first reads.
+        let backend = find_stats(&payments, "backend-1").and_then(|s| s["requestsTotal"].as_u64());
         if stats_of(&default, "web-1")["requestsTotal"] == 400 && backend >= Some(20) {
             break (default, payments);
         }
