@@ -7,7 +7,7 @@
 
 use crate::discovery::Hub;
 use crate::identity::IdentityService;
-use crate::store::{ResourceKey, Store, StoreError, StoredResource};
+use crate::store::{PublishedInsight, ResourceKey, Store, StoreError, StoredResource};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use weft_api::parse::parse_documents;
@@ -433,22 +434,27 @@ async fn delete_in_mesh(
 async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value>> {
     let store = s.store.clone();
     let m = mesh.clone();
-    let items = blocking(move || {
+    let (items, published) = blocking(move || {
         let mesh_key = ResourceKey::mesh(m.clone());
         if store.get(&mesh_key)?.is_none() {
             return Err(StoreError::NotFound(mesh_key));
         }
-        store.list(ResourceType::Dataplane, Some(&m))
+        let items = store.list(ResourceType::Dataplane, Some(&m))?;
+        // What the other replicas know of their proxies (with one replica, its own).
+        let published = store.insights(&m, crate::discovery::hub::now_ms())?;
+        Ok((items, published))
     })
     .await?;
+    let published: HashMap<&str, &PublishedInsight> =
+        published.iter().map(|p| (p.name.as_str(), p)).collect();
     let items: Vec<Value> = items
         .iter()
         .map(|d| {
-            let status = s.hub.status(&mesh, &d.resource.name);
-            let insight = match &status {
-                Some(st) => serde_json::to_value(st).unwrap_or(Value::Null),
-                None => json!({"online": false}),
-            };
+            let name = d.resource.name.as_str();
+            let insight = s
+                .hub
+                .insight(&mesh, name, published.get(name).copied())
+                .unwrap_or_else(|| json!({"online": false}));
             json!({
                 "type": "DataplaneOverview",
                 "mesh": mesh,

@@ -13,7 +13,7 @@ use weft_api::ResourceType;
 use weft_api::proto::discovery_client::DiscoveryClient;
 use weft_api::proto::discovery_request::Kind;
 use weft_api::proto::{
-    Ack, DiscoveryRequest, Nack, Register, Snapshot, SnapshotPart, permission_rule,
+    Ack, DiscoveryRequest, Nack, ProxyStats, Register, Snapshot, SnapshotPart, permission_rule,
 };
 use weft_control::run::ControlPlane;
 use weft_tests::postgres::PgServer;
@@ -230,6 +230,20 @@ impl FakeProxy {
             })
             .await
             .expect("ack");
+    }
+
+    /// Reports traffic totals, as a proxy does periodically.
+    async fn report(&self, requests_total: u64, request_errors_total: u64) {
+        self.tx
+            .send(DiscoveryRequest {
+                kind: Some(Kind::Stats(ProxyStats {
+                    requests_total,
+                    request_errors_total,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .expect("stats");
     }
 
     /// Reads snapshots until one satisfies `pred` (within 5 s).
@@ -719,6 +733,41 @@ async fn a_nack_makes_the_next_push_complete() {
 
 const ALLOW_WEB: &str = "type: MeshTrafficPermission\nmesh: payments\nname: backend-from-web\nspec:\n  targetRef: {kind: MeshService, name: backend}\n  from:\n  - targetRef: {kind: MeshService, name: web}\n    default: {action: Allow}\n";
 
+/// The `dataplaneInsight` of dataplane `name` of mesh `payments` in `cp`'s REST API, once it
+/// satisfies `pred`: insights reach the other replicas at the next publication (every 5 s).
+async fn insight_when(
+    cp: &ControlPlane,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let url = format!(
+        "http://{}/meshes/payments/dataplanes+insights",
+        cp.api_address
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut last = serde_json::Value::Null;
+    while tokio::time::Instant::now() < deadline {
+        let answer: serde_json::Value = reqwest::get(&url)
+            .await
+            .expect("GET dataplanes+insights")
+            .json()
+            .await
+            .expect("JSON");
+        if let Some(item) = answer["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["name"] == name))
+        {
+            last = item["dataplaneInsight"].clone();
+            if pred(&last) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what}: the insight of {name} at {url} is still {last}");
+}
+
 /// Two control-plane replicas on one PostgreSQL store act as one control plane: they start
 /// together without creating the default mesh twice, a token issued by one registers a proxy
 /// at the other, a name online at one is refused at the other, what one replica writes
@@ -817,6 +866,17 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     assert_eq!(b1.inbounds[0].permissions[0].source_service, "web");
     backend.ack(&b1).await;
 
+    // What a replica knows of its proxies shows at the other: web, at B, reports traffic,
+    // and A's dataplanes+insights has it online with those totals.
+    web.report(42, 2).await;
+    let insight = insight_when(&a, "web-1", "web's report, made at B", |i| {
+        i["stats"]["requestsTotal"] == 42
+    })
+    .await;
+    assert_eq!(insight["online"], true, "{insight}");
+    assert_eq!(insight["stats"]["requestErrorsTotal"], 2, "{insight}");
+    assert!(insight["ackedVersion"].is_string(), "{insight}");
+
     // backend's connection to A dies under it, with no end of stream; web, at B, sees its
     // endpoint go unhealthy.
     relay.cut();
@@ -832,6 +892,13 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
         },
     )
     .await;
+    // And B's dataplanes+insights has backend offline, with what A knew of it (B never
+    // had it connected).
+    let insight = insight_when(&b, "backend-1", "backend, dead at A", |i| {
+        i["online"] == false && i["ackedVersion"].is_string()
+    })
+    .await;
+    assert_eq!(insight["ackedVersion"], b1.version.as_str(), "{insight}");
 
     a.shutdown().await;
     b.shutdown().await;

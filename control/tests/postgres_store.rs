@@ -10,7 +10,7 @@ use weft_api::Resource;
 use weft_api::parse::parse_documents;
 use weft_control::store::postgres::PostgresStore;
 use weft_control::store::sqlite::SqliteStore;
-use weft_control::store::{ResourceKey, Store, StoreError};
+use weft_control::store::{InsightUpdate, ResourceKey, Store, StoreError};
 use weft_tests::postgres::PgServer;
 
 fn resource(yaml: &str) -> Resource {
@@ -219,6 +219,8 @@ fn contract(store: &dyn Store) {
         .release_proxy("m1", "dp-2", "r1", false)
         .expect("release");
 
+    insights(store);
+
     // A mesh with contents is kept unless the delete cascades; a cascade takes the mesh's
     // resources and secrets, and nothing of another mesh, even one whose name it prefixes.
     match store.delete(&ResourceKey::mesh("m1"), false) {
@@ -260,6 +262,111 @@ fn contract(store: &dyn Store) {
     assert!(store.initialize_once(&init).expect("first init"));
     assert!(!store.initialize_once(&init).expect("second init"));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Published insights: one row per dataplane, from the replica that holds the proxy, with
+/// `online` from the presence record; a replica cannot overwrite the insight of a proxy that
+/// another replica holds online; publishing changes no content; deletes take the rows along.
+fn insights(store: &dyn Store) {
+    store.put(&mesh("m3"), None).expect("mesh m3");
+    let web = resource(
+        "type: Dataplane\nmesh: m3\nname: web-1\nnetworking:\n  address: 10.0.0.1\n  \
+         inbound:\n  - port: 8080\n    tags: {kuma.io/service: web}\n",
+    );
+    store.put(&web, None).expect("dataplane");
+    let update = |name: &str, insight: &str| InsightUpdate {
+        mesh: "m3".into(),
+        name: name.into(),
+        insight: insight.into(),
+    };
+    let read = |now: i64| {
+        store
+            .insights("m3", now)
+            .expect("insights")
+            .into_iter()
+            .map(|p| (p.name, p.replica, p.insight, p.online))
+            .collect::<Vec<_>>()
+    };
+    let row = |replica: &str, insight: &str, online: bool| {
+        (
+            "web-1".to_string(),
+            replica.to_string(),
+            insight.to_string(),
+            online,
+        )
+    };
+    assert_eq!(read(0), []);
+
+    store
+        .claim_proxy("m3", "web-1", "r1", 1_000, 31_000)
+        .expect("claim");
+    let rev = store.revision().expect("revision");
+    store
+        .publish_insights(
+            "r1",
+            1_000,
+            &[update("web-1", r#"{"n":1}"#), update("gone", "{}")],
+        )
+        .expect("publish");
+    assert_eq!(
+        store.revision().expect("revision"),
+        rev,
+        "publishing changes no content"
+    );
+    assert_eq!(
+        read(2_000),
+        [row("r1", r#"{"n":1}"#, true)],
+        "no row for a dataplane that does not exist"
+    );
+    assert_eq!(
+        read(31_000),
+        [row("r1", r#"{"n":1}"#, false)],
+        "lease ran out"
+    );
+
+    store
+        .publish_insights("r2", 2_000, &[update("web-1", r#"{"stale":true}"#)])
+        .expect("publish");
+    assert_eq!(
+        read(2_000),
+        [row("r1", r#"{"n":1}"#, true)],
+        "r1 holds web-1 online: r2's word does not count"
+    );
+    store
+        .publish_insights("r1", 3_000, &[update("web-1", r#"{"n":2}"#)])
+        .expect("publish");
+    assert_eq!(read(3_000), [row("r1", r#"{"n":2}"#, true)]);
+
+    store
+        .release_proxy("m3", "web-1", "r1", false)
+        .expect("release");
+    assert_eq!(
+        read(3_000),
+        [row("r1", r#"{"n":2}"#, false)],
+        "its stream broke"
+    );
+    store
+        .claim_proxy("m3", "web-1", "r2", 4_000, 34_000)
+        .expect("claim");
+    store
+        .publish_insights("r2", 4_000, &[update("web-1", r#"{"n":3}"#)])
+        .expect("publish");
+    assert_eq!(
+        read(4_000),
+        [row("r2", r#"{"n":3}"#, true)],
+        "it moved to r2"
+    );
+
+    store.delete(&key(&web), false).expect("delete dataplane");
+    assert_eq!(read(4_000), [], "the dataplane's row went with it");
+    store.put(&web, None).expect("dataplane again");
+    store
+        .publish_insights("r2", 4_000, &[update("web-1", r#"{"n":4}"#)])
+        .expect("publish");
+    store
+        .delete(&ResourceKey::mesh("m3"), true)
+        .expect("cascade");
+    assert_eq!(read(4_000), [], "the mesh's rows went with it");
 }
 
 #[test]

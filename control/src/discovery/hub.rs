@@ -10,11 +10,13 @@
 //! at another, and a proxy whose stream broke at one replica is offline (its endpoints
 //! unhealthy) in every replica's views. Each replica leases its proxies for
 //! [`PRESENCE_LEASE`] and renews the leases while it runs; the proxies of a replica that is
-//! gone count as offline once their leases run out.
+//! gone count as offline once their leases run out. With each renewal a replica also publishes
+//! its proxies' insights (what [`ProxyStatus`] holds) to the store, so that every replica can
+//! answer `dataplanes+insights` for every proxy ([`Hub::insight`]).
 
 use super::snapshot::{self, EncodedSnapshot};
 use super::view::{self, MeshView, TrustSource, Views};
-use crate::store::Store;
+use crate::store::{InsightUpdate, PublishedInsight, Store};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -144,6 +146,9 @@ pub struct Hub {
     next_stream: std::sync::atomic::AtomicU64,
     /// This replica's id in the store's presence records.
     replica: String,
+    /// The insights this replica last published to the store, as JSON, so that only the
+    /// ones that changed are written again.
+    published: Mutex<HashMap<(String, String), String>>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -151,7 +156,7 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 /// Now, in Unix milliseconds (the presence leases' clock).
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -197,6 +202,7 @@ impl Hub {
             proxies: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
             replica,
+            published: Mutex::new(HashMap::new()),
         })
     }
 
@@ -310,6 +316,7 @@ impl Hub {
                 }
                 if renewed.elapsed() >= PRESENCE_RENEWAL {
                     hub.renew_presence().await;
+                    hub.publish_insights().await;
                     renewed = tokio::time::Instant::now();
                 }
                 drop(hub);
@@ -358,6 +365,86 @@ impl Hub {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the proxies' presence leases"),
             Err(e) => tracing::warn!(error = %e, "cannot renew the proxies' presence leases"),
         }
+    }
+
+    /// Publishes to the store the insights of this replica's proxies that changed since the
+    /// last time, for the other replicas to show (see [`Hub::insight`]).
+    async fn publish_insights(&self) {
+        let updates: Vec<InsightUpdate> = {
+            let (Ok(proxies), Ok(mut published)) = (self.proxies.lock(), self.published.lock())
+            else {
+                return;
+            };
+            published.retain(|key, _| proxies.contains_key(key));
+            proxies
+                .iter()
+                .filter_map(|(key, status)| {
+                    let insight = serde_json::to_string(status).ok()?;
+                    if published.get(key) == Some(&insight) {
+                        return None;
+                    }
+                    published.insert(key.clone(), insight.clone());
+                    Some(InsightUpdate {
+                        mesh: key.0.clone(),
+                        name: key.1.clone(),
+                        insight,
+                    })
+                })
+                .collect()
+        };
+        if updates.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let replica = self.replica.clone();
+        let keys: Vec<_> = updates
+            .iter()
+            .map(|u| (u.mesh.clone(), u.name.clone()))
+            .collect();
+        let done = tokio::task::spawn_blocking(move || {
+            store.publish_insights(&replica, now_ms(), &updates)
+        })
+        .await;
+        let error = match done {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%error, "cannot publish the proxies' insights; trying again in {PRESENCE_RENEWAL:?}");
+        // Not published: send them again next time.
+        if let Ok(mut published) = self.published.lock() {
+            for key in keys {
+                published.remove(&key);
+            }
+        }
+    }
+
+    /// The insight to show for dataplane (mesh, name): this replica's own status when the
+    /// proxy is online here, else what the replica it is (or was last) connected to
+    /// published, with `online` from its presence record, else this replica's status.
+    /// `None` when no replica ever had the proxy connected.
+    pub fn insight(
+        &self,
+        mesh: &str,
+        name: &str,
+        published: Option<&PublishedInsight>,
+    ) -> Option<serde_json::Value> {
+        let local = self.status(mesh, name);
+        if let Some(status) = &local
+            && status.online
+        {
+            return serde_json::to_value(status).ok();
+        }
+        // This replica's own status is fresher than what it published.
+        let published = published.filter(|p| p.replica != self.replica || local.is_none());
+        if let Some(p) = published
+            && let Ok(mut insight) = serde_json::from_str::<serde_json::Value>(&p.insight)
+            && let Some(fields) = insight.as_object_mut()
+        {
+            fields.insert("online".into(), p.online.into());
+            return Some(insight);
+        }
+        local.and_then(|status| serde_json::to_value(status).ok())
     }
 
     /// Builds the snapshot for a proxy from the given views; the dataplane as stored wins over

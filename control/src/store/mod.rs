@@ -183,6 +183,47 @@ pub trait Store: Send + Sync + 'static {
     /// The dataplanes known to be offline at `now_ms`: their stream broke, or the replica
     /// that held them stopped renewing their lease (it is gone). `(mesh, name)` pairs.
     fn offline_proxies(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
+
+    /// Publishes what replica `replica` knows of its proxies, one [`InsightUpdate`] each, so
+    /// that every replica can show it. An update is skipped when another replica holds the
+    /// proxy online on a lease unexpired at `now_ms` (the [`held_elsewhere`] rule: that
+    /// replica's word is the fresher one), and when the dataplane no longer exists. Not a
+    /// change of the store's contents: the revision stays.
+    fn publish_insights(
+        &self,
+        replica: &str,
+        now_ms: i64,
+        updates: &[InsightUpdate],
+    ) -> StoreResult<()>;
+
+    /// The published insights of the dataplanes of `mesh`, by name, each with whether its
+    /// proxy is online at `now_ms` by its presence record.
+    fn insights(&self, mesh: &str, now_ms: i64) -> StoreResult<Vec<PublishedInsight>>;
+}
+
+/// One proxy's insight, as its replica publishes it ([`Store::publish_insights`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsightUpdate {
+    /// The dataplane's mesh.
+    pub mesh: String,
+    /// The dataplane's name.
+    pub name: String,
+    /// The insight, as the JSON of the REST API's `dataplaneInsight`.
+    pub insight: String,
+}
+
+/// A published insight, as [`Store::insights`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedInsight {
+    /// The dataplane's name.
+    pub name: String,
+    /// The replica that published it: the one the proxy is, or last was, connected to.
+    pub replica: String,
+    /// The insight, as published (JSON).
+    pub insight: String,
+    /// Whether the proxy is online now, by its presence record (the published insight may
+    /// be up to a renewal period old, or come from a replica that is gone).
+    pub online: bool,
 }
 
 /// Whether a presence record of `holder` (`online`, leased until `expires`) keeps `replica`
@@ -198,7 +239,7 @@ pub(crate) fn held_elsewhere(
 }
 
 /// The tables every backend keeps, in SQL both dialects take; `bytes` is the dialect's name for
-/// a byte string (`BLOB` in SQLite, `BYTEA` in PostgreSQL). `proxy_presence`, created last,
+/// a byte string (`BLOB` in SQLite, `BYTEA` in PostgreSQL). `proxy_insights`, created last,
 /// stands for the whole schema where a backend checks whether it exists.
 pub(crate) fn schema(bytes: &str) -> String {
     format!(
@@ -229,6 +270,13 @@ CREATE TABLE IF NOT EXISTS proxy_presence (
     replica TEXT NOT NULL,
     online BIGINT NOT NULL,
     expires BIGINT NOT NULL,
+    PRIMARY KEY (mesh, name)
+);
+CREATE TABLE IF NOT EXISTS proxy_insights (
+    mesh TEXT NOT NULL,
+    name TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    insight TEXT NOT NULL,
     PRIMARY KEY (mesh, name)
 );
 "

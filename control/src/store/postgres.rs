@@ -24,7 +24,10 @@
 //! always. So weft's `require` checks what libpq's `verify-full` checks: a mesh's store holds
 //! its CA keys, and an unverified TLS connection would hand them to whoever sits in between.
 
-use super::{ResourceKey, Store, StoreError, StoreResult, StoredResource, mesh_secret_prefix};
+use super::{
+    InsightUpdate, PublishedInsight, ResourceKey, Store, StoreError, StoreResult, StoredResource,
+    mesh_secret_prefix,
+};
 use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls, Transaction};
 use rustls_pki_types::CertificateDer;
@@ -277,7 +280,7 @@ impl PostgresStore {
         // table even when the index exists, and that lock deadlocked with another replica's
         // first writes.
         let exists: bool = tx
-            .query_one("SELECT to_regclass('proxy_presence') IS NOT NULL", &[])
+            .query_one("SELECT to_regclass('proxy_insights') IS NOT NULL", &[])
             .and_then(|row| row.try_get(0))
             .map_err(backend)?;
         if !exists {
@@ -512,8 +515,12 @@ impl Store for PostgresStore {
                     &[&key.name],
                 )
                 .map_err(backend)?;
-                tx.execute("DELETE FROM proxy_presence WHERE mesh = $1", &[&key.name])
-                    .map_err(backend)?;
+                for sql in [
+                    "DELETE FROM proxy_presence WHERE mesh = $1",
+                    "DELETE FROM proxy_insights WHERE mesh = $1",
+                ] {
+                    tx.execute(sql, &[&key.name]).map_err(backend)?;
+                }
                 // `starts_with` would do, but LIKE needs escaping and `left` is plain SQL.
                 let prefix = mesh_secret_prefix(&key.name);
                 let len = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
@@ -530,11 +537,12 @@ impl Store for PostgresStore {
             )
             .map_err(backend)?;
             if key.ty == ResourceType::Dataplane {
-                tx.execute(
+                for sql in [
                     "DELETE FROM proxy_presence WHERE mesh = $1 AND name = $2",
-                    &[&key.mesh, &key.name],
-                )
-                .map_err(backend)?;
+                    "DELETE FROM proxy_insights WHERE mesh = $1 AND name = $2",
+                ] {
+                    tx.execute(sql, &[&key.mesh, &key.name]).map_err(backend)?;
+                }
             }
             deleted.push(key.clone());
             Ok(Write::Changed(deleted))
@@ -702,7 +710,64 @@ impl Store for PostgresStore {
                 .collect()
         })
     }
+
+    fn publish_insights(
+        &self,
+        replica: &str,
+        now_ms: i64,
+        updates: &[InsightUpdate],
+    ) -> StoreResult<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // Outside `write`, as a renewal: no change of the contents. One transaction for the
+        // batch, so a replica with many proxies costs one commit per period.
+        self.with_client(|client| {
+            let mut tx = client.transaction().map_err(backend)?;
+            let publish = tx.prepare(PUBLISH_INSIGHT).map_err(backend)?;
+            for u in updates {
+                tx.execute(&publish, &[&u.mesh, &u.name, &replica, &u.insight, &now_ms])
+                    .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+    }
+
+    fn insights(&self, mesh: &str, now_ms: i64) -> StoreResult<Vec<PublishedInsight>> {
+        self.with_client(|client| {
+            let rows = client
+                .query(
+                    "SELECT i.name, i.replica, i.insight, \
+                     COALESCE(p.online = 1 AND p.expires > $2, false) \
+                     FROM proxy_insights i LEFT JOIN proxy_presence p \
+                     ON p.mesh = i.mesh AND p.name = i.name \
+                     WHERE i.mesh = $1 ORDER BY i.name",
+                    &[&mesh, &now_ms],
+                )
+                .map_err(backend)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PublishedInsight {
+                        name: r.try_get(0).map_err(backend)?,
+                        replica: r.try_get(1).map_err(backend)?,
+                        insight: r.try_get(2).map_err(backend)?,
+                        online: r.try_get(3).map_err(backend)?,
+                    })
+                })
+                .collect()
+        })
+    }
 }
+
+/// Upserts one proxy's insight for replica `$3` unless another replica holds the proxy online
+/// on an unexpired lease (the rule of `held_elsewhere`) or the dataplane is gone.
+const PUBLISH_INSIGHT: &str = "\
+INSERT INTO proxy_insights (mesh, name, replica, insight) \
+SELECT $1::text, $2::text, $3::text, $4::text \
+WHERE EXISTS (SELECT 1 FROM resources WHERE type = 'Dataplane' AND mesh = $1 AND name = $2) \
+AND NOT EXISTS (SELECT 1 FROM proxy_presence WHERE mesh = $1 AND name = $2 \
+    AND replica <> $3 AND online = 1 AND expires > $5::bigint) \
+ON CONFLICT (mesh, name) DO UPDATE SET replica = EXCLUDED.replica, insight = EXCLUDED.insight";
 
 #[cfg(test)]
 mod tests {

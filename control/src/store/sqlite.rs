@@ -4,7 +4,10 @@
 //! instead of interleaving. Resources are stored as their universal JSON; they are parsed and
 //! validated again when read, so a row edited by hand cannot smuggle an invalid resource in.
 
-use super::{ResourceKey, Store, StoreError, StoreResult, StoredResource, mesh_secret_prefix};
+use super::{
+    InsightUpdate, PublishedInsight, ResourceKey, Store, StoreError, StoreResult, StoredResource,
+    mesh_secret_prefix,
+};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -269,11 +272,12 @@ impl Store for SqliteStore {
                     params![key.name],
                 )
                 .map_err(backend)?;
-                tx.execute(
+                for sql in [
                     "DELETE FROM proxy_presence WHERE mesh = ?1",
-                    params![key.name],
-                )
-                .map_err(backend)?;
+                    "DELETE FROM proxy_insights WHERE mesh = ?1",
+                ] {
+                    tx.execute(sql, params![key.name]).map_err(backend)?;
+                }
                 let prefix = mesh_secret_prefix(&key.name);
                 tx.execute(
                     "DELETE FROM secrets WHERE substr(name, 1, ?1) = ?2",
@@ -288,11 +292,13 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             if key.ty == ResourceType::Dataplane {
-                tx.execute(
+                for sql in [
                     "DELETE FROM proxy_presence WHERE mesh = ?1 AND name = ?2",
-                    params![key.mesh, key.name],
-                )
-                .map_err(backend)?;
+                    "DELETE FROM proxy_insights WHERE mesh = ?1 AND name = ?2",
+                ] {
+                    tx.execute(sql, params![key.mesh, key.name])
+                        .map_err(backend)?;
+                }
             }
             deleted.push(key.clone());
             bump_revision(tx)?;
@@ -463,4 +469,61 @@ impl Store for SqliteStore {
             rows.collect::<Result<_, _>>().map_err(backend)
         })
     }
+
+    fn publish_insights(
+        &self,
+        replica: &str,
+        now_ms: i64,
+        updates: &[InsightUpdate],
+    ) -> StoreResult<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // No `bump_revision`: not a change of the contents.
+        self.with_tx(|tx| {
+            let mut publish = tx.prepare_cached(PUBLISH_INSIGHT).map_err(backend)?;
+            for u in updates {
+                publish
+                    .execute(params![u.mesh, u.name, replica, u.insight, now_ms])
+                    .map_err(backend)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn insights(&self, mesh: &str, now_ms: i64) -> StoreResult<Vec<PublishedInsight>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT i.name, i.replica, i.insight, \
+                     COALESCE(p.online = 1 AND p.expires > ?2, 0) \
+                     FROM proxy_insights i LEFT JOIN proxy_presence p \
+                     ON p.mesh = i.mesh AND p.name = i.name \
+                     WHERE i.mesh = ?1 ORDER BY i.name",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![mesh, now_ms], |r| {
+                    Ok(PublishedInsight {
+                        name: r.get(0)?,
+                        replica: r.get(1)?,
+                        insight: r.get(2)?,
+                        online: r.get::<_, i64>(3)? != 0,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+    }
 }
+
+/// Upserts one proxy's insight for replica `?3` unless another replica holds the proxy online
+/// on an unexpired lease (the rule of `held_elsewhere`) or the dataplane is gone. (SQLite
+/// reads `ON CONFLICT` after `INSERT … SELECT` only when the `SELECT` has a `WHERE`.)
+const PUBLISH_INSIGHT: &str = "\
+INSERT INTO proxy_insights (mesh, name, replica, insight) \
+SELECT ?1, ?2, ?3, ?4 \
+WHERE EXISTS (SELECT 1 FROM resources WHERE type = 'Dataplane' AND mesh = ?1 AND name = ?2) \
+AND NOT EXISTS (SELECT 1 FROM proxy_presence WHERE mesh = ?1 AND name = ?2 \
+    AND replica <> ?3 AND online = 1 AND expires > ?5) \
+ON CONFLICT (mesh, name) DO UPDATE SET replica = excluded.replica, insight = excluded.insight";
