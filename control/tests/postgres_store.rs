@@ -6,8 +6,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use weft_api::Resource;
 use weft_api::parse::parse_documents;
+use weft_api::{Resource, ResourceType};
 use weft_control::store::postgres::PostgresStore;
 use weft_control::store::sqlite::SqliteStore;
 use weft_control::store::{InsightUpdate, ResourceKey, Store, StoreError};
@@ -481,6 +481,57 @@ fn a_broken_connection_is_opened_again() {
     }
     let m = store.get(&ResourceKey::mesh("m")).expect("after reconnect");
     assert!(m.is_some());
+}
+
+/// A call that waits in the database (here on a table lock another session holds) leaves
+/// the store's other calls going, on another connection.
+#[test]
+fn a_waiting_call_does_not_hold_up_the_others() {
+    let (pg, url) = database("pool");
+    let store = Arc::new(PostgresStore::open(&url).expect("open"));
+    store.put(&mesh("m"), None).expect("mesh");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            pg.psql(
+                "pool",
+                "BEGIN; LOCK TABLE resources IN ACCESS EXCLUSIVE MODE; \
+                 SELECT pg_sleep(4); COMMIT;",
+            )
+            .expect("lock resources for 4 s")
+        });
+        let locked = || {
+            pg.psql(
+                "pool",
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON l.relation = c.oid \
+                 WHERE c.relname = 'resources' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+            )
+            .expect("pg_locks")
+            .trim()
+                == "1"
+        };
+        while !locked() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let listed = Arc::new(AtomicUsize::new(0));
+        let waiting = {
+            let (store, listed) = (store.clone(), listed.clone());
+            scope.spawn(move || {
+                let meshes = store.list(ResourceType::Mesh, None).expect("list");
+                listed.store(1, Ordering::SeqCst);
+                meshes.len()
+            })
+        };
+        // The list waits on the lock; meanwhile a secret is written and read.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        store.put_secret("k", b"v").expect("put secret");
+        assert_eq!(store.get_secret("k").expect("get"), Some(b"v".to_vec()));
+        assert_eq!(
+            listed.load(Ordering::SeqCst),
+            0,
+            "the list was still waiting on the lock: the secret went through another connection"
+        );
+        assert_eq!(waiting.join().expect("list thread"), 1);
+    });
 }
 
 #[test]

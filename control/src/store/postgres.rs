@@ -14,8 +14,9 @@
 //! plane writes a few times per change of a resource, so one lock is no bottleneck; reads
 //! take no lock.
 //!
-//! One connection per store, behind a mutex (the store's callers block, as over SQLite),
-//! opened again on the next call after it breaks.
+//! Up to [`MAX_CONNECTIONS`] connections per store, each behind a mutex (the store's callers
+//! block, as over SQLite): a call takes an idle one, opens another when all are busy, and a
+//! connection that broke is opened again on its next use.
 //!
 //! TLS (rustls, through `tokio-postgres-rustls`): the server's certificate is always verified,
 //! chain and host name, against the PEM file the URL names with `sslrootcert=PATH`, else the
@@ -32,7 +33,8 @@ use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls, Transaction};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use weft_api::{Resource, ResourceMeta, ResourceType, parse};
@@ -47,30 +49,42 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// URL sets `tcp_user_timeout`/`keepalives_idle`).
 const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most connections one store keeps open. A call takes the first idle one and opens
+/// another only when all open ones are busy, so a replica that makes one call at a time keeps
+/// one connection.
+pub const MAX_CONNECTIONS: usize = 4;
+
 /// A [`Store`] on a PostgreSQL database.
 pub struct PostgresStore {
     config: Config,
     /// The TLS connector, unless `sslmode` says never to use TLS.
     tls: Option<MakeRustlsConnect>,
-    /// The open connection; `None` after it broke, until the next call opens another.
-    client: Mutex<Option<Client>>,
+    /// [`MAX_CONNECTIONS`] slots, each `None` until a call needs it or after its connection
+    /// broke. Several, so that one slow call (a view load, a wait on a row lock) does not hold
+    /// up the others: the lease renewals above all, which must not stall for
+    /// [`crate::discovery::hub::PRESENCE_LEASE`].
+    clients: Vec<Mutex<Option<Client>>>,
+    /// Where a call waits when every slot is busy (rotates, to spread the waiters).
+    next_wait: AtomicUsize,
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        // Closing the connection runs the client's own small runtime, which panics on a
+        // Closing a connection runs the client's own small runtime, which panics on a
         // thread that drives tokio (as when the control plane drops its store at shutdown):
-        // there, the connection is closed on a thread of its own.
-        let client = match self.client.get_mut() {
-            Ok(client) => client.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        if let Some(client) = client
-            && tokio::runtime::Handle::try_current().is_ok()
-        {
+        // there, the connections are closed on a thread of their own.
+        let clients: Vec<Client> = self
+            .clients
+            .iter_mut()
+            .filter_map(|slot| match slot.get_mut() {
+                Ok(client) => client.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            })
+            .collect();
+        if !clients.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
             let _ = std::thread::Builder::new()
                 .name("postgres-close".into())
-                .spawn(move || drop(client));
+                .spawn(move || drop(clients));
         }
     }
 }
@@ -240,8 +254,8 @@ fn configure(url: &str) -> StoreResult<(Config, Option<MakeRustlsConnect>)> {
     if config.get_application_name().is_none() {
         config.application_name("weft-control");
     }
-    // A database that stops answering must fail the call, not hang it: every store call
-    // waits on the one connection. The kernel gives up on unacknowledged data after
+    // A database that stops answering must fail the call, not hang it: a hung call holds
+    // its connection, and the calls after it soon wait too. The kernel gives up on unacknowledged data after
     // `tcp_user_timeout`, and keepalives find a dead idle connection (libpq's defaults
     // leave both to the system: minutes to hours).
     if config.get_tcp_user_timeout().is_none() {
@@ -290,19 +304,43 @@ impl PostgresStore {
             tx.batch_execute(&super::schema("BYTEA")).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
+        let mut clients = vec![Mutex::new(Some(client))];
+        clients.resize_with(MAX_CONNECTIONS, || Mutex::new(None));
         Ok(PostgresStore {
             config,
             tls,
-            client: Mutex::new(Some(client)),
+            clients,
+            next_wait: AtomicUsize::new(0),
         })
     }
 
-    /// Runs `f` on the open connection, opening a new one first if the last one broke.
+    /// Runs `f` on a connection of its own: the first idle one, else a new one in a free
+    /// slot, else the next to come free. A connection that broke is opened again.
     fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> StoreResult<T>) -> StoreResult<T> {
-        let mut guard = self
-            .client
-            .lock()
-            .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+        // A slot whose holder panicked may hold a connection in any state: start afresh.
+        fn fresh(
+            poisoned: PoisonError<MutexGuard<'_, Option<Client>>>,
+        ) -> MutexGuard<'_, Option<Client>> {
+            let mut guard = poisoned.into_inner();
+            *guard = None;
+            guard
+        }
+        // Open connections first, so that a store used one call at a time keeps one.
+        let idle = || {
+            self.clients.iter().find_map(|slot| match slot.try_lock() {
+                Ok(guard) if guard.is_some() => Some(guard),
+                Ok(_) | Err(TryLockError::WouldBlock) => None,
+                Err(TryLockError::Poisoned(p)) => Some(fresh(p)),
+            })
+        };
+        let free = || self.clients.iter().find_map(|slot| slot.try_lock().ok());
+        let mut guard = match idle().or_else(free) {
+            Some(guard) => guard,
+            None => {
+                let i = self.next_wait.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+                self.clients[i].lock().unwrap_or_else(fresh)
+            }
+        };
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
             *guard = Some(connect(&self.config, self.tls.as_ref()).map_err(backend)?);
