@@ -6,7 +6,7 @@ use crate::identity::IdentityService;
 use crate::identity::adapter::{StoreIdentity, TokenAuth};
 use crate::identity::cp_tls::CpTls;
 use crate::rest::{ApiState, router};
-use crate::store::postgres::{PostgresStore, is_postgres_url};
+use crate::store::postgres::{PostgresStore, is_postgres_store};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -26,7 +26,8 @@ pub struct RunConfig {
     /// Where the embedded store and generated files live.
     pub data_dir: PathBuf,
     /// Store URL: `sqlite://PATH` (default: `<data-dir>/weft.db`) or
-    /// `postgres://USER:PASSWORD@HOST:PORT/DB` (the store several replicas share).
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` or libpq's key-value form (the store several
+    /// replicas share).
     pub store_url: Option<String>,
     /// REST API listen address.
     pub api_address: SocketAddr,
@@ -141,7 +142,7 @@ pub fn open_store(cfg: &RunConfig) -> Result<Arc<dyn Store>, RunError> {
             }
             PathBuf::from(p)
         }
-        Some(url) if is_postgres_url(url) => {
+        Some(url) if is_postgres_store(url) => {
             // The data directory still holds the dataplane server's CA.
             create_private_dir(&cfg.data_dir)?;
             return Ok(Arc::new(PostgresStore::open(url)?));
@@ -361,7 +362,7 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
     // The CA file exists, and the dataplane port is bound, before either port answers: a
     // proxy or script that sees the REST API (or the dataplane port) can read `cp-ca.pem`.
     // Several replicas share a PostgreSQL store, and then their CA too.
-    if cfg.dp_server_cert.is_none() && cfg.store_url.as_deref().is_some_and(is_postgres_url) {
+    if cfg.dp_server_cert.is_none() && cfg.store_url.as_deref().is_some_and(is_postgres_store) {
         let (store, dir) = (store.clone(), cfg.data_dir.clone());
         tokio::task::spawn_blocking(move || share_cp_ca(store.as_ref(), &dir))
             .await

@@ -571,6 +571,24 @@ fn server_pki() -> (String, String, String) {
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
+/// A CA and a client certificate of it for user `cn`: (CA, certificate, key) as PEM.
+fn client_pki(cn: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "weft test client CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("client key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.signed_by(&key, &issuer).expect("client certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
 /// Whether the store's connection (`application_name` weft-control) uses TLS, as the server
 /// sees it.
 fn store_connection_tls(pg: &PgServer, db: &str) -> String {
@@ -633,6 +651,66 @@ fn tls_to_postgres_is_used_and_verified() {
     let store = PostgresStore::open(&format!("{plain_url}?{root}")).expect("preferred");
     store.revision().expect("a query in plaintext");
     assert_eq!(store_connection_tls(&plain, "plain"), "false");
+}
+
+/// `cert` authentication: the store presents the client certificate that `sslcert` and
+/// `sslkey` name, in the URL and in the key-value form; without one the server refuses it,
+/// and a key file others can read is refused before any connection is made.
+#[test]
+fn a_client_certificate_logs_in() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (ca, chain, key) = server_pki();
+    let (client_ca, client_cert, client_key) = client_pki("weft_cert");
+    let pg = PgServer::start_with_client_certs(&chain, &key, &client_ca, "weft_cert")
+        .expect("start PostgreSQL with client certificates");
+    pg.psql("postgres", "CREATE ROLE weft_cert LOGIN")
+        .expect("create role");
+    pg.psql("postgres", "CREATE DATABASE certs OWNER weft_cert")
+        .expect("create database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str, pem: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    };
+    let root = file("ca.pem", &ca, 0o644);
+    let cert = file("client.pem", &client_cert, 0o644);
+    let key = file("client.key", &client_key, 0o600);
+    let open_key = file("open.key", &client_key, 0o644);
+    let base = format!("postgres://weft_cert@127.0.0.1:{}/certs", pg.port());
+    let verified = format!("sslmode=verify-full&sslrootcert={root}");
+
+    let store = PostgresStore::open(&format!("{base}?{verified}&sslcert={cert}&sslkey={key}"))
+        .expect("logs in with its certificate");
+    store.put(&mesh("m"), None).expect("write as weft_cert");
+    drop(store);
+    let key_value = format!(
+        "host=127.0.0.1 port={} user=weft_cert dbname=certs sslmode=verify-full \
+         sslrootcert={root} sslcert={cert} sslkey={key}",
+        pg.port()
+    );
+    let store = PostgresStore::open(&key_value).expect("the key-value form");
+    assert!(store.get(&ResourceKey::mesh("m")).expect("read").is_some());
+    drop(store);
+
+    let e = PostgresStore::open(&format!("{base}?{verified}"))
+        .expect_err("no client certificate")
+        .to_string();
+    assert!(
+        e.contains("client certificate") && e.contains("sslcert=PATH"),
+        "the server's refusal, with what to do: {e}"
+    );
+    let e = PostgresStore::open(&format!(
+        "{base}?{verified}&sslcert={cert}&sslkey={open_key}"
+    ))
+    .expect_err("a key others can read")
+    .to_string();
+    assert!(e.contains("sslkey=") && e.contains("0600"), "{e}");
+    let e = PostgresStore::open(&format!("{base}?{verified}&sslcert={cert}"))
+        .expect_err("a certificate without its key")
+        .to_string();
+    assert!(e.contains("sslkey=PATH"), "{e}");
 }
 
 #[test]

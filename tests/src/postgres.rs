@@ -156,16 +156,31 @@ impl PgServer {
     /// Creates a data directory and starts a server on a free port of 127.0.0.1; returns once
     /// it accepts connections.
     pub fn start() -> Result<Self, PgError> {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
     /// Like [`PgServer::start`], with TLS on: the server presents `cert_pem` (its chain, PEM)
     /// with the key `key_pem`, and still accepts plaintext connections too.
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Self, PgError> {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), None)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Result<Self, PgError> {
+    /// Like [`PgServer::start_with_tls`], and role `cert_user` (which the caller creates) may
+    /// log in only over TLS with a client certificate issued by `client_ca_pem` whose common
+    /// name is `cert_user` (PostgreSQL's `cert` authentication).
+    pub fn start_with_client_certs(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: &str,
+        cert_user: &str,
+    ) -> Result<Self, PgError> {
+        Self::start_with(Some((cert_pem, key_pem)), Some((client_ca_pem, cert_user)))
+    }
+
+    fn start_with(
+        tls: Option<(&str, &str)>,
+        client_certs: Option<(&str, &str)>,
+    ) -> Result<Self, PgError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let bin = find_bin()?;
         let user = server_user()?;
@@ -220,6 +235,19 @@ impl PgServer {
                 dir.join("server.crt").display()
             ));
             settings.push(format!("ssl_key_file={}", dir.join("server.key").display()));
+        }
+        if let Some((ca, cert_user)) = client_certs {
+            let path = dir.join("client-ca.crt");
+            std::fs::write(&path, ca).map_err(io(&path))?;
+            give_to(&path, user)?;
+            settings.push(format!("ssl_ca_file={}", path.display()));
+            // First match wins: this role by certificate over TLS, and in no other way.
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).map_err(io(&hba))?;
+            let rules = format!(
+                "hostssl all {cert_user} 127.0.0.1/32 cert\nhost all {cert_user} 127.0.0.1/32 reject\n{rest}"
+            );
+            std::fs::write(&hba, rules).map_err(io(&hba))?;
         }
         let log = dir.join("server.log");
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;

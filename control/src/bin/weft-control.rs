@@ -30,8 +30,9 @@ struct RunArgs {
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "./weft-data")]
     data_dir: PathBuf,
     /// Store URL: sqlite://PATH (default: <data-dir>/weft.db), or postgres://USER:PASSWORD@HOST:PORT/DB
-    /// for a store several control-plane replicas share (the URL may also come from WEFT_STORE,
-    /// which keeps the password out of the process list).
+    /// (or libpq's key-value form, host=… dbname=…) for a store several control-plane replicas
+    /// share. TLS: sslmode, sslrootcert, sslcert, sslkey. The URL may also come from
+    /// WEFT_STORE, which keeps the password out of the process list.
     #[arg(long, env = "WEFT_STORE")]
     store: Option<String>,
     /// REST API address.

@@ -24,6 +24,9 @@
 //! `prefer`, the default, when the server offers it; `require`, `verify-ca` and `verify-full`
 //! always. So weft's `require` checks what libpq's `verify-full` checks: a mesh's store holds
 //! its CA keys, and an unverified TLS connection would hand them to whoever sits in between.
+//! `sslcert` and `sslkey` name a client certificate and its key (readable by its owner only)
+//! for the server's `cert` authentication. All of these are read from the URL's query and
+//! from the key-value form alike.
 
 use super::{
     InsightUpdate, PublishedInsight, ResourceKey, Store, StoreError, StoreResult, StoredResource,
@@ -31,8 +34,9 @@ use super::{
 };
 use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls, Transaction};
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::os::unix::fs::MetadataExt as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
@@ -130,29 +134,54 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// Whether `url` names a PostgreSQL store (`postgres://` or `postgresql://`).
+/// Whether `url` is a PostgreSQL URL (`postgres://` or `postgresql://`).
 pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// Whether `store` names a PostgreSQL store: a PostgreSQL URL, or libpq's key-value form
+/// (`host=db.example dbname=weft …`: no scheme, and `=` in it).
+pub fn is_postgres_store(store: &str) -> bool {
+    is_postgres_url(store) || (!store.contains("://") && store.contains('='))
+}
+
 /// What the URL says about TLS, taken out of it before `postgres` parses the rest (which
-/// knows neither `sslrootcert` nor the `verify-*` modes).
-#[derive(Debug, PartialEq)]
+/// knows neither `sslrootcert`, `sslcert`, `sslkey` nor the `verify-*` modes).
+#[derive(Debug, Default, PartialEq)]
 struct TlsParams {
     /// `sslmode`, as written (`None`: absent, which means `prefer`).
     mode: Option<String>,
-    /// `sslrootcert`, percent-decoded.
+    /// `sslrootcert`: the CA certificates (PEM) that must vouch for the server.
     root_cert: Option<String>,
+    /// `sslcert`: the client certificate chain (PEM) to present, for `cert` authentication.
+    client_cert: Option<String>,
+    /// `sslkey`: the client certificate's private key (PEM).
+    client_key: Option<String>,
 }
 
-/// Splits `sslmode` and `sslrootcert` off a `postgres://` URL's query. The key-value form
-/// (`host=… dbname=…`) is returned unchanged: `postgres` reads its `sslmode`.
+impl TlsParams {
+    /// Takes `key=value` if it is one of the TLS parameters; says whether it was.
+    fn take(&mut self, key: &str, value: String) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.mode,
+            "sslrootcert" => &mut self.root_cert,
+            "sslcert" => &mut self.client_cert,
+            "sslkey" => &mut self.client_key,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    }
+}
+
+/// Splits the TLS parameters ([`TlsParams`]) off a `postgres://` URL's query, or off the
+/// key-value form (`host=… dbname=… sslmode=…`); the rest is left for `postgres` to parse.
 fn split_tls_params(url: &str) -> (String, TlsParams) {
-    let mut params = TlsParams {
-        mode: None,
-        root_cert: None,
-    };
-    let Some((base, query)) = url.split_once('?').filter(|_| is_postgres_url(url)) else {
+    if !is_postgres_url(url) {
+        return split_key_value_tls_params(url);
+    }
+    let mut params = TlsParams::default();
+    let Some((base, query)) = url.split_once('?') else {
         return (url.to_string(), params);
     };
     let decode = |v: &str| {
@@ -162,10 +191,11 @@ fn split_tls_params(url: &str) -> (String, TlsParams) {
     };
     let mut kept = Vec::new();
     for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some(("sslmode", v)) => params.mode = Some(decode(v)),
-            Some(("sslrootcert", v)) => params.root_cert = Some(decode(v)),
-            _ => kept.push(pair),
+        let taken = pair
+            .split_once('=')
+            .is_some_and(|(k, v)| params.take(k, decode(v)));
+        if !taken {
+            kept.push(pair);
         }
     }
     let url = if kept.is_empty() {
@@ -174,6 +204,70 @@ fn split_tls_params(url: &str) -> (String, TlsParams) {
         format!("{base}?{}", kept.join("&"))
     };
     (url, params)
+}
+
+/// [`split_tls_params`] for the key-value form, read as libpq reads it: `key = value` pairs
+/// apart by white space, a value in single quotes when it holds spaces, `\` escaping the next
+/// character. Text that is not of that form is returned whole, for `postgres` to refuse with
+/// its own message.
+fn split_key_value_tls_params(text: &str) -> (String, TlsParams) {
+    let mut params = TlsParams::default();
+    let mut kept: Vec<&str> = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let skip_space = |mut i: usize| {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    loop {
+        i = skip_space(i);
+        if i == bytes.len() {
+            break;
+        }
+        let pair_start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &text[pair_start..i];
+        i = skip_space(i);
+        if key.is_empty() || bytes.get(i) != Some(&b'=') {
+            return (text.to_string(), TlsParams::default());
+        }
+        i = skip_space(i + 1);
+        let quoted = bytes.get(i) == Some(&b'\'');
+        if quoted {
+            i += 1;
+        }
+        let mut value = Vec::new();
+        let mut closed = !quoted;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' if i + 1 < bytes.len() => {
+                    value.push(bytes[i + 1]);
+                    i += 2;
+                    continue;
+                }
+                b'\'' if quoted => {
+                    closed = true;
+                    i += 1;
+                    break;
+                }
+                b if !quoted && b.is_ascii_whitespace() => break,
+                b => value.push(b),
+            }
+            i += 1;
+        }
+        if !closed {
+            return (text.to_string(), TlsParams::default());
+        }
+        let value = String::from_utf8_lossy(&value).into_owned();
+        if !params.take(key, value) {
+            kept.push(&text[pair_start..i]);
+        }
+    }
+    (kept.join(" "), params)
 }
 
 /// The roots a server certificate must chain to: the `sslrootcert` file, else the system's.
@@ -203,15 +297,77 @@ fn root_store(root_cert: Option<&str>) -> StoreResult<rustls::RootCertStore> {
     Ok(roots)
 }
 
-/// The TLS connector for `roots`, on the workspace's crypto provider.
-fn connector(roots: rustls::RootCertStore) -> StoreResult<MakeRustlsConnect> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+/// A client certificate chain and its key, for PostgreSQL's `cert` authentication.
+type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The client certificate that `sslcert` and `sslkey` name, if they do. The key must be
+/// readable by its owner only (libpq's rule: also group-readable when root owns it), as the
+/// key of a proxy's certificate is.
+fn client_identity(tls: &TlsParams) -> StoreResult<Option<ClientIdentity>> {
+    let (cert, key) = match (&tls.client_cert, &tls.client_key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(StoreError::Backend(
+                "--store: sslcert without sslkey: name the certificate's private key with \
+                 sslkey=PATH"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(StoreError::Backend(
+                "--store: sslkey without sslcert: name the client certificate with sslcert=PATH"
+                    .into(),
+            ));
+        }
+    };
+    let bad = |what: &str, path: &str, why: String| {
+        StoreError::Backend(format!("--store: {what}={path}: {why}"))
+    };
+    let meta = std::fs::metadata(key).map_err(|e| bad("sslkey", key, e.to_string()))?;
+    let open_to = if meta.uid() == 0 { 0o037 } else { 0o077 };
+    if meta.mode() & open_to != 0 {
+        return Err(bad(
+            "sslkey",
+            key,
+            format!(
+                "the private key is readable by others (mode {:o}); make it 0600",
+                meta.mode() & 0o777
+            ),
+        ));
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("sslcert", cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("sslcert", cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad("sslcert", cert, "no PEM certificate in it".into()));
+    }
+    let private_key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("sslkey", key, e.to_string()))?;
+    Ok(Some((chain, private_key)))
+}
+
+/// The TLS connector for `roots`, presenting `client` when given, on the workspace's crypto
+/// provider.
+fn connector(
+    roots: rustls::RootCertStore,
+    client: Option<ClientIdentity>,
+) -> StoreResult<MakeRustlsConnect> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| StoreError::Backend(format!("TLS to PostgreSQL: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+            StoreError::Backend(format!(
+                "--store: sslcert/sslkey: not a certificate and its key: {e}"
+            ))
+        })?,
+    };
     Ok(MakeRustlsConnect::new(config))
 }
 
@@ -246,7 +402,10 @@ fn configure(url: &str) -> StoreResult<(Config, Option<MakeRustlsConnect>)> {
     config.ssl_mode(mode);
     let tls = match mode {
         SslMode::Disable => None,
-        _ => Some(connector(root_store(tls.root_cert.as_deref())?)?),
+        _ => Some(connector(
+            root_store(tls.root_cert.as_deref())?,
+            client_identity(&tls)?,
+        )?),
     };
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -269,20 +428,25 @@ fn configure(url: &str) -> StoreResult<(Config, Option<MakeRustlsConnect>)> {
 
 impl PostgresStore {
     /// Connects to the database that `url` names (`postgres://user:password@host:port/db`
-    /// with optional `?sslmode=…&sslrootcert=PATH`, or the key-value form
+    /// with optional `?sslmode=…&sslrootcert=PATH&sslcert=PATH&sslkey=PATH`, or the key-value form
     /// `host=… user=… dbname=…`) and creates the tables if they are missing. A bad URL is an
     /// error naming what is wrong, without echoing the password.
     pub fn open(url: &str) -> StoreResult<Self> {
         let (config, tls) = configure(url)?;
         let mut client = connect(&config, tls.as_ref()).map_err(|e| {
+            // The server refused us (its own message), or our side gave up on it.
+            let refused_by_server = e.as_db_error().is_some();
             let mut err = backend(e);
             if let StoreError::Backend(m) = &mut err
                 && (m.contains("TLS") || m.contains("certificate"))
             {
-                m.push_str(
+                m.push_str(if refused_by_server {
+                    " (present a client certificate with sslcert=PATH and sslkey=PATH in the \
+                     --store URL)"
+                } else {
                     " (name the server's CA with sslrootcert=PATH in the --store URL, or use \
-                     sslmode=disable)",
-                );
+                     sslmode=disable)"
+                });
             }
             err
         })?;
@@ -824,9 +988,60 @@ mod tests {
             (url.as_str(), p.mode.as_deref()),
             ("postgresql://db/weft", Some("disable"))
         );
-        // The key-value form is left to `postgres`.
-        let kv = "host=db dbname=weft sslmode=require";
-        assert_eq!(split_tls_params(kv).0, kv);
+        let (url, p) = split_tls_params("postgres://db/weft?sslcert=%2Fc.pem&sslkey=%2Fk.pem");
+        assert_eq!(url, "postgres://db/weft");
+        assert_eq!(
+            (p.client_cert.as_deref(), p.client_key.as_deref()),
+            (Some("/c.pem"), Some("/k.pem"))
+        );
+    }
+
+    #[test]
+    fn postgres_stores_are_told_apart() {
+        for store in [
+            "postgres://weft@db/weft",
+            "postgresql://db/weft",
+            "host=db dbname=weft",
+        ] {
+            assert!(is_postgres_store(store), "{store}");
+        }
+        for store in [
+            "sqlite:///var/lib/weft/weft.db",
+            "/var/lib/weft.db",
+            "mysql://a=b",
+        ] {
+            assert!(!is_postgres_store(store), "{store}");
+        }
+    }
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_the_key_value_form() {
+        let (rest, p) = split_tls_params(
+            "host=db  sslmode = verify-full dbname=weft sslrootcert='/etc/my ca.pem' \
+             password='it\\'s' sslcert=/c.pem sslkey=/k\\ key.pem",
+        );
+        assert_eq!(rest, "host=db dbname=weft password='it\\'s'");
+        assert_eq!(
+            p,
+            TlsParams {
+                mode: Some("verify-full".into()),
+                root_cert: Some("/etc/my ca.pem".into()),
+                client_cert: Some("/c.pem".into()),
+                client_key: Some("/k key.pem".into()),
+            }
+        );
+        // Not of the form: left whole for `postgres` to refuse.
+        for bad in ["host", "host=db sslmode='verify-full", "=x"] {
+            assert_eq!(
+                split_tls_params(bad),
+                (bad.to_string(), TlsParams::default())
+            );
+        }
+        let config: Config = split_tls_params("host=db user=u dbname=weft sslmode=verify-full")
+            .0
+            .parse()
+            .expect("the rest parses");
+        assert_eq!(config.get_dbname(), Some("weft"));
     }
 
     #[test]
