@@ -480,10 +480,29 @@ async fn get_dataplane_view(
         )));
     }
     let sent = s.hub.status(&mesh, &name).and_then(|st| st.last_sent);
-    match sent {
-        Some(sent) => Ok(Json(
+    if let Some(sent) = sent {
+        return Ok(Json(
             serde_json::to_value(sent.snapshot()).unwrap_or(Value::Null),
-        )),
+        ));
+    }
+    // Another replica may have it: say which, rather than that it never connected.
+    let store = s.store.clone();
+    let m = mesh.clone();
+    let published = blocking(move || store.insights(&m, crate::discovery::hub::now_ms())).await?;
+    match published
+        .into_iter()
+        .find(|p| p.name == name && p.replica != s.hub.replica())
+    {
+        Some(p) => Err(ApiError::not_found(format!(
+            "dataplane {name:?} of mesh {mesh:?} is {} control-plane replica {}: its _config is \
+             served there",
+            if p.online {
+                "connected to"
+            } else {
+                "last connected to"
+            },
+            p.replica
+        ))),
         None => Err(ApiError::not_found(format!(
             "no configuration was sent to dataplane {name:?} of mesh {mesh:?}: its proxy never connected"
         ))),

@@ -876,6 +876,18 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     assert_eq!(insight["online"], true, "{insight}");
     assert_eq!(insight["stats"]["requestErrorsTotal"], 2, "{insight}");
     assert!(insight["ackedVersion"].is_string(), "{insight}");
+    // Its _config is served by B; A says so.
+    let url = format!(
+        "http://{}/meshes/payments/dataplanes/web-1/_config",
+        a.api_address
+    );
+    let answer = reqwest::get(&url).await.expect("GET _config");
+    assert_eq!(answer.status(), reqwest::StatusCode::NOT_FOUND);
+    let why = answer.text().await.expect("body");
+    assert!(
+        why.contains("connected to control-plane replica") && why.contains(b.hub.replica()),
+        "{why}"
+    );
 
     // backend's connection to A dies under it, with no end of stream; web, at B, sees its
     // endpoint go unhealthy.

@@ -206,6 +206,11 @@ impl Hub {
         })
     }
 
+    /// This replica's id in the store (`<data-dir>/replica-id`).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     /// Records in the store that (mesh, name) is online here. `Ok(Some(replica))`: it is
     /// online at another replica, and nothing was recorded.
     pub(crate) async fn claim_presence(
