@@ -283,6 +283,28 @@ CREATE TABLE IF NOT EXISTS proxy_insights (
     )
 }
 
+/// Upserts one proxy's insight (`$1` mesh, `$2` name, `$3` replica, `$4` the insight's JSON)
+/// unless another replica holds the proxy online on a lease unexpired at `$5` (Unix ms; the
+/// rule of [`held_elsewhere`]) or the dataplane is gone. In SQL both backends take (SQLite
+/// binds `$N` by name, and reads `ON CONFLICT` after `INSERT … SELECT` only when the `SELECT`
+/// has a `WHERE`).
+pub(crate) const PUBLISH_INSIGHT: &str = "\
+INSERT INTO proxy_insights (mesh, name, replica, insight) \
+SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS TEXT), CAST($4 AS TEXT) \
+WHERE EXISTS (SELECT 1 FROM resources WHERE type = 'Dataplane' AND mesh = $1 AND name = $2) \
+AND NOT EXISTS (SELECT 1 FROM proxy_presence WHERE mesh = $1 AND name = $2 \
+    AND replica <> $3 AND online = 1 AND expires > CAST($5 AS BIGINT)) \
+ON CONFLICT (mesh, name) DO UPDATE SET replica = EXCLUDED.replica, insight = EXCLUDED.insight";
+
+/// The published insights of mesh `$1`, by name, each with whether its proxy's presence
+/// record says online at `$2` (Unix ms): 1 or 0, in SQL both backends take (SQLite binds
+/// `$N` by name: here `$2` comes first).
+pub(crate) const INSIGHTS: &str = "\
+SELECT i.name, i.replica, i.insight, \
+CASE WHEN p.online = 1 AND p.expires > $2 THEN 1 ELSE 0 END \
+FROM proxy_insights i LEFT JOIN proxy_presence p ON p.mesh = i.mesh AND p.name = i.name \
+WHERE i.mesh = $1 ORDER BY i.name";
+
 /// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.
 /// Mesh names are DNS labels (no dots), so `<mesh>.` belongs to exactly one mesh.
 pub fn mesh_secret_prefix(mesh: &str) -> String {

@@ -926,7 +926,7 @@ impl Store for PostgresStore {
         // batch, so a replica with many proxies costs one commit per period.
         self.with_client(|client| {
             let mut tx = client.transaction().map_err(backend)?;
-            let publish = tx.prepare(PUBLISH_INSIGHT).map_err(backend)?;
+            let publish = tx.prepare(super::PUBLISH_INSIGHT).map_err(backend)?;
             for u in updates {
                 tx.execute(&publish, &[&u.mesh, &u.name, &replica, &u.insight, &now_ms])
                     .map_err(backend)?;
@@ -938,14 +938,7 @@ impl Store for PostgresStore {
     fn insights(&self, mesh: &str, now_ms: i64) -> StoreResult<Vec<PublishedInsight>> {
         self.with_client(|client| {
             let rows = client
-                .query(
-                    "SELECT i.name, i.replica, i.insight, \
-                     COALESCE(p.online = 1 AND p.expires > $2, false) \
-                     FROM proxy_insights i LEFT JOIN proxy_presence p \
-                     ON p.mesh = i.mesh AND p.name = i.name \
-                     WHERE i.mesh = $1 ORDER BY i.name",
-                    &[&mesh, &now_ms],
-                )
+                .query(super::INSIGHTS, &[&mesh, &now_ms])
                 .map_err(backend)?;
             rows.iter()
                 .map(|r| {
@@ -953,23 +946,13 @@ impl Store for PostgresStore {
                         name: r.try_get(0).map_err(backend)?,
                         replica: r.try_get(1).map_err(backend)?,
                         insight: r.try_get(2).map_err(backend)?,
-                        online: r.try_get(3).map_err(backend)?,
+                        online: r.try_get::<_, i32>(3).map_err(backend)? != 0,
                     })
                 })
                 .collect()
         })
     }
 }
-
-/// Upserts one proxy's insight for replica `$3` unless another replica holds the proxy online
-/// on an unexpired lease (the rule of `held_elsewhere`) or the dataplane is gone.
-const PUBLISH_INSIGHT: &str = "\
-INSERT INTO proxy_insights (mesh, name, replica, insight) \
-SELECT $1::text, $2::text, $3::text, $4::text \
-WHERE EXISTS (SELECT 1 FROM resources WHERE type = 'Dataplane' AND mesh = $1 AND name = $2) \
-AND NOT EXISTS (SELECT 1 FROM proxy_presence WHERE mesh = $1 AND name = $2 \
-    AND replica <> $3 AND online = 1 AND expires > $5::bigint) \
-ON CONFLICT (mesh, name) DO UPDATE SET replica = EXCLUDED.replica, insight = EXCLUDED.insight";
 
 #[cfg(test)]
 mod tests {

@@ -481,10 +481,12 @@ impl Store for SqliteStore {
         }
         // No `bump_revision`: not a change of the contents.
         self.with_tx(|tx| {
-            let mut publish = tx.prepare_cached(PUBLISH_INSIGHT).map_err(backend)?;
+            let mut publish = tx.prepare_cached(super::PUBLISH_INSIGHT).map_err(backend)?;
             for u in updates {
                 publish
-                    .execute(params![u.mesh, u.name, replica, u.insight, now_ms])
+                    .execute(rusqlite::named_params! {
+                        "$1": u.mesh, "$2": u.name, "$3": replica, "$4": u.insight, "$5": now_ms,
+                    })
                     .map_err(backend)?;
             }
             Ok(())
@@ -493,17 +495,9 @@ impl Store for SqliteStore {
 
     fn insights(&self, mesh: &str, now_ms: i64) -> StoreResult<Vec<PublishedInsight>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT i.name, i.replica, i.insight, \
-                     COALESCE(p.online = 1 AND p.expires > ?2, 0) \
-                     FROM proxy_insights i LEFT JOIN proxy_presence p \
-                     ON p.mesh = i.mesh AND p.name = i.name \
-                     WHERE i.mesh = ?1 ORDER BY i.name",
-                )
-                .map_err(backend)?;
+            let mut stmt = c.prepare_cached(super::INSIGHTS).map_err(backend)?;
             let rows = stmt
-                .query_map(params![mesh, now_ms], |r| {
+                .query_map(rusqlite::named_params! { "$1": mesh, "$2": now_ms }, |r| {
                     Ok(PublishedInsight {
                         name: r.get(0)?,
                         replica: r.get(1)?,
@@ -516,14 +510,3 @@ impl Store for SqliteStore {
         })
     }
 }
-
-/// Upserts one proxy's insight for replica `?3` unless another replica holds the proxy online
-/// on an unexpired lease (the rule of `held_elsewhere`) or the dataplane is gone. (SQLite
-/// reads `ON CONFLICT` after `INSERT … SELECT` only when the `SELECT` has a `WHERE`.)
-const PUBLISH_INSIGHT: &str = "\
-INSERT INTO proxy_insights (mesh, name, replica, insight) \
-SELECT ?1, ?2, ?3, ?4 \
-WHERE EXISTS (SELECT 1 FROM resources WHERE type = 'Dataplane' AND mesh = ?1 AND name = ?2) \
-AND NOT EXISTS (SELECT 1 FROM proxy_presence WHERE mesh = ?1 AND name = ?2 \
-    AND replica <> ?3 AND online = 1 AND expires > ?5) \
-ON CONFLICT (mesh, name) DO UPDATE SET replica = excluded.replica, insight = excluded.insight";
