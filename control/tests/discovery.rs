@@ -875,6 +875,11 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     .await;
     assert_eq!(insight["online"], true, "{insight}");
     assert_eq!(insight["stats"]["requestErrorsTotal"], 2, "{insight}");
+    assert_eq!(
+        insight["controlPlaneInstanceId"],
+        b.hub.replica(),
+        "{insight}"
+    );
     assert!(insight["ackedVersion"].is_string(), "{insight}");
     // Its _config is served by B; A says so.
     let url = format!(

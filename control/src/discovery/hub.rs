@@ -57,6 +57,10 @@ pub struct ProxyStatus {
     pub snapshots_sent: u64,
     /// When the proxy's certificate expires, RFC 3339 (set by the identity service).
     pub cert_expiry: Option<String>,
+    /// The control-plane replica the proxy is (or was last) connected to (Kuma's name for
+    /// it); with one replica, always its own id.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub control_plane_instance_id: String,
     /// The proxy's latest traffic report (kept across reconnects and while offline).
     pub stats: Option<StatsReport>,
     /// Identifies the stream that owns this entry.
@@ -495,6 +499,7 @@ impl Hub {
                 connected_since: Some(now.clone()),
                 last_seen: Some(now),
                 proxy_version: proxy_version.into(),
+                control_plane_instance_id: self.replica.clone(),
                 stream_id: id,
                 cert_expiry,
                 stats,
