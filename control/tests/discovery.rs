@@ -3,10 +3,12 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 use support::in_process::{control_plane, control_plane_on, put, put_off_runtime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::ResourceType;
@@ -16,6 +18,10 @@ use weft_api::proto::{
     Ack, DiscoveryRequest, Nack, ProxyStats, Register, Snapshot, SnapshotPart, permission_rule,
 };
 use weft_control::run::ControlPlane;
+use weft_proxy::cp::CpChannels;
+use weft_proxy::discovery::Discovery;
+use weft_proxy::identity::{Backoff, Identity, IdentityConfig, TokenSource};
+use weft_proxy::metrics::Metrics;
 use weft_tests::postgres::PgServer;
 
 /// A simulated proxy: the real protocol, no data path.
@@ -922,4 +928,70 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     tokio::task::spawn_blocking(move || drop(pg))
         .await
         .expect("stop PostgreSQL");
+}
+
+/// A proxy given several replicas' addresses (`--cp-address A,B`) moves on from one that is
+/// down: the first address answers nothing, and the proxy's real identity and discovery
+/// clients get their certificate and configuration from the second.
+#[tokio::test]
+async fn a_proxy_moves_on_from_a_replica_that_is_down() {
+    weft_proxy::tls::install_default_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let addresses = format!(
+        "https://127.0.0.1:{dead_port},https://127.0.0.1:{}",
+        cp.dp_server_address.port()
+    );
+    let ca = std::fs::read(cp.data_dir.join("cp-ca.pem")).expect("cp-ca.pem");
+    let token = token(&cp, "payments", "web-1");
+
+    let mut config = IdentityConfig::new(
+        addresses.clone(),
+        ca.clone(),
+        "payments",
+        "web-1",
+        TokenSource::Inline(token.clone()),
+    );
+    config.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+    let identity = Identity::new(config, Arc::new(Metrics::new()));
+    let certifying = identity.spawn();
+
+    let replicas = CpChannels::new(&addresses, &ca, Duration::from_secs(5)).expect("addresses");
+    let discovery = Arc::new(Discovery::new(
+        replicas.clone(),
+        dataplane("payments", "web-1", "web", "10.0.0.1"),
+        TokenSource::Inline(token),
+        Arc::new(Metrics::new()),
+    ));
+    let mut applied = discovery.applied();
+    let shutdown = CancellationToken::new();
+    let running = {
+        let (d, s) = (discovery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run(Arc::new(|_: &Snapshot| Ok(())), s).await })
+    };
+    tokio::time::timeout(Duration::from_secs(15), applied.wait_for(|s| s.is_some()))
+        .await
+        .expect("a snapshot from the live replica within 15 s")
+        .expect("discovery running");
+    assert_eq!(replicas.current().0, 1, "on the second address");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !identity.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a certificate from the live replica within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    shutdown.cancel();
+    running.await.expect("discovery ends");
+    certifying.abort();
+    cp.shutdown().await;
 }

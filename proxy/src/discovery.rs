@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::cp::CpChannels;
 use weft_api::parts;
 use weft_api::proto::discovery_client::DiscoveryClient as GrpcClient;
 use weft_api::proto::discovery_request::Kind;
@@ -82,7 +84,7 @@ pub type Apply = Arc<dyn Fn(&Snapshot) -> Result<(), String> + Send + Sync>;
 
 /// The discovery client of one proxy.
 pub struct Discovery {
-    channel: Channel,
+    replicas: CpChannels,
     dataplane: String,
     token: TokenSource,
     metrics: Arc<Metrics>,
@@ -92,16 +94,18 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// A client that registers `dataplane` (YAML or JSON text) over `channel`.
+    /// A client that registers `dataplane` (YAML or JSON text) with the control plane over
+    /// `replicas` (a [`Channel`], or [`CpChannels`] to move on to another replica when one
+    /// fails).
     pub fn new(
-        channel: Channel,
+        replicas: impl Into<CpChannels>,
         dataplane: String,
         token: TokenSource,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (applied, _) = watch::channel(None);
         Discovery {
-            channel,
+            replicas: replicas.into(),
             dataplane,
             token,
             metrics,
@@ -143,16 +147,22 @@ impl Discovery {
             // The session watches `shutdown` itself: cancelling it from out here could drop an
             // open stream before its clean end, and the control plane would then mark the
             // dataplane offline instead of deregistering it.
-            let outcome = self.session(&apply, &shutdown).await;
+            let (replica, channel) = self.replicas.current();
+            let outcome = self.session(channel, &apply, &shutdown).await;
             self.metrics.cp_connected.set(0);
             match outcome {
                 Ok(true) => return,
                 Ok(false) => failures = 1,
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, "discovery stream failed; keeping the last configuration");
+                    tracing::warn!(error = %e, control_plane = %self.replicas.address(replica),
+                        "discovery stream failed; keeping the last configuration");
                 }
             }
+            // The replica ended the stream (it is shutting down) or failed: the next attempt
+            // goes to the next one. Replicas serve the same configuration, so moving on after
+            // any failure costs nothing.
+            self.replicas.failed(replica);
             let delay = self.reconnect.delay(failures);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -161,8 +171,14 @@ impl Discovery {
         }
     }
 
-    /// One stream. `Ok(true)`: ended by shutdown; `Ok(false)`: the server closed it.
-    async fn session(&self, apply: &Apply, shutdown: &CancellationToken) -> Result<bool, String> {
+    /// One stream over `channel`. `Ok(true)`: ended by shutdown; `Ok(false)`: the server
+    /// closed it.
+    async fn session(
+        &self,
+        channel: Channel,
+        apply: &Apply,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, String> {
         let token = self.token()?;
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(4);
         let register = Register {
@@ -180,7 +196,7 @@ impl Discovery {
             .parse()
             .map_err(|_| "the dataplane token is not valid ASCII".to_string())?;
         req.metadata_mut().insert("authorization", bearer);
-        let mut client = GrpcClient::new(self.channel.clone());
+        let mut client = GrpcClient::new(channel);
         let mut stream = tokio::select! {
             r = client.stream(req) => r
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))?

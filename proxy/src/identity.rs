@@ -23,11 +23,12 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use weft_api::proto::CertifyRequest;
 use weft_api::proto::identity_client::IdentityClient;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
+use crate::cp::CpChannels;
 use crate::metrics::{Metrics, ResultLabel};
 
 /// Why certifying failed.
@@ -101,7 +102,8 @@ impl Backoff {
 /// What the identity client needs.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
-    /// Control plane's dataplane endpoint, `https://HOST:PORT`.
+    /// The control plane's dataplane endpoint, `https://HOST:PORT`, or several replicas'
+    /// endpoints, comma-separated (see [`CpChannels`]).
     pub cp_address: String,
     /// PEM of the CA that signed the control plane's certificate (`--ca-cert-file`).
     pub cp_ca_pem: Vec<u8>,
@@ -350,19 +352,20 @@ impl Identity {
         self.updates.subscribe()
     }
 
-    /// A lazily connecting TLS channel to the control plane.
+    /// Lazily connecting TLS channels to the control plane's replicas (`cp_address` may list
+    /// several, comma-separated; see [`CpChannels`]).
+    pub fn channels(&self) -> Result<CpChannels, IdentityError> {
+        CpChannels::new(
+            &self.config.cp_address,
+            &self.config.cp_ca_pem,
+            self.config.request_timeout,
+        )
+        .map_err(|e| IdentityError::Config(e.to_string()))
+    }
+
+    /// A lazily connecting TLS channel to the control plane: to its first replica.
     pub fn channel(&self) -> Result<Channel, IdentityError> {
-        let tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.config.cp_ca_pem));
-        Ok(Endpoint::from_shared(self.config.cp_address.clone())
-            .map_err(|e| {
-                IdentityError::Config(format!("cp address {:?}: {e}", self.config.cp_address))
-            })?
-            .tls_config(tls)
-            .map_err(|e| IdentityError::Config(format!("TLS to the control plane: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(self.config.request_timeout)
-            .connect_lazy())
+        Ok(self.channels()?.current().1)
     }
 
     fn token(&self) -> Result<String, IdentityError> {
@@ -446,8 +449,8 @@ impl Identity {
     /// on [`Identity::renew_now`], and after failures with backoff. The current
     /// certificate stays in place until a new one arrives.
     pub async fn run(self: Arc<Self>) {
-        let channel = loop {
-            match self.channel() {
+        let replicas = loop {
+            match self.channels() {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::error!(error = %e, "identity client cannot start; retrying");
@@ -457,7 +460,12 @@ impl Identity {
         };
         let mut failures: u32 = 0;
         loop {
-            let wait = match self.certify_once(&channel).await {
+            let (replica, channel) = replicas.current();
+            let certified = self.certify_once(&channel).await;
+            if let Err(IdentityError::Unreachable(_)) = &certified {
+                replicas.failed(replica);
+            }
+            let wait = match certified {
                 Ok(state) => {
                     failures = 0;
                     tracing::info!(sans = ?state.uri_sans, serial = %state.serial,

@@ -2,6 +2,8 @@
 //!
 //! The proxy takes its identity and configuration from the control plane and
 //! carries the application's traffic over mesh mTLS. Identity and control:
+//! - [`cp`]: the gRPC channels to the control plane's replicas, moving on to the next replica
+//!   when one fails.
 //! - [`identity`]: key generation, `Identity.Certify`, renewal; the current
 //!   certificate lives in a lock-free [`identity::CertHandle`].
 //! - [`tls`]: rustls client/server configs for mesh mTLS (TLS 1.3, SPIFFE checks).
@@ -46,6 +48,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod copy;
+pub mod cp;
 pub mod datapath;
 pub mod datapath_metrics;
 pub mod detect;

@@ -126,8 +126,8 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
         IdentityConfig::new(&cfg.cp_address, ca, &mesh, &name, token.clone()),
         metrics.clone(),
     );
-    let channel = identity
-        .channel()
+    let replicas = identity
+        .channels()
         .map_err(|e| RunError::Invalid(e.to_string()))?;
     // The data path counts connections and bytes; the L7 layer's telemetry counts requests.
     let stats: Arc<dyn StatsSource> = {
@@ -142,7 +142,7 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
         })
     };
     let discovery = Arc::new(
-        Discovery::new(channel, dataplane, token, metrics.clone())
+        Discovery::new(replicas, dataplane, token, metrics.clone())
             .with_stats(stats, cfg.stats_interval),
     );
     let applied = discovery.applied();

@@ -25,7 +25,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct Args {
-    /// The control plane's dataplane server.
+    /// The control plane's dataplane server; with several control-plane replicas, their
+    /// addresses comma-separated (the proxy moves on to the next when one fails).
     #[arg(
         long,
         env = "WEFT_CP_ADDRESS",
