@@ -6,9 +6,11 @@
 //! interval, for `weftctl inspect dataplanes`.
 //!
 //! Static stability: the last good snapshot stays applied while the control plane is away;
-//! the client reconnects with capped exponential backoff and jitter, and
-//! `weft_control_plane_connected` says whether it is connected.
+//! the client reconnects with capped exponential backoff and jitter, to the next control-plane
+//! replica when it was given several ([`crate::cp`]), and `weft_control_plane_connected` says
+//! whether it is connected.
 
+use crate::cp::CpChannels;
 use crate::identity::TokenSource;
 use crate::metrics::{Metrics, ResultLabel};
 use std::sync::Arc;
@@ -17,8 +19,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-
-use crate::cp::CpChannels;
 use weft_api::parts;
 use weft_api::proto::discovery_client::DiscoveryClient as GrpcClient;
 use weft_api::proto::discovery_request::Kind;
