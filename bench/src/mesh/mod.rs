@@ -25,9 +25,11 @@
 //! requests; RSS sampled every 100 ms) and an open-loop run at `rate`
 //! (latency, corrected for coordinated omission); then stop the pair.
 //! Rounds go through all paths in turn, in the listed order in odd rounds and
-//! in reverse in even ones, so drift hits every path alike.
+//! in reverse in even ones, so drift hits every path alike. Ctrl-C or SIGTERM stops the run
+//! after the path under way and cleans up ([`interrupt`]).
 
 pub mod generator;
+pub mod interrupt;
 pub mod peers;
 pub mod procstat;
 pub mod topology;
@@ -45,6 +47,7 @@ use crate::load::{LoadConfig, LoadError, Measurement, Stop};
 use crate::report::{self, MeshReport, MeshSettings, Mode, PathReport, Protocol, Summary};
 use crate::stats::ErrorCounts;
 use generator::{Target, run_load, wait_request_ok};
+use interrupt::Interrupt;
 use procstat::Usage;
 use topology::{GRPC_PORT, TCP_ECHO_PORT, Topology, TopologyOptions, UPSTREAM_PORT};
 
@@ -87,6 +90,9 @@ pub enum MeshError {
     /// The configuration asks for nothing measurable.
     #[error("invalid mesh configuration: {0}")]
     Config(String),
+    /// SIGINT or SIGTERM came; the run stopped and cleaned up.
+    #[error("interrupted; stopped after cleaning up")]
+    Interrupted,
 }
 
 impl MeshError {
@@ -517,6 +523,8 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     if cfg.rounds == 0 {
         return Err(MeshError::Config("--rounds must be at least 1".into()));
     }
+    // Before anything is built: from here on, a signal lets the run clean up.
+    let interrupt = Interrupt::watch();
     let mut notes = Vec::new();
     let mut note = |s: String, log: &mut dyn FnMut(&str)| {
         log(&format!("note: {s}"));
@@ -634,9 +642,14 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
 
     let mut results: Vec<Vec<RoundResult>> = vec![Vec::new(); paths.len()];
     let mut failed = vec![false; paths.len()];
-    for round in 1..=cfg.rounds {
+    let mut interrupted = false;
+    'rounds: for round in 1..=cfg.rounds {
         for i in round_order(paths.len(), round) {
             let path = paths[i];
+            if interrupt.as_ref().is_some_and(Interrupt::requested) {
+                interrupted = true;
+                break 'rounds;
+            }
             if failed[i] {
                 continue;
             }
@@ -742,6 +755,9 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     }
     drop(cp);
     drop(topo);
+    if interrupted {
+        return Err(MeshError::Interrupted);
+    }
 
     let mut measured: Vec<(PathKind, PathReport)> = Vec::new();
     for (path, rounds) in paths.iter().zip(&results) {
