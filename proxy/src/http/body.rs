@@ -1,14 +1,17 @@
 //! The body type of every request and response the proxy forwards or makes.
 //!
-//! An enum instead of a boxed trait object: forwarding a hyper [`Incoming`] body costs no
+//! An enum instead of a boxed trait object: forwarding a hyper [`Incoming`] body or an HTTP/2
+//! [`RecvStream`] (a response from the mesh, see [`crate::http::mesh_stream`]) costs no
 //! allocation, and the proxy's own small responses are a [`Bytes`]. A body can also hold
 //! something until it ends (the endpoint's in-flight guard, the request's observation), so
 //! that load and duration cover the whole exchange, streaming included, and the app
 //! connection a response comes on, which goes back to its pool ([`crate::http::app_pool`])
 //! when the response ends.
 
+use crate::http::mesh_stream::StreamGuard;
 use crate::telemetry::RequestObservation;
 use bytes::Bytes;
+use h2::RecvStream;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,7 +37,25 @@ pub struct Body {
 
 enum Kind {
     Incoming(Incoming),
+    /// A stream's DATA, then its trailers (`data_done` once the DATA has ended); the guard
+    /// counts the stream as open on its connection.
+    Stream {
+        stream: RecvStream,
+        data_done: bool,
+        _open: Option<StreamGuard>,
+    },
     Full(Option<Bytes>),
+}
+
+/// Why a forwarded body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// A body hyper received.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// A body received on a mesh stream.
+    #[error(transparent)]
+    Stream(#[from] h2::Error),
 }
 
 impl std::fmt::Debug for Body {
@@ -59,6 +80,16 @@ impl Body {
     /// Forwards a body received by hyper.
     pub fn incoming(body: Incoming) -> Self {
         Self::from_kind(Kind::Incoming(body))
+    }
+
+    /// Forwards the body of an HTTP/2 stream (flow-control credit goes back as it is read),
+    /// holding `open` (the stream's count on its connection) until the body is dropped.
+    pub fn stream(stream: RecvStream, open: Option<StreamGuard>) -> Self {
+        Self::from_kind(Kind::Stream {
+            stream,
+            data_done: false,
+            _open: open,
+        })
     }
 
     fn from_kind(kind: Kind) -> Self {
@@ -123,25 +154,27 @@ impl Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
-        let clean = match &self.kind {
-            Kind::Incoming(b) => b.is_end_stream(),
-            Kind::Full(b) => b.is_none(),
-        };
+        let clean = self.is_end_stream();
         self.end(clean);
     }
 }
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
-            Kind::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Kind::Incoming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
+            Kind::Stream {
+                stream, data_done, ..
+            } => poll_stream(stream, data_done, cx),
             Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match &polled {
@@ -160,6 +193,7 @@ impl HttpBody for Body {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Stream { stream, .. } => stream.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
     }
@@ -167,7 +201,34 @@ impl HttpBody for Body {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Incoming(b) => b.size_hint(),
+            Kind::Stream { stream, .. } if stream.is_end_stream() => SizeHint::with_exact(0),
+            Kind::Stream { .. } => SizeHint::default(),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+/// The next frame of a stream's body: DATA until it ends, then the trailers if any.
+fn poll_stream(
+    stream: &mut RecvStream,
+    data_done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    if !*data_done {
+        match std::task::ready!(stream.poll_data(cx)) {
+            Some(Ok(data)) => {
+                // The credit goes back as the data moves on: the peer may send one window
+                // ahead of what the next hop has taken.
+                let _ = stream.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => *data_done = true,
+        }
+    }
+    match std::task::ready!(stream.poll_trailers(cx)) {
+        Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+        Ok(None) => Poll::Ready(None),
+        Err(e) => Poll::Ready(Some(Err(e.into()))),
     }
 }

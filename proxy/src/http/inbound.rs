@@ -254,7 +254,7 @@ async fn accept_tunnel(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> 
         let _active = shared.metrics.opened(INBOUND, Protocol::Opaque.label());
         let start = std::time::SystemTime::now();
         let began = std::time::Instant::now();
-        let tunnel = opaque::Tunnel::new(upgraded, None);
+        let tunnel = opaque::Tunnel::upgraded(upgraded);
         let (sent, received) = forward_with(&shared, INBOUND, tunnel, app, Vec::new()).await;
         telemetry.connection(
             Direction::Inbound,

@@ -26,6 +26,7 @@ pub mod body;
 pub mod coalesce;
 pub mod idle;
 pub mod inbound;
+pub mod mesh_stream;
 pub mod opaque;
 pub mod outbound;
 pub mod pool;

@@ -14,7 +14,7 @@
 use crate::copy::ReadReady;
 use crate::datapath::Shared;
 use crate::http::CONNECT_ATTEMPTS;
-use crate::http::body::Body;
+use crate::http::mesh_stream::StreamIo;
 use crate::http::pool::TunnelSlot;
 use crate::route::Service;
 use http::{Method, Request, StatusCode, Uri};
@@ -115,35 +115,40 @@ async fn request(
         .path_and_query("/")
         .build()
         .map_err(|e| stream_err(e.to_string()))?;
-    let mut req = Request::new(Body::empty());
+    let mut req = Request::new(());
     *req.method_mut() = Method::CONNECT;
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;
     req.extensions_mut()
-        .insert(ConnectProtocol::from_static(PROTOCOL));
-    let mut sender = slot.sender();
-    let resp = match tokio::time::timeout(timeout, sender.send_request(req)).await {
+        .insert(h2::ext::Protocol::from_static(PROTOCOL));
+    let sender = slot.sender();
+    let opened = match tokio::time::timeout(timeout, sender.open(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(stream_err(e.to_string())),
         Err(_) => return Err(stream_err("no answer within the connect timeout".into())),
     };
-    if resp.status() != StatusCode::OK {
-        return Err(OpenError::Refused {
-            endpoint,
-            status: resp.status(),
-        });
+    let status = opened.response.status();
+    if status != StatusCode::OK {
+        return Err(OpenError::Refused { endpoint, status });
     }
-    let upgraded = hyper::upgrade::on(resp)
-        .await
-        .map_err(|e| stream_err(e.to_string()))?;
-    Ok(Tunnel::new(upgraded, Some(slot)))
+    Ok(Tunnel {
+        io: TunnelIo::Stream(opened.into_io()),
+        _slot: Some(slot),
+    })
 }
 
 /// One end of a tunnel: the byte stream of an HTTP/2 CONNECT stream. On the outbound side it
 /// also holds its stream slot on the pooled connection.
 pub struct Tunnel {
-    io: TokioIo<Upgraded>,
+    io: TunnelIo,
     _slot: Option<TunnelSlot>,
+}
+
+/// The stream as the inbound proxy's HTTP/2 server hands it over (an upgrade), or as the
+/// outbound proxy opened it on its pooled connection.
+enum TunnelIo {
+    Upgraded(TokioIo<Upgraded>),
+    Stream(StreamIo),
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -153,10 +158,11 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    pub(crate) fn new(upgraded: Upgraded, slot: Option<TunnelSlot>) -> Self {
+    /// The inbound end: a CONNECT stream that hyper's server upgraded.
+    pub(crate) fn upgraded(upgraded: Upgraded) -> Self {
         Self {
-            io: TokioIo::new(upgraded),
-            _slot: slot,
+            io: TunnelIo::Upgraded(TokioIo::new(upgraded)),
+            _slot: None,
         }
     }
 }
@@ -176,7 +182,10 @@ impl AsyncRead for Tunnel {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        match &mut self.get_mut().io {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+            TunnelIo::Stream(io) => Pin::new(io).poll_read(cx, buf),
+        }
     }
 }
 
@@ -186,14 +195,23 @@ impl AsyncWrite for Tunnel {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+            TunnelIo::Stream(io) => Pin::new(io).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_flush(cx),
+            TunnelIo::Stream(io) => Pin::new(io).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            TunnelIo::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+            TunnelIo::Stream(io) => Pin::new(io).poll_shutdown(cx),
+        }
     }
 }

@@ -14,6 +14,7 @@ use crate::detect::Protocol;
 use crate::http::body::{Body, ByteCount};
 use crate::http::coalesce::Coalesce;
 use crate::http::idle::{Activity, IdleIo};
+use crate::http::mesh_stream::{MeshSender, SendError, StreamGuard};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
     downstream_version, local_response, strip_hop_by_hop, tunnel,
@@ -23,7 +24,6 @@ use crate::telemetry::{Direction, RequestObservation};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -206,7 +206,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         body = body.count_into(c.clone());
     }
     let req = Request::from_parts(parts, body);
-    let (resp, in_flight, endpoint) = match send(&ctx, svc, rule, req).await {
+    let ((resp, open), in_flight, endpoint) = match send(&ctx, svc, rule, req).await {
         Ok(r) => r,
         Err(local) => return observed(local, observation),
     };
@@ -219,7 +219,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     rp.version = downstream_version(ctx.http1);
     observation.status(rp.status.as_u16());
     observation.peer_address(endpoint);
-    let body = Body::incoming(rb)
+    let body = Body::stream(rb, Some(open))
         .hold(in_flight)
         .finish(observation, request_bytes);
     Response::from_parts(rp, body)
@@ -243,32 +243,33 @@ async fn send(
     svc: &Service,
     rule: Option<&HttpRule>,
     mut req: Request<Body>,
-) -> Result<(Response<Incoming>, InFlight, SocketAddr), Response<Body>> {
+) -> Result<
+    (
+        (Response<h2::RecvStream>, StreamGuard),
+        InFlight,
+        SocketAddr,
+    ),
+    Response<Body>,
+> {
     for _ in 0..CONNECT_ATTEMPTS {
-        let (target, mut sender) = connect(ctx, svc, rule).await?;
+        let (target, sender) = connect(ctx, svc, rule).await?;
         let in_flight = target.endpoint.start();
-        let sent = tokio::time::timeout(
-            ctx.shared.opts.request_timeout,
-            sender.try_send_request(req),
-        )
-        .await;
+        let sent = tokio::time::timeout(ctx.shared.opts.request_timeout, sender.send(req)).await;
         match sent {
             Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) => {
-                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
-                        error = %e.error(), "connection closed before the request went out; retrying");
-                    req = unsent;
-                }
-                None => {
-                    tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
-                        error = %e.error(), "mesh request failed");
-                    return Err(local_response(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream request failed\n",
-                    ));
-                }
-            },
+            Ok(Err(SendError::Unsent { request, source })) => {
+                tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                    error = %source, "connection closed before the request went out; retrying");
+                req = *request;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
+                    error = %e, "mesh request failed");
+                return Err(local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream request failed\n",
+                ));
+            }
             Err(_) => {
                 return Err(local_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -289,7 +290,7 @@ pub(crate) async fn connect<'s>(
     ctx: &Ctx,
     svc: &'s Service,
     rule: Option<&'s HttpRule>,
-) -> Result<(Target<'s>, SendRequest<Body>), Response<Body>> {
+) -> Result<(Target<'s>, MeshSender), Response<Body>> {
     let mut failed: Vec<SocketAddr> = Vec::new();
     for _ in 0..CONNECT_ATTEMPTS {
         let Some(target) = svc.pick_for(rule, &failed) else {

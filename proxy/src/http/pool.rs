@@ -14,13 +14,12 @@
 use crate::balance::EndpointState;
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
-use crate::http::body::Body;
 use crate::http::coalesce::Coalesce;
+use crate::http::mesh_stream::{ConnState, MeshSender};
 use crate::listen;
 use crate::mesh_tls::ALPN_H2;
 use arc_swap::ArcSwap;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,7 +56,7 @@ pub enum ConnectError {
         /// The endpoint.
         endpoint: SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// A fresh connection had no room for a tunnel (cannot happen unless the limit is 0).
     #[error("no tunnel slot on a new connection to {endpoint}")]
@@ -78,7 +77,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// and how many opaque-TCP tunnels hold a stream on it.
 struct Conn {
     service: Box<str>,
-    sender: SendRequest<Body>,
+    sender: MeshSender,
     tunnels: AtomicUsize,
 }
 
@@ -105,7 +104,7 @@ pub(crate) struct TunnelSlot {
 
 impl TunnelSlot {
     /// The sender of the connection the slot is on.
-    pub(crate) fn sender(&self) -> SendRequest<Body> {
+    pub(crate) fn sender(&self) -> MeshSender {
         self.conn.sender.clone()
     }
 }
@@ -205,7 +204,7 @@ impl MeshPool {
         mtls: bool,
         service: &str,
         endpoint: &EndpointState,
-    ) -> Result<SendRequest<Body>, ConnectError> {
+    ) -> Result<MeshSender, ConnectError> {
         let entry = self.entry((endpoint.addr, mtls));
         if let Some(c) = entry.first_usable(service) {
             return Ok(c.sender.clone());
@@ -275,7 +274,7 @@ async fn connect(
     mtls: bool,
     service: &str,
     endpoint: SocketAddr,
-) -> Result<SendRequest<Body>, ConnectError> {
+) -> Result<MeshSender, ConnectError> {
     let tcp = listen::connect(endpoint, None, shared.opts.connect_timeout)
         .await
         .map_err(|source| ConnectError::Connect { endpoint, source })?;
@@ -316,32 +315,73 @@ async fn connect(
     handshake(Box::new(tls), own, endpoint).await
 }
 
+/// How often a connection with streams open checks that its peer still answers (PING), and
+/// how long the answer may take before the connection is given up (its streams fail).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 async fn handshake<I>(
     io: I,
     own: listen::OwnSocketEntry,
     endpoint: SocketAddr,
-) -> Result<SendRequest<Body>, ConnectError>
+) -> Result<MeshSender, ConnectError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let (sender, mut conn) = h2::client::Builder::new()
         // Fixed windows: adaptive windows cost a PING per data burst, and the bandwidth-delay
         // product between two sidecars is small.
-        .initial_stream_window_size(crate::http::STREAM_WINDOW)
+        .initial_window_size(crate::http::STREAM_WINDOW)
         .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
         .max_header_list_size(crate::http::MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Duration::from_secs(60))
-        .keep_alive_timeout(Duration::from_secs(20))
+        .max_send_buffer_size(1024 * 1024)
+        .enable_push(false)
         // Each turn of the connection goes out in one write (see `coalesce`).
-        .handshake(TokioIo::new(Coalesce::new(io)))
+        .handshake::<_, Bytes>(Coalesce::new(io))
         .await
         .map_err(|source| ConnectError::Http2 { endpoint, source })?;
+    let state = Arc::new(ConnState::default());
+    let pings = conn.ping_pong();
+    let task_state = state.clone();
     tokio::spawn(async move {
         let _own = own;
-        if let Err(e) = conn.await {
-            tracing::debug!(%endpoint, error = %e, "mesh HTTP/2 connection ended");
+        let keep_alive = keep_alive(pings, &task_state);
+        tokio::select! {
+            // The connection is what wakes this task nearly every time.
+            biased;
+            ended = &mut conn => {
+                if let Err(e) = ended {
+                    tracing::debug!(%endpoint, error = %e, "mesh HTTP/2 connection ended");
+                }
+            }
+            () = keep_alive => {
+                tracing::info!(%endpoint, "mesh HTTP/2 connection: no PING answer; closing it");
+            }
         }
+        task_state.close();
     });
-    Ok(sender)
+    Ok(MeshSender::new(sender, state))
+}
+
+/// Returns when the peer fails to answer a PING within [`KEEP_ALIVE_TIMEOUT`]; pings only
+/// while streams are open, so an idle connection stays idle (and the peer may close it).
+async fn keep_alive(pings: Option<h2::PingPong>, conn: &ConnState) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if !conn.has_streams() {
+            continue;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => {
+                // The connection itself failed; its own future reports that.
+                tracing::debug!(error = %e, "PING failed");
+                return std::future::pending().await;
+            }
+            Err(_) => return,
+        }
+    }
 }

@@ -9,6 +9,7 @@
 
 use crate::http::body::Body;
 use crate::http::inbound::AppClients;
+use crate::http::mesh_stream::{OpenStream, StreamIo};
 use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
 use crate::http::{downstream_version, local_response, strip_hop_by_hop};
 use crate::route::Service;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::ext::Protocol as ConnectProtocol;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The upgrade protocol a request asks for (`Upgrade` with `Connection: upgrade`), except
 /// `h2c`, which the proxy handles itself.
@@ -41,9 +43,29 @@ pub(crate) fn is_tunnel(req: &Request<Incoming>) -> bool {
     req.method() == Method::CONNECT || upgrade_protocol(req).is_some()
 }
 
-fn spawn_join(a: OnUpgrade, b: OnUpgrade) {
+/// One end of a tunnel: an upgrade that hyper completes once the response is out, or a
+/// CONNECT stream to the peer proxy (already open).
+enum End {
+    Upgrade(OnUpgrade),
+    Stream(StreamIo),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl End {
+    async fn open(self) -> Result<Box<dyn Io>, hyper::Error> {
+        Ok(match self {
+            End::Upgrade(u) => Box::new(TokioIo::new(u.await?)),
+            End::Stream(s) => Box::new(s),
+        })
+    }
+}
+
+/// Copies between the two ends, once both are open, until either side closes.
+fn spawn_join(a: End, b: End) {
     tokio::spawn(async move {
-        let (a, b) = match tokio::join!(a, b) {
+        let (mut a, mut b) = match tokio::join!(a.open(), b.open()) {
             (Ok(a), Ok(b)) => (a, b),
             (a, b) => {
                 tracing::debug!(
@@ -54,7 +76,6 @@ fn spawn_join(a: OnUpgrade, b: OnUpgrade) {
                 return;
             }
         };
-        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
         if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
             tracing::debug!(error = %e, "tunnel ended with an error");
         }
@@ -89,9 +110,12 @@ pub(crate) async fn outbound(
     if let Some(r) = rule {
         r.request_headers.apply(&mut parts.headers);
     }
+    // Nothing of the app's request but its head goes on; the extended CONNECT's protocol is
+    // the one extension the mesh stream carries.
+    parts.extensions = http::Extensions::new();
     let uri = match &protocol {
         Some(p) => {
-            parts.extensions.insert(ConnectProtocol::from(p.as_str()));
+            parts.extensions.insert(h2::ext::Protocol::from(p.as_str()));
             absolute_uri(authority, &parts.uri)
         }
         None => Uri::builder().authority(authority).build().ok(),
@@ -102,29 +126,32 @@ pub(crate) async fn outbound(
     parts.uri = uri;
     parts.method = Method::CONNECT;
     parts.version = Version::HTTP_2;
-    let (target, mut sender) = match connect(ctx, svc, rule).await {
+    let (target, sender) = match connect(ctx, svc, rule).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let req = Request::from_parts(parts, Body::empty());
-    let mut resp =
-        match tokio::time::timeout(ctx.shared.opts.request_timeout, sender.send_request(req)).await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::debug!(endpoint = %target.endpoint.addr, error = %e, "mesh tunnel failed");
-                return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
-            }
-            Err(_) => {
-                return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
-            }
-        };
-    let upstream = hyper::upgrade::on(&mut resp);
-    let (mut rp, rb) = resp.into_parts();
+    let req = Request::from_parts(parts, ());
+    let opened = match tokio::time::timeout(ctx.shared.opts.request_timeout, sender.open(req)).await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(endpoint = %target.endpoint.addr, error = %e, "mesh tunnel failed");
+            return local_response(StatusCode::BAD_GATEWAY, "upstream request failed\n");
+        }
+        Err(_) => {
+            return local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+        }
+    };
+    let OpenStream {
+        response,
+        send,
+        guard,
+    } = opened;
+    let (mut rp, recv) = response.into_parts();
     strip_hop_by_hop(&mut rp.headers);
     if !rp.status.is_success() {
         rp.version = downstream_version(ctx.http1);
-        return Response::from_parts(rp, Body::incoming(rb));
+        return Response::from_parts(rp, Body::stream(recv, Some(guard)));
     }
     if let (Some(p), true) = (&upgrade, ctx.http1) {
         rp.status = StatusCode::SWITCHING_PROTOCOLS;
@@ -135,7 +162,10 @@ pub(crate) async fn outbound(
         }
     }
     rp.version = downstream_version(ctx.http1);
-    spawn_join(downstream, upstream);
+    spawn_join(
+        End::Upgrade(downstream),
+        End::Stream(StreamIo::new(send, recv, guard)),
+    );
     Response::from_parts(rp, Body::empty())
 }
 
@@ -213,6 +243,6 @@ pub(crate) async fn inbound(
         rp.status = StatusCode::OK;
         rp.version = Version::HTTP_2;
     }
-    spawn_join(downstream, app);
+    spawn_join(End::Upgrade(downstream), End::Upgrade(app));
     Response::from_parts(rp, Body::empty())
 }
