@@ -24,10 +24,12 @@ use h2::{Reason, RecvStream, SendStream};
 use http::{Request, Response};
 use hyper::body::Body as HttpBody;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What the pool and a connection's task know of it: whether it has ended, and how many
@@ -106,8 +108,45 @@ pub enum SendError {
     Failed(#[from] h2::Error),
 }
 
+/// How often a connection with streams open checks that its peer still answers (PING), and
+/// how long the answer may take before the connection is given up (its streams fail).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// See [`KEEP_ALIVE_INTERVAL`].
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl MeshSender {
-    pub(crate) fn new(tx: SendRequest<Bytes>, state: Arc<ConnState>) -> Self {
+    /// Drives a handshaken connection in a task of its own (which also holds `keep`), with
+    /// keep-alive PINGs, until it ends; the sender then reports it closed.
+    pub(crate) fn spawn<T, K>(
+        tx: SendRequest<Bytes>,
+        mut conn: h2::client::Connection<T, Bytes>,
+        peer: SocketAddr,
+        keep: K,
+    ) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        K: Send + 'static,
+    {
+        let state = Arc::new(ConnState::default());
+        let pings = conn.ping_pong();
+        let task_state = state.clone();
+        tokio::spawn(async move {
+            let _keep = keep;
+            let keep_alive = keep_alive(pings, &task_state);
+            tokio::select! {
+                // The connection is what wakes this task nearly every time.
+                biased;
+                ended = &mut conn => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "mesh HTTP/2 connection ended");
+                    }
+                }
+                () = keep_alive => {
+                    tracing::info!(%peer, "mesh HTTP/2 connection: no PING answer; closing it");
+                }
+            }
+            task_state.close();
+        });
         Self { tx, state }
     }
 
@@ -186,6 +225,29 @@ impl OpenStream {
     /// The stream as a byte stream (after a 2xx).
     pub fn into_io(self) -> StreamIo {
         StreamIo::new(self.send, self.response.into_body(), self.guard)
+    }
+}
+
+/// Returns when the peer fails to answer a PING within [`KEEP_ALIVE_TIMEOUT`]. Pings only
+/// while streams are open, so that an idle connection stays idle (and its peer may close it).
+async fn keep_alive(pings: Option<h2::PingPong>, conn: &ConnState) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if !conn.has_streams() {
+            continue;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => {
+                // The connection itself failed; its own future reports that.
+                tracing::debug!(error = %e, "PING failed");
+                return std::future::pending().await;
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -458,7 +520,6 @@ mod tests {
     use http::{HeaderMap, HeaderValue, Method, StatusCode};
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     type Reply = h2::server::SendResponse<Bytes>;
@@ -475,13 +536,9 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(serve(theirs, respond));
         let (tx, conn) = h2::client::handshake(ours).await.unwrap();
-        let state = Arc::new(ConnState::default());
-        let ended = state.clone();
-        tokio::spawn(async move {
-            let _ = conn.await;
-            ended.close();
-        });
-        (MeshSender::new(tx, state.clone()), state, server)
+        let sender = MeshSender::spawn(tx, conn, ([127, 0, 0, 1], 1).into(), ());
+        let state = sender.state.clone();
+        (sender, state, server)
     }
 
     async fn serve<F, Fut>(io: DuplexStream, respond: F)
@@ -673,5 +730,64 @@ mod tests {
         assert!(state.has_streams());
         drop(io);
         assert!(!state.has_streams());
+    }
+
+    /// A server that answers one request's head (leaving its body open) and then, unless
+    /// `keep_serving`, stops reading its connection, as a peer that hangs would.
+    async fn answer_then_hang(io: DuplexStream, keep_serving: bool) {
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let Some(Ok((_req, mut reply))) = conn.accept().await else {
+            return;
+        };
+        let _open = reply.send_response(Response::new(()), false).unwrap();
+        // Long enough for the head to go out, in paused time.
+        let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+        if keep_serving {
+            while conn.accept().await.is_some() {}
+        }
+        std::future::pending::<()>().await;
+    }
+
+    /// A sender (held as the pool holds it) with one stream open on a peer.
+    async fn open_stream_to(keep_serving: bool) -> (MeshSender, Arc<ConnState>, Body) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(answer_then_hang(theirs, keep_serving));
+        let (tx, conn) = h2::client::handshake(ours).await.unwrap();
+        let sender = MeshSender::spawn(tx, conn, ([127, 0, 0, 1], 1).into(), ());
+        let state = sender.state.clone();
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = "http://backend.mesh/long-poll".parse().unwrap();
+        let (response, open) = sender.clone().send(req).await.unwrap();
+        (
+            sender,
+            state,
+            Body::stream(response.into_body(), Some(open)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_answering_pings_loses_the_connection() {
+        let (_sender, state, _body) = open_stream_to(false).await;
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT / 2).await;
+        assert!(!state.is_closed(), "the answer still has time");
+        tokio::time::sleep(KEEP_ALIVE_TIMEOUT).await;
+        assert!(state.is_closed(), "no PING answer within the timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_pings_keeps_the_connection() {
+        let (_sender, state, _body) = open_stream_to(true).await;
+        tokio::time::sleep(3 * (KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT)).await;
+        assert!(!state.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_not_pinged() {
+        let (_sender, state, body) = open_stream_to(false).await;
+        // The stream is gone: nothing to ping for, so the hanging peer goes unnoticed.
+        drop(body);
+        assert!(!state.has_streams());
+        tokio::time::sleep(3 * (KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT)).await;
+        assert!(!state.is_closed());
     }
 }

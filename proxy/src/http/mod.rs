@@ -5,8 +5,9 @@
 //!
 //! - [`outbound`] serves the app's HTTP/1.1 or HTTP/2 connection, matches each request against
 //!   the service's rules ([`crate::route`]), picks an endpoint ([`crate::balance`]) and sends
-//!   the request as one HTTP/2 stream over a pooled, multiplexed mesh connection ([`pool`]),
-//!   with the connect and request timeouts, header limits and hop-by-hop rules of this module.
+//!   the request as one HTTP/2 stream over a pooled, multiplexed mesh connection ([`pool`];
+//!   the streams are driven through `h2` directly, [`mesh_stream`]), with the connect and
+//!   request timeouts, header limits and hop-by-hop rules of this module.
 //! - [`inbound`] serves those HTTP/2 streams (ALPN [`crate::mesh_tls::ALPN_H2`]) or a plaintext
 //!   HTTP client, checks the source's permission per request (403 when denied), and speaks to
 //!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without

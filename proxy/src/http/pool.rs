@@ -15,7 +15,7 @@ use crate::balance::EndpointState;
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
 use crate::http::coalesce::Coalesce;
-use crate::http::mesh_stream::{ConnState, MeshSender};
+use crate::http::mesh_stream::MeshSender;
 use crate::listen;
 use crate::mesh_tls::ALPN_H2;
 use arc_swap::ArcSwap;
@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
@@ -315,11 +314,6 @@ async fn connect(
     handshake(Box::new(tls), own, endpoint).await
 }
 
-/// How often a connection with streams open checks that its peer still answers (PING), and
-/// how long the answer may take before the connection is given up (its streams fail).
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
 async fn handshake<I>(
     io: I,
     own: listen::OwnSocketEntry,
@@ -328,7 +322,7 @@ async fn handshake<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, mut conn) = h2::client::Builder::new()
+    let (sender, conn) = h2::client::Builder::new()
         // Fixed windows: adaptive windows cost a PING per data burst, and the bandwidth-delay
         // product between two sidecars is small.
         .initial_window_size(crate::http::STREAM_WINDOW)
@@ -340,48 +334,5 @@ where
         .handshake::<_, Bytes>(Coalesce::new(io))
         .await
         .map_err(|source| ConnectError::Http2 { endpoint, source })?;
-    let state = Arc::new(ConnState::default());
-    let pings = conn.ping_pong();
-    let task_state = state.clone();
-    tokio::spawn(async move {
-        let _own = own;
-        let keep_alive = keep_alive(pings, &task_state);
-        tokio::select! {
-            // The connection is what wakes this task nearly every time.
-            biased;
-            ended = &mut conn => {
-                if let Err(e) = ended {
-                    tracing::debug!(%endpoint, error = %e, "mesh HTTP/2 connection ended");
-                }
-            }
-            () = keep_alive => {
-                tracing::info!(%endpoint, "mesh HTTP/2 connection: no PING answer; closing it");
-            }
-        }
-        task_state.close();
-    });
-    Ok(MeshSender::new(sender, state))
-}
-
-/// Returns when the peer fails to answer a PING within [`KEEP_ALIVE_TIMEOUT`]; pings only
-/// while streams are open, so an idle connection stays idle (and the peer may close it).
-async fn keep_alive(pings: Option<h2::PingPong>, conn: &ConnState) {
-    let Some(mut pings) = pings else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        if !conn.has_streams() {
-            continue;
-        }
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => {
-                // The connection itself failed; its own future reports that.
-                tracing::debug!(error = %e, "PING failed");
-                return std::future::pending().await;
-            }
-            Err(_) => return,
-        }
-    }
+    Ok(MeshSender::spawn(sender, conn, endpoint, own))
 }
