@@ -337,6 +337,9 @@ pub struct PathReport {
     /// Both sidecars' CPU time (user + system) over the closed-loop run,
     /// divided by its requests, microseconds.
     pub cpu_us_per_req: f64,
+    /// The kernel's part of `cpu_us_per_req` (system time): the sockets, TCP and the
+    /// wake-ups, which every proxy in the same place pays too.
+    pub cpu_sys_us_per_req: f64,
     /// The upstream app's CPU time per request over the same window.
     pub upstream_cpu_us_per_req: f64,
 }
@@ -388,7 +391,7 @@ impl MeshReport {
             .map(|p| p.summary.name.chars().count())
             .fold(12, usize::max);
         out.push_str(&format!(
-            "{:<w$} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13} {:>9} {:>7}\n",
+            "{:<w$} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13} {:>9} {:>7} {:>7}\n",
             "path",
             "req/s",
             "×direct",
@@ -400,6 +403,7 @@ impl MeshReport {
             "RSS idle o/i",
             "RSS load o/i",
             "CPU µs/req",
+            "of sys",
             "errors",
         ));
         for (i, p) in self.paths.iter().enumerate() {
@@ -407,17 +411,23 @@ impl MeshReport {
             if i > 0 && self.paths[i - 1].summary.protocol != sm.protocol {
                 out.push('\n');
             }
-            let (rss_idle, rss_load, cpu) = if p.proxy_mode == "none" {
-                ("–".to_owned(), "–".to_owned(), "–".to_owned())
+            let (rss_idle, rss_load, cpu, sys) = if p.proxy_mode == "none" {
+                (
+                    "–".to_owned(),
+                    "–".to_owned(),
+                    "–".to_owned(),
+                    "–".to_owned(),
+                )
             } else {
                 (
                     format!("{:.1}/{:.1}", p.rss_idle_out_mib, p.rss_idle_in_mib),
                     format!("{:.1}/{:.1}", p.rss_load_out_mib, p.rss_load_in_mib),
                     format!("{:.1}", p.cpu_us_per_req),
+                    format!("{:.1}", p.cpu_sys_us_per_req),
                 )
             };
             out.push_str(&format!(
-                "{:<w$} {:>9.0} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>13} {:>9} {:>7}\n",
+                "{:<w$} {:>9.0} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>13} {:>9} {:>7} {:>7}\n",
                 sm.name,
                 sm.rps,
                 p.rps_vs_direct,
@@ -429,13 +439,15 @@ impl MeshReport {
                 rss_idle,
                 rss_load,
                 cpu,
+                sys,
                 sm.errors,
             ));
         }
         out.push_str(
             "\n×direct, +p50, +p99: against the direct path of the same protocol. \
              RSS in MiB (outbound/inbound sidecar); CPU µs/req: both sidecars' user+system time \
-             per request under closed-loop load.\n",
+             per request under closed-loop load, of which `of sys` is the kernel's (system) \
+             time.\n",
         );
         for n in &self.notes {
             out.push_str(&format!("note: {n}\n"));
@@ -543,6 +555,7 @@ mod tests {
             rss_load_out_mib: 0.0,
             rss_load_in_mib: 0.0,
             cpu_us_per_req: 0.0,
+            cpu_sys_us_per_req: 0.0,
             upstream_cpu_us_per_req: 0.0,
         };
         let report = MeshReport {
@@ -603,6 +616,7 @@ mod tests {
             "rss_idle_mib",
             "rss_load_mib",
             "cpu_us_per_req",
+            "cpu_sys_us_per_req",
             "errors",
         ] {
             assert!(p.get(key).is_some(), "{key}");

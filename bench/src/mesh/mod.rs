@@ -515,6 +515,8 @@ struct RoundResult {
     /// Peak RSS seen under load, KiB: outbound, inbound.
     load_rss_kib: [u64; 2],
     sidecar_ticks: u64,
+    /// The kernel's part of `sidecar_ticks`.
+    sidecar_sys_ticks: u64,
     upstream_ticks: u64,
 }
 
@@ -902,16 +904,22 @@ fn measure(
     }
     // CPU over the closed-loop run only: no warm-up in the window, so every
     // request it counts is one the CPU time paid for.
+    // (user + system, system) of both sidecars.
     let ticks = |pids: Option<[u32; 2]>| {
-        pids.map_or(0, |p| {
-            p.iter().map(|&pid| procstat::usage(pid).cpu_ticks).sum()
+        pids.map_or((0, 0), |p| {
+            p.iter().fold((0, 0), |(all, sys), &pid| {
+                let u = procstat::usage(pid);
+                (all + u.cpu_ticks, sys + u.sys_ticks)
+            })
         })
     };
     let up_before = procstat::usage(topo.upstream_pid()).cpu_ticks;
     let before = ticks(pids);
     let sampler = pids.map(RssSampler::start);
     let closed = run_load(topo, target, closed_cfg(cfg.duration))?;
-    let sidecar_ticks = ticks(pids).saturating_sub(before);
+    let after = ticks(pids);
+    let sidecar_ticks = after.0.saturating_sub(before.0);
+    let sidecar_sys_ticks = after.1.saturating_sub(before.1);
     let upstream_ticks = procstat::usage(topo.upstream_pid())
         .cpu_ticks
         .saturating_sub(up_before);
@@ -934,6 +942,7 @@ fn measure(
         idle,
         load_rss_kib,
         sidecar_ticks,
+        sidecar_sys_ticks,
         upstream_ticks,
     })
 }
@@ -1053,6 +1062,11 @@ fn aggregate(path: PathKind, rounds: &[RoundResult], cfg: &MeshConfig) -> PathRe
         rss_load_in_mib: load[1],
         cpu_us_per_req: if sidecars {
             med(&|r| us_per_req(r.sidecar_ticks, r))
+        } else {
+            0.0
+        },
+        cpu_sys_us_per_req: if sidecars {
+            med(&|r| us_per_req(r.sidecar_sys_ticks, r))
         } else {
             0.0
         },
@@ -1294,6 +1308,7 @@ mod tests {
             rss_load_out_mib: 0.0,
             rss_load_in_mib: 0.0,
             cpu_us_per_req: 0.0,
+            cpu_sys_us_per_req: 0.0,
             upstream_cpu_us_per_req: 0.0,
         };
         (kind, path)

@@ -12,6 +12,8 @@ pub struct Usage {
     pub rss_kib: u64,
     /// User plus system CPU time, in clock ticks.
     pub cpu_ticks: u64,
+    /// The system (kernel) part of `cpu_ticks`.
+    pub sys_ticks: u64,
 }
 
 impl Usage {
@@ -44,8 +46,8 @@ pub fn tree(pid: u32) -> Vec<u32> {
             let Some(p) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
                 continue;
             };
-            if let Some((ppid, _)) = read_stat(p) {
-                children.entry(ppid).or_default().push(p);
+            if let Some(stat) = read_stat(p) {
+                children.entry(stat.ppid).or_default().push(p);
             }
         }
     }
@@ -64,30 +66,40 @@ pub fn tree(pid: u32) -> Vec<u32> {
 /// gone count as zero.
 pub fn usage(pid: u32) -> Usage {
     tree(pid).into_iter().fold(Usage::default(), |acc, p| {
-        let cpu = read_stat(p).map_or(0, |(_, ticks)| ticks);
+        let (user, sys) = read_stat(p).map_or((0, 0), |s| (s.utime, s.stime));
         Usage {
             rss_kib: acc.rss_kib + read_rss_kib(p).unwrap_or(0),
-            cpu_ticks: acc.cpu_ticks + cpu,
+            cpu_ticks: acc.cpu_ticks + user + sys,
+            sys_ticks: acc.sys_ticks + sys,
         }
     })
 }
 
-/// `(ppid, utime + stime)` from `/proc/<pid>/stat`.
-fn read_stat(pid: u32) -> Option<(u32, u64)> {
+/// The fields of `/proc/<pid>/stat` this module reads.
+#[derive(Debug, PartialEq, Eq)]
+struct Stat {
+    ppid: u32,
+    /// User CPU time, clock ticks.
+    utime: u64,
+    /// System CPU time, clock ticks.
+    stime: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&stat)
 }
 
 /// Parses `/proc/<pid>/stat`. The command name (field 2) may hold spaces
 /// and parentheses, so fields are counted from the last `)`.
-fn parse_stat(stat: &str) -> Option<(u32, u64)> {
+fn parse_stat(stat: &str) -> Option<Stat> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // fields[0] is field 3 (state): field n is fields[n - 3].
     let ppid = fields.get(1)?.parse().ok()?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
+    Some(Stat { ppid, utime, stime })
 }
 
 fn read_rss_kib(pid: u32) -> Option<u64> {
@@ -111,7 +123,14 @@ mod tests {
     fn parses_stat_with_awkward_names() {
         let stat =
             "4242 (we ird) (name)) S 17 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 1 1 1";
-        assert_eq!(parse_stat(stat), Some((17, 325)));
+        assert_eq!(
+            parse_stat(stat),
+            Some(Stat {
+                ppid: 17,
+                utime: 250,
+                stime: 75
+            })
+        );
     }
 
     #[test]
