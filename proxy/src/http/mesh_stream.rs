@@ -116,8 +116,9 @@ pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl MeshSender {
     /// Drives a handshaken connection in a task of its own (which also holds `keep`), with
-    /// keep-alive PINGs, until it ends; the sender then reports it closed.
-    pub(crate) fn spawn<T, K>(
+    /// keep-alive PINGs, until it ends; the sender then reports it closed. `peer` names the
+    /// connection in logs.
+    pub fn spawn<T, K>(
         tx: SendRequest<Bytes>,
         mut conn: h2::client::Connection<T, Bytes>,
         peer: SocketAddr,
@@ -185,7 +186,7 @@ impl MeshSender {
         let end_of_stream = body.is_end_stream();
         let (response, stream) = tx.send_request(Request::from_parts(head, ()), end_of_stream)?;
         let guard = StreamGuard::new(&state);
-        let pumping = (!end_of_stream).then(|| AbortOnDrop(tokio::spawn(pump(body, stream))));
+        let pumping = (!end_of_stream).then(|| AbortOnDrop(Some(tokio::spawn(pump(body, stream)))));
         let response = response.await?;
         if let Some(p) = pumping {
             p.detach();
@@ -252,17 +253,21 @@ async fn keep_alive(pings: Option<h2::PingPong>, conn: &ConnState) {
 }
 
 /// Aborts a task when dropped, unless detached first.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
 impl AbortOnDrop {
-    fn detach(self) {
-        std::mem::forget(self);
+    /// Lets the task run on by itself. (Dropping a `JoinHandle` detaches its task and frees
+    /// the handle's claim on the task's memory; forgetting it would leak that memory.)
+    fn detach(mut self) {
+        self.0.take();
     }
 }
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
