@@ -6,7 +6,7 @@
 //! oneshot: three hand-offs and a task per request, a few hundred nanoseconds each on the
 //! hottest path the proxy has. Here the request's own task opens the stream, awaits the
 //! head and reads the body; only a request body that is still streaming gets a task
-//! ([`pump`]) to move it into the stream. On the inbound side hyper's HTTP/2 server stays.
+//! (`pump`) to move it into the stream. On the inbound side hyper's HTTP/2 server stays.
 //!
 //! - [`MeshSender`] opens streams on one connection ([`crate::http::pool`] drives the
 //!   connection itself and marks it closed when it ends).
