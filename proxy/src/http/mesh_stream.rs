@@ -159,11 +159,11 @@ impl MeshSender {
     /// Sends `req` on a new stream and waits for the response head. A request body that is
     /// not over with the head is moved into the stream by a task of its own, so that the
     /// response can stream back meanwhile (gRPC bidirectional streaming); it is cancelled,
-    /// and the stream reset, when the head never comes (this future dropped or failed).
+    /// and the stream reset, when the head never comes (this future dropped or failed). The
+    /// stream counts as open on the connection as long as the returned guard lives.
     ///
     /// Connection-specific headers must already be gone (HTTP/2 has none; see
     /// [`crate::http::strip_hop_by_hop`]).
-    /// The stream counts as open on the connection as long as the returned guard lives.
     pub async fn send(
         self,
         req: Request<Body>,
