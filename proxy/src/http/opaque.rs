@@ -27,6 +27,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::either::Either;
 
 /// The `:protocol` of a tunnel's extended CONNECT. Reserved: an app's own Upgrade to this
 /// protocol is refused by the outbound proxy.
@@ -132,7 +133,7 @@ async fn request(
         return Err(OpenError::Refused { endpoint, status });
     }
     Ok(Tunnel {
-        io: TunnelIo::Stream(opened.into_io()),
+        io: Either::Right(opened.into_io()),
         _slot: Some(slot),
     })
 }
@@ -140,15 +141,10 @@ async fn request(
 /// One end of a tunnel: the byte stream of an HTTP/2 CONNECT stream. On the outbound side it
 /// also holds its stream slot on the pooled connection.
 pub struct Tunnel {
-    io: TunnelIo,
+    /// The stream as the inbound proxy's HTTP/2 server hands it over (an upgrade), or as the
+    /// outbound proxy opened it on its pooled connection.
+    io: Either<TokioIo<Upgraded>, StreamIo>,
     _slot: Option<TunnelSlot>,
-}
-
-/// The stream as the inbound proxy's HTTP/2 server hands it over (an upgrade), or as the
-/// outbound proxy opened it on its pooled connection.
-enum TunnelIo {
-    Upgraded(TokioIo<Upgraded>),
-    Stream(StreamIo),
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -161,7 +157,7 @@ impl Tunnel {
     /// The inbound end: a CONNECT stream that hyper's server upgraded.
     pub(crate) fn upgraded(upgraded: Upgraded) -> Self {
         Self {
-            io: TunnelIo::Upgraded(TokioIo::new(upgraded)),
+            io: Either::Left(TokioIo::new(upgraded)),
             _slot: None,
         }
     }
@@ -182,10 +178,7 @@ impl AsyncRead for Tunnel {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
-            TunnelIo::Stream(io) => Pin::new(io).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -195,23 +188,14 @@ impl AsyncWrite for Tunnel {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            TunnelIo::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
-            TunnelIo::Stream(io) => Pin::new(io).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::Upgraded(io) => Pin::new(io).poll_flush(cx),
-            TunnelIo::Stream(io) => Pin::new(io).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            TunnelIo::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
-            TunnelIo::Stream(io) => Pin::new(io).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -17,9 +17,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::ext::Protocol as ConnectProtocol;
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::either::Either;
 
 /// The upgrade protocol a request asks for (`Upgrade` with `Connection: upgrade`), except
 /// `h2c`, which the proxy handles itself.
@@ -50,14 +50,11 @@ enum End {
     Stream(StreamIo),
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 impl End {
-    async fn open(self) -> Result<Box<dyn Io>, hyper::Error> {
+    async fn open(self) -> Result<Either<TokioIo<Upgraded>, StreamIo>, hyper::Error> {
         Ok(match self {
-            End::Upgrade(u) => Box::new(TokioIo::new(u.await?)),
-            End::Stream(s) => Box::new(s),
+            End::Upgrade(u) => Either::Left(TokioIo::new(u.await?)),
+            End::Stream(s) => Either::Right(s),
         })
     }
 }
