@@ -5,23 +5,22 @@
 //! still uses for tunnels and h2c): it is built for many origins, so each request builds and
 //! hashes a pool key under the pool's lock, and each HTTP/1.1 connection goes back to the pool
 //! through a task spawned per request that waits for the connection to be ready. An inbound
-//! has one origin, its app. Here the pool is a stack of idle senders behind a mutex held for a
-//! few instructions, and a connection is lent to one request and handed back when that
-//! response's body ends ([`Lent`], which the response's [`crate::http::body::Body`] holds):
-//! no task and no key per request.
+//! has one origin, its app. Here the pool is a stack of idle connections behind a mutex held
+//! for a few instructions; a connection is lent to one request, spoken to by weft's own
+//! HTTP/1.1 client ([`crate::http::app_http1`]), and put back by the response body the moment
+//! it has read the response's last byte: no task and no key per request.
 //!
-//! A lent connection is only reused once hyper says it is ready (its request body fully sent,
-//! its response fully read), so a request never queues behind another one. A connection the
-//! app closed is dropped when it is next looked at; one idle for [`IDLE`] is closed by the
-//! pool's reaper. A request that hyper could not start on a reused connection (the app closed
-//! it in the meantime) is retried once on a new connection.
+//! A connection is only reused once its request went out whole and its response was read to
+//! the end, so a request never queues behind another one. A connection the app closed is
+//! dropped when it is next looked at; one idle for [`IDLE`] is closed by the pool's reaper. A
+//! request that dies with a reused connection is sent again on a new one when that is safe
+//! (see [`Http1Pool::send`]).
 
+use crate::http::app_http1::{AppBody, Conn, ExchangeError, Home, Outgoing, SendFailed};
 use crate::http::body::Body;
 use crate::http::coalesce::Coalesce;
 use crate::listen;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -48,13 +47,13 @@ pub enum AppRequestError {
         /// Why.
         source: std::io::Error,
     },
-    /// The HTTP/1.1 exchange failed (handshake, write, or the app's response).
+    /// The HTTP/1.1 exchange failed (writing the request, or the app's response head).
     #[error("HTTP/1.1 to {upstream}: {source}")]
-    Http {
+    Exchange {
         /// The app's address.
         upstream: SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: ExchangeError,
     },
 }
 
@@ -132,7 +131,7 @@ struct Inner {
 }
 
 struct Idle {
-    sender: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -145,24 +144,14 @@ impl std::fmt::Debug for Http1Pool {
     }
 }
 
-/// A pooled connection lent to one request. [`Lent::give_back`] returns it once the
-/// response has ended; dropping it instead closes the connection when no request uses it.
-pub struct Lent {
-    sender: SendRequest<Body>,
-    pool: Weak<Inner>,
-}
+/// The way back into the pool for a connection lent to one request ([`Home`]): taken by the
+/// response body when it ends cleanly, and a no-op once the pool is gone.
+struct Back(Weak<Inner>);
 
-impl std::fmt::Debug for Lent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lent").finish_non_exhaustive()
-    }
-}
-
-impl Lent {
-    /// Returns the connection to its pool (the response it carried ended cleanly).
-    pub fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.sender);
+impl Home for Back {
+    fn put(&self, conn: Conn) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.put(conn);
         }
     }
 }
@@ -186,104 +175,83 @@ impl Http1Pool {
         self.inner.idle.lock().map_or(0, |idle| idle.len())
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on a pooled connection, or on a new one when
-    /// none is ready. Returns the response head and the connection, which goes back to the
-    /// pool when [`Lent::give_back`] is called at the end of the response body.
-    pub async fn send(
-        &self,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lent), AppRequestError> {
-        if let Some(mut sender) = self.inner.take_ready() {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lend(sender))),
-                Err(mut e) => match e.take_message() {
-                    // Not started: the app closed the connection meanwhile. A new one.
-                    Some(r) => req = r,
-                    None => return Err(self.inner.http_error(e.into_error())),
-                },
+    /// Sends `req` (origin-form URI, `Host` set, hop-by-hop headers removed) on a pooled
+    /// connection, or on a new one when none is idle, and returns the response head. The
+    /// connection goes back to the pool when the response body has been read to its end.
+    ///
+    /// A request that dies with a reused connection (the app closed it as the request went
+    /// out) is sent again on a new one when nothing of it can have been acted on: it was not
+    /// written whole, or it is idempotent and no byte of an answer came back.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<AppBody>, AppRequestError> {
+        let upstream = self.inner.connector.upstream;
+        let exchange = |source| AppRequestError::Exchange { upstream, source };
+        let mut out = Outgoing::new(req).map_err(exchange)?;
+        if let Some(conn) = self.inner.take_usable() {
+            match out.send_on(conn, self.back()).await {
+                Ok(resp) => return Ok(resp),
+                Err(SendFailed {
+                    retry: Some(again),
+                    error,
+                }) => {
+                    tracing::debug!(%upstream, %error, "reused app connection failed; retrying");
+                    out = again;
+                }
+                Err(SendFailed { error, .. }) => return Err(exchange(error)),
             }
         }
-        let mut sender = self.inner.connect().await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, self.lend(sender))),
-            Err(e) => Err(self.inner.http_error(e)),
-        }
+        let conn = self.inner.connect().await?;
+        out.send_on(conn, self.back())
+            .await
+            .map_err(|f| exchange(f.error))
     }
 
-    fn lend(&self, sender: SendRequest<Body>) -> Lent {
-        Lent {
-            sender,
-            pool: Arc::downgrade(&self.inner),
-        }
+    fn back(&self) -> Box<dyn Home> {
+        Box::new(Back(Arc::downgrade(&self.inner)))
     }
 }
 
 impl Inner {
-    fn http_error(&self, source: hyper::Error) -> AppRequestError {
-        AppRequestError::Http {
-            upstream: self.connector.upstream,
-            source,
-        }
-    }
-
-    /// The warmest idle connection that can take a request now. Drops closed ones on the
-    /// way; leaves the ones still busy finishing a request, and leaves expiry to the reaper.
-    fn take_ready(&self) -> Option<SendRequest<Body>> {
+    /// The warmest idle connection the app has not closed. Drops closed ones on the way;
+    /// leaves expiry to the reaper.
+    fn take_usable(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let sender = &idle[i].sender;
-            if sender.is_closed() {
-                idle.remove(i);
-            } else if sender.is_ready() {
-                return Some(idle.remove(i).sender);
+        while let Some(Idle { conn, .. }) = idle.pop() {
+            if conn.is_usable() {
+                return Some(conn);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, conn: Conn) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Drops the connections idle for [`IDLE`] (closing them) and the closed ones.
+    /// Drops the connections idle for [`IDLE`] (closing them) and the ones the app closed.
     fn reap(&self) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
         let now = Instant::now();
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE);
+        idle.retain(|c| c.conn.is_usable() && now.duration_since(c.since) < IDLE);
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, AppRequestError> {
+    async fn connect(&self) -> Result<Conn, AppRequestError> {
         let upstream = self.connector.upstream;
         let tcp = self
             .connector
             .connect()
             .await
             .map_err(|source| AppRequestError::Connect { upstream, source })?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| self.http_error(e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%upstream, error = %e, "app connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(tcp))
     }
 }
 
@@ -338,7 +306,7 @@ mod tests {
             while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = service_fn(move |_req: Request<Incoming>| async move {
+                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
                         let mut resp = Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"hello"),
                         ));
@@ -373,11 +341,10 @@ mod tests {
         Http1Pool::new(AppConnector::new(addr, None, Duration::from_secs(5)))
     }
 
-    /// One request: its body read to the end, then the connection given back.
+    /// One request, its body read to the end (which puts the connection back).
     async fn exchange(pool: &Http1Pool, addr: SocketAddr) -> String {
-        let (resp, lent) = pool.send(get(addr)).await.expect("response");
+        let resp = pool.send(get(addr)).await.expect("response");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
-        lent.give_back();
         String::from_utf8_lossy(&body).into_owned()
     }
 
@@ -402,9 +369,8 @@ mod tests {
             held.push(pool.send(get(addr)).await.expect("response"));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
-        for (resp, lent) in held {
+        for resp in held {
             resp.into_body().collect().await.expect("body");
-            lent.give_back();
         }
         assert_eq!(pool.idle_count(), 4);
         for _ in 0..8 {
@@ -443,12 +409,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_not_given_back_is_not_reused() {
+    async fn a_response_dropped_before_its_end_closes_its_connection() {
         let (addr, accepted) = app(Closing::Never).await;
         let pool = pool_for(addr);
-        let (resp, lent) = pool.send(get(addr)).await.expect("response");
-        drop(lent);
+        let resp = pool.send(get(addr)).await.expect("response");
         drop(resp);
+        assert_eq!(pool.idle_count(), 0);
         assert_eq!(exchange(&pool, addr).await, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }

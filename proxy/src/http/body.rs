@@ -4,10 +4,11 @@
 //! [`RecvStream`] (a response from the mesh, see [`crate::http::mesh_stream`]) costs no
 //! allocation, and the proxy's own small responses are a [`Bytes`]. A body can also hold
 //! something until it ends (the endpoint's in-flight guard, the request's observation), so
-//! that load and duration cover the whole exchange, streaming included, and the app
-//! connection a response comes on, which goes back to its pool ([`crate::http::app_pool`])
-//! when the response ends.
+//! that load and duration cover the whole exchange, streaming included. A response from the
+//! app's HTTP/1.1 connection is an [`AppBody`], which puts its connection back into the pool
+//! ([`crate::http::app_pool`]) itself when the response ends.
 
+use crate::http::app_http1::{AppBody, AppBodyError};
 use crate::http::mesh_stream::StreamGuard;
 use crate::telemetry::RequestObservation;
 use bytes::Bytes;
@@ -26,9 +27,6 @@ pub struct Body {
     kind: Kind,
     bytes: u64,
     hold: Option<crate::balance::InFlight>,
-    /// The app connection this (response) body comes on, given back to its pool when the
-    /// body ends cleanly.
-    conn: Option<crate::http::app_pool::Lent>,
     /// This body's bytes go here as they pass (a request body, for its observation).
     count: Option<ByteCount>,
     /// Finished when this (response) body ends: with the request's bytes and this body's.
@@ -44,6 +42,7 @@ enum Kind {
         data_done: bool,
         _open: Option<StreamGuard>,
     },
+    App(AppBody),
     Full(Option<Bytes>),
 }
 
@@ -56,6 +55,9 @@ pub enum BodyError {
     /// A body received on a mesh stream.
     #[error(transparent)]
     Stream(#[from] h2::Error),
+    /// A response body from the app's HTTP/1.1 connection.
+    #[error(transparent)]
+    App(#[from] AppBodyError),
 }
 
 impl std::fmt::Debug for Body {
@@ -97,7 +99,6 @@ impl Body {
             kind,
             bytes: 0,
             hold: None,
-            conn: None,
             count: None,
             observation: None,
         }
@@ -109,10 +110,10 @@ impl Body {
         self
     }
 
-    /// Gives `conn` back to its pool when this body ends cleanly (and closes it otherwise).
-    pub fn give_back_at_end(mut self, conn: crate::http::app_pool::Lent) -> Self {
-        self.conn = Some(conn);
-        self
+    /// Forwards a response body from the app's HTTP/1.1 connection (whose connection goes
+    /// back to its pool when the body has ended).
+    pub fn app(body: AppBody) -> Self {
+        Self::from_kind(Kind::App(body))
     }
 
     /// Adds this body's bytes to `count` as they pass.
@@ -134,11 +135,6 @@ impl Body {
 
     fn end(&mut self, clean: bool) {
         self.hold = None;
-        if let Some(conn) = self.conn.take()
-            && clean
-        {
-            conn.give_back();
-        }
         if let Some(c) = &self.count {
             c.fetch_add(self.bytes, Ordering::Relaxed);
             self.bytes = 0;
@@ -175,6 +171,9 @@ impl HttpBody for Body {
             Kind::Stream {
                 stream, data_done, ..
             } => poll_stream(stream, data_done, cx),
+            Kind::App(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
             Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match &polled {
@@ -194,6 +193,7 @@ impl HttpBody for Body {
         match &self.kind {
             Kind::Incoming(b) => b.is_end_stream(),
             Kind::Stream { stream, .. } => stream.is_end_stream(),
+            Kind::App(b) => b.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
     }
@@ -203,6 +203,7 @@ impl HttpBody for Body {
             Kind::Incoming(b) => b.size_hint(),
             Kind::Stream { stream, .. } if stream.is_end_stream() => SizeHint::with_exact(0),
             Kind::Stream { .. } => SizeHint::default(),
+            Kind::App(b) => b.size_hint(),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

@@ -358,17 +358,17 @@ async fn forward(
             .http2
             .request(req)
             .await
-            .map(|r| (r, None))
+            .map(|r| r.map(Body::incoming))
             .map_err(|e| e.to_string())
     } else {
         ctx.clients
             .http1_pool
             .send(req)
             .await
-            .map(|(r, conn)| (r, Some(conn)))
+            .map(|r| r.map(Body::app))
             .map_err(|e| e.to_string())
     };
-    let (resp, conn) = match sent {
+    let resp = match sent {
         Ok(r) => r,
         Err(error) => {
             tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, %error,
@@ -379,13 +379,10 @@ async fn forward(
             );
         }
     };
-    let (mut rp, rb) = resp.into_parts();
+    let (mut rp, body) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
     rp.version = downstream_version(downstream_http1);
     observation.status(rp.status.as_u16());
-    let mut body = Body::incoming(rb).finish(observation, request_bytes);
-    if let Some(conn) = conn {
-        body = body.give_back_at_end(conn);
-    }
+    let body = body.finish(observation, request_bytes);
     Response::from_parts(rp, body)
 }

@@ -12,7 +12,8 @@
 //!   HTTP client, checks the source's permission per request (403 when denied), and speaks to
 //!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without
 //!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]). HTTP/1.1
-//!   connections to the app are kept alive in [`app_pool`].
+//!   connections to the app are kept alive in [`app_pool`] and spoken to by weft's own
+//!   HTTP/1.1 client, [`app_http1`].
 //! - [`opaque`] carries TCP that is not HTTP, with mTLS on: one CONNECT stream per app
 //!   connection on the same pooled connections.
 //! - [`tunnel`] carries Upgrade (WebSocket) and CONNECT: an extended CONNECT stream between the
@@ -22,6 +23,7 @@
 //! through. Under every HTTP/2 connection, served or pooled, [`coalesce`] gathers the frames
 //! of each turn of the connection into one write.
 
+pub mod app_http1;
 pub mod app_pool;
 pub mod body;
 pub mod coalesce;
