@@ -1251,6 +1251,106 @@ mod tests {
         drop(accepted);
     }
 
+    /// A hyper server on loopback that serves each connection with `svc`.
+    async fn hyper_server<S>(svc: S) -> SocketAddr
+    where
+        S: hyper::service::Service<Request<hyper::body::Incoming>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Response: Into<Response<Body>>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let fut = svc.call(req);
+                        async move { fut.await.map(Into::into) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_body_streams_while_the_response_comes_back() {
+        use http_body_util::StreamBody;
+        use hyper_util::rt::TokioIo;
+        // The app echoes the request body as it arrives.
+        let app = hyper_server(hyper::service::service_fn(
+            |req: Request<hyper::body::Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(Response::new(Body::incoming(req.into_body())))
+            },
+        ))
+        .await;
+        // A front that forwards each request through the pool, as the inbound does.
+        let pool = pool_for(app);
+        let front_pool = pool.clone();
+        let front = hyper_server(hyper::service::service_fn(
+            move |req: Request<hyper::body::Incoming>| {
+                let pool = front_pool.clone();
+                async move {
+                    let (mut parts, body) = req.into_parts();
+                    crate::http::strip_hop_by_hop(&mut parts.headers);
+                    let resp = pool
+                        .send(Request::from_parts(parts, Body::incoming(body)))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(resp.map(Body::app))
+                }
+            },
+        ))
+        .await;
+        let tcp = TcpStream::connect(front).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = Request::post("/echo")
+            .header(header::HOST, "app")
+            .body(body)
+            .expect("request");
+        let resp = sender.send_request(req);
+        // Each piece must come back before the next is sent: the response streams while the
+        // request body is still open.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ping 0"))))
+            .await
+            .expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("head in time")
+            .expect("response");
+        let mut echoed = resp.into_body();
+        for i in 0..5 {
+            if i > 0 {
+                tx.send(Ok(Frame::data(Bytes::from(format!("ping {i}")))))
+                    .await
+                    .expect("send");
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(5), echoed.frame())
+                .await
+                .expect("echo in time")
+                .expect("frame")
+                .expect("data");
+            assert_eq!(frame.into_data().expect("data"), format!("ping {i}"));
+        }
+        drop(tx);
+        let rest = echoed.collect().await.expect("end").to_bytes();
+        assert!(rest.is_empty());
+        // The chunked request ended cleanly, and so did the response: the connection is back.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.idle_count(), 1);
+    }
+
     #[test]
     fn chunk_sizes_are_lowercase_hex() {
         for (n, text) in [
