@@ -26,6 +26,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Weak;
 use std::task::{Context, Poll, Waker, ready};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -142,7 +143,8 @@ impl Conn {
     }
 }
 
-/// Where a connection goes when a response on it has ended cleanly: back to its pool.
+/// Where a connection goes when a response on it has ended cleanly: back to its pool, held
+/// weakly by the response so that a pool dropped meanwhile just lets the connection close.
 pub trait Home: Send + Sync + 'static {
     /// Takes the connection back.
     fn put(&self, conn: Conn);
@@ -186,7 +188,9 @@ impl Outgoing {
     /// of its body as has already arrived.
     pub fn new(req: Request<Body>) -> Result<Self, ExchangeError> {
         let (parts, mut body) = req.into_parts();
-        let mut data: Vec<Bytes> = Vec::new();
+        // Usually one DATA frame is at hand: no vector for it.
+        let mut first: Option<Bytes> = None;
+        let mut more: Vec<Bytes> = Vec::new();
         let mut gathered = 0usize;
         let mut trailers = None;
         let mut ended = body.is_end_stream();
@@ -198,8 +202,10 @@ impl Outgoing {
                 Some(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => {
                         gathered += d.len();
-                        if !d.is_empty() {
-                            data.push(d);
+                        if first.is_none() {
+                            first = Some(d);
+                        } else if !d.is_empty() {
+                            more.push(d);
                         }
                         ended = body.is_end_stream();
                     }
@@ -260,7 +266,7 @@ impl Outgoing {
             wire.put_slice(b"transfer-encoding: chunked\r\n");
         }
         wire.put_slice(b"\r\n");
-        for d in &data {
+        for d in first.iter().chain(&more).filter(|d| !d.is_empty()) {
             if framing == Framing::Chunked {
                 put_chunk_size(&mut wire, d.len());
                 wire.put_slice(d);
@@ -290,7 +296,7 @@ impl Outgoing {
     pub async fn send_on(
         mut self,
         mut conn: Conn,
-        home: Box<dyn Home>,
+        home: Weak<dyn Home>,
     ) -> Result<Response<AppBody>, SendFailed> {
         if let Err(e) = conn.io.write_all(&self.wire).await {
             // The app did not take the request whole: it cannot have acted on it.
@@ -499,7 +505,7 @@ pub struct AppBody {
     keep_alive: bool,
     /// The task streaming the request body, when there is one.
     pump: Option<JoinHandle<Result<OwnedWriteHalf, PumpError>>>,
-    home: Option<Box<dyn Home>>,
+    home: Option<Weak<dyn Home>>,
 }
 
 impl std::fmt::Debug for AppBody {
@@ -633,9 +639,12 @@ impl AppBody {
         let home = self.home.take();
         let reader = self.reader.take();
         let pump = self.pump.take();
-        let (Some(home), Some(reader), true, true) =
-            (home, reader, self.keep_alive, self.buf.is_empty())
-        else {
+        let (Some(home), Some(reader), true, true) = (
+            home.and_then(|h| h.upgrade()),
+            reader,
+            self.keep_alive,
+            self.buf.is_empty(),
+        ) else {
             if let Some(p) = pump {
                 p.abort();
             }
@@ -659,9 +668,11 @@ impl AppBody {
             }
             _ => return,
         };
+        // The buffer goes along: its allocation serves the next response once the bytes
+        // handed out of it are dropped.
         home.put(Conn {
             io,
-            buf: BytesMut::new(),
+            buf: std::mem::take(&mut self.buf),
         });
     }
 

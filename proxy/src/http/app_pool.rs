@@ -144,15 +144,10 @@ impl std::fmt::Debug for Http1Pool {
     }
 }
 
-/// The way back into the pool for a connection lent to one request ([`Home`]): taken by the
-/// response body when it ends cleanly, and a no-op once the pool is gone.
-struct Back(Weak<Inner>);
-
-impl Home for Back {
+/// The pool takes back a connection whose response has ended cleanly.
+impl Home for Inner {
     fn put(&self, conn: Conn) {
-        if let Some(pool) = self.0.upgrade() {
-            pool.put(conn);
-        }
+        Inner::put(self, conn);
     }
 }
 
@@ -205,8 +200,8 @@ impl Http1Pool {
             .map_err(|f| exchange(f.error))
     }
 
-    fn back(&self) -> Box<dyn Home> {
-        Box::new(Back(Arc::downgrade(&self.inner)))
+    fn back(&self) -> Weak<dyn Home> {
+        Arc::downgrade(&self.inner) as Weak<dyn Home>
     }
 }
 
