@@ -85,7 +85,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers. `TE: trailers` is kept (gRPC needs it; HTTP/2 allows only it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // One pass over the names decides: most messages carry none of these, and a removal
+    // that misses still hashes the name and probes the map, ten times over.
+    if !headers
+        .keys()
+        .any(|n| n == header::TE || HOP_BY_HOP.contains(n))
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -220,6 +225,21 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["host", "te", "trailer"]);
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in HOP_BY_HOP.iter().chain([&header::TE]) {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("api"));
+            h.insert(name.clone(), HeaderValue::from_static("gzip"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} stayed");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[tokio::test]
