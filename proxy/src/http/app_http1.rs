@@ -9,7 +9,7 @@
 //! parses the response head; the response body ([`AppBody`]) is read from the socket by
 //! whoever polls it, and the connection goes back to the pool the moment its last byte is
 //! read. Only a request body that is still arriving when the head goes out gets a task
-//! ([`pump`]), since it must keep flowing while the response comes back. The parsing is
+//! (`pump`), since it must keep flowing while the response comes back. The parsing is
 //! httparse's, as in hyper.
 //!
 //! What it leaves to others, since the inbound never asks it: Upgrade and CONNECT (tunnels go
