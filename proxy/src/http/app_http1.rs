@@ -1002,6 +1002,18 @@ mod tests {
             .expect("request")
     }
 
+    /// Sends a request through `pool` and expects a response head.
+    async fn send_ok(
+        pool: &Http1Pool,
+        method: Method,
+        addr: SocketAddr,
+        body: &'static str,
+    ) -> Response<AppBody> {
+        pool.send(request(method, addr, body))
+            .await
+            .expect("response")
+    }
+
     /// The body's bytes and trailers.
     async fn read_all(resp: Response<AppBody>) -> (String, Option<HeaderMap>) {
         let collected = resp.into_body().collect().await.expect("body");
@@ -1021,10 +1033,7 @@ mod tests {
             scripted_app(Arc::new(|_, _| Answer::Reply(CHUNKED.to_vec())), true).await;
         let pool = pool_for(addr);
         for _ in 0..3 {
-            let resp = pool
-                .send(request(Method::GET, addr, ""))
-                .await
-                .expect("response");
+            let resp = send_ok(&pool, Method::GET, addr, "").await;
             assert_eq!(resp.status(), StatusCode::OK);
             let (body, trailers) = read_all(resp).await;
             assert_eq!(body, "hello, world");
@@ -1049,10 +1058,7 @@ mod tests {
         .await;
         let pool = pool_for(addr);
         for (method, body) in [(Method::POST, "abc"), (Method::GET, ""), (Method::PUT, "")] {
-            let resp = pool
-                .send(request(method, addr, body))
-                .await
-                .expect("response");
+            let resp = send_ok(&pool, method, addr, body).await;
             assert_eq!(resp.status(), StatusCode::NO_CONTENT);
             assert_eq!(read_all(resp).await.0, "");
         }
@@ -1091,16 +1097,10 @@ mod tests {
         )
         .await;
         let pool = pool_for(addr);
-        let resp = pool
-            .send(request(Method::POST, addr, "x"))
-            .await
-            .expect("response");
+        let resp = send_ok(&pool, Method::POST, addr, "x").await;
         assert_eq!(resp.status(), StatusCode::CREATED);
         assert_eq!(read_all(resp).await.0, "ok");
-        let resp = pool
-            .send(request(Method::HEAD, addr, ""))
-            .await
-            .expect("response");
+        let resp = send_ok(&pool, Method::HEAD, addr, "").await;
         assert_eq!(resp.headers()[header::CONTENT_LENGTH], "1000");
         assert_eq!(read_all(resp).await.0, "");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1115,10 +1115,7 @@ mod tests {
         .await;
         let pool = pool_for(addr);
         for _ in 0..2 {
-            let resp = pool
-                .send(request(Method::GET, addr, ""))
-                .await
-                .expect("response");
+            let resp = send_ok(&pool, Method::GET, addr, "").await;
             assert_eq!(read_all(resp).await.0, "all of it");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -1135,10 +1132,7 @@ mod tests {
         )
         .await;
         let pool = pool_for(addr);
-        let resp = pool
-            .send(request(Method::GET, addr, ""))
-            .await
-            .expect("response");
+        let resp = send_ok(&pool, Method::GET, addr, "").await;
         let mut body = resp.into_body();
         let frame = body.frame().await.expect("frame").expect("data");
         assert_eq!(frame.into_data().expect("data"), "hello");
@@ -1161,15 +1155,9 @@ mod tests {
         )
         .await;
         let pool = pool_for(addr);
-        let resp = pool
-            .send(request(Method::GET, addr, ""))
-            .await
-            .expect("first");
+        let resp = send_ok(&pool, Method::GET, addr, "").await;
         assert_eq!(read_all(resp).await.0, "ok");
-        let resp = pool
-            .send(request(Method::GET, addr, ""))
-            .await
-            .expect("retried");
+        let resp = send_ok(&pool, Method::GET, addr, "").await;
         assert_eq!(read_all(resp).await.0, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let err = pool
@@ -1228,10 +1216,7 @@ mod tests {
         )
         .await;
         let pool = pool_for(addr);
-        let resp = pool
-            .send(request(Method::GET, addr, ""))
-            .await
-            .expect("head");
+        let resp = send_ok(&pool, Method::GET, addr, "").await;
         let err = resp.into_body().collect().await.expect_err("broken chunk");
         assert!(matches!(err, AppBodyError::Chunked), "{err}");
         assert_eq!(pool.idle_count(), 0);
