@@ -168,27 +168,33 @@ pub(crate) async fn serve<I>(
         telemetry: cfg.telemetry.clone(),
         cfg,
     });
-    let svc = service_fn(move |req| {
+    let handler = move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
-    });
-    serve_connection(io, protocol, svc, &drain, idle_timeout).await;
+    };
+    if protocol == Protocol::Http1 {
+        serve_connection(io, protocol, service_fn(handler), &drain, idle_timeout).await;
+    } else {
+        // Boxed per stream: see `outbound::serve_connection`.
+        let boxed = move |req| Box::pin(handler(req));
+        serve_connection(io, protocol, service_fn(boxed), &drain, idle_timeout).await;
+    }
 }
 
-async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if ctx.peer_is_mesh() && opaque::is_tunnel(&req) {
         return accept_tunnel(&ctx, req).await;
     }
-    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let (mut parts, body) = req.into_parts();
     let observation = ctx.telemetry.begin(
         Direction::Inbound,
         &ctx.service,
         ctx.peer_service.as_ref(),
-        &method,
-        &uri,
-        req.headers_mut(),
+        &parts.method,
+        &parts.uri,
+        &mut parts.headers,
     );
-    forward(&ctx, req, observation).await
+    forward(&ctx, parts, body, observation).await
 }
 
 impl Ctx {
@@ -271,7 +277,8 @@ async fn accept_tunnel(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> 
 
 async fn forward(
     ctx: &Ctx,
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: Incoming,
     mut observation: RequestObservation,
 ) -> Response<Body> {
     if let Some(peer) = ctx.peer {
@@ -286,7 +293,7 @@ async fn forward(
             observation,
         );
     }
-    if req.headers().len() > MAX_HEADERS {
+    if parts.headers.len() > MAX_HEADERS {
         return observed(
             local_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -295,18 +302,18 @@ async fn forward(
             observation,
         );
     }
-    let downstream_http1 = req.version() < Version::HTTP_2;
+    let downstream_http1 = parts.version < Version::HTTP_2;
     let upstream_authority = ctx.upstream_authority.clone();
-    if tunnel::is_tunnel(&req) {
+    if tunnel::is_tunnel_head(&parts.method, &parts.headers) {
         let Some(a) = upstream_authority else {
             return observed(
                 local_response(StatusCode::BAD_GATEWAY, "bad app address\n"),
                 observation,
             );
         };
+        let req = Request::from_parts(parts, body);
         return observed(tunnel::inbound(&ctx.clients, req, a).await, observation);
     }
-    let (mut parts, body) = req.into_parts();
     let caller_http1 =
         downstream_http1 || parts.headers.get(&DOWNSTREAM_PROTOCOL) == Some(&DOWNSTREAM_HTTP1);
     let app_http2 = match ctx.app_protocol {

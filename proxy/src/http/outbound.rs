@@ -60,15 +60,28 @@ pub(crate) async fn serve<I>(
         service: Arc::from(service),
         http1: protocol == Protocol::Http1,
     });
-    let svc = service_fn(move |req| {
+    let handler = move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
-    });
-    serve_connection(io, protocol, svc, &drain, idle_timeout).await;
+    };
+    if protocol == Protocol::Http1 {
+        serve_connection(io, protocol, service_fn(handler), &drain, idle_timeout).await;
+    } else {
+        // See `serve_connection`: each HTTP/2 stream is a task of its own.
+        let boxed = move |req| Box::pin(handler(req));
+        serve_connection(io, protocol, service_fn(boxed), &drain, idle_timeout).await;
+    }
 }
 
 /// Runs hyper's server side of one connection until it ends; on drain, finishes the requests
 /// in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
+///
+/// Over HTTP/2, hyper spawns a task per stream around the service's future and moves it
+/// whole, into the task and again each time the task's stage changes; a request's future is
+/// some kilobytes (the request, its parts, and the send to the next hop, nested), so callers
+/// box it there: one allocation that stays put instead of kilobytes copied several times per
+/// request. Over HTTP/1 the connection keeps one future slot for its requests, so a box
+/// would only add an allocation.
 pub(crate) async fn serve_connection<I, S>(
     io: I,
     protocol: Protocol,
@@ -168,7 +181,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         return local_response(StatusCode::SERVICE_UNAVAILABLE, "unknown mesh service\n");
     };
     if tunnel::is_tunnel(&req) {
-        return tunnel::outbound(&ctx, svc, req).await;
+        // Boxed: a rare path with a large future (see `MeshPool::get`).
+        return Box::pin(tunnel::outbound(&ctx, svc, req)).await;
     }
     let (mut parts, body) = req.into_parts();
     let authority = authority_of(&parts.uri, &parts.headers)

@@ -208,13 +208,19 @@ impl MeshPool {
         if let Some(c) = entry.first_usable(service) {
             return Ok(c.sender.clone());
         }
-        let _connecting = entry.connecting.lock().await;
-        if let Some(c) = entry.first_usable(service) {
-            return Ok(c.sender.clone());
-        }
-        let conn = open(shared, mesh, mtls, service, endpoint).await?;
-        entry.add(conn.clone());
-        Ok(conn.sender.clone())
+        // Boxed: opening a connection (TCP connect, TLS handshake) is a future of some
+        // kilobytes that every request's future would otherwise carry, though few requests
+        // ever open one.
+        Box::pin(async move {
+            let _connecting = entry.connecting.lock().await;
+            if let Some(c) = entry.first_usable(service) {
+                return Ok(c.sender.clone());
+            }
+            let conn = open(shared, mesh, mtls, service, endpoint).await?;
+            entry.add(conn.clone());
+            Ok(conn.sender.clone())
+        })
+        .await
     }
 
     /// A stream slot for an opaque-TCP tunnel to `endpoint`: on a connection with fewer than

@@ -13,7 +13,7 @@ use crate::http::mesh_stream::{OpenStream, StreamIo};
 use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
 use crate::http::{downstream_version, local_response, strip_hop_by_hop};
 use crate::route::Service;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::ext::Protocol as ConnectProtocol;
@@ -24,8 +24,12 @@ use tokio_util::either::Either;
 /// The upgrade protocol a request asks for (`Upgrade` with `Connection: upgrade`), except
 /// `h2c`, which the proxy handles itself.
 fn upgrade_protocol(req: &Request<Incoming>) -> Option<String> {
-    let connection_upgrade = req
-        .headers()
+    upgrade_protocol_of(req.headers()).map(str::to_string)
+}
+
+/// [`upgrade_protocol`] of a request's headers.
+fn upgrade_protocol_of(headers: &HeaderMap) -> Option<&str> {
+    let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -34,13 +38,18 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<String> {
     if !connection_upgrade {
         return None;
     }
-    let p = req.headers().get(header::UPGRADE)?.to_str().ok()?.trim();
-    (!p.is_empty() && !p.eq_ignore_ascii_case("h2c")).then(|| p.to_string())
+    let p = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
+    (!p.is_empty() && !p.eq_ignore_ascii_case("h2c")).then_some(p)
 }
 
 /// Whether a request opens a tunnel: an Upgrade, or CONNECT (plain or extended).
 pub(crate) fn is_tunnel(req: &Request<Incoming>) -> bool {
-    req.method() == Method::CONNECT || upgrade_protocol(req).is_some()
+    is_tunnel_head(req.method(), req.headers())
+}
+
+/// [`is_tunnel`] of a request head taken apart.
+pub(crate) fn is_tunnel_head(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::CONNECT || upgrade_protocol_of(headers).is_some()
 }
 
 /// One end of a tunnel: an upgrade that hyper completes once the response is out, or a
