@@ -1,8 +1,8 @@
 //! Connections from the inbound proxy to its local app: [`AppConnector`] makes them (for
-//! this pool and for hyper-util's clients), [`Http1Pool`] keeps the HTTP/1.1 ones alive.
+//! this pool and for hyper-util's client), [`Http1Pool`] keeps the HTTP/1.1 ones alive.
 //!
 //! Why not hyper-util's pooled client, which the inbound used before for every request (and
-//! still uses for tunnels and h2c): it is built for many origins, so each request builds and
+//! still uses for tunnels): it is built for many origins, so each request builds and
 //! hashes a pool key under the pool's lock, and each HTTP/1.1 connection goes back to the pool
 //! through a task spawned per request that waits for the connection to be ready. An inbound
 //! has one origin, its app. Here the pool is a stack of idle connections behind a mutex held
@@ -18,7 +18,6 @@
 
 use crate::http::app_http1::{AppBody, Conn, ExchangeError, Home, Outgoing, SendFailed};
 use crate::http::body::Body;
-use crate::http::coalesce::Coalesce;
 use crate::listen;
 use http::{Request, Response, Uri};
 use hyper_util::rt::TokioIo;
@@ -94,27 +93,6 @@ impl tower::Service<Uri> for AppConnector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let c = self.clone();
         Box::pin(async move { c.connect().await.map(TokioIo::new) })
-    }
-}
-
-/// [`AppConnector`] for h2c: the connections it makes write once per turn of their HTTP/2
-/// task ([`Coalesce`]), so the requests of one turn reach the app in one `writev`. Only for
-/// h2c: the HTTP/1.1 client's tunnels copy bytes in loops whose flushes must not wait.
-#[derive(Debug, Clone)]
-pub struct H2cConnector(pub AppConnector);
-
-impl tower::Service<Uri> for H2cConnector {
-    type Response = TokioIo<Coalesce<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let c = self.0.clone();
-        Box::pin(async move { c.connect().await.map(|s| TokioIo::new(Coalesce::new(s))) })
     }
 }
 

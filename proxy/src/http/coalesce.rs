@@ -20,7 +20,7 @@
 //! Only h2 drives I/O that way, so only HTTP/2 connections are wrapped: the pooled ones
 //! between proxies ([`super::pool`]), the ones the proxies serve (from peers, and from apps
 //! that speak h2), and the inbound's h2c connections to its app
-//! ([`super::app_pool::H2cConnector`]). HTTP/1.1 writes each response in one `writev`
+//! ([`super::app_h2c`]). HTTP/1.1 writes each response in one `writev`
 //! already, and a tunnel's copy loop may wait on its other side after a flush, where a
 //! put-off flush would stall.
 //!

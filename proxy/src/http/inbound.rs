@@ -13,7 +13,8 @@ use crate::config::{Authz, Inbound, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
-use crate::http::app_pool::{self, AppConnector, H2cConnector, Http1Pool};
+use crate::http::app_h2c::H2cClient;
+use crate::http::app_pool::{self, AppConnector, Http1Pool};
 use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
@@ -45,21 +46,19 @@ pub struct AppClients {
     /// HTTP/1.1 for Upgrade and CONNECT, whose connections are never reused.
     pub http1: Client<AppConnector, Body>,
     /// h2c, prior knowledge.
-    pub http2: Client<H2cConnector, Body>,
+    pub http2: H2cClient,
 }
 
 impl AppClients {
-    fn new(connector: AppConnector) -> Self {
+    fn new(upstream: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Self {
+        let connector = AppConnector::new(upstream, source, timeout);
         let http1_pool = Http1Pool::new(connector.clone());
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .pool_idle_timeout(app_pool::IDLE)
             .set_host(false);
-        let http1 = b.build(connector.clone());
-        b.http2_only(true)
-            .http2_initial_stream_window_size(crate::http::STREAM_WINDOW)
-            .http2_initial_connection_window_size(crate::http::CONNECTION_WINDOW);
-        let http2 = b.build(H2cConnector(connector));
+        let http1 = b.build(connector);
+        let http2 = H2cClient::new(upstream, source, timeout);
         Self {
             http1_pool,
             http1,
@@ -90,12 +89,11 @@ impl AppClientRegistry {
         source: Option<IpAddr>,
         timeout: Duration,
     ) -> AppClients {
-        let connector = AppConnector::new(upstream, source, timeout);
         let Ok(mut map) = self.clients.lock() else {
-            return AppClients::new(connector);
+            return AppClients::new(upstream, source, timeout);
         };
         map.entry((upstream, source))
-            .or_insert_with(|| AppClients::new(connector))
+            .or_insert_with(|| AppClients::new(upstream, source, timeout))
             .clone()
     }
 }
@@ -363,9 +361,9 @@ async fn forward(
     let sent = if app_http2 {
         ctx.clients
             .http2
-            .request(req)
+            .send(req)
             .await
-            .map(|r| r.map(Body::incoming))
+            .map(|(r, open)| r.map(|stream| Body::stream(stream, Some(open))))
             .map_err(|e| e.to_string())
     } else {
         ctx.clients

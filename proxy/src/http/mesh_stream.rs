@@ -139,11 +139,11 @@ impl MeshSender {
                 biased;
                 ended = &mut conn => {
                     if let Err(e) = ended {
-                        tracing::debug!(%peer, error = %e, "mesh HTTP/2 connection ended");
+                        tracing::debug!(%peer, error = %e, "HTTP/2 connection ended");
                     }
                 }
                 () = keep_alive => {
-                    tracing::info!(%peer, "mesh HTTP/2 connection: no PING answer; closing it");
+                    tracing::info!(%peer, "HTTP/2 connection: no PING answer; closing it");
                 }
             }
             task_state.close();
@@ -186,7 +186,16 @@ impl MeshSender {
         let end_of_stream = body.is_end_stream();
         let (response, stream) = tx.send_request(Request::from_parts(head, ()), end_of_stream)?;
         let guard = StreamGuard::new(&state);
-        let pumping = (!end_of_stream).then(|| AbortOnDrop(Some(tokio::spawn(pump(body, stream)))));
+        let pumping = if end_of_stream {
+            None
+        } else {
+            start_pump(Pump {
+                body,
+                stream,
+                pending: None,
+                unmetered: 0,
+            })
+        };
         let response = response.await?;
         if let Some(p) = pumping {
             p.detach();
@@ -271,31 +280,56 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Moves a request body into its stream: data as flow control allows, then the trailers or
-/// the end of the stream. A body error, or the peer resetting the stream, ends it; the
-/// stream is then reset (dropping the last handle of an unfinished stream resets it).
-async fn pump<B>(body: B, stream: SendStream<Bytes>)
+/// Starts moving a request body into its stream. What the body has at hand goes now, in the
+/// request's task, with the head: a body that is over by then (a gRPC unary request: one
+/// DATA frame that ends the stream) needs no task, and its frames leave in the same write as
+/// the head. The rest moves in a task of its own, returned to be cancelled if the response
+/// head never comes.
+fn start_pump<B>(mut pump: Pump<B>) -> Option<AbortOnDrop>
 where
-    B: HttpBody<Data = Bytes> + Unpin,
+    B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::fmt::Display,
 {
-    if let Err(e) = (Pump {
-        body,
-        stream,
-        pending: None,
-    })
-    .await
-    {
+    // h2 opens a new stream, and only then gives it flow-control credit, in the connection's
+    // task: a first chunk this small is buffered on the stream without waiting for credit.
+    pump.unmetered = INLINE_BODY;
+    // A poll that nothing wakes: if the body is not over, the task polls again at once and
+    // registers its own waker before it waits.
+    match Pin::new(&mut pump).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(done) => {
+            log_pumped(done);
+            None
+        }
+        Poll::Pending => {
+            pump.unmetered = 0;
+            Some(AbortOnDrop(Some(tokio::spawn(async move {
+                log_pumped(pump.await);
+            }))))
+        }
+    }
+}
+
+/// The most bytes of request body [`start_pump`] sends with the head, before the stream has
+/// credit: one default-sized DATA frame.
+const INLINE_BODY: usize = 16 * 1024;
+
+fn log_pumped(done: Result<(), PumpError>) {
+    if let Err(e) = done {
         tracing::debug!(error = %e, "request body not sent whole");
     }
 }
 
+/// Moves a request body into its stream: data as flow control allows, then the trailers or
+/// the end of the stream. A body error, or the peer resetting the stream, ends it; the
+/// stream is then reset (dropping the last handle of an unfinished stream resets it).
 struct Pump<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// A chunk taken from the body, waiting for flow-control capacity; with whether the
     /// body ended with it.
     pending: Option<(Bytes, bool)>,
+    /// A chunk up to this size goes without waiting for capacity (see [`start_pump`]).
+    unmetered: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +361,7 @@ where
             if let Some((chunk, end)) = this.pending.take() {
                 // `poll_capacity` is ready only when credit was added since it was last
                 // polled, so it is asked only while the stream has none.
-                while this.stream.capacity() == 0 {
+                while this.stream.capacity() == 0 && chunk.len() > this.unmetered {
                     match this.stream.poll_capacity(cx) {
                         Poll::Ready(Some(Ok(_))) => {}
                         Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
@@ -341,6 +375,7 @@ where
                 // The whole chunk goes, and h2 sends what the window allows now and the rest
                 // as credit comes; the next chunk waits until this one is out, so one chunk
                 // is all a slow peer makes the proxy hold.
+                this.unmetered = 0;
                 this.stream.send_data(chunk, end)?;
                 if end {
                     return Poll::Ready(Ok(()));
@@ -529,6 +564,76 @@ mod tests {
 
     type Reply = h2::server::SendResponse<Bytes>;
 
+    /// Moves `body` into `stream` until it is over (in the caller's task).
+    async fn pump<B>(body: B, stream: SendStream<Bytes>)
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        log_pumped(
+            Pump {
+                body,
+                stream,
+                pending: None,
+                unmetered: 0,
+            }
+            .await,
+        );
+    }
+
+    /// A POST to `path`, ready for a body on its stream.
+    async fn post(
+        sender: &MeshSender,
+        path: &str,
+    ) -> (h2::client::ResponseFuture, SendStream<Bytes>) {
+        let mut tx = sender.tx.clone().ready().await.unwrap();
+        let mut head = Request::new(());
+        *head.method_mut() = Method::POST;
+        *head.uri_mut() = format!("http://backend.mesh{path}").parse().unwrap();
+        tx.send_request(head, false).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_at_hand_goes_with_the_head_without_a_task() {
+        let (sender, _state, _server) = connect(count_and_echo_trailers).await;
+        let (response, stream) = post(&sender, "/unary").await;
+        let pumping = start_pump(Pump {
+            body: Body::text("hello"),
+            stream,
+            pending: None,
+            unmetered: 0,
+        });
+        assert!(pumping.is_none(), "a body that is all here needs no task");
+        let response = within(response).await.unwrap();
+        let (data, _) = within(read_all(response.into_body())).await.unwrap();
+        assert_eq!(data, b"5");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_here_yet_goes_from_a_task() {
+        let (sender, _state, _server) = connect(count_and_echo_trailers).await;
+        let (response, stream) = post(&sender, "/stream").await;
+        let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from_static(b"now"),
+        ))]);
+        let later = futures::stream::once(Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Frame::data(Bytes::from_static(b" and later")))
+        }));
+        let body = StreamBody::new(futures::StreamExt::chain(first, later));
+        let pumping = start_pump(Pump {
+            body,
+            stream,
+            pending: None,
+            unmetered: 0,
+        });
+        let task = pumping.expect("the rest of the body moves in a task");
+        let response = within(response).await.unwrap();
+        task.detach();
+        let (data, _) = within(read_all(response.into_body())).await.unwrap();
+        assert_eq!(data, b"13");
+    }
+
     /// A client connection over an in-memory pipe to a test server whose `respond` gets each
     /// request; the connection's task marks the state closed when it ends.
     async fn connect<F, Fut>(
@@ -611,11 +716,7 @@ mod tests {
             )))))
             .collect::<Vec<_>>();
         let body = StreamBody::new(futures::stream::iter(frames));
-        let mut tx = sender.tx.clone().ready().await.unwrap();
-        let mut head = Request::new(());
-        *head.method_mut() = Method::POST;
-        *head.uri_mut() = "http://backend.mesh/upload".parse().unwrap();
-        let (response, stream) = tx.send_request(head, false).unwrap();
+        let (response, stream) = post(&sender, "/upload").await;
         tokio::spawn(pump(body, stream));
         let response = within(response).await.unwrap();
         let (data, trailers) = within(read_all(response.into_body())).await.unwrap();
@@ -642,11 +743,7 @@ mod tests {
             Err("the app went away"),
         ];
         let body = StreamBody::new(futures::stream::iter(frames));
-        let mut tx = sender.tx.clone().ready().await.unwrap();
-        let mut head = Request::new(());
-        *head.method_mut() = Method::POST;
-        *head.uri_mut() = "http://backend.mesh/upload".parse().unwrap();
-        let (_response, stream) = tx.send_request(head, false).unwrap();
+        let (_response, stream) = post(&sender, "/upload").await;
         within(pump(body, stream)).await;
         let reason = within(seen_rx).await.unwrap();
         assert_eq!(reason, Some(Reason::CANCEL));

@@ -13,7 +13,7 @@
 //!   the app in the app's own protocol: HTTP/1.1 or h2c, per `kuma.io/protocol` or, without
 //!   it, the protocol the calling app used (carried in [`DOWNSTREAM_PROTOCOL`]). HTTP/1.1
 //!   connections to the app are kept alive in [`app_pool`] and spoken to by weft's own
-//!   HTTP/1.1 client, [`app_http1`].
+//!   HTTP/1.1 client, [`app_http1`]; h2c goes over one multiplexed connection, [`app_h2c`].
 //! - [`opaque`] carries TCP that is not HTTP, with mTLS on: one CONNECT stream per app
 //!   connection on the same pooled connections.
 //! - [`tunnel`] carries Upgrade (WebSocket) and CONNECT: an extended CONNECT stream between the
@@ -23,6 +23,7 @@
 //! through. Under every HTTP/2 connection, served or pooled, [`coalesce`] gathers the frames
 //! of each turn of the connection into one write.
 
+pub mod app_h2c;
 pub mod app_http1;
 pub mod app_pool;
 pub mod body;
