@@ -11,16 +11,12 @@
 //! held for a few instructions) and opens its stream from its own task.
 //!
 //! A connection that ends (the app closed it, or sent GOAWAY) is replaced on the next
-//! request; a request that did not go out on it goes out on the new one. Its writes are
-//! gathered per turn ([`Coalesce`]), so the requests of one turn reach the app in one
-//! `writev`.
+//! request; a request that did not go out on it goes out on the new one. Its settings and
+//! its writes, gathered per turn, are the mesh hop's ([`MeshSender::handshake`]).
 
 use crate::http::body::Body;
-use crate::http::coalesce::Coalesce;
 use crate::http::mesh_stream::{MeshSender, SendError, StreamGuard};
-use crate::http::{CONNECTION_WINDOW, MAX_HEADER_BYTES, STREAM_WINDOW};
 use crate::listen;
-use bytes::Bytes;
 use h2::RecvStream;
 use http::{Request, Response};
 use std::net::{IpAddr, SocketAddr};
@@ -154,18 +150,9 @@ impl Inner {
         let tcp = listen::connect(upstream, self.source, self.connect_timeout)
             .await
             .map_err(|source| H2cError::Connect { upstream, source })?;
-        let (tx, conn) = h2::client::Builder::new()
-            // Fixed windows, as between the proxies: the app is on the same host.
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .max_send_buffer_size(1024 * 1024)
-            .enable_push(false)
-            // Each turn of the connection goes out in one write (see `coalesce`).
-            .handshake::<_, Bytes>(Coalesce::new(tcp))
+        let sender = MeshSender::handshake(tcp, upstream, ())
             .await
             .map_err(|source| H2cError::Handshake { upstream, source })?;
-        let sender = MeshSender::spawn(tx, conn, upstream, ());
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
         Ok(sender)
     }

@@ -18,6 +18,7 @@
 //!   tunnel lives, so that the connection's keep-alive pings only while it carries streams.
 
 use crate::http::body::Body;
+use crate::http::coalesce::Coalesce;
 use bytes::{Buf, Bytes};
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
@@ -115,6 +116,27 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
 pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl MeshSender {
+    /// Handshakes HTTP/2 (prior knowledge) over `io`, as weft's clients do, to a peer proxy
+    /// and to an h2c app alike, and drives the connection with [`MeshSender::spawn`].
+    pub async fn handshake<T, K>(io: T, peer: SocketAddr, keep: K) -> Result<Self, h2::Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        K: Send + 'static,
+    {
+        let (tx, conn) = h2::client::Builder::new()
+            // Fixed windows: adaptive windows cost a PING per data burst, and the
+            // bandwidth-delay product to a peer proxy or a local app is small.
+            .initial_window_size(crate::http::STREAM_WINDOW)
+            .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+            .max_header_list_size(crate::http::MAX_HEADER_BYTES as u32)
+            .max_send_buffer_size(1024 * 1024)
+            .enable_push(false)
+            // Each turn of the connection goes out in one write (see `coalesce`).
+            .handshake::<_, Bytes>(Coalesce::new(io))
+            .await?;
+        Ok(Self::spawn(tx, conn, peer, keep))
+    }
+
     /// Drives a handshaken connection in a task of its own (which also holds `keep`), with
     /// keep-alive PINGs, until it ends; the sender then reports it closed. `peer` names the
     /// connection in logs.

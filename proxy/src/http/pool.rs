@@ -14,12 +14,10 @@
 use crate::balance::EndpointState;
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
-use crate::http::coalesce::Coalesce;
 use crate::http::mesh_stream::MeshSender;
 use crate::listen;
 use crate::mesh_tls::ALPN_H2;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -328,17 +326,7 @@ async fn handshake<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = h2::client::Builder::new()
-        // Fixed windows: adaptive windows cost a PING per data burst, and the bandwidth-delay
-        // product between two sidecars is small.
-        .initial_window_size(crate::http::STREAM_WINDOW)
-        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-        .max_header_list_size(crate::http::MAX_HEADER_BYTES as u32)
-        .max_send_buffer_size(1024 * 1024)
-        .enable_push(false)
-        // Each turn of the connection goes out in one write (see `coalesce`).
-        .handshake::<_, Bytes>(Coalesce::new(io))
+    MeshSender::handshake(io, endpoint, own)
         .await
-        .map_err(|source| ConnectError::Http2 { endpoint, source })?;
-    Ok(MeshSender::spawn(sender, conn, endpoint, own))
+        .map_err(|source| ConnectError::Http2 { endpoint, source })
 }
