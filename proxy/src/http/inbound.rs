@@ -28,7 +28,6 @@ use crate::telemetry::{Direction, RequestObservation};
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
@@ -170,13 +169,7 @@ pub(crate) async fn serve<I>(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     };
-    if protocol == Protocol::Http1 {
-        serve_connection(io, protocol, service_fn(handler), &drain, idle_timeout).await;
-    } else {
-        // Boxed per stream: see `outbound::serve_connection`.
-        let boxed = move |req| Box::pin(handler(req));
-        serve_connection(io, protocol, service_fn(boxed), &drain, idle_timeout).await;
-    }
+    serve_connection(io, protocol, handler, &drain, idle_timeout).await;
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {

@@ -64,36 +64,29 @@ pub(crate) async fn serve<I>(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     };
-    if protocol == Protocol::Http1 {
-        serve_connection(io, protocol, service_fn(handler), &drain, idle_timeout).await;
-    } else {
-        // See `serve_connection`: each HTTP/2 stream is a task of its own.
-        let boxed = move |req| Box::pin(handler(req));
-        serve_connection(io, protocol, service_fn(boxed), &drain, idle_timeout).await;
-    }
+    serve_connection(io, protocol, handler, &drain, idle_timeout).await;
 }
 
-/// Runs hyper's server side of one connection until it ends; on drain, finishes the requests
-/// in flight and closes (HTTP/1: after the current response; HTTP/2: GOAWAY).
+/// Runs hyper's server side of one connection, answering each request with `handler`, until
+/// it ends; on drain, finishes the requests in flight and closes (HTTP/1: after the current
+/// response; HTTP/2: GOAWAY).
 ///
-/// Over HTTP/2, hyper spawns a task per stream around the service's future and moves it
+/// Over HTTP/2, hyper spawns a task per stream around the handler's future and moves it
 /// whole, into the task and again each time the task's stage changes; a request's future is
-/// some kilobytes (the request, its parts, and the send to the next hop, nested), so callers
-/// box it there: one allocation that stays put instead of kilobytes copied several times per
+/// some kilobytes (the request, its parts, and the send to the next hop, nested), so it is
+/// boxed there: one allocation that stays put instead of kilobytes copied several times per
 /// request. Over HTTP/1 the connection keeps one future slot for its requests, so a box
 /// would only add an allocation.
-pub(crate) async fn serve_connection<I, S>(
+pub(crate) async fn serve_connection<I, F, Fut>(
     io: I,
     protocol: Protocol,
-    svc: S,
+    handler: F,
     drain: &crate::drain::Drain,
     idle_timeout: std::time::Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let activity = Activity::default();
     let io = IdleIo::new(io, activity.clone());
@@ -126,7 +119,7 @@ pub(crate) async fn serve_connection<I, S>(
                 .header_read_timeout(None)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .max_headers(MAX_HEADERS)
-                .serve_connection(TokioIo::new(io), svc)
+                .serve_connection(TokioIo::new(io), service_fn(handler))
                 .with_upgrades()
         )
     } else {
@@ -139,7 +132,10 @@ pub(crate) async fn serve_connection<I, S>(
                 .max_concurrent_streams(crate::http::pool::MAX_STREAMS_PER_CONNECTION)
                 .enable_connect_protocol()
                 // Each turn of the connection goes out in one write (see `coalesce`).
-                .serve_connection(TokioIo::new(Coalesce::new(io)), svc)
+                .serve_connection(
+                    TokioIo::new(Coalesce::new(io)),
+                    service_fn(move |req| Box::pin(handler(req))),
+                )
         )
     };
     if let Err(e) = result {
