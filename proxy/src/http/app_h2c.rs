@@ -11,16 +11,19 @@
 //! held for a few instructions) and opens its stream from its own task.
 //!
 //! A connection that ends (the app closed it, or sent GOAWAY) is replaced on the next
-//! request; a request that did not go out on it goes out on the new one. Its settings and
+//! request; a request that did not go out on it goes out on the new one. One that carried no
+//! stream for [`IDLE`] is closed, as the HTTP/1.1 pool closes its idle connections. Its settings and
 //! its writes, gathered per turn, are the mesh hop's ([`MeshSender::handshake`]).
 
+use crate::http::app_pool::IDLE;
 use crate::http::body::Body;
 use crate::http::mesh_stream::{MeshSender, SendError, StreamGuard};
 use crate::listen;
 use h2::RecvStream;
 use http::{Request, Response};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 /// Why an h2c request to the app got no response head.
@@ -69,6 +72,8 @@ struct Inner {
     /// Held while a connection is being opened, so that concurrent requests wait for it
     /// rather than each opening one.
     connecting: tokio::sync::Mutex<()>,
+    /// A request came since the reaper last looked.
+    used: AtomicBool,
 }
 
 impl std::fmt::Debug for H2cClient {
@@ -81,17 +86,32 @@ impl std::fmt::Debug for H2cClient {
 
 impl H2cClient {
     /// A client for the app at `upstream`, connecting from `source` when given, each connect
-    /// bounded by `connect_timeout`. Nothing is opened until the first request.
+    /// bounded by `connect_timeout`. Nothing is opened until the first request. Inside a
+    /// tokio runtime it starts the client's reaper, which closes the connection once it has
+    /// carried no stream for [`IDLE`], and ends with the client.
     pub fn new(upstream: SocketAddr, source: Option<IpAddr>, connect_timeout: Duration) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                upstream,
-                source,
-                connect_timeout,
-                current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
-            }),
+        Self::with_idle(upstream, source, connect_timeout, IDLE)
+    }
+
+    /// [`H2cClient::new`] with another idle time.
+    pub fn with_idle(
+        upstream: SocketAddr,
+        source: Option<IpAddr>,
+        connect_timeout: Duration,
+        idle: Duration,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            upstream,
+            source,
+            connect_timeout,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            used: AtomicBool::new(false),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap(Arc::downgrade(&inner), idle));
         }
+        Self { inner }
     }
 
     /// Sends `req` (absolute URI, hop-by-hop headers removed) on a new stream and waits for
@@ -106,6 +126,7 @@ impl H2cClient {
         mut req: Request<Body>,
     ) -> Result<(Response<RecvStream>, StreamGuard), H2cError> {
         let upstream = self.inner.upstream;
+        self.inner.used.store(true, Ordering::Relaxed);
         let mut fresh = false;
         loop {
             let sender = match self.inner.in_use() {
@@ -155,5 +176,126 @@ impl Inner {
             .map_err(|source| H2cError::Handshake { upstream, source })?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
         Ok(sender)
+    }
+}
+
+/// Every quarter of `idle`, looks at the connection in use; closes it once it has carried no
+/// stream and seen no request for `idle`. Ends with the client. Dropping the client's sender
+/// closes the connection: h2 ends a connection whose last handle and stream are gone.
+async fn reap(client: Weak<Inner>, idle: Duration) {
+    let period = idle / 4;
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = client.upgrade() else {
+            return;
+        };
+        let mut current = inner.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let used = inner.used.swap(false, Ordering::Relaxed);
+        match current.as_ref() {
+            Some(s) if !used && !s.has_streams() => {
+                quiet += period;
+                if quiet >= idle {
+                    tracing::debug!(upstream = %inner.upstream, "closing an idle app h2c connection");
+                    current.take();
+                    quiet = Duration::ZERO;
+                }
+            }
+            _ => quiet = Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::net::TcpListener;
+
+    /// An h2c app on loopback that answers every request with an empty 200, and counts the
+    /// connections it was opened and the ones that ended.
+    async fn app() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (o, e) = (opened.clone(), ended.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                o.fetch_add(1, Ordering::SeqCst);
+                let e = e.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut conn) = h2::server::handshake(tcp).await {
+                        while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                            let _ = reply.send_response(Response::new(()), true);
+                        }
+                    }
+                    e.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, opened, ended)
+    }
+
+    fn get(addr: SocketAddr) -> Request<Body> {
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        req
+    }
+
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_share_one_connection_which_closes_when_idle() {
+        let (addr, opened, ended) = app().await;
+        let idle = Duration::from_millis(200);
+        let client = H2cClient::with_idle(addr, None, Duration::from_secs(5), idle);
+        for _ in 0..3 {
+            let (resp, _open) = client.send(get(addr)).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "one connection for all");
+        wait_until("the idle connection closes", || {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let (resp, _open) = client.send(get(addr)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "a new connection after");
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_stream_open_stays() {
+        let (addr, opened, ended) = app().await;
+        let idle = Duration::from_millis(100);
+        let client = H2cClient::with_idle(addr, None, Duration::from_secs(5), idle);
+        let (resp, open) = client.send(get(addr)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(idle * 5).await;
+        assert_eq!(ended.load(Ordering::SeqCst), 0, "closed with a stream open");
+        drop((resp, open));
+        wait_until("the connection closes once idle", || {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_app_that_is_not_there_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let client = H2cClient::new(addr, None, Duration::from_secs(5));
+        match client.send(get(addr)).await {
+            Err(H2cError::Connect { upstream, .. }) => assert_eq!(upstream, addr),
+            other => panic!("expected a connect error, got {other:?}"),
+        }
     }
 }

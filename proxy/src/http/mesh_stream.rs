@@ -173,6 +173,12 @@ impl MeshSender {
         Self { tx, state }
     }
 
+    /// Whether streams are open on the connection (requests whose response bodies live, and
+    /// tunnels).
+    pub fn has_streams(&self) -> bool {
+        self.state.has_streams()
+    }
+
     /// Whether the connection has ended (or refuses new streams).
     pub fn is_closed(&self) -> bool {
         self.state.is_closed()
