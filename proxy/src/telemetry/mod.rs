@@ -385,7 +385,7 @@ impl Telemetry {
         if state.tracing.is_none() && state.log.is_none() {
             return RequestObservation::metrics_only(handles, start);
         }
-        observation::Detail::begin(
+        observation::begin(
             handles,
             start,
             observation::Begin {

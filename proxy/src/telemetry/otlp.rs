@@ -21,6 +21,7 @@
 //! export of a 200 KiB batch filled a second buffer of that size. The channel (connection,
 //! HTTP/2, timeouts) is still tonic's.
 
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -106,7 +107,7 @@ impl OtlpExporter {
     }
 
     /// Sends one batch.
-    pub async fn export(&mut self, batch: &[SpanRecord]) -> Result<(), String> {
+    pub async fn export<S: Borrow<SpanRecord>>(&mut self, batch: &[S]) -> Result<(), String> {
         let message = encode_request(
             &mut self.buf,
             batch,
@@ -303,9 +304,9 @@ fn message_field(key: u8, message: &impl Message) -> Vec<u8> {
 /// A batch as an `ExportTraceServiceRequest` (one resource, one scope) in a gRPC message
 /// frame, written into `out` (emptied first; its allocation is reused once the last request
 /// taken from it is dropped).
-fn encode_request(
+fn encode_request<S: Borrow<SpanRecord>>(
     out: &mut BytesMut,
-    batch: &[SpanRecord],
+    batch: &[S],
     resource_field: &[u8],
     scope_field: &[u8],
 ) -> Bytes {
@@ -318,7 +319,7 @@ fn encode_request(
     out.reserve(room + batch.len() * 512);
     out.resize(room, 0);
     for span in batch {
-        encode_span(out, span);
+        encode_span(out, span.borrow());
     }
     let scope_spans = scope_field.len() + (out.len() - room);
     let resource_spans = resource_field.len() + len_field_size(scope_spans);

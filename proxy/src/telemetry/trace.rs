@@ -135,9 +135,16 @@ pub struct SpanSink(Arc<Queue>);
 /// exporter takes everything waiting by swapping in its own emptied vector, so neither side
 /// allocates in the steady state. (tokio's bounded channel costs a semaphore permit, a slot
 /// in a linked block and a waker check per span, and a new block every 32 spans.)
+///
+/// The spans are boxed: each was allocated when its request began, and queueing the pointer
+/// spares a copy of the whole record under the lock.
 #[derive(Debug)]
 struct Queue {
-    spans: Mutex<Vec<SpanRecord>>,
+    #[expect(
+        clippy::vec_box,
+        reason = "the records are queued where they were made"
+    )]
+    spans: Mutex<Vec<Box<SpanRecord>>>,
     /// Most spans waiting; more are dropped.
     capacity: usize,
     /// Wakes the exporter task when a full batch is waiting.
@@ -150,7 +157,8 @@ struct Queue {
 }
 
 impl Queue {
-    fn lock(&self) -> MutexGuard<'_, Vec<SpanRecord>> {
+    #[expect(clippy::vec_box, reason = "see `Queue`")]
+    fn lock(&self) -> MutexGuard<'_, Vec<Box<SpanRecord>>> {
         // A panic while holding the lock leaves a valid vector: keep using it.
         self.spans.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -158,7 +166,7 @@ impl Queue {
 
 impl SpanSink {
     /// Queues a finished span without waiting; counts it as dropped when it does not fit.
-    pub fn send(&self, span: SpanRecord) {
+    pub fn send(&self, span: Box<SpanRecord>) {
         let q = &self.0;
         if q.closed.load(Ordering::Acquire) {
             // The task is gone (the runtime is shutting down).
@@ -206,7 +214,7 @@ enum Exporter {
 }
 
 impl Exporter {
-    async fn export(&mut self, batch: &[SpanRecord]) -> Result<(), String> {
+    async fn export(&mut self, batch: &[Box<SpanRecord>]) -> Result<(), String> {
         match self {
             Exporter::Otlp(e) => e.export(batch).await,
             Exporter::Zipkin(e) => e.export(batch).await,
@@ -484,7 +492,7 @@ mod tests {
         for _ in 0..20 {
             let mut h = HeaderMap::new();
             let s = t.start(&mut h, true);
-            t.sink().send(record(s));
+            t.sink().send(Box::new(record(s)));
         }
         // The task may have taken up to one batch out of the queue: 4 queued + 4 in hand.
         let dropped = metrics.dropped_queue_full();
@@ -514,7 +522,7 @@ mod tests {
             .expect("tracing");
             for _ in 0..10 {
                 let s = t.start(&mut HeaderMap::new(), true);
-                t.sink().send(record(s));
+                t.sink().send(Box::new(record(s)));
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while metrics.dropped_export_failed() < 10 && tokio::time::Instant::now() < deadline {
@@ -547,7 +555,7 @@ mod tests {
         // The exporter task never ran: the runtime drops it unpolled.
         drop(runtime);
         let s = t.start(&mut HeaderMap::new(), true);
-        t.sink().send(record(s));
+        t.sink().send(Box::new(record(s)));
         assert_eq!(metrics.closed.get(), 1);
         assert_eq!(metrics.dropped_queue_full(), 0);
     }

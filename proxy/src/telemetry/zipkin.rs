@@ -17,6 +17,7 @@
 //! from batch to batch (a batch of 512 spans is about 300 KiB), and what is the same for
 //! every span of the exporter (the local endpoint) is encoded once.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -74,7 +75,7 @@ impl ZipkinExporter {
     }
 
     /// Posts one batch.
-    pub async fn export(&mut self, batch: &[SpanRecord]) -> Result<(), String> {
+    pub async fn export<S: Borrow<SpanRecord>>(&mut self, batch: &[S]) -> Result<(), String> {
         encode_into(&mut self.buf, batch, &self.local_endpoint);
         let body = self.buf.split().freeze();
         let request = http::Request::post(self.url.clone())
@@ -98,7 +99,7 @@ impl ZipkinExporter {
 }
 
 /// A batch as a Zipkin v2 JSON array, for spans of `local_service`.
-pub fn encode(batch: &[SpanRecord], local_service: &str) -> Bytes {
+pub fn encode<S: Borrow<SpanRecord>>(batch: &[S], local_service: &str) -> Bytes {
     let mut buf = BytesMut::new();
     encode_into(&mut buf, batch, &local_endpoint(local_service));
     buf.freeze()
@@ -115,7 +116,7 @@ fn local_endpoint(local_service: &str) -> Vec<u8> {
 
 /// Writes a batch as a Zipkin v2 JSON array into `out` (emptied first). Reuses `out`'s
 /// allocation when the last batch taken from it has been dropped.
-fn encode_into(out: &mut BytesMut, batch: &[SpanRecord], local_endpoint: &[u8]) {
+fn encode_into<S: Borrow<SpanRecord>>(out: &mut BytesMut, batch: &[S], local_endpoint: &[u8]) {
     out.clear();
     // About 600 bytes per span: no regrowth in the common case.
     out.reserve(batch.len() * 640 + 2);
@@ -124,7 +125,7 @@ fn encode_into(out: &mut BytesMut, batch: &[SpanRecord], local_endpoint: &[u8]) 
         if i > 0 {
             out.extend_from_slice(b",");
         }
-        encode_span(out, span, local_endpoint);
+        encode_span(out, span.borrow(), local_endpoint);
     }
     out.extend_from_slice(b"]");
 }
@@ -317,7 +318,10 @@ mod tests {
             .expect("a free port");
         let mut exporter =
             ZipkinExporter::new(&format!("http://{addr}/api/v2/spans"), "web").expect("exporter");
-        let error = exporter.export(&[]).await.expect_err("nothing listens");
+        let error = exporter
+            .export::<SpanRecord>(&[])
+            .await
+            .expect_err("nothing listens");
         assert!(error.contains("refused"), "{error}");
     }
 
@@ -368,6 +372,6 @@ mod tests {
         assert_eq!(tags["http.response.status_code"], "503");
         assert_eq!(tags["error.type"], "503");
         assert_eq!(tags["error"], "true");
-        assert_eq!(encode(&[], "x"), &b"[]"[..]);
+        assert_eq!(encode::<SpanRecord>(&[], "x"), &b"[]"[..]);
     }
 }
