@@ -70,8 +70,9 @@ impl RequestObservation {
         self.peer = Some(addr);
     }
 
-    /// The trace this exchange belongs to: its span's with tracing on; with only access logs
-    /// on, the caller's (if it sent one); else `None`.
+    /// The trace this exchange belongs to: its span's when it is sampled; else, with access
+    /// logs on, the one its log line carries (the propagated trace with tracing on, the
+    /// caller's with tracing off); else `None`.
     pub fn trace_id(&self) -> Option<TraceId> {
         match (&self.span, &self.log) {
             (Some((span, _)), _) => Some(span.trace_id),
