@@ -240,13 +240,15 @@ pub(super) fn begin(
     start: Instant,
     b: Begin<'_>,
 ) -> RequestObservation {
-    let start_time = SystemTime::now();
+    // The wall clock is read only for a span or a log line: not for an unsampled request.
+    let mut start_time = None;
+    let mut now = || *start_time.get_or_insert_with(SystemTime::now);
     let mut obs = RequestObservation::metrics_only(handles, start);
     let trace_id = match b.tracing {
         Some(t) => {
             let started = t.start(b.headers, b.direction == Direction::Inbound);
             if started.sampled {
-                let r = record(&b, obs.handles.service(), started, start_time);
+                let r = record(&b, obs.handles.service(), started, now());
                 obs.span = Some((Box::new(r), t.sink().clone()));
             }
             Some(started.trace_id)
@@ -263,7 +265,7 @@ pub(super) fn begin(
         obs.log = Some(Box::new(LogDetail {
             log: log.clone(),
             direction: b.direction,
-            start_time,
+            start_time: now(),
             trace_id,
             mesh: Arc::clone(b.mesh),
             source,
