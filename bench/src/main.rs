@@ -235,6 +235,10 @@ struct MeshArgs {
     /// explicit outbound/inbound ports.
     #[arg(long)]
     weft_transparent: bool,
+    /// Attach weft's eBPF local redirect (`weft-iptables ebpf`) to the cgroup2 root for the
+    /// whole run: every path's loopback hops, weft's and the peers', skip the TCP/IP stack.
+    #[arg(long)]
+    ebpf: bool,
     /// Also measure weft (HTTP) with the mesh's observability on: `metrics`
     /// (the Prometheus backend), `tracing` (metrics plus 100% sampled traces
     /// to a Zipkin sink) and `tracing-otlp` (the same to an OTLP/gRPC sink),
@@ -517,6 +521,7 @@ fn mesh_config(args: &MeshArgs) -> Result<MeshConfig> {
         cfg.weft_bin_dir = dir.clone();
     }
     cfg.weft_transparent = args.weft_transparent;
+    cfg.ebpf = args.ebpf;
     cfg.weft_telemetry = Vec::new();
     for t in args.weft_telemetry.iter().filter(|t| t.as_str() != "none") {
         match mesh::Observability::parse(t) {

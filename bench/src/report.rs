@@ -293,6 +293,8 @@ pub struct MeshSettings {
     pub spin: bool,
     /// weft ran with iptables interception instead of explicit ports.
     pub weft_transparent: bool,
+    /// Every path ran with weft's eBPF local redirect attached (`--ebpf`).
+    pub ebpf: bool,
 }
 
 /// One `paths[]` entry of [`MeshReport`]: the path's [`Summary`] (medians
@@ -575,6 +577,7 @@ mod tests {
                 sidecar_cpu: 1,
                 spin: true,
                 weft_transparent: false,
+                ebpf: false,
             },
             paths: vec![path.clone()],
             notes: vec![],

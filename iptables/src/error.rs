@@ -37,6 +37,21 @@ pub enum Error {
         rule: String,
     },
 
+    /// `bpftool` is needed (`weft-iptables ebpf`) but missing.
+    #[error(
+        "`bpftool` not found; install the Debian package `bpftool` (apt-get install -y bpftool)"
+    )]
+    NoBpftool,
+
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
     /// Starting a helper binary failed.
     #[error("could not run {program}: {source}")]
     Spawn {

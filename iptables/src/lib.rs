@@ -16,6 +16,10 @@
 //! - [`plan`]: the restore input for install/uninstall over the current state.
 //! - [`ops`]: [`install`], [`uninstall`] and [`show`], end to end.
 //!
+//! Beside the rules, [`ebpf`] installs the optional eBPF acceleration of local hops
+//! (`weft-iptables ebpf install`): connections between two sockets of the same host and
+//! network namespace, such as an app and its sidecar, skip the TCP/IP stack.
+//!
 //! ```
 //! use weft_iptables::{Config, Family, Ruleset, plan};
 //! let input = plan::install(&Config::default(), Family::V4, &Ruleset::empty()).unwrap();
@@ -26,6 +30,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod ebpf;
 pub mod error;
 pub mod ops;
 pub mod plan;

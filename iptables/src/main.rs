@@ -2,12 +2,13 @@
 //! rules. Exit code 0 on success, 1 on invalid input or any failure.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use weft_iptables::{Change, Config, ModeChoice, config};
+use weft_iptables::{Change, Config, ModeChoice, config, ebpf};
 
 /// Installs, removes and shows weft's transparent-proxy iptables rules.
 #[derive(Debug, Parser)]
@@ -27,6 +28,64 @@ enum Cmd {
     Uninstall,
     /// Print the weft rules that are installed.
     Show,
+    /// The eBPF acceleration of local hops: connections between two sockets of this host in
+    /// one network namespace (an app and its sidecar) skip the TCP/IP stack. Needs bpftool,
+    /// a cgroup v2 mount and a bpf filesystem.
+    Ebpf {
+        #[command(subcommand)]
+        action: EbpfCmd,
+        #[command(flatten)]
+        opts: EbpfOpts,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EbpfCmd {
+    /// Load, pin and attach the programs (replacing an earlier install of the same name).
+    Install,
+    /// Detach the programs and remove their pins.
+    Uninstall,
+    /// Print whether the programs are installed, and what the cgroup has attached.
+    Show,
+}
+
+#[derive(Debug, Args)]
+struct EbpfOpts {
+    /// The cgroup v2 directory whose processes' sockets are accelerated (default: the first
+    /// cgroup2 mount, i.e. every process of the host).
+    #[arg(long, global = true, env = "WEFT_EBPF_CGROUP_PATH")]
+    cgroup_path: Option<PathBuf>,
+    /// A mounted bpf filesystem to pin the programs in (default: the first bpf mount).
+    #[arg(long, global = true, env = "WEFT_EBPF_BPFFS_PATH")]
+    bpffs_path: Option<PathBuf>,
+    /// The directory under the bpf filesystem for this install's pins.
+    #[arg(long, global = true, env = "WEFT_EBPF_NAME", default_value = ebpf::DEFAULT_NAME)]
+    name: String,
+    /// The bpftool binary.
+    #[arg(long, global = true, env = "WEFT_BPFTOOL", default_value = "bpftool")]
+    bpftool: PathBuf,
+}
+
+impl EbpfOpts {
+    fn config(&self) -> anyhow::Result<ebpf::EbpfConfig> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let cgroup = match &self.cgroup_path {
+            Some(p) => p.clone(),
+            None => ebpf::first_mount(&mounts, "cgroup2").context(
+                "no cgroup2 mount here: mount one (mount -t cgroup2 none <dir>) or pass --cgroup-path",
+            )?,
+        };
+        let bpffs = match &self.bpffs_path {
+            Some(p) => p.clone(),
+            None => ebpf::first_mount(&mounts, "bpf").context(
+                "no bpf filesystem mounted: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --bpffs-path",
+            )?,
+        };
+        let mut cfg = ebpf::EbpfConfig::new(cgroup, bpffs);
+        cfg.name.clone_from(&self.name);
+        cfg.bpftool.clone_from(&self.bpftool);
+        Ok(cfg)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -125,7 +184,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let o = &cli.opts;
-    match cli.command {
+    match &cli.command {
         Cmd::Install => {
             let changes = weft_iptables::install(&o.config(), o.iptables_mode, o.dry_run)
                 .context("install failed")?;
@@ -143,6 +202,45 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     println!("# no weft rules installed");
                 } else {
                     print!("{}", installed.rules);
+                }
+            }
+        }
+        Cmd::Ebpf { action, opts } => {
+            let cfg = opts.config()?;
+            match action {
+                EbpfCmd::Install => {
+                    ebpf::install(&cfg).context("ebpf install failed")?;
+                    eprintln!(
+                        "weft-iptables: eBPF local redirect attached to {} (pinned in {})",
+                        cfg.cgroup.display(),
+                        cfg.pin_dir().display()
+                    );
+                }
+                EbpfCmd::Uninstall => {
+                    ebpf::uninstall(&cfg).context("ebpf uninstall failed")?;
+                    eprintln!("weft-iptables: eBPF local redirect removed");
+                }
+                EbpfCmd::Show => {
+                    let installed = cfg.pin_dir().exists()
+                        && ebpf::is_attached(&cfg).context("ebpf show failed")?;
+                    println!(
+                        "# eBPF local redirect: {} ({}; programs {})",
+                        if installed {
+                            "installed"
+                        } else {
+                            "not installed"
+                        },
+                        cfg.cgroup.display(),
+                        if ebpf::available() {
+                            "built in"
+                        } else {
+                            "not built in: no clang at build time"
+                        }
+                    );
+                    print!(
+                        "{}",
+                        ebpf::attached_programs(&cfg).context("ebpf show failed")?
+                    );
                 }
             }
         }

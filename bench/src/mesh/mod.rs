@@ -28,6 +28,7 @@
 //! in reverse in even ones, so drift hits every path alike. Ctrl-C or SIGTERM stops the run
 //! after the path under way and cleans up ([`interrupt`]).
 
+pub mod ebpf;
 pub mod generator;
 pub mod interrupt;
 pub mod peers;
@@ -442,6 +443,8 @@ pub struct MeshConfig {
     pub weft_transparent: bool,
     /// Extra weft HTTP paths with the mesh's observability on.
     pub weft_telemetry: Vec<Observability>,
+    /// Run every path with weft's eBPF local redirect attached host-wide ([`ebpf`]).
+    pub ebpf: bool,
     /// Peers to measure when installed.
     pub peers: Vec<peers::PeerKind>,
     /// Proxy modes to measure.
@@ -476,6 +479,7 @@ impl MeshConfig {
             weft: true,
             weft_bin_dir,
             weft_transparent: false,
+            ebpf: false,
             weft_telemetry: vec![
                 Observability::Metrics,
                 Observability::Tracing,
@@ -623,6 +627,20 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     if cfg.spin && !topo.spinning() {
         note("CPU spinners not running".into(), log);
     }
+    let _accelerated = if cfg.ebpf {
+        let a = ebpf::Accelerated::install(topo.dir())?;
+        note(
+            format!(
+                "eBPF local redirect attached to {} for the whole run: every path's loopback \
+                 hops skip the TCP/IP stack",
+                a.cgroup().display()
+            ),
+            log,
+        );
+        Some(a)
+    } else {
+        None
+    };
     let certs = if installed.is_empty() {
         None
     } else {
@@ -787,6 +805,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
             sidecar_cpu: cfg.sidecar_cpu,
             spin: cfg.spin,
             weft_transparent: cfg.weft_transparent,
+            ebpf: cfg.ebpf,
         },
         paths: reports,
         notes,

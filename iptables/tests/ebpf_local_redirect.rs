@@ -1,0 +1,218 @@
+//! End to end: `weft-iptables ebpf install` makes a loopback connection inside a network
+//! namespace skip the TCP/IP stack, and `uninstall` puts it back, with the bytes the same
+//! both ways. The proof that the stack was skipped is the namespace's own count of TCP
+//! segments sent (`Tcp: OutSegs` in `/proc/net/snmp`): a ping-pong of N messages sends about
+//! 2N segments through the stack, and only the handshake and the close when redirected.
+//!
+//! The programs are attached to a cgroup of the test's own (a child of the cgroup2 mount, or
+//! of one it mounts) and pinned in a bpf filesystem it mounts, so nothing outside the test is
+//! touched; only the sockets this test process creates while it sits in that cgroup are
+//! recorded. Guards move the process back, uninstall, remove the cgroup and unmount, also when
+//! the test fails. Needs root, clang at build time, and bpftool (`.ci/run` installs both).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use weft_iptables::ebpf::{self, EbpfConfig};
+use weft_tests::{Host, Net, require_root};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-iptables");
+const ROUNDS: usize = 2000;
+
+/// A mount the test made, unmounted (and its directory removed) on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(fstype: &str, source: &str) -> Mount {
+        let dir = std::env::temp_dir().join(format!("weft-{fstype}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", fstype, source])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t {fstype} {}", dir.display());
+        Mount(dir)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A child cgroup holding this process; on drop the process goes back where it was and the
+/// cgroup is removed.
+struct TestCgroup {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl TestCgroup {
+    fn enter(cgroup2_root: &Path) -> TestCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("/")
+            .trim_start_matches('/');
+        let home = cgroup2_root.join(relative);
+        let dir = cgroup2_root.join(format!("weft-ebpf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cg = TestCgroup { dir, home };
+        std::fs::write(cg.dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        cg
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Uninstalls on drop.
+struct Installed(EbpfConfig);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = ebpf::uninstall(&self.0);
+    }
+}
+
+/// The namespace's `Tcp: OutSegs`.
+fn out_segments(host: &Host) -> u64 {
+    let snmp = host.sh("cat /proc/net/snmp").unwrap();
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "OutSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap()
+}
+
+/// `ROUNDS` messages of 64 bytes echoed over 127.0.0.1 inside `host`; checks every byte and
+/// returns the segments the namespace sent meanwhile.
+fn ping_pong(host: &Host) -> u64 {
+    let before = out_segments(host);
+    host.enter(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let (mut conn, _) = listener.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 64];
+                for _ in 0..ROUNDS {
+                    conn.read_exact(&mut buf).unwrap();
+                    conn.write_all(&buf).unwrap();
+                }
+            });
+            let mut conn = TcpStream::connect(addr).unwrap();
+            conn.set_nodelay(true).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut back = [0u8; 64];
+            for i in 0..ROUNDS {
+                let msg = [(i % 251) as u8; 64];
+                conn.write_all(&msg).unwrap();
+                conn.read_exact(&mut back).unwrap();
+                assert_eq!(back, msg, "round {i}: the echo differs");
+            }
+        });
+    })
+    .unwrap();
+    out_segments(host) - before
+}
+
+#[test]
+fn local_connections_skip_the_stack_while_installed() {
+    require_root!();
+    assert!(
+        ebpf::available(),
+        "weft-iptables was built without its eBPF programs: install clang and libbpf-dev"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let (_cgroup2_mount, cgroup2_root) = match ebpf::first_mount(&mounts, "cgroup2") {
+        Some(root) => (None, root),
+        None => {
+            let m = Mount::new("cgroup2", "none");
+            let root = m.0.clone();
+            (Some(m), root)
+        }
+    };
+    let bpffs = Mount::new("bpf", "bpf");
+    let net = Net::new().unwrap();
+    let host = net.host("app").unwrap();
+    let cgroup = TestCgroup::enter(&cgroup2_root);
+
+    let baseline = ping_pong(&host);
+    assert!(
+        baseline >= 2 * ROUNDS as u64,
+        "without the programs every message is a segment: {baseline} for {ROUNDS} rounds"
+    );
+
+    let cfg = EbpfConfig {
+        name: "test".into(),
+        ..EbpfConfig::new(&cgroup.dir, &bpffs.0)
+    };
+    let out = Command::new(BIN)
+        .args(["ebpf", "install", "--name", "test"])
+        .arg("--cgroup-path")
+        .arg(&cgroup.dir)
+        .arg("--bpffs-path")
+        .arg(&bpffs.0)
+        .output()
+        .unwrap();
+    let installed = Installed(cfg.clone());
+    assert!(
+        out.status.success(),
+        "ebpf install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ebpf::is_attached(&cfg).unwrap());
+    assert!(cfg.pin_dir().join("maps").join("weft_socks").exists());
+
+    let redirected = ping_pong(&host);
+    assert!(
+        redirected < 50,
+        "with the programs only the handshake and the close take the stack: {redirected} \
+         segments for {ROUNDS} rounds (without: {baseline})"
+    );
+
+    let out = Command::new(BIN)
+        .args(["ebpf", "uninstall", "--name", "test"])
+        .arg("--cgroup-path")
+        .arg(&cgroup.dir)
+        .arg("--bpffs-path")
+        .arg(&bpffs.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ebpf uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ebpf::is_attached(&cfg).unwrap());
+    assert!(!cfg.pin_dir().exists());
+    drop(installed);
+
+    let after = ping_pong(&host);
+    eprintln!(
+        "segments sent for {ROUNDS} ping-pongs: {baseline} before install, {redirected} \
+         installed, {after} after uninstall"
+    );
+    assert!(
+        after >= 2 * ROUNDS as u64,
+        "after uninstall the stack carries every message again: {after} segments"
+    );
+}
