@@ -43,9 +43,14 @@ pub enum LbKind {
 }
 
 fn now_nanos() -> u64 {
+    nanos_at(Instant::now())
+}
+
+/// `at` in process nanos (since the first call).
+fn nanos_at(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    let start = *START.get_or_init(|| at);
+    u64::try_from(at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What the proxy knows of one endpoint: its latency, its load and whether it is ejected.
@@ -107,15 +112,16 @@ impl EndpointState {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
         }
     }
 
-    /// Adds one latency observation: a higher value is taken at once (peak), a lower one is
-    /// blended in with a weight that grows with the time since the last observation.
-    fn observe(&self, rtt: Duration) {
+    /// Adds one latency observation made at `at`: a higher value is taken at once (peak), a
+    /// lower one is blended in with a weight that grows with the time since the last
+    /// observation.
+    fn observe(&self, rtt: Duration, at: Instant) {
         let rtt = rtt.as_nanos() as u64;
-        let now = now_nanos();
+        let now = nanos_at(at);
         let prev = self.ewma_ns.load(Ordering::Relaxed);
         let next = if rtt > prev {
             rtt
@@ -140,13 +146,22 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<EndpointState>,
-    started: Instant,
+    /// tokio's clock (the same as std's outside paused tests), so that the request's
+    /// deadline can be counted from it without reading the clock again.
+    started: tokio::time::Instant,
 }
 
 impl InFlight {
-    /// The response head arrived: feed the latency into the estimate.
+    /// When the request started.
+    pub fn started(&self) -> tokio::time::Instant {
+        self.started
+    }
+
+    /// The response head arrived: feed the latency into the estimate. One clock read for
+    /// both the latency and the estimate's timestamp.
     pub fn observe(&self) {
-        self.endpoint.observe(self.started.elapsed());
+        let now = tokio::time::Instant::now();
+        self.endpoint.observe(now - self.started, now.into_std());
     }
 }
 
@@ -308,8 +323,8 @@ mod tests {
     fn p2c_prefers_the_faster_and_less_loaded_endpoint() {
         let b = balancer(LbKind::P2cEwma, 2);
         // Endpoint 1 answered slowly once: peak-EWMA takes the peak at once.
-        b.endpoints()[0].observe(Duration::from_millis(50));
-        b.endpoints()[1].observe(Duration::from_micros(200));
+        b.endpoints()[0].observe(Duration::from_millis(50), Instant::now());
+        b.endpoints()[1].observe(Duration::from_micros(200), Instant::now());
         let fast = (0..100)
             .filter(|_| b.pick(&[]).unwrap().addr == addr(2))
             .count();

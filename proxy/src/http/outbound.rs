@@ -264,7 +264,9 @@ async fn send(
     for _ in 0..CONNECT_ATTEMPTS {
         let (target, sender) = connect(ctx, svc, rule).await?;
         let in_flight = target.endpoint.start();
-        let sent = tokio::time::timeout(ctx.shared.opts.request_timeout, sender.send(req)).await;
+        // The deadline from the instant the request started, not from a second clock read.
+        let deadline = in_flight.started() + ctx.shared.opts.request_timeout;
+        let sent = tokio::time::timeout_at(deadline, sender.send(req)).await;
         match sent {
             Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
             Ok(Err(SendError::Unsent { request, source })) => {
