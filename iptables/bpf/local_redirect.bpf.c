@@ -7,7 +7,9 @@
 // `weft_msg` runs on every send of a recorded socket and hands the bytes straight to the
 // receive queue of the socket at the other end, when that one is recorded too. The
 // handshake, FIN and RST still travel through the stack, and a send whose peer is not
-// recorded goes through it as before, so the acceleration changes cost, not behaviour.
+// recorded goes through it as before. What applications see is the same, except that the
+// kernel can end a blocking read of a redirected socket early with EAGAIN (README, "eBPF
+// local redirect").
 //
 // Built by iptables/build.rs with `clang -target bpf` and loaded by `weft-iptables ebpf
 // install` through bpftool.

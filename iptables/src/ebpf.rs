@@ -9,8 +9,12 @@
 //! such socket in a sockhash when it is established, and an `sk_msg` program on that map hands
 //! every send straight to the receive queue of the socket at the other end. Handshakes, FIN and
 //! RST still take the stack, and so does anything whose other end is not recorded (another
-//! host, a NAT'd address, a socket outside the cgroup), so turning it on or off changes cost,
-//! never what the applications see. Kuma's eBPF mode (merbridge) does the same job.
+//! host, a NAT'd address, a socket outside the cgroup). Bytes, order, `MSG_PEEK` and
+//! half-close are as over the stack; the one difference is the kernel's: a blocking read of
+//! a redirected socket can end early with `EAGAIN` when the socket is woken for something
+//! else (room to write, after its send buffer was full), which non-blocking readers take as
+//! "not yet" and blocking ones that treat `EAGAIN` as an error do not. Hence opt-in. Kuma's
+//! eBPF mode (merbridge) does the same job.
 //!
 //! The programs are loaded and attached with `bpftool`, and stay after it exits: the
 //! programs and the map are pinned under `<bpffs>/<name>`, the `sock_ops` program is attached

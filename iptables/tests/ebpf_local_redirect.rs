@@ -134,6 +134,91 @@ fn ping_pong(host: &Host) -> u64 {
     out_segments(host) - before
 }
 
+/// What the proxy's protocol sniffing and a large upload do on one connection: the server
+/// peeks at the first bytes before reading them, the client sends `BULK` bytes after them and
+/// half-closes, the server reads to the end and answers with the count and a checksum. Checks
+/// that a peek leaves the bytes to be read, that no byte is lost or reordered and that the
+/// end of the stream comes after the last byte; returns the segments the namespace sent.
+fn peek_then_bulk(host: &Host) -> u64 {
+    const HELLO: &[u8; 16] = b"GET / HTTP/1.1\r\n";
+    const BULK: usize = 32 << 20;
+    let pattern = |i: usize| (i.wrapping_mul(31) % 253) as u8;
+    let before = out_segments(host);
+    host.enter(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let (mut conn, _) = listener.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut peeked = [0u8; 16];
+                let mut seen = 0;
+                while seen < peeked.len() {
+                    seen = conn.peek(&mut peeked).unwrap();
+                    assert!(seen > 0, "the peer closed before its first bytes");
+                }
+                assert_eq!(&peeked, HELLO, "peek");
+                let mut hello = [0u8; 16];
+                conn.read_exact(&mut hello).unwrap();
+                assert_eq!(&hello, HELLO, "the peeked bytes are still there to read");
+                let (mut count, mut sum) = (0usize, 0u64);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = conn.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    for (j, b) in buf[..n].iter().enumerate() {
+                        assert_eq!(*b, pattern(count + j), "byte {} of the upload", count + j);
+                    }
+                    sum = buf[..n]
+                        .iter()
+                        .fold(sum, |acc, &b| acc.wrapping_mul(31).wrapping_add(u64::from(b)));
+                    count += n;
+                }
+                let mut answer = [0u8; 16];
+                answer[..8].copy_from_slice(&(count as u64).to_be_bytes());
+                answer[8..].copy_from_slice(&sum.to_be_bytes());
+                conn.write_all(&answer).unwrap();
+            });
+            let mut conn = TcpStream::connect(addr).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn.write_all(HELLO).unwrap();
+            let data: Vec<u8> = (0..BULK).map(pattern).collect();
+            let sum = data
+                .iter()
+                .fold(0u64, |acc, &b| acc.wrapping_mul(31).wrapping_add(u64::from(b)));
+            for chunk in data.chunks(64 << 10) {
+                conn.write_all(chunk).unwrap();
+            }
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            // Read as a non-blocking reader does (tokio, the proxy), taking "would block" as
+            // "not yet": with the redirect the kernel can end a blocking read early with
+            // EAGAIN (see the README's limits of the redirect).
+            let mut answer = [0u8; 16];
+            let mut got = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while got < answer.len() {
+                match conn.read(&mut answer[got..]) {
+                    Ok(0) => panic!("the server closed before its answer"),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "no answer in 10 s");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("reading the answer: {e}"),
+                }
+            }
+            let got_count = u64::from_be_bytes(answer[..8].try_into().unwrap());
+            let got_sum = u64::from_be_bytes(answer[8..].try_into().unwrap());
+            assert_eq!(got_count, BULK as u64, "bytes the server read before the end");
+            assert_eq!(got_sum, sum, "checksum of the upload");
+        });
+    })
+    .unwrap();
+    out_segments(host) - before
+}
+
 #[test]
 fn local_connections_skip_the_stack_while_installed() {
     require_root!();
@@ -188,6 +273,11 @@ fn local_connections_skip_the_stack_while_installed() {
         "with the programs only the handshake and the close take the stack: {redirected} \
          segments for {ROUNDS} rounds (without: {baseline})"
     );
+    let bulk = peek_then_bulk(&host);
+    assert!(
+        bulk < 50,
+        "a redirected 32 MiB upload sends no data segments: {bulk} segments"
+    );
 
     let out = Command::new(BIN)
         .args(["ebpf", "uninstall", "--name", "test"])
@@ -207,9 +297,15 @@ fn local_connections_skip_the_stack_while_installed() {
     drop(installed);
 
     let after = ping_pong(&host);
+    let bulk_after = peek_then_bulk(&host);
+    assert!(
+        bulk_after > 32 << 20 >> 16,
+        "without the programs a 32 MiB upload takes many segments: {bulk_after}"
+    );
     eprintln!(
         "segments sent for {ROUNDS} ping-pongs: {baseline} before install, {redirected} \
-         installed, {after} after uninstall"
+         installed, {after} after uninstall; for a 32 MiB upload: {bulk} installed, \
+         {bulk_after} after uninstall"
     );
     assert!(
         after >= 2 * ROUNDS as u64,

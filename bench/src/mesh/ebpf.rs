@@ -5,9 +5,10 @@
 //! crosses the veth pair and is unchanged. A run is either all with or all without, so the
 //! ratios within one run stay fair.
 //!
-//! The programs are host-wide while the run lasts: every process's local connections are
-//! redirected, which changes their cost and nothing else. [`Accelerated`] removes them, and
-//! unmounts what it mounted, when it is dropped (also on error or panic).
+//! The programs are host-wide while the run lasts: every process's local connections made
+//! meanwhile are redirected (a blocking reader among them can see an early `EAGAIN`; see
+//! [`weft_iptables::ebpf`]). [`Accelerated`] removes them, and unmounts what it mounted, when
+//! it is dropped (also on error or panic).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
