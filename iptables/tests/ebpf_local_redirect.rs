@@ -134,89 +134,106 @@ fn ping_pong(host: &Host) -> u64 {
     out_segments(host) - before
 }
 
+/// The first bytes of [`peek_then_bulk`]'s connection, which the server peeks at.
+const HELLO: &[u8; 16] = b"GET / HTTP/1.1\r\n";
+/// The upload of [`peek_then_bulk`], after [`HELLO`].
+const BULK: usize = 32 << 20;
+
+/// Byte `i` of the upload.
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(31) % 253) as u8
+}
+
+/// A running checksum over `bytes`.
+fn checksum(acc: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(acc, |acc, &b| {
+        acc.wrapping_mul(31).wrapping_add(u64::from(b))
+    })
+}
+
 /// What the proxy's protocol sniffing and a large upload do on one connection: the server
 /// peeks at the first bytes before reading them, the client sends `BULK` bytes after them and
 /// half-closes, the server reads to the end and answers with the count and a checksum. Checks
 /// that a peek leaves the bytes to be read, that no byte is lost or reordered and that the
 /// end of the stream comes after the last byte; returns the segments the namespace sent.
 fn peek_then_bulk(host: &Host) -> u64 {
-    const HELLO: &[u8; 16] = b"GET / HTTP/1.1\r\n";
-    const BULK: usize = 32 << 20;
-    let pattern = |i: usize| (i.wrapping_mul(31) % 253) as u8;
     let before = out_segments(host);
     host.enter(|| {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let (mut conn, _) = listener.accept().unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut peeked = [0u8; 16];
-                let mut seen = 0;
-                while seen < peeked.len() {
-                    seen = conn.peek(&mut peeked).unwrap();
-                    assert!(seen > 0, "the peer closed before its first bytes");
-                }
-                assert_eq!(&peeked, HELLO, "peek");
-                let mut hello = [0u8; 16];
-                conn.read_exact(&mut hello).unwrap();
-                assert_eq!(&hello, HELLO, "the peeked bytes are still there to read");
-                let (mut count, mut sum) = (0usize, 0u64);
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    let n = conn.read(&mut buf).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    for (j, b) in buf[..n].iter().enumerate() {
-                        assert_eq!(*b, pattern(count + j), "byte {} of the upload", count + j);
-                    }
-                    sum = buf[..n]
-                        .iter()
-                        .fold(sum, |acc, &b| acc.wrapping_mul(31).wrapping_add(u64::from(b)));
-                    count += n;
-                }
-                let mut answer = [0u8; 16];
-                answer[..8].copy_from_slice(&(count as u64).to_be_bytes());
-                answer[8..].copy_from_slice(&sum.to_be_bytes());
-                conn.write_all(&answer).unwrap();
-            });
-            let mut conn = TcpStream::connect(addr).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            conn.write_all(HELLO).unwrap();
-            let data: Vec<u8> = (0..BULK).map(pattern).collect();
-            let sum = data
-                .iter()
-                .fold(0u64, |acc, &b| acc.wrapping_mul(31).wrapping_add(u64::from(b)));
-            for chunk in data.chunks(64 << 10) {
-                conn.write_all(chunk).unwrap();
-            }
-            conn.shutdown(std::net::Shutdown::Write).unwrap();
-            // Read as a non-blocking reader does (tokio, the proxy), taking "would block" as
-            // "not yet": with the redirect the kernel can end a blocking read early with
-            // EAGAIN (see the README's limits of the redirect).
-            let mut answer = [0u8; 16];
-            let mut got = 0;
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while got < answer.len() {
-                match conn.read(&mut answer[got..]) {
-                    Ok(0) => panic!("the server closed before its answer"),
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        assert!(std::time::Instant::now() < deadline, "no answer in 10 s");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(e) => panic!("reading the answer: {e}"),
-                }
-            }
-            let got_count = u64::from_be_bytes(answer[..8].try_into().unwrap());
-            let got_sum = u64::from_be_bytes(answer[8..].try_into().unwrap());
-            assert_eq!(got_count, BULK as u64, "bytes the server read before the end");
-            assert_eq!(got_sum, sum, "checksum of the upload");
+            s.spawn(|| bulk_server(&listener));
+            bulk_client(addr);
         });
     })
     .unwrap();
     out_segments(host) - before
+}
+
+fn bulk_server(listener: &TcpListener) {
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut peeked = [0u8; 16];
+    let mut seen = 0;
+    while seen < peeked.len() {
+        seen = conn.peek(&mut peeked).unwrap();
+        assert!(seen > 0, "the peer closed before its first bytes");
+    }
+    assert_eq!(&peeked, HELLO, "peek");
+    let mut hello = [0u8; 16];
+    conn.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, HELLO, "the peeked bytes are still there to read");
+    let (mut count, mut sum) = (0usize, 0u64);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        for (j, b) in buf[..n].iter().enumerate() {
+            assert_eq!(*b, pattern(count + j), "byte {} of the upload", count + j);
+        }
+        sum = checksum(sum, &buf[..n]);
+        count += n;
+    }
+    let mut answer = [0u8; 16];
+    answer[..8].copy_from_slice(&(count as u64).to_be_bytes());
+    answer[8..].copy_from_slice(&sum.to_be_bytes());
+    conn.write_all(&answer).unwrap();
+}
+
+fn bulk_client(addr: SocketAddr) {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(HELLO).unwrap();
+    let data: Vec<u8> = (0..BULK).map(pattern).collect();
+    for chunk in data.chunks(64 << 10) {
+        conn.write_all(chunk).unwrap();
+    }
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    // Read as a non-blocking reader does (tokio, the proxy), taking "would block" as "not
+    // yet": with the redirect the kernel can end a blocking read early with EAGAIN (see the
+    // README's "eBPF local redirect").
+    let mut answer = [0u8; 16];
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got < answer.len() {
+        match conn.read(&mut answer[got..]) {
+            Ok(0) => panic!("the server closed before its answer"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(std::time::Instant::now() < deadline, "no answer in 10 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("reading the answer: {e}"),
+        }
+    }
+    let count = u64::from_be_bytes(answer[..8].try_into().unwrap());
+    let sum = u64::from_be_bytes(answer[8..].try_into().unwrap());
+    assert_eq!(count, BULK as u64, "bytes the server read before the end");
+    assert_eq!(sum, checksum(0, &data), "checksum of the upload");
 }
 
 #[test]
