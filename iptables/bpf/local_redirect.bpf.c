@@ -45,6 +45,12 @@ static __always_inline __u32 remote_port_host(__u32 port)
 	return bpf_ntohs(p);
 }
 
+// 127.0.0.0/8; addresses are in network byte order.
+static __always_inline int is_loopback(__u32 ip)
+{
+	return (bpf_ntohl(ip) >> 24) == 127;
+}
+
 SEC("sockops")
 int weft_sockops(struct bpf_sock_ops *skops)
 {
@@ -54,9 +60,10 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
 	// Both ends on this host: the same address on both sides (127.0.0.1 to 127.0.0.1,
-	// or the pod's address to itself). A connection through NAT or to another host is
-	// left alone.
-	if (skops->local_ip4 != skops->remote_ip4)
+	// or the pod's address to itself), or a loopback address on either side (the inbound
+	// sidecar reaches its app from 127.0.0.6). A connection to another host is left alone.
+	if (skops->local_ip4 != skops->remote_ip4 && !is_loopback(skops->local_ip4) &&
+	    !is_loopback(skops->remote_ip4))
 		return 1;
 	struct sock_key key = {
 		.netns = bpf_get_netns_cookie(skops),

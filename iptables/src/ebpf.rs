@@ -5,7 +5,8 @@
 //! receiver's: about half of the CPU a sidecar pair costs per request is that kernel work,
 //! the same for every proxy, however it parses. The programs in `bpf/local_redirect.bpf.c`
 //! (built by `build.rs` with clang) skip it for connections whose two ends are sockets of
-//! this host in one network namespace: a `sock_ops` program attached to a cgroup records each
+//! this host in one network namespace (the same address on both ends, or a loopback address
+//! on either): a `sock_ops` program attached to a cgroup records each
 //! such socket in a sockhash when it is established, and an `sk_msg` program on that map hands
 //! every send straight to the receive queue of the socket at the other end. Handshakes, FIN and
 //! RST still take the stack, and so does anything whose other end is not recorded (another

@@ -150,6 +150,11 @@ impl Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
+        // A body that ended (or never had anything to record) has nothing left to do; asking
+        // an HTTP/2 stream whether it ended takes its connection's lock.
+        if self.hold.is_none() && self.count.is_none() && self.observation.is_none() {
+            return;
+        }
         let clean = self.is_end_stream();
         self.end(clean);
     }
