@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use socket2::{Domain, Socket, Type};
 use weft_iptables::ebpf::{self, EbpfConfig};
 use weft_tests::{Host, Net, require_root};
 
@@ -101,9 +102,9 @@ fn out_segments(host: &Host) -> u64 {
         .unwrap()
 }
 
-/// `ROUNDS` messages of 64 bytes echoed over 127.0.0.1 inside `host`; checks every byte and
-/// returns the segments the namespace sent meanwhile.
-fn ping_pong(host: &Host) -> u64 {
+/// `ROUNDS` messages of 64 bytes echoed to 127.0.0.1 from `source` inside `host`; checks
+/// every byte and returns the segments the namespace sent meanwhile.
+fn ping_pong(host: &Host, source: Ipv4Addr) -> u64 {
     let before = out_segments(host);
     host.enter(|| {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -118,7 +119,10 @@ fn ping_pong(host: &Host) -> u64 {
                     conn.write_all(&buf).unwrap();
                 }
             });
-            let mut conn = TcpStream::connect(addr).unwrap();
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+            socket.connect(&addr.into()).unwrap();
+            let mut conn: TcpStream = socket.into();
             conn.set_nodelay(true).unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut back = [0u8; 64];
@@ -257,7 +261,7 @@ fn local_connections_skip_the_stack_while_installed() {
     let host = net.host("app").unwrap();
     let cgroup = TestCgroup::enter(&cgroup2_root);
 
-    let baseline = ping_pong(&host);
+    let baseline = ping_pong(&host, Ipv4Addr::LOCALHOST);
     assert!(
         baseline >= 2 * ROUNDS as u64,
         "without the programs every message is a segment: {baseline} for {ROUNDS} rounds"
@@ -284,11 +288,17 @@ fn local_connections_skip_the_stack_while_installed() {
     assert!(ebpf::is_attached(&cfg).unwrap());
     assert!(cfg.pin_dir().join("maps").join("weft_socks").exists());
 
-    let redirected = ping_pong(&host);
+    let redirected = ping_pong(&host, Ipv4Addr::LOCALHOST);
     assert!(
         redirected < 50,
         "with the programs only the handshake and the close take the stack: {redirected} \
          segments for {ROUNDS} rounds (without: {baseline})"
+    );
+    // The transparent inbound reaches its app from the loop-guard address.
+    let from_loop_guard = ping_pong(&host, Ipv4Addr::new(127, 0, 0, 6));
+    assert!(
+        from_loop_guard < 50,
+        "127.0.0.6 to 127.0.0.1 is local too: {from_loop_guard} segments"
     );
     let bulk = peek_then_bulk(&host);
     assert!(
@@ -313,7 +323,7 @@ fn local_connections_skip_the_stack_while_installed() {
     assert!(!cfg.pin_dir().exists());
     drop(installed);
 
-    let after = ping_pong(&host);
+    let after = ping_pong(&host, Ipv4Addr::LOCALHOST);
     let bulk_after = peek_then_bulk(&host);
     assert!(
         bulk_after > 32 << 20 >> 16,
@@ -321,8 +331,8 @@ fn local_connections_skip_the_stack_while_installed() {
     );
     eprintln!(
         "segments sent for {ROUNDS} ping-pongs: {baseline} before install, {redirected} \
-         installed, {after} after uninstall; for a 32 MiB upload: {bulk} installed, \
-         {bulk_after} after uninstall"
+         installed ({from_loop_guard} from 127.0.0.6), {after} after uninstall; for a 32 MiB \
+         upload: {bulk} installed, {bulk_after} after uninstall"
     );
     assert!(
         after >= 2 * ROUNDS as u64,
