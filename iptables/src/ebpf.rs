@@ -194,36 +194,36 @@ fn load_and_attach(cfg: &EbpfConfig, object_file: &Path) -> Result<()> {
     bpftool(
         cfg,
         &[
-            "prog".as_ref(),
-            "loadall".as_ref(),
-            object_file.as_os_str(),
-            pins.join("progs").as_os_str(),
-            "pinmaps".as_ref(),
-            pins.join("maps").as_os_str(),
+            &"prog",
+            &"loadall",
+            &object_file,
+            &pins.join("progs"),
+            &"pinmaps",
+            &pins.join("maps"),
         ],
     )?;
     bpftool(
         cfg,
         &[
-            "cgroup".as_ref(),
-            "attach".as_ref(),
-            cfg.cgroup.as_os_str(),
-            "sock_ops".as_ref(),
-            "pinned".as_ref(),
-            cfg.sockops_pin().as_os_str(),
-            "multi".as_ref(),
+            &"cgroup",
+            &"attach",
+            &cfg.cgroup,
+            &"sock_ops",
+            &"pinned",
+            &cfg.sockops_pin(),
+            &"multi",
         ],
     )?;
     bpftool(
         cfg,
         &[
-            "prog".as_ref(),
-            "attach".as_ref(),
-            "pinned".as_ref(),
-            cfg.msg_pin().as_os_str(),
-            "msg_verdict".as_ref(),
-            "pinned".as_ref(),
-            cfg.map_pin().as_os_str(),
+            &"prog",
+            &"attach",
+            &"pinned",
+            &cfg.msg_pin(),
+            &"msg_verdict",
+            &"pinned",
+            &cfg.map_pin(),
         ],
     )?;
     Ok(())
@@ -244,12 +244,12 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
         && let Err(e) = bpftool(
             cfg,
             &[
-                "cgroup".as_ref(),
-                "detach".as_ref(),
-                cfg.cgroup.as_os_str(),
-                "sock_ops".as_ref(),
-                "pinned".as_ref(),
-                cfg.sockops_pin().as_os_str(),
+                &"cgroup",
+                &"detach",
+                &cfg.cgroup,
+                &"sock_ops",
+                &"pinned",
+                &cfg.sockops_pin(),
             ],
         )
     {
@@ -260,13 +260,13 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
         let _ = bpftool(
             cfg,
             &[
-                "prog".as_ref(),
-                "detach".as_ref(),
-                "pinned".as_ref(),
-                cfg.msg_pin().as_os_str(),
-                "msg_verdict".as_ref(),
-                "pinned".as_ref(),
-                cfg.map_pin().as_os_str(),
+                &"prog",
+                &"detach",
+                &"pinned",
+                &cfg.msg_pin(),
+                &"msg_verdict",
+                &"pinned",
+                &cfg.map_pin(),
             ],
         );
     }
@@ -289,15 +289,7 @@ pub fn is_attached(cfg: &EbpfConfig) -> Result<bool> {
     if !cfg.sockops_pin().exists() {
         return Ok(false);
     }
-    let shown = bpftool(
-        cfg,
-        &[
-            "prog".as_ref(),
-            "show".as_ref(),
-            "pinned".as_ref(),
-            cfg.sockops_pin().as_os_str(),
-        ],
-    )?;
+    let shown = bpftool(cfg, &[&"prog", &"show", &"pinned", &cfg.sockops_pin()])?;
     // `123: sock_ops  name weft_sockops  tag ...`
     let Some(id) = shown
         .split(':')
@@ -314,15 +306,12 @@ pub fn is_attached(cfg: &EbpfConfig) -> Result<bool> {
 
 /// What `bpftool cgroup show` prints for the cgroup: the programs attached to it.
 pub fn attached_programs(cfg: &EbpfConfig) -> Result<String> {
-    bpftool(
-        cfg,
-        &["cgroup".as_ref(), "show".as_ref(), cfg.cgroup.as_os_str()],
-    )
+    bpftool(cfg, &[&"cgroup", &"show", &cfg.cgroup])
 }
 
-fn bpftool(cfg: &EbpfConfig, args: &[&std::ffi::OsStr]) -> Result<String> {
+fn bpftool(cfg: &EbpfConfig, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<String> {
     let out = Command::new(&cfg.bpftool)
-        .args(args)
+        .args(args.iter().map(|a| a.as_ref()))
         .output()
         .map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => Error::NoBpftool,
@@ -338,7 +327,10 @@ fn bpftool(cfg: &EbpfConfig, args: &[&std::ffi::OsStr]) -> Result<String> {
             .lines()
             .filter(|l| !l.contains("strict mode") && !l.contains("--legacy option"))
             .collect();
-        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into())
+            .collect();
         return Err(Error::Command {
             program: PathBuf::from(format!("{} {}", cfg.bpftool.display(), args.join(" "))),
             status: out.status.to_string(),

@@ -240,6 +240,23 @@ fn bulk_client(addr: SocketAddr) {
     assert_eq!(sum, checksum(0, &data), "checksum of the upload");
 }
 
+/// Runs `weft-iptables ebpf <action>` for `cfg`'s cgroup, bpf filesystem and name.
+fn weft_iptables_ebpf(action: &str, cfg: &EbpfConfig) {
+    let out = Command::new(BIN)
+        .args(["ebpf", action, "--name", &cfg.name])
+        .arg("--cgroup-path")
+        .arg(&cfg.cgroup)
+        .arg("--bpffs-path")
+        .arg(&cfg.bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ebpf {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn local_connections_skip_the_stack_while_installed() {
     require_root!();
@@ -271,20 +288,8 @@ fn local_connections_skip_the_stack_while_installed() {
         name: "test".into(),
         ..EbpfConfig::new(&cgroup.dir, &bpffs.0)
     };
-    let out = Command::new(BIN)
-        .args(["ebpf", "install", "--name", "test"])
-        .arg("--cgroup-path")
-        .arg(&cgroup.dir)
-        .arg("--bpffs-path")
-        .arg(&bpffs.0)
-        .output()
-        .unwrap();
     let installed = Installed(cfg.clone());
-    assert!(
-        out.status.success(),
-        "ebpf install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weft_iptables_ebpf("install", &cfg);
     assert!(ebpf::is_attached(&cfg).unwrap());
     assert!(cfg.pin_dir().join("maps").join("weft_socks").exists());
 
@@ -306,19 +311,7 @@ fn local_connections_skip_the_stack_while_installed() {
         "a redirected 32 MiB upload sends no data segments: {bulk} segments"
     );
 
-    let out = Command::new(BIN)
-        .args(["ebpf", "uninstall", "--name", "test"])
-        .arg("--cgroup-path")
-        .arg(&cgroup.dir)
-        .arg("--bpffs-path")
-        .arg(&bpffs.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ebpf uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weft_iptables_ebpf("uninstall", &cfg);
     assert!(!ebpf::is_attached(&cfg).unwrap());
     assert!(!cfg.pin_dir().exists());
     drop(installed);
