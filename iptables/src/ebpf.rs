@@ -122,16 +122,20 @@ impl EbpfConfig {
     }
 }
 
-/// The mount point of the first mount of `fstype` in `mounts` (the text of
+/// The mount points of the mounts of `fstype` in `mounts` (the text of `/proc/self/mounts`),
+/// in its order.
+fn mount_points<'a>(mounts: &'a str, fstype: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
+    mounts.lines().filter_map(move |line| {
+        let mut fields = line.split_whitespace();
+        let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == fstype).then(|| PathBuf::from(point.replace("\\040", " ")))
+    })
+}
+
+/// The mount point of the innermost mount of `fstype` in `mounts` (the text of
 /// `/proc/self/mounts`) that is `path` or one of its parents.
 pub fn mount_point_of(mounts: &str, fstype: &str, path: &Path) -> Option<PathBuf> {
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            (kind == fstype).then(|| PathBuf::from(point.replace("\\040", " ")))
-        })
+    mount_points(mounts, fstype)
         .filter(|point| path.starts_with(point))
         .max_by_key(|point| point.as_os_str().len())
 }
@@ -139,11 +143,7 @@ pub fn mount_point_of(mounts: &str, fstype: &str, path: &Path) -> Option<PathBuf
 /// The first mount of `fstype` in `mounts` (the text of `/proc/self/mounts`): where the
 /// defaults of `--cgroup-path` (`cgroup2`) and `--bpffs-path` (`bpf`) come from.
 pub fn first_mount(mounts: &str, fstype: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-        (kind == fstype).then(|| PathBuf::from(point.replace("\\040", " ")))
-    })
+    mount_points(mounts, fstype).next()
 }
 
 /// Whether this build carries the eBPF programs (it was built where clang was installed).

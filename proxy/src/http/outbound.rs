@@ -265,8 +265,11 @@ async fn send(
         let (target, sender) = connect(ctx, svc, rule).await?;
         let in_flight = target.endpoint.start();
         // The deadline from the instant the request started, not from a second clock read.
-        let deadline = in_flight.started() + ctx.shared.opts.request_timeout;
-        let sent = tokio::time::timeout_at(deadline, sender.send(req)).await;
+        let limit = ctx.shared.opts.request_timeout;
+        let sent = match in_flight.started().checked_add(limit) {
+            Some(deadline) => tokio::time::timeout_at(deadline, sender.send(req)).await,
+            None => tokio::time::timeout(limit, sender.send(req)).await,
+        };
         match sent {
             Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
             Ok(Err(SendError::Unsent { request, source })) => {
