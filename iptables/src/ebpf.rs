@@ -157,11 +157,7 @@ pub fn available() -> bool {
 /// was done is undone.
 pub fn install(cfg: &EbpfConfig) -> Result<()> {
     let Some(object) = OBJECT else {
-        return Err(Error::InvalidConfig(
-            "this weft-iptables was built without the eBPF programs (no clang at build \
-             time: apt-get install clang libbpf-dev, then rebuild)"
-                .into(),
-        ));
+        return Err(Error::NoEbpfPrograms);
     };
     cfg.check()?;
     if cfg.pin_dir().exists() {
@@ -276,10 +272,7 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(Error::InvalidConfig(format!(
-            "uninstalling the eBPF programs: {}",
-            errors.join("; ")
-        )))
+        Err(Error::EbpfUninstall(errors.join("; ")))
     }
 }
 

@@ -43,6 +43,17 @@ pub enum Error {
     )]
     NoBpftool,
 
+    /// `weft-iptables ebpf install` in a build that has no eBPF programs.
+    #[error(
+        "this weft-iptables was built without the eBPF programs (no clang at build time: \
+         apt-get install clang libbpf-dev, then rebuild)"
+    )]
+    NoEbpfPrograms,
+
+    /// Removing an eBPF install left something behind (each failure named).
+    #[error("uninstalling the eBPF programs: {0}")]
+    EbpfUninstall(String),
+
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
