@@ -12,74 +12,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use weft_iptables::ebpf::{self, EbpfConfig};
+use weft_tests::cgroup::{Mount, TestCgroup};
 use weft_tests::{Host, Net, require_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-iptables");
 const ROUNDS: usize = 2000;
-
-/// A mount the test made, unmounted (and its directory removed) on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(fstype: &str, source: &str) -> Mount {
-        let dir = std::env::temp_dir().join(format!("weft-{fstype}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", fstype, source])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount -t {fstype} {}", dir.display());
-        Mount(dir)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A child cgroup holding this process; on drop the process goes back where it was and the
-/// cgroup is removed.
-struct TestCgroup {
-    dir: PathBuf,
-    home: PathBuf,
-}
-
-impl TestCgroup {
-    fn enter(cgroup2_root: &Path) -> TestCgroup {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let relative = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or("/")
-            .trim_start_matches('/');
-        let home = cgroup2_root.join(relative);
-        let dir = cgroup2_root.join(format!("weft-ebpf-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cg = TestCgroup { dir, home };
-        std::fs::write(cg.dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
-        cg
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(
-            self.home.join("cgroup.procs"),
-            std::process::id().to_string(),
-        );
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
 
 /// Uninstalls on drop.
 struct Installed(EbpfConfig);
@@ -268,15 +210,15 @@ fn local_connections_skip_the_stack_while_installed() {
     let (_cgroup2_mount, cgroup2_root) = match ebpf::first_mount(&mounts, "cgroup2") {
         Some(root) => (None, root),
         None => {
-            let m = Mount::new("cgroup2", "none");
-            let root = m.0.clone();
+            let m = Mount::new("cgroup2", "none").unwrap();
+            let root = m.path().to_path_buf();
             (Some(m), root)
         }
     };
-    let bpffs = Mount::new("bpf", "bpf");
+    let bpffs = Mount::new("bpf", "bpf").unwrap();
     let net = Net::new().unwrap();
     let host = net.host("app").unwrap();
-    let cgroup = TestCgroup::enter(&cgroup2_root);
+    let cgroup = TestCgroup::enter(&cgroup2_root, "weft-ebpf-test").unwrap();
 
     let baseline = ping_pong(&host, Ipv4Addr::LOCALHOST);
     assert!(
@@ -286,7 +228,7 @@ fn local_connections_skip_the_stack_while_installed() {
 
     let cfg = EbpfConfig {
         name: "test".into(),
-        ..EbpfConfig::new(&cgroup.dir, &bpffs.0)
+        ..EbpfConfig::new(cgroup.path(), bpffs.path())
     };
     let installed = Installed(cfg.clone());
     weft_iptables_ebpf("install", &cfg);

@@ -33,6 +33,7 @@ mod e2e;
 mod grpc_echo;
 
 use bytes::Bytes;
+use e2e::in_host::{apps_runtime, listen_in, run_in};
 use e2e::{ControlPlane, Env, Sidecar, WAIT, mesh_yaml, permission_yaml, vm_rss_kib, wait_for};
 use futures::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
@@ -43,7 +44,6 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -58,49 +58,6 @@ type AppBody = BoxBody<Bytes, Infallible>;
 
 fn full(s: impl Into<Bytes>) -> AppBody {
     Full::new(s.into()).boxed()
-}
-
-/// The runtime the server apps run on. Their sockets belong to the namespaces they were bound
-/// in, whichever thread serves them. Dropping it stops the apps.
-fn apps_runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime for the apps")
-}
-
-/// A listener on `0.0.0.0:port` inside `host`, for a tokio app.
-fn listen_in(host: &Host, port: u16) -> std::net::TcpListener {
-    let l = host
-        .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)))
-        .expect("enter")
-        .expect("bind the app");
-    l.set_nonblocking(true).expect("nonblocking");
-    l
-}
-
-/// Runs `f` to completion on a runtime of its own on a thread inside `host`'s namespace (so
-/// every socket it opens is the host's, and its connections go through the host's sidecar),
-/// bounded by `timeout`. A panic in `f` is passed on.
-fn run_in<F, Fut, R>(host: &Host, timeout: Duration, f: F) -> R
-where
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = R>,
-    R: Send,
-{
-    host.enter(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the client");
-        rt.block_on(async {
-            tokio::time::timeout(timeout, f())
-                .await
-                .unwrap_or_else(|_| panic!("the client did not finish within {timeout:?}"))
-        })
-    })
-    .expect("enter")
 }
 
 /// An HTTP app (HTTP/1.1 and h2c) on `0.0.0.0:port` inside `host`. Every request is answered

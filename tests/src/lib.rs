@@ -5,6 +5,8 @@
 //! - [`netns`]: [`Net`] (one test's network), [`Host`] (one namespace),
 //!   [`Link`]/[`Lan`] (how hosts are joined), [`Proc`] (a child process that
 //!   dies with its guard).
+//! - [`cgroup`]: [`cgroup::Mount`] and [`cgroup::TestCgroup`], for tests that attach eBPF
+//!   programs to a cgroup of their own.
 //! - [`require_root!`]: skips a test, visibly, when not run as root.
 //! - [`postgres`]: [`postgres::PgServer`], a private PostgreSQL server for the PostgreSQL
 //!   store's tests.
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cgroup;
 pub mod netns;
 pub mod postgres;
 

@@ -10,6 +10,7 @@
 
 mod app;
 mod capture;
+pub mod in_host;
 
 use app::connect_in;
 pub use app::{App, connect, exchange, http_get, request, request_from};
