@@ -469,11 +469,22 @@ async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value
     ))
 }
 
+/// The header that says where a `_config` answer came from, when it is not this replica's own
+/// record of what it sent.
+pub const CONFIG_SOURCE_HEADER: &str = "weft-config-source";
+
 /// `GET /meshes/{mesh}/dataplanes/{name}/_config`: the snapshot last sent to that proxy.
+///
+/// A proxy connected to another replica (on a shared store) gets the snapshot built here from
+/// this replica's view of the store, which is what that replica sends: a snapshot is a
+/// function of the stored resources (its `version` hashes its content), so replicas that have
+/// read the same store revision build the same one. It has no nonce (that is per push), and
+/// the `weft-config-source` header names the replica the proxy is at. Kuma's control plane
+/// likewise builds `_config` on whichever instance is asked.
 async fn get_dataplane_view(
     State(s): State<Arc<ApiState>>,
     Path((mesh, plural, name, view)): Path<(String, String, String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     if plural != "dataplanes" || view != "_config" {
         return Err(ApiError::not_found(format!(
             "no such view {plural}/{name}/{view}; try dataplanes/{name}/_config"
@@ -481,32 +492,50 @@ async fn get_dataplane_view(
     }
     let sent = s.hub.status(&mesh, &name).and_then(|st| st.last_sent);
     if let Some(sent) = sent {
-        return Ok(Json(
-            serde_json::to_value(sent.snapshot()).unwrap_or(Value::Null),
-        ));
+        return Ok(
+            Json(serde_json::to_value(sent.snapshot()).unwrap_or(Value::Null)).into_response(),
+        );
     }
-    // Another replica may have it: say which, rather than that it never connected.
     let store = s.store.clone();
     let m = mesh.clone();
     let published = blocking(move || store.insights(&m, crate::discovery::hub::now_ms())).await?;
-    match published
+    let Some(elsewhere) = published
         .into_iter()
         .find(|p| p.name == name && p.replica != s.hub.replica())
-    {
-        Some(p) => Err(ApiError::not_found(format!(
-            "dataplane {name:?} of mesh {mesh:?} is {} control-plane replica {}: its _config is \
-             served there",
-            if p.online {
-                "connected to"
-            } else {
-                "last connected to"
-            },
-            p.replica
-        ))),
-        None => Err(ApiError::not_found(format!(
+    else {
+        return Err(ApiError::not_found(format!(
             "no configuration was sent to dataplane {name:?} of mesh {mesh:?}: its proxy never connected"
-        ))),
+        )));
+    };
+    let status = if elsewhere.online {
+        "connected to"
+    } else {
+        "last connected to"
+    };
+    let views = s.hub.subscribe().borrow().clone();
+    let Some((view, dataplane)) = views
+        .meshes
+        .get(&mesh)
+        .and_then(|view| Some((view, view.dataplanes.get(&name)?)))
+    else {
+        // Registered at the other replica but not (yet) in this replica's view of the store.
+        return Err(ApiError::not_found(format!(
+            "dataplane {name:?} of mesh {mesh:?} is {status} control-plane replica {}, and this \
+             replica has not read it from the store yet: its _config is served there",
+            elsewhere.replica
+        )));
+    };
+    let snapshot = crate::discovery::snapshot::build_message(&mesh, &name, dataplane, view);
+    let source = format!(
+        "built by replica {} from the store; the proxy is {status} replica {}",
+        s.hub.replica(),
+        elsewhere.replica
+    );
+    let mut response = Json(serde_json::to_value(snapshot).unwrap_or(Value::Null)).into_response();
+    if let Ok(value) = axum::http::HeaderValue::from_str(&source) {
+        response.headers_mut().insert(CONFIG_SOURCE_HEADER, value);
     }
+    Ok(response)
 }
 
 /// Body of `POST /tokens/dataplane` (Kuma's shape).

@@ -777,8 +777,8 @@ async fn insight_when(
 /// Two control-plane replicas on one PostgreSQL store act as one control plane: they start
 /// together without creating the default mesh twice, a token issued by one registers a proxy
 /// at the other, a name online at one is refused at the other, what one replica writes
-/// reaches the proxies connected to the other, and a proxy that dies at one is offline at
-/// both.
+/// reaches the proxies connected to the other, each serves the `_config` of a proxy connected
+/// to the other, and a proxy that dies at one is offline at both.
 #[tokio::test]
 async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
     let (pg, url) = tokio::task::spawn_blocking(|| {
@@ -887,18 +887,41 @@ async fn two_replicas_on_one_postgres_store_act_as_one_control_plane() {
         "{insight}"
     );
     assert!(insight["ackedVersion"].is_string(), "{insight}");
-    // Its _config is served by B; A says so.
+    // Its _config, asked of A, is built at A from the store: the snapshot B sent (same
+    // version), and a header naming B.
     let url = format!(
         "http://{}/meshes/payments/dataplanes/web-1/_config",
         a.api_address
     );
-    let answer = reqwest::get(&url).await.expect("GET _config");
-    assert_eq!(answer.status(), reqwest::StatusCode::NOT_FOUND);
-    let why = answer.text().await.expect("body");
-    assert!(
-        why.contains("connected to control-plane replica") && why.contains(b.hub.replica()),
-        "{why}"
-    );
+    let sent_by_b = last_sent(&b, "web-1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = reqwest::get(&url).await.expect("GET _config");
+        assert_eq!(answer.status(), reqwest::StatusCode::OK);
+        let source = answer
+            .headers()
+            .get("weft-config-source")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            source.contains(a.hub.replica()) && source.contains(b.hub.replica()),
+            "{source}"
+        );
+        let config: serde_json::Value = answer.json().await.expect("_config is JSON");
+        if config["version"] == sent_by_b.version.as_str() {
+            assert_eq!(config["dataplane"]["name"], "web-1", "{config}");
+            break;
+        }
+        // A may not have read the store revision B built from yet.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A's _config of web-1 stays at version {} (B sent {})",
+            config["version"],
+            sent_by_b.version
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // backend's connection to A dies under it, with no end of stream; web, at B, sees its
     // endpoint go unhealthy.
