@@ -109,6 +109,20 @@ fn validate_duration(path: &str, value: &str) -> Result {
     }
 }
 
+/// The longest certificate lifetime accepted: 100 years. An X.509 validity ends by the year
+/// 9999, and no mesh rotates its CA less often than this.
+const MAX_CERT_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A certificate lifetime: a duration greater than zero and at most [`MAX_CERT_LIFETIME`].
+fn validate_cert_lifetime(path: &str, value: &str) -> Result {
+    validate_duration(path, value)?;
+    match parse_duration(value) {
+        Ok(d) if d > MAX_CERT_LIFETIME => fail(path, "must be at most 100 years (876000h)"),
+        _ => Ok(()),
+    }
+}
+
 fn validate_ip(path: &str, value: &str) -> Result {
     if value.parse::<IpAddr>().is_err() {
         fail(path, format!("{value:?} is not an IP address"))?;
@@ -227,7 +241,7 @@ fn validate_mesh(m: &MeshSpec) -> Result {
                 .and_then(|d| d.rotation.as_ref())
                 .and_then(|r| r.expiration.as_ref())
             {
-                validate_duration(&format!("{p}.dpCert.rotation.expiration"), exp)?;
+                validate_cert_lifetime(&format!("{p}.dpCert.rotation.expiration"), exp)?;
             }
             let conf = b.conf.clone().unwrap_or_default();
             match b.kind {
@@ -239,7 +253,7 @@ fn validate_mesh(m: &MeshSpec) -> Result {
                         )?;
                     }
                     if let Some(exp) = conf.ca_cert.as_ref().and_then(|c| c.expiration.as_ref()) {
-                        validate_duration(&format!("{p}.conf.caCert.expiration"), exp)?;
+                        validate_cert_lifetime(&format!("{p}.conf.caCert.expiration"), exp)?;
                     }
                 }
                 CaBackendType::Provided => {

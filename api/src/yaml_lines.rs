@@ -43,13 +43,25 @@ pub(crate) struct SyntaxError {
 
 const MAX_EVENTS: usize = 1_000_000;
 
+/// The most bytes of field paths one call may record. Each recorded path repeats its parent's,
+/// so a document of deep, long keys over many items would otherwise cost its depth times its
+/// item count (a 2 MB document, gigabytes); real resources stay far below this.
+const MAX_PATH_BYTES: usize = 64 << 20;
+
 /// Indexes every non-empty document of `text`.
 pub(crate) fn index(text: &str) -> Result<Vec<DocLines>, SyntaxError> {
     let mut docs = Vec::new();
     let mut current: Option<DocLines> = None;
     let mut stack: Vec<Frame> = Vec::new();
     let mut root_is_empty = false;
+    let mut path_bytes = 0usize;
     for (n, item) in Parser::new_from_str(text).enumerate() {
+        if path_bytes > MAX_PATH_BYTES {
+            return Err(SyntaxError {
+                line: 0,
+                message: "document too large (its field paths are too deep and too many)".into(),
+            });
+        }
         if n > MAX_EVENTS {
             return Err(SyntaxError {
                 line: 0,
@@ -84,12 +96,13 @@ pub(crate) fn index(text: &str) -> Result<Vec<DocLines>, SyntaxError> {
                     continue;
                 }
                 if let Some(doc) = current.as_mut() {
-                    on_value(&mut stack, doc, line, Some(value.as_ref()), false);
+                    path_bytes +=
+                        on_value(&mut stack, doc, line, Some(value.as_ref()), false).len();
                 }
             }
             Event::Alias(..) => {
                 if let Some(doc) = current.as_mut() {
-                    on_value(&mut stack, doc, line, None, false);
+                    path_bytes += on_value(&mut stack, doc, line, None, false).len();
                 }
             }
             Event::MappingStart(..) | Event::SequenceStart(..) => {
@@ -98,6 +111,8 @@ pub(crate) fn index(text: &str) -> Result<Vec<DocLines>, SyntaxError> {
                     Some(doc) => on_value(&mut stack, doc, line, None, true),
                     None => String::new(),
                 };
+                // The frame keeps a copy of it.
+                path_bytes += 2 * path.len();
                 stack.push(if is_map {
                     Frame::Map { path, key: None }
                 } else {

@@ -21,6 +21,8 @@ fn cases() -> Vec<(&'static str, String, &'static str, usize)> {
         ("bad CA type", "type: Mesh\nname: a\nmtls:\n  backends:\n  - {name: ca-1, type: vault}\n".into(), "mtls.backends[0].type", 0),
         ("bad mode", "type: Mesh\nname: a\nmtls:\n  backends:\n  - {name: ca-1, type: builtin, mode: LAX}\n".into(), "mtls.backends[0].mode", 0),
         ("bad dpCert duration", "type: Mesh\nname: a\nmtls:\n  backends:\n  - name: ca-1\n    type: builtin\n    dpCert:\n      rotation:\n        expiration: 1 fortnight\n".into(), "mtls.backends[0].dpCert.rotation.expiration", 9),
+        ("dpCert lifetime past 100 years", "type: Mesh\nname: a\nmtls:\n  backends:\n  - name: ca-1\n    type: builtin\n    dpCert:\n      rotation:\n        expiration: 876001h\n".into(), "mtls.backends[0].dpCert.rotation.expiration", 9),
+        ("CA lifetime past 100 years", "type: Mesh\nname: a\nmtls:\n  backends:\n  - name: ca-1\n    type: builtin\n    conf:\n      caCert:\n        expiration: 70080000h\n".into(), "mtls.backends[0].conf.caCert.expiration", 9),
         ("provided CA without key", "type: Mesh\nname: a\nmtls:\n  backends:\n  - name: ca-1\n    type: provided\n    conf:\n      cert: {inlineString: x}\n".into(), "mtls.backends[0].conf.key", 0),
         ("provided CA with two sources", "type: Mesh\nname: a\nmtls:\n  backends:\n  - name: ca-1\n    type: provided\n    conf:\n      cert: {inlineString: x, file: /x}\n      key: {file: /k}\n".into(), "mtls.backends[0].conf.cert", 8),
         ("passthrough not a bool", "type: Mesh\nname: a\nnetworking:\n  outbound:\n    passthrough: maybe\n".into(), "networking.outbound.passthrough", 5),
@@ -121,4 +123,24 @@ fn message_reads_well() {
         ),
         "{text}"
     );
+}
+
+/// A small document whose field paths would cost its depth times its item count (here 60
+/// levels of 1,000-byte keys over 100,000 items: 6 GB of paths from a 260 KB document) is
+/// refused as too large, without building them.
+#[test]
+fn deep_long_keys_over_many_items_are_refused_not_indexed() {
+    let key = "k".repeat(1000);
+    let mut doc = String::from("type: Dataplane\nmesh: default\nname: dp\n");
+    for depth in 0..60 {
+        doc.push_str(&" ".repeat(depth));
+        doc.push_str(&key);
+        doc.push_str(":\n");
+    }
+    doc.push_str(&" ".repeat(60));
+    doc.push_str("items: [");
+    doc.push_str(&"a,".repeat(100_000));
+    doc.push_str("a]\n");
+    let err = parse_documents(&doc).expect_err("refused");
+    assert!(err.message.contains("too large"), "{err}");
 }

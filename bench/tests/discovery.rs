@@ -19,6 +19,7 @@ async fn twenty_proxies_see_every_apply() {
         dp_server_cert: None,
         no_default_mesh: true,
         admin_token: None,
+        dp_keepalive: weft_control::run::DEFAULT_DP_KEEPALIVE,
     })
     .await
     .expect("control plane starts");

@@ -12,6 +12,7 @@ use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,7 +42,15 @@ pub struct RunConfig {
     pub no_default_mesh: bool,
     /// Token that lets non-loopback callers mutate through the API.
     pub admin_token: Option<String>,
+    /// How often the dataplane server pings a proxy's connection, and how long it waits for
+    /// the answer before it drops the connection ([`DEFAULT_DP_KEEPALIVE`]). A proxy whose
+    /// host died or lost its network sends no end of stream; without the pings its name would
+    /// stay online, and a restarted proxy of that name be refused, until TCP gave up.
+    pub dp_keepalive: Duration,
 }
+
+/// The default [`RunConfig::dp_keepalive`]: a silent proxy is dropped within 40 s.
+pub const DEFAULT_DP_KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +110,7 @@ impl ControlPlane {
         // Discovery streams stay open as long as their proxies do; give them a moment to see
         // the shutdown, then cut them (proxies reconnect to the next control plane).
         let mut dp_server = self.dp_server;
-        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut dp_server)
+        if tokio::time::timeout(Duration::from_secs(1), &mut dp_server)
             .await
             .is_err()
         {
@@ -398,16 +407,22 @@ pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
         DiscoveryService::new(hub.clone(), Arc::new(TokenAuth(identity.tokens().clone())));
     let mut dp_stop = stop;
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(cfg.dp_keepalive))
+        .http2_keepalive_timeout(Some(cfg.dp_keepalive))
         .tls_config(tls.server_tls_config())
         .map_err(|e| RunError::Tls(e.to_string()))?
         .add_service(discovery.into_server())
         .add_service(identity.clone().into_server());
-    let dp_server = tokio::spawn(grpc.serve_with_incoming_shutdown(
-        tonic::transport::server::TcpIncoming::from(dp_listener).with_nodelay(Some(true)),
-        async move {
-            let _ = dp_stop.wait_for(|s| *s).await;
-        },
-    ));
+    let dp_server = tokio::spawn(
+        grpc.serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(dp_listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(cfg.dp_keepalive)),
+            async move {
+                let _ = dp_stop.wait_for(|s| *s).await;
+            },
+        ),
+    );
     tracing::info!(%dp_server_address, "dataplane gRPC server listening");
     Ok(ControlPlane {
         api_address,

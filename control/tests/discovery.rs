@@ -5,7 +5,9 @@ mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
-use support::in_process::{control_plane, control_plane_on, put, put_off_runtime};
+use support::in_process::{
+    control_plane, control_plane_on, control_plane_with, put, put_off_runtime,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -58,9 +60,12 @@ fn token(cp: &ControlPlane, mesh: &str, name: &str) -> String {
 
 /// A TCP relay in front of `target`: [`Relay::cut`] closes every connection through it under
 /// both ends, as when a proxy dies or loses its network: no end of stream, no goodbye.
+/// [`Relay::freeze`] stops carrying bytes but keeps the connections open, as when the proxy's
+/// host vanishes: nothing arrives, and nothing says the connection is gone.
 struct Relay {
     addr: std::net::SocketAddr,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    frozen: tokio::sync::watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -72,13 +77,21 @@ impl Relay {
         let addr = listener.local_addr().expect("relay address");
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let tracked = conns.clone();
+        let (frozen, frozen_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(async move {
             while let Ok((mut downstream, _)) = listener.accept().await {
                 let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
                     continue;
                 };
+                let mut frozen = frozen_rx.clone();
                 let task = tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {}
+                        _ = async { frozen.wait_for(|f| *f).await.is_ok() } => {
+                            // Hold both sockets open, silent, until cut or dropped.
+                            std::future::pending::<()>().await;
+                        }
+                    }
                 });
                 tracked
                     .lock()
@@ -89,8 +102,14 @@ impl Relay {
         Relay {
             addr,
             conns,
+            frozen,
             accept,
         }
+    }
+
+    /// Stops carrying bytes on every connection, and keeps them open.
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 
     /// Drops every relayed connection at once.
@@ -427,6 +446,49 @@ async fn invalid_registration_is_refused_with_the_field() {
         err.message().contains("mesh \"nowhere\" does not exist"),
         "{err}"
     );
+    // A Register is parsed before its token is checked: an oversized one is refused unread,
+    // token or not.
+    let mut huge = dataplane("default", "dp", "a", "10.0.0.1");
+    huge.push_str(&format!("# {}\n", "x".repeat(300 << 10)));
+    let err = connect_with(&cp, huge, None).await.err().expect("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 256 KiB"), "{err}");
+    cp.shutdown().await;
+}
+
+/// A proxy whose connection goes silent (its host vanished: no end of stream, no reset) is
+/// dropped once it stops answering the server's pings, and its name can register again.
+#[tokio::test]
+async fn a_silent_proxy_is_dropped_by_keepalive_and_its_name_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane_with(dir.path(), None, Duration::from_millis(500)).await;
+    let relay = Relay::start(cp.dp_server_address).await;
+    let dp = dataplane("default", "web-1", "web", "10.0.0.1");
+    let t = token(&cp, "default", "web-1");
+    let mut web = register(
+        channel(relay.addr, &cp.data_dir).await,
+        dp.clone(),
+        Some(t),
+        vec![],
+    )
+    .await
+    .expect("registers through the relay");
+    let s = web.next().await;
+    web.ack(&s).await;
+    assert!(cp.hub.status("default", "web-1").expect("status").online);
+
+    relay.freeze();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while cp.hub.status("default", "web-1").is_some_and(|s| s.online) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent proxy is still online 15 s later"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut again = connect(&cp, dp).await.expect("the name registers again");
+    again.next().await;
+    drop(web);
     cp.shutdown().await;
 }
 

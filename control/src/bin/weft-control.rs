@@ -122,6 +122,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dp_server_cert: args.dp_server_cert_file.zip(args.dp_server_key_file),
         no_default_mesh: args.no_default_mesh,
         admin_token: args.admin_token,
+        dp_keepalive: weft_control::run::DEFAULT_DP_KEEPALIVE,
     };
     let mut cp = start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -67,6 +67,9 @@ pub fn bearer_token<T>(req: &Request<T>) -> Option<String> {
     Some(v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string())
 }
 
+/// The largest `Register.dataplane` accepted, in bytes.
+const MAX_REGISTERED_DATAPLANE: usize = 256 << 10;
+
 /// The snapshots a stream sends.
 pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Status>> + Send>>;
 
@@ -87,6 +90,16 @@ impl DiscoveryService {
                 "the first message must be a Register",
             ));
         };
+        // Parsed before the token can be checked (the token is checked against the mesh and
+        // name the Dataplane gives): bounded, so an unauthenticated client cannot make the
+        // parse costly. A Dataplane is a few KiB.
+        if register.dataplane.len() > MAX_REGISTERED_DATAPLANE {
+            return Err(Status::invalid_argument(format!(
+                "Register.dataplane is {} bytes; a Dataplane may be at most {} KiB",
+                register.dataplane.len(),
+                MAX_REGISTERED_DATAPLANE >> 10
+            )));
+        }
         let mut docs = parse_documents(&register.dataplane)
             .map_err(|e| Status::invalid_argument(format!("invalid Dataplane: {e}")))?;
         if docs.len() != 1 {

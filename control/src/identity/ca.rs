@@ -114,7 +114,7 @@ impl MeshCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = (now - Duration::from_secs(10)).into();
-        params.not_after = (now + validity).into();
+        params.not_after = not_after(now, validity)?.into();
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
         let persisted = format!("{}{}", cert.pem(), key.serialize_pem());
@@ -256,7 +256,8 @@ impl MeshCa {
             ));
         }
         let now = SystemTime::now();
-        let not_after = (now + lifetime).min(self.not_after);
+        // A leaf never outlives its CA, however long a lifetime it is given.
+        let not_after = not_after(now, lifetime).map_or(self.not_after, |t| t.min(self.not_after));
         let serial = random_serial();
         let mut params = CertificateParams::default();
         // Empty subject: the identity is in the SANs (rcgen then marks them critical).
@@ -456,6 +457,25 @@ fn looks_like_pem(bytes: &[u8]) -> bool {
         .is_some_and(|i| bytes[i..].starts_with(b"-----BEGIN"))
 }
 
+/// The end of a validity of `lifetime` from `now`, or an error when it lies past what a
+/// certificate can say (the year 9999). The resources' validation keeps lifetimes to 100
+/// years; this guards what an older store may hold.
+fn not_after(now: SystemTime, lifetime: Duration) -> Result<SystemTime, CaError> {
+    // 9999-12-31T23:59:59Z.
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    now.checked_add(lifetime)
+        .filter(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|d| d <= LAST)
+        })
+        .ok_or_else(|| {
+            CaError::InvalidCa(format!(
+                "a validity of {}s from now ends past the year 9999",
+                lifetime.as_secs()
+            ))
+        })
+}
+
 /// A positive random 128-bit serial number.
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
@@ -548,6 +568,25 @@ mod tests {
             x.public_key().algorithm.algorithm,
             OID_KEY_TYPE_EC_PUBLIC_KEY
         );
+    }
+
+    #[test]
+    fn lifetimes_past_the_year_9999_are_an_error_for_a_ca_and_the_ca_s_end_for_a_leaf() {
+        let millennia = Duration::from_secs(8000 * 365 * 24 * 3600);
+        assert!(matches!(
+            MeshCa::generate_builtin("demo", millennia),
+            Err(CaError::InvalidCa(_))
+        ));
+        let (ca, _) = MeshCa::generate_builtin("demo", DEFAULT_CA_VALIDITY).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let services = vec!["web".to_string()];
+        // A leaf ends with its CA.
+        let leaf = ca
+            .sign_leaf(&csr(&key), "demo", &services, millennia)
+            .unwrap();
+        let (_, leaf) = X509Certificate::from_der(&leaf.cert_der).unwrap();
+        let (_, issuer) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        assert_eq!(leaf.validity().not_after, issuer.validity().not_after);
     }
 
     #[test]

@@ -11,6 +11,15 @@ pub async fn control_plane(dir: &std::path::Path) -> ControlPlane {
 /// Starts a control plane on loopback with its data under `dir` and its store at `store_url`
 /// (`None`: the embedded store under `dir`).
 pub async fn control_plane_on(dir: &std::path::Path, store_url: Option<String>) -> ControlPlane {
+    control_plane_with(dir, store_url, weft_control::run::DEFAULT_DP_KEEPALIVE).await
+}
+
+/// [`control_plane_on`] with the dataplane server's keepalive (`RunConfig::dp_keepalive`).
+pub async fn control_plane_with(
+    dir: &std::path::Path,
+    store_url: Option<String>,
+    dp_keepalive: std::time::Duration,
+) -> ControlPlane {
     start(RunConfig {
         data_dir: dir.to_path_buf(),
         store_url,
@@ -20,6 +29,7 @@ pub async fn control_plane_on(dir: &std::path::Path, store_url: Option<String>) 
         dp_server_cert: None,
         no_default_mesh: false,
         admin_token: None,
+        dp_keepalive,
     })
     .await
     .expect("control plane starts")
