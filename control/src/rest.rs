@@ -8,7 +8,7 @@
 use crate::discovery::Hub;
 use crate::identity::IdentityService;
 use crate::store::{PublishedInsight, ResourceKey, Store, StoreError, StoredResource};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -137,34 +137,68 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Refuses mutating calls from non-loopback peers unless they carry the admin token.
+/// Whether the caller is trusted: on loopback, or presenting the admin token. Anyone may
+/// read, but only a trusted caller may mutate, or read a provided CA's private key.
+#[derive(Debug, Clone, Copy)]
+struct Trusted(bool);
+
+/// What a caller that is not trusted reads in place of a provided CA's private key.
+pub const REDACTED: &str = "(redacted: read it from loopback or with the admin token)";
+
+/// Refuses mutating calls from non-loopback peers unless they carry the admin token, and
+/// tells the handlers whether the caller is trusted ([`Trusted`]).
 async fn guard_mutations(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if mutating && !peer.ip().to_canonical().is_loopback() {
+    let trusted = peer.ip().to_canonical().is_loopback() || {
         let presented = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let allowed = match (&state.admin_token, presented) {
+        match (&state.admin_token, presented) {
             (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
             _ => false,
-        };
-        if !allowed {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                format!("mutating calls are accepted only from loopback (or with the admin token); refused {} from {}", req.method(), peer.ip()),
-            )
-            .into_response();
+        }
+    };
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating && !trusted {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("mutating calls are accepted only from loopback (or with the admin token); refused {} from {}", req.method(), peer.ip()),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(Trusted(trusted));
+    next.run(req).await
+}
+
+/// Replaces the inline private keys of a Mesh's provided CAs (`mtls.backends[].conf.key`'s
+/// `inline` and `inlineString`) with [`REDACTED`]. With one, anyone could sign certificates
+/// of the mesh's identities.
+fn redact_ca_keys(mesh: &mut Value) {
+    let Some(backends) = mesh
+        .pointer_mut("/mtls/backends")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for backend in backends {
+        if let Some(key) = backend
+            .pointer_mut("/conf/key")
+            .and_then(Value::as_object_mut)
+        {
+            for field in ["inline", "inlineString"] {
+                if let Some(v) = key.get_mut(field) {
+                    *v = Value::String(REDACTED.into());
+                }
+            }
         }
     }
-    next.run(req).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -218,11 +252,16 @@ fn list_body(items: Vec<StoredResource>) -> Json<Value> {
     Json(json!({"total": items.len(), "items": items, "next": null}))
 }
 
-async fn list_meshes(State(s): State<Arc<ApiState>>) -> ApiResult<Json<Value>> {
+async fn list_meshes(
+    State(s): State<Arc<ApiState>>,
+    Extension(Trusted(trusted)): Extension<Trusted>,
+) -> ApiResult<Json<Value>> {
     let store = s.store.clone();
-    Ok(list_body(
-        blocking(move || store.list(ResourceType::Mesh, None)).await?,
-    ))
+    let Json(mut body) = list_body(blocking(move || store.list(ResourceType::Mesh, None)).await?);
+    if !trusted && let Some(items) = body.get_mut("items").and_then(Value::as_array_mut) {
+        items.iter_mut().for_each(redact_ca_keys);
+    }
+    Ok(Json(body))
 }
 
 async fn list_in_mesh(
@@ -256,9 +295,14 @@ async fn get_one(s: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
 
 async fn get_mesh(
     State(s): State<Arc<ApiState>>,
+    Extension(Trusted(trusted)): Extension<Trusted>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    get_one(&s, ResourceKey::mesh(name)).await
+    let Json(mut mesh) = get_one(&s, ResourceKey::mesh(name)).await?;
+    if !trusted {
+        redact_ca_keys(&mut mesh);
+    }
+    Ok(Json(mesh))
 }
 
 async fn get_in_mesh(

@@ -1,5 +1,5 @@
 //! Mutations through the REST API are accepted only from loopback, unless the caller
-//! presents the admin token. Runs the control plane in a network namespace and calls it from
+//! presents the admin token; so is reading a provided CA's private key. Runs the control plane in a network namespace and calls it from
 //! a second namespace over a veth link (needs root; skipped visibly otherwise).
 
 mod support;
@@ -18,6 +18,17 @@ fn http(
     body: &str,
     token: Option<&str>,
 ) -> std::io::Result<u16> {
+    http_full(addr, method, path, body, token).map(|(status, _)| status)
+}
+
+/// One HTTP/1.1 request over a plain socket; returns the status code and the whole response.
+fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let auth = token
@@ -30,10 +41,12 @@ fn http(
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    resp.split_whitespace()
+    let status = resp
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {resp}")))
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {resp}")))?;
+    Ok((status, resp))
 }
 
 fn start_cp(host: &Host, dir: &std::path::Path, extra: &[&str]) -> weft_tests::Proc {
@@ -134,4 +147,72 @@ fn admin_token_allows_remote_mutation() {
             .expect("put"),
         201
     );
+}
+
+/// A provided CA's private key is read back only by a trusted caller (loopback, or the admin
+/// token): anyone else reading the Mesh gets the rest of it, with the key redacted.
+#[test]
+fn a_provided_ca_key_is_read_only_by_trusted_callers() {
+    require_root!();
+    let net = Net::new().expect("net");
+    let cp_host = net.host("cp").expect("host");
+    let other = net.host("other").expect("host");
+    net.link(&cp_host, &other).expect("link");
+    let api = SocketAddr::new(cp_host.ip().into(), 5681);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cp = start_cp(&cp_host, dir.path(), &["--admin-token", "s3cret"]);
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).expect("a CA");
+    let mesh = serde_json::json!({
+        "type": "Mesh",
+        "name": "secure",
+        "mtls": {
+            "enabledBackend": "ca-1",
+            "backends": [{
+                "name": "ca-1",
+                "type": "provided",
+                "conf": {
+                    "cert": {"inlineString": cert.pem()},
+                    "key": {"inlineString": key.serialize_pem()},
+                },
+            }],
+        },
+    })
+    .to_string();
+    let local: SocketAddr = "127.0.0.1:5681".parse().expect("addr");
+    let put = cp_host
+        .enter(move || http_full(local, "PUT", "/meshes/secure", &mesh, None))
+        .expect("enter")
+        .expect("put");
+    assert_eq!(put.0, 201, "{}", put.1);
+
+    // The key's base64 body, as it appears (JSON-escaped newlines aside) in a response.
+    let pem = key.serialize_pem();
+    let secret = pem.lines().nth(1).expect("a PEM body line").to_string();
+    for (path, what) in [("/meshes/secure", "the mesh"), ("/meshes", "the mesh list")] {
+        let (status, body) = other
+            .enter(move || http_full(api, "GET", path, "", None))
+            .expect("enter")
+            .expect("get");
+        assert_eq!(status, 200, "{body}");
+        assert!(!body.contains(&secret), "{what} showed the key to a remote reader");
+        assert!(body.contains("redacted"), "{what}: {body}");
+        assert!(body.contains("BEGIN CERTIFICATE"), "{what} keeps the certificate");
+        let (status, body) = other
+            .enter(move || http_full(api, "GET", path, "", Some("s3cret")))
+            .expect("enter")
+            .expect("get");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(&secret), "{what} with the admin token");
+        let (status, body) = cp_host
+            .enter(move || http_full(local, "GET", path, "", None))
+            .expect("enter")
+            .expect("get");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(&secret), "{what} from loopback");
+    }
 }
