@@ -199,9 +199,15 @@ fn a_provided_ca_key_is_read_only_by_trusted_callers() {
             .expect("enter")
             .expect("get");
         assert_eq!(status, 200, "{body}");
-        assert!(!body.contains(&secret), "{what} showed the key to a remote reader");
+        assert!(
+            !body.contains(&secret),
+            "{what} showed the key to a remote reader"
+        );
         assert!(body.contains("redacted"), "{what}: {body}");
-        assert!(body.contains("BEGIN CERTIFICATE"), "{what} keeps the certificate");
+        assert!(
+            body.contains("BEGIN CERTIFICATE"),
+            "{what} keeps the certificate"
+        );
         let (status, body) = other
             .enter(move || http_full(api, "GET", path, "", Some("s3cret")))
             .expect("enter")

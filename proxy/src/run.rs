@@ -97,6 +97,16 @@ pub fn load_dataplane(cfg: &RunConfig) -> Result<(String, String, String), RunEr
 /// Runs the proxy until it is told to stop; returns how the drain ended.
 pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     crate::tls::install_default_crypto_provider();
+    // The admin endpoint answers without authentication, `POST /drain` included: only the
+    // proxy's own host may reach it.
+    if !cfg.admin_address.ip().to_canonical().is_loopback() {
+        return Err(RunError::Invalid(format!(
+            "--admin-address {} is not a loopback address: the admin endpoint (/config, \
+             /certs, POST /drain) has no authentication, so it binds to loopback only \
+             (e.g. 127.0.0.1:9901)",
+            cfg.admin_address
+        )));
+    }
     let (dataplane, mesh, name) = load_dataplane(&cfg)?;
     let ca = std::fs::read(&cfg.ca_cert_file).map_err(|e| {
         RunError::Invalid(format!(

@@ -45,7 +45,7 @@ struct Args {
     /// The dataplane token file.
     #[arg(long, env = "WEFT_DATAPLANE_TOKEN_FILE")]
     dataplane_token_file: PathBuf,
-    /// Admin endpoint (keep it on loopback).
+    /// Admin endpoint: a loopback address (it has no authentication; others are refused).
     #[arg(long, env = "WEFT_ADMIN_ADDRESS", default_value = "127.0.0.1:9901")]
     admin_address: SocketAddr,
     /// How long in-flight connections may take to finish on SIGTERM.
