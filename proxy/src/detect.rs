@@ -92,8 +92,16 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::
                 });
             }
             Ok(Ok(_)) => {
-                let full = buf.len() >= DETECT_BUFFER_SIZE;
-                if let Some(protocol) = classify(&buf, full) {
+                let decided = match classify(&buf, false) {
+                    Some(protocol) => Some(protocol),
+                    // Still undecided with the buffer full: only a request line longer than
+                    // the buffer gets this far (`METHOD SP` and a target of visible ASCII, its
+                    // end not in sight). A long query string is no reason to lose routes,
+                    // metrics and tracing: HTTP/1, and hyper applies its own limits to it.
+                    None if buf.len() >= DETECT_BUFFER_SIZE => Some(Protocol::Http1),
+                    None => None,
+                };
+                if let Some(protocol) = decided {
                     return Ok(Detection {
                         protocol,
                         timed_out: false,
@@ -187,6 +195,23 @@ fn request_line(buf: &[u8]) -> Line {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_request_line_longer_than_the_buffer_is_http1() {
+        let line = format!(
+            "GET /search?q={} HTTP/1.1\r\nhost: a\r\n\r\n",
+            "x".repeat(1100)
+        );
+        let mut client: &[u8] = line.as_bytes();
+        let d = detect(&mut client, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert_eq!(d.prefix.len(), DETECT_BUFFER_SIZE);
+        // Bytes that are not a request line stay opaque, full buffer or not.
+        let noise = vec![b'x'; 2 * DETECT_BUFFER_SIZE];
+        let mut client: &[u8] = &noise;
+        let d = detect(&mut client, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Opaque);
+    }
 
     #[test]
     fn classifies() {
