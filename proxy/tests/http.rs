@@ -47,7 +47,10 @@ async fn app(name: &'static str) -> SocketAddr {
                 let svc = service_fn(move |req: Request<Incoming>| async move {
                     Ok::<_, Infallible>(app_answer(name, req).await)
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // More than the mesh's limit (as nginx's), so the tests see the mesh's limits.
+                server.http1().max_headers(200);
+                let _ = server
                     .serve_connection_with_upgrades(TokioIo::new(s), svc)
                     .await;
             });
@@ -198,19 +201,20 @@ fn mesh_with(
     groups: Vec<Vec<Endpoint>>,
     api: impl FnOnce(&mut pb::OutboundService),
 ) -> Mesh {
-    mesh_full(request_timeout, None, groups, api)
+    mesh_full(request_timeout, |_| {}, groups, api)
 }
 
-/// [`mesh`] with the client proxy's request timeout and the mesh's logging backend.
+/// [`mesh`] with the client proxy's request timeout and changes to the mesh's settings (its
+/// logging or tracing backend).
 fn mesh_full(
     request_timeout: Duration,
-    logging: Option<pb::LoggingBackend>,
+    mesh_settings_fn: impl FnOnce(&mut pb::MeshSettings),
     groups: Vec<Vec<Endpoint>>,
     api: impl FnOnce(&mut pb::OutboundService),
 ) -> Mesh {
     let ca = TestCa::new(MESH);
     let mut settings = mesh_settings(MESH, Some(Mode::Strict), true);
-    settings.logging = logging;
+    mesh_settings_fn(&mut settings);
     let mut out = pb::OutboundService {
         service: "api".into(),
         ..Default::default()
@@ -448,6 +452,42 @@ async fn http1_reaches_h2c_and_h2_reaches_http1_with_the_host_kept() {
     assert!(body.starts_with("auto HTTP/1.1 /c"), "{body}");
     let (_, body) = get(&h2c_client(), &format!("http://{}/c", m.outbound), &[]).await;
     assert!(body.starts_with("auto HTTP/2.0 /c"), "{body}");
+}
+
+/// The header-field limit is the app's: a request with as many fields as it allows passes
+/// both proxies, though the outbound adds `weft-downstream-protocol` and `traceparent` on the
+/// way, and one more field gets 431 from the outbound.
+#[tokio::test]
+async fn the_header_limit_counts_the_apps_fields_not_the_meshs() {
+    let m = mesh_full(
+        Duration::from_secs(5),
+        |s| {
+            // Sampled, towards a collector that is not there: the headers are what matters.
+            s.tracing = Some(pb::TracingBackend {
+                enabled: true,
+                name: "zipkin".into(),
+                backend_type: "zipkin".into(),
+                endpoint: "http://127.0.0.1:9/api/v2/spans".into(),
+                sampling: 100.0,
+            });
+        },
+        vec![vec![endpoint("v1", app("one").await)]],
+        |_| {},
+    );
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    // The client adds `host`: 99 of these make MAX_HEADERS.
+    let fields: Vec<(String, String)> = (0..100).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (status, body) = get(&c, &url, &fields[..99]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        get(&c, &url, &fields).await.0,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
 }
 
 #[tokio::test]
@@ -727,7 +767,7 @@ async fn both_sidecars_count_and_log_each_request_once() {
     };
     let m = mesh_full(
         Duration::from_secs(5),
-        Some(logging),
+        |s| s.logging = Some(logging),
         vec![vec![endpoint("v1", app("one").await)]],
         |_| {},
     );

@@ -19,8 +19,8 @@ use crate::http::body::{Body, ByteCount};
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
 use crate::http::{
-    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, downstream_version, local_response, opaque,
-    strip_hop_by_hop, tunnel,
+    DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADERS, MESH_ADDED_HEADERS, downstream_version,
+    local_response, opaque, strip_hop_by_hop, tunnel,
 };
 use crate::listen;
 use crate::outbound::forward_with;
@@ -177,6 +177,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         return accept_tunnel(&ctx, req).await;
     }
     let (mut parts, body) = req.into_parts();
+    // Counted as they came: the trace headers `begin` writes for the app are the mesh's, and
+    // the peer's outbound checked the app's own fields against the limit, then may have
+    // added two of its own (`weft-downstream-protocol`, `traceparent`).
+    let too_many_headers = parts.headers.len() > MAX_HEADERS + MESH_ADDED_HEADERS;
     let observation = ctx.telemetry.begin(
         Direction::Inbound,
         &ctx.service,
@@ -185,6 +189,15 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         &parts.uri,
         &mut parts.headers,
     );
+    if too_many_headers {
+        return observed(
+            local_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields\n",
+            ),
+            observation,
+        );
+    }
     forward(&ctx, parts, body, observation).await
 }
 
@@ -281,15 +294,6 @@ async fn forward(
         ctx.shared.metrics.authz_denied.inc();
         return observed(
             local_response(StatusCode::FORBIDDEN, "denied by the mesh's permissions\n"),
-            observation,
-        );
-    }
-    if parts.headers.len() > MAX_HEADERS {
-        return observed(
-            local_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many header fields\n",
-            ),
             observation,
         );
     }

@@ -50,6 +50,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most header fields a request may carry (431 beyond).
 pub const MAX_HEADERS: usize = 100;
+/// The most header fields the outbound proxy adds to a request on its way to the peer
+/// (`weft-downstream-protocol`, `traceparent`): the inbound allows the app's limit plus these.
+pub const MESH_ADDED_HEADERS: usize = 2;
 /// The most bytes of request head (HTTP/1.1) or header list (HTTP/2) (431 beyond).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// HTTP/2 flow-control window per stream between proxies (and towards apps).
