@@ -15,6 +15,9 @@ use tokio::time::Instant;
 /// How long detection waits for the client's first bytes by default.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// The longest detection waits, whatever the timeout says.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// The most bytes detection reads before it decides.
 pub const DETECT_BUFFER_SIZE: usize = 1024;
 
@@ -66,7 +69,8 @@ pub struct Detection {
 /// # });
 /// ```
 pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Result<Detection> {
-    let deadline = Instant::now() + timeout;
+    // Capped: an `Instant` cannot go arbitrarily far ahead, and a flag may ask for that.
+    let deadline = Instant::now() + timeout.min(MAX_WAIT);
     let mut buf = Vec::new();
     loop {
         if buf.capacity() == 0 {
@@ -206,6 +210,10 @@ mod tests {
         let d = detect(&mut client, Duration::from_secs(1)).await.unwrap();
         assert_eq!(d.protocol, Protocol::Http1);
         assert_eq!(d.prefix.len(), DETECT_BUFFER_SIZE);
+        // Any timeout is taken, however long.
+        let mut client: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        let d = detect(&mut client, Duration::MAX).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
         // Bytes that are not a request line stay opaque, full buffer or not.
         let noise = vec![b'x'; 2 * DETECT_BUFFER_SIZE];
         let mut client: &[u8] = &noise;

@@ -26,6 +26,8 @@ use weft_api::proto::{Ack, DiscoveryRequest, Nack, ProxyStats, Register, Snapsho
 
 /// How often a proxy reports its traffic totals by default.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest interval between traffic reports, whatever `--stats-interval` says.
+const MAX_STATS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Where the discovery client reads the traffic totals it reports.
 ///
@@ -206,8 +208,9 @@ impl Discovery {
         self.metrics.cp_connected.set(1);
         tracing::info!("connected to the control plane");
         let mut reports = self.reporting.as_ref().map(|r| {
-            let mut every =
-                tokio::time::interval_at(tokio::time::Instant::now() + r.every, r.every);
+            // Capped: an `Instant` cannot go arbitrarily far ahead, and a flag may ask for that.
+            let period = r.every.min(MAX_STATS_INTERVAL);
+            let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             (every, r.source.clone())
         });
