@@ -677,3 +677,78 @@ async fn renews_at_four_fifths_and_keeps_the_old_certificate_when_the_cp_is_gone
     task.abort();
     cp.task.abort();
 }
+
+/// Once the mesh's CA has expired, the control plane can only hand out leaves that end with
+/// it, already expired: the proxy takes that as a failure and backs off, keeping what it has,
+/// rather than renewing again at once, in a loop.
+#[tokio::test]
+async fn an_expired_certificate_is_a_failure_with_backoff_not_a_renewal_loop() {
+    install_default_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    store.set_mesh(
+        "a",
+        MeshMtls {
+            enabled_backend: Some("ca-1".into()),
+            backends: vec![MtlsBackend {
+                name: "ca-1".into(),
+                kind: BackendKind::Builtin {
+                    ca_expiration: Some(Duration::from_secs(2)),
+                },
+                dp_cert_lifetime: None,
+            }],
+            mode: MtlsMode::Strict,
+        },
+    );
+    store.set_dataplane("a", "web-1", vec!["web".into()]);
+    let cp = start_cp(store, dir.path()).await;
+    let token = cp.svc.tokens().issue("a", "web-1", DAY).unwrap().token;
+    let metrics = Arc::new(Metrics::new());
+    let mut cfg = IdentityConfig::new(
+        format!("https://127.0.0.1:{}", cp.addr.port()),
+        cp.ca_pem.clone(),
+        "a",
+        "web-1",
+        TokenSource::Inline(token),
+    );
+    cfg.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+    cfg.request_timeout = Duration::from_secs(5);
+    let id = Identity::new(cfg, metrics.clone());
+    let first = id.certify_once(&id.channel().unwrap()).await.unwrap();
+    let until = first
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(until + Duration::from_millis(200)).await;
+
+    let err = id
+        .certify_once(&id.channel().unwrap())
+        .await
+        .expect_err("an expired certificate is refused");
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(
+        id.current().unwrap().serial,
+        first.serial,
+        "the old one stays"
+    );
+
+    // The renewal task retries with backoff (100 ms, doubling, capped at 1 s): a handful of
+    // attempts in two seconds, not thousands.
+    let task = id.spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    task.abort();
+    let text = metrics.encode();
+    let attempts: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("weft_identity_certify_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (2.0..=15.0).contains(&attempts),
+        "{attempts} certify attempts in 2 s:\n{text}"
+    );
+    cp.task.abort();
+}

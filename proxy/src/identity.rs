@@ -59,6 +59,9 @@ pub enum IdentityError {
     Key(#[from] rcgen::Error),
 }
 
+/// The shortest wait before renewing a certificate.
+pub const MIN_RENEW_AFTER: Duration = Duration::from_secs(1);
+
 /// Where the dataplane token comes from.
 #[derive(Debug, Clone)]
 pub enum TokenSource {
@@ -251,11 +254,14 @@ impl CertState {
     /// How long after `received_at` to renew: 4/5 of the lifetime it had when
     /// received (measured from receipt, so a backdated notBefore does not
     /// shorten it).
+    /// At least [`MIN_RENEW_AFTER`], so that a certificate that ends very soon (its CA's end
+    /// is near) is not renewed in a tight loop.
     pub fn renew_after(&self) -> Duration {
         self.not_after
             .duration_since(self.received_at)
             .unwrap_or_default()
             .mul_f64(0.8)
+            .max(MIN_RENEW_AFTER)
     }
 }
 
@@ -442,6 +448,15 @@ impl Identity {
             key_der,
             &response.trust_bundle_pem,
         )?;
+        // Already expired (the mesh's CA has expired, which caps its leaves, or the clocks
+        // disagree by more than a lifetime): a failure, retried with backoff, and the
+        // certificate in place stays. Taken, it would be renewed at once, in a loop.
+        if state.not_after <= SystemTime::now() {
+            return Err(IdentityError::BadResponse(format!(
+                "the certificate expired at {} (has the mesh's CA expired?)",
+                humantime::format_rfc3339_seconds(state.not_after)
+            )));
+        }
         Ok(Arc::new(state))
     }
 
