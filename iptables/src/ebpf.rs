@@ -28,6 +28,7 @@
 //! cgroup2 hierarchy, for every process of the host).
 
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -94,20 +95,61 @@ impl EbpfConfig {
         self.pin_dir().join("maps").join(SOCKET_MAP)
     }
 
+    /// Checks everything [`install`] needs: the name, a cgroup v2 directory to attach to, and
+    /// the bpf filesystem.
     fn check(&self) -> Result<()> {
-        if self.name.is_empty() || self.name.contains('/') || self.name == "." || self.name == ".."
-        {
-            return Err(Error::InvalidConfig(format!(
-                "--name must be one path component, not {:?}",
-                self.name
-            )));
-        }
+        self.check_name()?;
         if !self.cgroup.join("cgroup.controllers").is_file() {
             return Err(Error::InvalidConfig(format!(
                 "--cgroup-path {} is not a cgroup v2 directory (no cgroup.controllers); \
                  mount one with `mount -t cgroup2 none <dir>`",
                 self.cgroup.display()
             )));
+        }
+        self.check_bpffs()
+    }
+
+    /// Checks that the pin directory is one directory directly on a bpf filesystem, before
+    /// anything is removed with it ([`uninstall`] removes it whole, as root).
+    fn check_pins(&self) -> Result<()> {
+        self.check_name()?;
+        self.check_bpffs()
+    }
+
+    /// `--name` is one path component: not empty, `.`, `..` or absolute.
+    fn check_name(&self) -> Result<()> {
+        let one_component = matches!(
+            Path::new(&self.name).components().collect::<Vec<_>>()[..],
+            [std::path::Component::Normal(_)]
+        );
+        if !one_component || self.name.contains('/') {
+            return Err(Error::InvalidConfig(format!(
+                "--name must be one path component, not {:?}",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// `--bpffs-path` is the real path of a directory on a bpf filesystem.
+    fn check_bpffs(&self) -> Result<()> {
+        // Checked as given, so it must be the real path: no `..`, no links, absolute.
+        match fs::canonicalize(&self.bpffs) {
+            Ok(real) if real == self.bpffs => {}
+            Ok(real) => {
+                return Err(Error::InvalidConfig(format!(
+                    "--bpffs-path {} must be an absolute path without `..` or links \
+                     (it is {})",
+                    self.bpffs.display(),
+                    real.display()
+                )));
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    what: format!("--bpffs-path {}", self.bpffs.display()),
+                    source,
+                });
+            }
         }
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         if mount_point_of(&mounts, "bpf", &self.bpffs).is_none() {
@@ -163,17 +205,25 @@ pub fn install(cfg: &EbpfConfig) -> Result<()> {
     if cfg.pin_dir().exists() {
         uninstall(cfg)?;
     }
-    let object_file = std::env::temp_dir().join(format!(
-        "weft-local-redirect-{}-{}.bpf.o",
-        std::process::id(),
-        cfg.name
-    ));
-    fs::write(&object_file, object).map_err(|source| Error::Io {
-        what: format!("writing {}", object_file.display()),
-        source,
-    })?;
-    let done = load_and_attach(cfg, &object_file);
-    let _ = fs::remove_file(&object_file);
+    // A new file of a random name, only the owner's (root's), opened exclusively: bpftool
+    // loads what is in it, so no one else may create, replace or change it first.
+    let mut object_file = tempfile::Builder::new()
+        .prefix("weft-local-redirect-")
+        .suffix(".bpf.o")
+        .tempfile()
+        .map_err(|source| Error::Io {
+            what: "creating a temporary file for the programs".into(),
+            source,
+        })?;
+    object_file
+        .write_all(object)
+        .and_then(|()| object_file.flush())
+        .map_err(|source| Error::Io {
+            what: format!("writing {}", object_file.path().display()),
+            source,
+        })?;
+    let done = load_and_attach(cfg, object_file.path());
+    drop(object_file);
     if let Err(e) = done {
         let _ = uninstall(cfg);
         return Err(e);
@@ -229,6 +279,7 @@ fn load_and_attach(cfg: &EbpfConfig, object_file: &Path) -> Result<()> {
 /// error. Connections already redirected keep their redirect until they close (the map lives
 /// as long as its sockets hold it); new ones take the stack again.
 pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
+    cfg.check_pins()?;
     let pins = cfg.pin_dir();
     if !pins.exists() {
         return Ok(());
@@ -377,12 +428,28 @@ bpf /run/my\\040bpf bpf rw 0 0
 
     #[test]
     fn names_that_leave_the_pin_directory_are_refused() {
-        for name in ["", "a/b", "..", "."] {
+        for name in ["", "a/b", "..", ".", "/", "/etc", "a/../.."] {
             let mut cfg = EbpfConfig::new("/sys/fs/cgroup/unified", "/sys/fs/bpf");
             cfg.name = name.into();
             let e = cfg.check().unwrap_err().to_string();
             assert!(e.contains("--name"), "{name:?}: {e}");
+            // Uninstall, which removes the pin directory whole, checks the same.
+            let e = uninstall(&cfg).unwrap_err().to_string();
+            assert!(e.contains("--name"), "uninstall {name:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_bpffs_path_that_is_not_the_real_path_or_not_bpf_is_refused() {
+        let dir = std::env::temp_dir();
+        // Not a bpf filesystem: uninstall refuses before removing anything.
+        let cfg = EbpfConfig::new("/sys/fs/cgroup/unified", &dir);
+        let e = uninstall(&cfg).unwrap_err().to_string();
+        assert!(e.contains("--bpffs-path"), "{e}");
+        // A path through `..` is refused as given, whatever it resolves to.
+        let cfg = EbpfConfig::new("/sys/fs/cgroup/unified", dir.join("..").join("tmp"));
+        let e = uninstall(&cfg).unwrap_err().to_string();
+        assert!(e.contains("--bpffs-path"), "{e}");
     }
 
     #[test]
