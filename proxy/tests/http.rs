@@ -643,6 +643,57 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// One HTTP/1.1 request written raw to `addr`; the whole response (the connection closes).
+async fn raw_http1(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out))
+        .await
+        .expect("the response in time")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An Upgrade the app does not take is an ordinary exchange: a `GET` it answers `200` comes
+/// back as that `200` with its body (not a `101`), and a `POST` offering an Upgrade reaches
+/// the app as a `POST`, body and all.
+#[tokio::test]
+async fn an_upgrade_the_app_declines_is_an_ordinary_request() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let declined = raw_http1(
+        m.outbound,
+        &format!(
+            "GET /plain HTTP/1.1\r\nHost: {}\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+            m.outbound
+        ),
+    )
+    .await;
+    assert!(declined.starts_with("HTTP/1.1 200"), "{declined}");
+    assert!(declined.contains("one HTTP/1.1 /plain"), "{declined}");
+    assert!(
+        !declined
+            .to_ascii_lowercase()
+            .contains("weft-upgrade-declined"),
+        "{declined}"
+    );
+
+    let posted = raw_http1(
+        m.outbound,
+        &format!(
+            "POST /upload HTTP/1.1\r\nHost: {}\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+            m.outbound
+        ),
+    )
+    .await;
+    assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
+    assert!(
+        posted.ends_with("\r\n\r\n5"),
+        "the app counted the body: {posted}"
+    );
+}
+
 #[tokio::test]
 async fn websocket_echo_works_through_the_mesh() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

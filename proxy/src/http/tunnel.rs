@@ -47,10 +47,31 @@ pub(crate) fn is_tunnel(req: &Request<Incoming>) -> bool {
     is_tunnel_head(req.method(), req.headers())
 }
 
-/// [`is_tunnel`] of a request head taken apart.
+/// [`is_tunnel`] of a request head taken apart. An Upgrade is tunnelled when it is a `GET`
+/// without a body, as every upgrade in use is (WebSocket's handshake is one): the tunnel
+/// carries the head only, and the inbound asks the app with a `GET`. Any other request that
+/// offers an Upgrade goes as an ordinary request, the offer dropped with the other
+/// hop-by-hop headers, which a proxy may do (RFC 9110, 7.8).
 pub(crate) fn is_tunnel_head(method: &Method, headers: &HeaderMap) -> bool {
-    method == Method::CONNECT || upgrade_protocol_of(headers).is_some()
+    method == Method::CONNECT
+        || (method == Method::GET && !has_body(headers) && upgrade_protocol_of(headers).is_some())
 }
+
+/// Whether a request head says a body follows (`Transfer-Encoding`, or a `Content-Length`
+/// other than 0).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// Set by the inbound on its answer to a mesh tunnel whose app declined the upgrade with a
+/// `2xx` status (it answered the `GET` as an ordinary request): the status goes in this
+/// header, and the answer's own status is `409`, since a `2xx` answer to a CONNECT stream
+/// opens the tunnel. The outbound puts the status back and answers the app's request as an
+/// ordinary one.
+const UPGRADE_DECLINED: http::HeaderName = http::HeaderName::from_static("weft-upgrade-declined");
 
 /// One end of a tunnel: an upgrade that hyper completes once the response is out, or a
 /// CONNECT stream to the peer proxy (already open).
@@ -155,6 +176,16 @@ pub(crate) async fn outbound(
     } = opened;
     let (mut rp, recv) = response.into_parts();
     strip_hop_by_hop(&mut rp.headers);
+    if let Some(status) = rp.headers.remove(&UPGRADE_DECLINED) {
+        // The app answered the upgrade's GET as an ordinary request: so does the client get it.
+        rp.status = std::str::from_utf8(status.as_bytes())
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        rp.version = downstream_version(ctx.http1);
+        return Response::from_parts(rp, Body::stream(recv, Some(guard)));
+    }
     if !rp.status.is_success() {
         rp.version = downstream_version(ctx.http1);
         return Response::from_parts(rp, Body::stream(recv, Some(guard)));
@@ -238,6 +269,12 @@ pub(crate) async fn inbound(
     let (mut rp, rb) = resp.into_parts();
     if !opened {
         strip_hop_by_hop(&mut rp.headers);
+        if !downstream_http1 && rp.status.is_success() {
+            // A 2xx on the CONNECT stream would open the tunnel: see `UPGRADE_DECLINED`.
+            rp.headers
+                .insert(UPGRADE_DECLINED, HeaderValue::from(rp.status.as_u16()));
+            rp.status = StatusCode::CONFLICT;
+        }
         rp.version = downstream_version(downstream_http1);
         return Response::from_parts(rp, Body::incoming(rb));
     }
