@@ -99,6 +99,14 @@ async fn app_answer(name: &str, req: Request<Incoming>) -> Response<AppBody> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Response::new(full("slow"))
         }
+        "/hold" => {
+            // A first chunk, then a body that stays open (a long-lived stream).
+            let first = futures::stream::once(async {
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"held")))
+            });
+            let stream = first.chain(futures::stream::pending());
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
         _ => {
             let routed = req
                 .headers()
@@ -641,6 +649,38 @@ fn rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Long-lived streams (here 300 response bodies that stay open, more than the peer's 256
+/// streams per connection) do not starve other requests to the endpoint: the pool opens
+/// another connection rather than queue requests behind the peer's stream limit.
+#[tokio::test]
+async fn long_lived_streams_do_not_starve_requests_to_their_endpoint() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let c = http1_client();
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let resp = c
+            .request(
+                Request::get(format!("http://{}/hold", m.outbound))
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .expect("a held stream opens");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the first chunk in time")
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"held"[..]));
+        held.push(body);
+    }
+    let (status, body) = get(&c, &format!("http://{}/x", m.outbound), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(held);
 }
 
 /// One HTTP/1.1 request written raw to `addr`; the whole response (the connection closes).

@@ -184,6 +184,11 @@ impl MeshSender {
         self.state.is_closed()
     }
 
+    /// How many streams are open on the connection.
+    pub fn streams(&self) -> usize {
+        self.state.streams.load(Ordering::Relaxed)
+    }
+
     /// Sends `req` on a new stream and waits for the response head. A request body that is
     /// not over with the head is moved into the stream by a task of its own, so that the
     /// response can stream back meanwhile (gRPC bidirectional streaming); it is cancelled,

@@ -2,9 +2,12 @@
 //! ALPN [`ALPN_H2`], or h2c with mTLS off), opened on first use and shared by every request and
 //! every opaque-TCP tunnel ([`crate::http::opaque`]) to the endpoint.
 //!
-//! Requests use the endpoint's first live connection. A tunnel lives as long as its app
-//! connection, so each connection carries at most [`TUNNELS_PER_CONNECTION`] of them and more
-//! open another connection: tunnels never queue behind the peer's stream limit.
+//! Requests use the endpoint's first live connection with room: fewer than
+//! [`REQUEST_STREAMS_PER_CONNECTION`] streams open (a request's stream is open until its
+//! response body ends, so long-lived gRPC streams, SSE and WebSockets fill a connection); when
+//! every connection is that full, another opens, and requests never queue behind the peer's
+//! stream limit. A tunnel lives as long as its app connection, so each connection carries at
+//! most [`TUNNELS_PER_CONNECTION`] of them and more open another connection.
 //!
 //! The fast path (a live connection with room exists) takes no lock: connections sit in
 //! `ArcSwap`'d lists. Only opening a connection takes the endpoint's async mutex, so
@@ -70,6 +73,10 @@ pub const TUNNELS_PER_CONNECTION: usize = 100;
 /// The most concurrent streams a proxy accepts on one mesh connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
+/// The most open streams a connection may have for a request to be put on it: a little under
+/// the peer's limit, since the count and the peer's view of it differ by the streams in flight.
+pub const REQUEST_STREAMS_PER_CONNECTION: usize = MAX_STREAMS_PER_CONNECTION as usize - 16;
+
 /// One pooled connection: the service its peer proved to be, the sender for its streams,
 /// and how many opaque-TCP tunnels hold a stream on it.
 struct Conn {
@@ -113,18 +120,19 @@ impl Drop for TunnelSlot {
 }
 
 struct Entry {
-    /// The live connections, oldest first. Requests use the first usable one; tunnels
-    /// spread over as many as they need.
+    /// The live connections, oldest first. Requests use the first with room; tunnels spread
+    /// over as many as they need.
     conns: ArcSwap<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
-    fn first_usable(&self, service: &str) -> Option<Arc<Conn>> {
+    /// The first live connection with room for a request.
+    fn first_with_room(&self, service: &str) -> Option<Arc<Conn>> {
         self.conns
             .load()
             .iter()
-            .find(|c| c.usable_for(service))
+            .find(|c| c.usable_for(service) && c.sender.streams() < REQUEST_STREAMS_PER_CONNECTION)
             .cloned()
     }
 
@@ -203,7 +211,7 @@ impl MeshPool {
         endpoint: &EndpointState,
     ) -> Result<MeshSender, ConnectError> {
         let entry = self.entry((endpoint.addr, mtls));
-        if let Some(c) = entry.first_usable(service) {
+        if let Some(c) = entry.first_with_room(service) {
             return Ok(c.sender.clone());
         }
         // Boxed: opening a connection (TCP connect, TLS handshake) is a future of some
@@ -211,7 +219,7 @@ impl MeshPool {
         // ever open one.
         Box::pin(async move {
             let _connecting = entry.connecting.lock().await;
-            if let Some(c) = entry.first_usable(service) {
+            if let Some(c) = entry.first_with_room(service) {
                 return Ok(c.sender.clone());
             }
             let conn = open(shared, mesh, mtls, service, endpoint).await?;
