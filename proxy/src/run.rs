@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use weft_api::proto::Snapshot;
+use weft_api::proto::{MetricsBackend, Snapshot};
 
 /// Everything `weft-proxy run` is told.
 #[derive(Debug, Clone)]
@@ -211,6 +211,10 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     let tls: Arc<dyn MeshTls> = Arc::new(IdentityTls::new(identity.cert().clone()));
     let datapath: Arc<Mutex<Option<DataPath>>> = Arc::new(Mutex::new(None));
     let last_trust: Arc<Mutex<Option<(String, String)>>> = Arc::new(Mutex::new(None));
+    // The telemetry settings of the snapshot in force, to go back to when a new one is
+    // refused (all of a snapshot applies, or none of it).
+    let in_force: Arc<Mutex<(TelemetrySettings, Option<MetricsBackend>)>> =
+        Arc::new(Mutex::new(Default::default()));
     let apply: Apply = {
         let datapath = datapath.clone();
         let identity = identity.clone();
@@ -227,27 +231,37 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
             .map_err(|e| e.to_string())?
             .with_telemetry(telemetry.clone());
             // Before the data path, so its new connections find the new services' series.
-            if let Err(e) = telemetry.apply(&TelemetrySettings::from_snapshot(snap)) {
+            let settings = TelemetrySettings::from_snapshot(snap);
+            if let Err(e) = telemetry.apply(&settings) {
                 tracing::warn!(error = %e, "telemetry backend not applied (left off)");
             }
-            let backend = snap.mesh.as_ref().and_then(|m| m.metrics.as_ref());
-            if let Err(e) = prom.apply(backend) {
+            let backend = snap.mesh.as_ref().and_then(|m| m.metrics.clone());
+            if let Err(e) = prom.apply(backend.as_ref()) {
                 tracing::warn!(error = %e, "mesh prometheus endpoint not served");
             }
-            match dp.as_ref() {
-                Some(running) => running.apply(config).map_err(|e| e.to_string())?,
-                None => {
-                    let started = DataPath::start(
-                        config,
-                        tls.clone(),
-                        dp_metrics.clone(),
-                        drain.clone(),
-                        options.clone(),
-                    )
-                    .map_err(|e| e.to_string())?;
-                    *dp = Some(started);
-                }
+            let started = match dp.as_ref() {
+                Some(running) => running.apply(config).map_err(|e| e.to_string()),
+                None => DataPath::start(
+                    config,
+                    tls.clone(),
+                    dp_metrics.clone(),
+                    drain.clone(),
+                    options.clone(),
+                )
+                .map(|started| *dp = Some(started))
+                .map_err(|e| e.to_string()),
+            };
+            let mut in_force = in_force
+                .lock()
+                .map_err(|_| "telemetry settings lock poisoned".to_string())?;
+            if let Err(e) = started {
+                // Refused: the telemetry of the snapshot in force comes back too.
+                let (old_settings, old_backend) = &*in_force;
+                let _ = telemetry.apply(old_settings);
+                let _ = prom.apply(old_backend.as_ref());
+                return Err(e);
             }
+            *in_force = (settings, backend);
             // Re-certify when the mesh's CA changes (and once the dataplane is registered).
             let mtls = snap.mesh.as_ref().and_then(|m| m.mtls.as_ref());
             let trust = (
