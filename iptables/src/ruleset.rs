@@ -17,7 +17,7 @@ impl SavedRule {
     /// weft's comment, or jumps to a `WEFT_` chain.
     pub fn is_ours(&self) -> bool {
         is_our_chain(&self.chain)
-            || self.spec.contains(COMMENT)
+            || self.has_comment()
             || self
                 .spec
                 .split_whitespace()
@@ -26,9 +26,20 @@ impl SavedRule {
                 .any(|w| matches!(w[0], "-j" | "-g") && is_our_chain(w[1]))
     }
 
-    /// Whether the rule carries weft's comment.
+    /// Whether the rule carries weft's comment, exactly: `--comment weft/transparent-proxy`
+    /// (`iptables-save` quotes a comment only when it has spaces, so someone else's
+    /// `"weft/transparent-proxy bypass"` is a different token and not weft's).
     pub fn has_comment(&self) -> bool {
-        self.spec.contains(COMMENT)
+        self.spec
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| {
+                w[0] == "--comment"
+                    && (w[1] == COMMENT
+                        || w[1].strip_prefix('"').and_then(|c| c.strip_suffix('"'))
+                            == Some(COMMENT))
+            })
     }
 
     /// The line as `iptables-save` prints it.
@@ -153,6 +164,24 @@ COMMIT
         assert_eq!(foreign[0].chain, "PREROUTING");
         assert!(set.has_ours());
         assert!(!set.ours_as_text().contains("DOCKER"));
+    }
+
+    #[test]
+    fn only_weft_s_exact_comment_makes_a_rule_ours() {
+        let rule = |spec: &str| SavedRule {
+            chain: "OUTPUT".into(),
+            spec: spec.into(),
+        };
+        assert!(rule("-p tcp -m comment --comment weft/transparent-proxy -j RETURN").is_ours());
+        assert!(rule("-p tcp -m comment --comment \"weft/transparent-proxy\" -j RETURN").is_ours());
+        for foreign in [
+            "-p tcp -m comment --comment \"weft/transparent-proxy bypass (ops)\" -j RETURN",
+            "-p tcp -m comment --comment weft/transparent-proxy-ops -j RETURN",
+            "-p tcp -m comment --comment \"ops: not weft/transparent-proxy\" -j RETURN",
+        ] {
+            assert!(!rule(foreign).is_ours(), "{foreign}");
+            assert!(!rule(foreign).has_comment(), "{foreign}");
+        }
     }
 
     #[test]
