@@ -626,11 +626,25 @@ fn validate_mtp(p: &MeshTrafficPermissionSpec) -> Result {
         fail("spec.from", "at least one `from` entry is required")?;
     }
     for (i, f) in p.from.iter().enumerate() {
-        validate_target_ref(
-            &format!("spec.from[{i}].targetRef"),
-            &f.target_ref,
-            &TOP_KINDS[..4],
-        )?;
+        let path = format!("spec.from[{i}].targetRef");
+        validate_target_ref(&path, &f.target_ref, &TOP_KINDS[..4])?;
+        // A caller is known by its certificate, which names its service only: a `from` that
+        // selects by other tags could never match, and a Deny would silently do nothing.
+        if let Some(tag) = f
+            .target_ref
+            .tags
+            .keys()
+            .find(|k| k.as_str() != crate::dataplane::SERVICE_TAG)
+        {
+            fail(
+                format!("{path}.tags.{tag}"),
+                format!(
+                    "callers are told apart by service only (their certificates name their \
+                     `{}`); select them by it",
+                    crate::dataplane::SERVICE_TAG
+                ),
+            )?;
+        }
     }
     Ok(())
 }

@@ -311,6 +311,10 @@ fn references_and_paths_are_checked() {
     assert_eq!(status, 404);
     // Unknown types on the CLI, and an unreachable control plane.
     assert_eq!(cp.weftctl(&["get", "widgets"], None).0, 1);
+    // Usage errors are invalid input too (1): 2 is kept for an unreachable control plane.
+    assert_eq!(cp.weftctl(&["get", "meshes", "-o", "xml"], None).0, 1);
+    assert_eq!(cp.weftctl(&["apply"], None).0, 1);
+    assert_eq!(cp.weftctl(&["--help"], None).0, 0);
     let (code, _, err) = support::weftctl(
         &format!("http://127.0.0.1:{}", support::free_port()),
         &["get", "meshes"],

@@ -166,6 +166,39 @@ mod tests {
         )
     }
 
+    /// Kuma applies one TrafficPermission per inbound, the most specific by destination: a
+    /// permission for backend alone replaces the mesh-wide allow-all for backend's inbound,
+    /// and the allow-all still holds for the others.
+    #[test]
+    fn the_most_specific_traffic_permission_alone_applies_to_an_inbound() {
+        let store = SqliteStore::in_memory().expect("store");
+        let allow_all = "type: TrafficPermission\nmesh: m\nname: allow-all\nsources: [{match: {kuma.io/service: '*'}}]\ndestinations: [{match: {kuma.io/service: '*'}}]\n";
+        let web_only = "type: TrafficPermission\nmesh: m\nname: web-to-backend\nsources: [{match: {kuma.io/service: web}}]\ndestinations: [{match: {kuma.io/service: backend}}]\n";
+        let mut docs = vec![MESH.to_string(), allow_all.into(), web_only.into()];
+        docs.extend(fleet());
+        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let views = load(&store, &docs);
+        let allowed = |name: &str| -> Vec<(String, String)> {
+            let (_, snap) = built(&views, name);
+            snap.inbounds[0]
+                .permissions
+                .iter()
+                .map(|p| (p.source_service.clone(), p.origin.clone()))
+                .collect()
+        };
+        assert_eq!(
+            allowed("backend-1"),
+            [(
+                "web".to_string(),
+                "TrafficPermission/web-to-backend".to_string()
+            )]
+        );
+        assert_eq!(
+            allowed("web-1"),
+            [("*".to_string(), "TrafficPermission/allow-all".to_string())]
+        );
+    }
+
     #[test]
     fn the_wire_bytes_are_the_message_encoded() {
         let store = SqliteStore::in_memory().expect("store");

@@ -2,7 +2,7 @@
 
 use super::super::view::MeshView;
 use weft_api::dataplane::SERVICE_TAG;
-use weft_api::policy::{Action, Tags, TargetKind, TargetRef};
+use weft_api::policy::{Action, Selector, Tags, TargetKind, TargetRef};
 use weft_api::proto::{self as pb, permission_rule};
 
 /// How specific a targetRef kind is; more specific policies and entries win.
@@ -88,10 +88,24 @@ pub(super) fn permissions(dp_name: &str, tags: &Tags, view: &MeshView) -> Vec<pb
     }
     ranked.sort_by(|a, b| a.0.cmp(&b.0));
     let mut rules: Vec<pb::PermissionRule> = ranked.into_iter().map(|(_, r)| r).collect();
-    for (policy, tp) in &view.traffic_permissions {
-        if !tp.destinations.iter().any(|d| d.matches(tags)) {
-            continue;
-        }
+    // Kuma applies one TrafficPermission per inbound: the one whose destination selector
+    // that matches the inbound is the most specific (exact tags, then `*` tags); on a tie,
+    // the first by name. Its sources are the inbound's allows, so a narrower permission for
+    // a service replaces a mesh-wide allow-all for it rather than adding to it.
+    let chosen = view
+        .traffic_permissions
+        .iter()
+        .filter_map(|(name, tp)| {
+            let rank = tp
+                .destinations
+                .iter()
+                .filter(|d| d.matches(tags))
+                .map(selector_rank)
+                .max()?;
+            Some((rank, name, tp))
+        })
+        .max_by(|(ra, na, _), (rb, nb, _)| ra.cmp(rb).then_with(|| nb.cmp(na)));
+    if let Some((_, policy, tp)) = chosen {
         for src in &tp.sources {
             let Some(service) = src.tags.get(SERVICE_TAG) else {
                 continue;
@@ -108,4 +122,10 @@ pub(super) fn permissions(dp_name: &str, tags: &Tags, view: &MeshView) -> Vec<pb
         }
     }
     rules
+}
+
+/// How specific a legacy tag selector is: its exact tags, then its `*` tags.
+fn selector_rank(selector: &Selector) -> (usize, usize) {
+    let wildcards = selector.tags.values().filter(|v| *v == "*").count();
+    (selector.tags.len() - wildcards, wildcards)
 }
