@@ -22,6 +22,9 @@ pub struct MeshView {
     pub dataplanes: BTreeMap<String, DataplaneSpec>,
     /// Legacy permissions by name.
     pub traffic_permissions: BTreeMap<String, TrafficPermissionSpec>,
+    /// When each legacy permission was created (RFC 3339, as stored): of two equally specific
+    /// ones, Kuma applies the newer.
+    pub traffic_permissions_created: BTreeMap<String, String>,
     /// Legacy routes by name.
     pub traffic_routes: BTreeMap<String, TrafficRouteSpec>,
     /// targetRef permissions by name.
@@ -89,6 +92,8 @@ pub fn load(
                     view.dataplanes.insert(r.name, d);
                 }
                 Spec::TrafficPermission(p) => {
+                    view.traffic_permissions_created
+                        .insert(r.name.clone(), stored.meta.creation_time.clone());
                     view.traffic_permissions.insert(r.name, p);
                 }
                 Spec::TrafficRoute(p) => {

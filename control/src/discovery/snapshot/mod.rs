@@ -197,6 +197,18 @@ mod tests {
             allowed("web-1"),
             [("*".to_string(), "TrafficPermission/allow-all".to_string())]
         );
+
+        // Of two equally specific ones, the newer applies, whatever the names.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let newer = "type: TrafficPermission\nmesh: m\nname: zz-api-to-backend\nsources: [{match: {kuma.io/service: api}}]\ndestinations: [{match: {kuma.io/service: backend}}]\n";
+        let views = load(&store, &[newer]);
+        let (_, snap) = built(&views, "backend-1");
+        let origins: Vec<&str> = snap.inbounds[0]
+            .permissions
+            .iter()
+            .map(|p| p.origin.as_str())
+            .collect();
+        assert_eq!(origins, ["TrafficPermission/zz-api-to-backend"]);
     }
 
     #[test]

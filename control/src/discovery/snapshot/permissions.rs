@@ -89,9 +89,11 @@ pub(super) fn permissions(dp_name: &str, tags: &Tags, view: &MeshView) -> Vec<pb
     ranked.sort_by(|a, b| a.0.cmp(&b.0));
     let mut rules: Vec<pb::PermissionRule> = ranked.into_iter().map(|(_, r)| r).collect();
     // Kuma applies one TrafficPermission per inbound: the one whose destination selector
-    // that matches the inbound is the most specific (exact tags, then `*` tags); on a tie,
-    // the first by name. Its sources are the inbound's allows, so a narrower permission for
-    // a service replaces a mesh-wide allow-all for it rather than adding to it.
+    // that matches the inbound is the most specific (exact tags, then `*` tags); of equally
+    // specific ones, the newest, then the first by name (Kuma's `SelectInboundConnectionPolicy`).
+    // Its sources are the inbound's allows, so a narrower permission for a service replaces
+    // a mesh-wide allow-all for it rather than adding to it.
+    let created = |name: &String| view.traffic_permissions_created.get(name);
     let chosen = view
         .traffic_permissions
         .iter()
@@ -104,7 +106,11 @@ pub(super) fn permissions(dp_name: &str, tags: &Tags, view: &MeshView) -> Vec<pb
                 .max()?;
             Some((rank, name, tp))
         })
-        .max_by(|(ra, na, _), (rb, nb, _)| ra.cmp(rb).then_with(|| nb.cmp(na)));
+        .max_by(|(ra, na, _), (rb, nb, _)| {
+            ra.cmp(rb)
+                .then_with(|| created(na).cmp(&created(nb)))
+                .then_with(|| nb.cmp(na))
+        });
     if let Some((_, policy, tp)) = chosen {
         for src in &tp.sources {
             let Some(service) = src.tags.get(SERVICE_TAG) else {

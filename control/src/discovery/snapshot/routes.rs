@@ -238,9 +238,7 @@ fn mesh_http_route_rules(class: &RouteClass, service: &str, view: &MeshView) -> 
                     let path = m.path.as_ref().map(|p| pb::StringMatch {
                         kind: Some(match p.kind {
                             PathMatchType::Exact => string_match::Kind::Exact(p.value.clone()),
-                            PathMatchType::PathPrefix => {
-                                string_match::Kind::Prefix(p.value.clone())
-                            }
+                            PathMatchType::PathPrefix => path_prefix(&p.value),
                             PathMatchType::RegularExpression => {
                                 string_match::Kind::Regex(p.value.clone())
                             }
@@ -289,4 +287,46 @@ fn mesh_http_route_rules(class: &RouteClass, service: &str, view: &MeshView) -> 
         }
     }
     rules
+}
+
+/// A MeshHTTPRoute `PathPrefix` as Kuma (and Gateway API) mean it: whole path segments, so
+/// `/api` matches `/api` and `/api/v1` but not `/apikeys`; a trailing `/` is ignored, and `/`
+/// matches every path. Sent as an anchored regex (the proxy matches a regex against the whole
+/// path); a legacy TrafficRoute's `prefix` stays a plain string prefix, as in Kuma.
+fn path_prefix(value: &str) -> string_match::Kind {
+    let trimmed = value.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return string_match::Kind::Prefix("/".into());
+    }
+    string_match::Kind::Regex(format!("{}(?:/.*)?", regex::escape(trimmed)))
+}
+
+#[cfg(test)]
+mod path_prefix_tests {
+    use super::*;
+
+    fn matches(prefix: &str, path: &str) -> bool {
+        match path_prefix(prefix) {
+            string_match::Kind::Prefix(p) => path.starts_with(&p),
+            string_match::Kind::Regex(r) => regex::Regex::new(&format!("^(?:{r})$"))
+                .expect("a valid regex")
+                .is_match(path),
+            string_match::Kind::Exact(e) => path == e,
+        }
+    }
+
+    #[test]
+    fn a_path_prefix_matches_whole_segments() {
+        for path in ["/api", "/api/", "/api/v1", "/api/v1/x"] {
+            assert!(matches("/api", path), "{path}");
+            assert!(matches("/api/", path), "{path} against /api/");
+        }
+        for path in ["/apikeys", "/api-internal", "/ap", "/"] {
+            assert!(!matches("/api", path), "{path}");
+        }
+        assert!(matches("/", "/anything"));
+        // Regex characters in the value are literal.
+        assert!(matches("/a.b", "/a.b/c"));
+        assert!(!matches("/a.b", "/axb"));
+    }
 }
