@@ -456,6 +456,49 @@ async fn invalid_registration_is_refused_with_the_field() {
     cp.shutdown().await;
 }
 
+/// Deleting a mesh ends the streams of its proxies (NotFound): a mesh created later under the
+/// same name is another mesh, whose configuration, trust bundle and permissions a stream
+/// registered with the old mesh's token must not receive. The name registers again there.
+#[tokio::test]
+async fn deleting_a_mesh_ends_its_proxies_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = control_plane(dir.path()).await;
+    put(&cp, PAYMENTS);
+    let dp = dataplane("payments", "web-1", "web", "10.0.0.1");
+    let mut web = connect(&cp, dp.clone()).await.expect("registers");
+    let s = web.next().await;
+    web.ack(&s).await;
+
+    let store = cp.store.clone();
+    tokio::task::spawn_blocking(move || {
+        store.delete(
+            &weft_control::store::ResourceKey::mesh("payments".to_string()),
+            true,
+        )
+    })
+    .await
+    .expect("delete")
+    .expect("cascade delete");
+    cp.hub.notify_change();
+    let ended = tokio::time::timeout(Duration::from_secs(5), web.rx.message())
+        .await
+        .expect("the stream ends within 5 s");
+    match ended {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+            assert!(status.message().contains("deleted"), "{status}");
+        }
+        Ok(other) => panic!("the stream went on after its mesh was deleted: {other:?}"),
+    }
+    assert!(cp.hub.status("payments", "web-1").is_none());
+
+    // Recreated: another mesh, a new token, and the name is free.
+    put(&cp, PAYMENTS);
+    let mut again = connect(&cp, dp).await.expect("registers in the new mesh");
+    again.next().await;
+    cp.shutdown().await;
+}
+
 /// A proxy whose connection goes silent (its host vanished: no end of stream, no reset) is
 /// dropped once it stops answering the server's pings, and its name can register again.
 #[tokio::test]

@@ -252,11 +252,30 @@ async fn serve_stream(
     let mut sent_version = String::new();
     let mut pushes: u64 = 0;
     let mut dirty = true;
+    // Whether a view of this stream held the mesh: once one has, a view without it means the
+    // mesh was deleted (before, a replica may not have read a new mesh yet).
+    let mut mesh_seen = false;
+    let mut mesh_gone = false;
     let graceful = loop {
         if dirty {
             dirty = false;
             let current = views.borrow_and_update().clone();
             let view = current.meshes.get(&mesh).cloned();
+            if view.is_some() {
+                mesh_seen = true;
+            } else if mesh_seen {
+                // Deleted: the proxy's registration, certificate and token went with it. A
+                // mesh of the same name created later is another mesh, which this stream
+                // must not serve; the proxy registers again, with a token of that mesh.
+                tracing::warn!(%mesh, %name, "mesh deleted; ending the dataplane's stream");
+                let _ = tx
+                    .send(Err(Status::not_found(format!(
+                        "mesh {mesh:?} was deleted; register again"
+                    ))))
+                    .await;
+                mesh_gone = true;
+                break false;
+            }
             match (view, Hub::snapshot_for(&current, &mesh, &name, &registered)) {
                 (Some(view), Some(mut snap)) if snap.version() != sent_version => {
                     pushes += 1;
@@ -344,7 +363,12 @@ async fn serve_stream(
             _ = tx.closed() => break false,
         }
     };
-    if graceful {
+    if mesh_gone {
+        // Nothing of it is left to keep or to delete.
+        if hub.forget(&mesh, &name, stream_id) {
+            hub.release_presence(&mesh, &name, true).await;
+        }
+    } else if graceful {
         if hub.forget(&mesh, &name, stream_id) {
             hub.release_presence(&mesh, &name, true).await;
             let store = hub.store.clone();
