@@ -211,6 +211,30 @@ mod tests {
         assert_eq!(origins, ["TrafficPermission/zz-api-to-backend"]);
     }
 
+    /// MeshHTTPRoute rules go to the proxy in Gateway API's precedence, whatever order they
+    /// were written in: an exact path, then the longer prefix, then the catch-all.
+    #[test]
+    fn mesh_http_route_rules_go_most_precise_first() {
+        let store = SqliteStore::in_memory().expect("store");
+        let route = "type: MeshHTTPRoute\nmesh: m\nname: r\nspec:\n  targetRef: {kind: Mesh}\n  to:\n  - targetRef: {kind: MeshService, name: backend}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v0}}]}\n    - matches: [{path: {type: PathPrefix, value: /api}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v1}}]}\n    - matches: [{path: {type: Exact, value: /api/health}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v2}}]}\n";
+        let mut docs = vec![MESH.to_string(), route.into()];
+        docs.extend(fleet());
+        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let views = load(&store, &docs);
+        let (_, snap) = built(&views, "web-1");
+        let backend = snap
+            .outbounds
+            .iter()
+            .find(|o| o.service == "backend")
+            .expect("an outbound for backend");
+        let versions: Vec<&str> = backend
+            .http_rules
+            .iter()
+            .map(|r| r.destinations[0].tags["version"].as_str())
+            .collect();
+        assert_eq!(versions, ["v2", "v1", "v0"]);
+    }
+
     #[test]
     fn the_wire_bytes_are_the_message_encoded() {
         let store = SqliteStore::in_memory().expect("store");

@@ -196,7 +196,7 @@ fn mesh_http_route_rules(class: &RouteClass, service: &str, view: &MeshView) -> 
             .cmp(&specificity(a.target_ref.kind))
             .then_with(|| an.cmp(bn))
     });
-    let mut rules = Vec::new();
+    let mut rules: Vec<(MatchRank, pb::HttpRule)> = Vec::new();
     for (name, route) in routes {
         for to in route
             .to
@@ -271,22 +271,50 @@ fn mesh_http_route_rules(class: &RouteClass, service: &str, view: &MeshView) -> 
                             }
                         })
                         .collect();
-                    rules.push(pb::HttpRule {
-                        r#match: Some(pb::HttpMatch {
-                            path,
-                            method: m.method.clone().unwrap_or_default(),
-                            headers,
+                    let rank = MatchRank {
+                        path: m.path.as_ref().map_or((0, 0), |p| match p.kind {
+                            PathMatchType::Exact => (3, p.value.len()),
+                            PathMatchType::PathPrefix => (2, p.value.trim_end_matches('/').len()),
+                            PathMatchType::RegularExpression => (1, 0),
                         }),
-                        destinations: destinations.clone(),
-                        request_headers: modifier(HttpFilterType::RequestHeaderModifier),
-                        response_headers: modifier(HttpFilterType::ResponseHeaderModifier),
-                        origin: format!("MeshHTTPRoute/{name}"),
-                    });
+                        method: m.method.is_some(),
+                        headers: m.headers.len(),
+                    };
+                    rules.push((
+                        rank,
+                        pb::HttpRule {
+                            r#match: Some(pb::HttpMatch {
+                                path,
+                                method: m.method.clone().unwrap_or_default(),
+                                headers,
+                            }),
+                            destinations: destinations.clone(),
+                            request_headers: modifier(HttpFilterType::RequestHeaderModifier),
+                            response_headers: modifier(HttpFilterType::ResponseHeaderModifier),
+                            origin: format!("MeshHTTPRoute/{name}"),
+                        },
+                    ));
                 }
             }
         }
     }
-    rules
+    // The proxy takes the first rule that matches, so the rules go in Gateway API's order of
+    // precedence, as Kuma sorts them: an exact path before a prefix, a longer prefix before a
+    // shorter one, then a method match, then more header matches. Equal ones keep their
+    // order: the more specific policy's first, then as written.
+    rules.sort_by(|(a, _), (b, _)| b.cmp(a));
+    rules.into_iter().map(|(_, rule)| rule).collect()
+}
+
+/// How a MeshHTTPRoute match ranks in Gateway API's precedence; greater goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct MatchRank {
+    /// Exact (3), prefix (2), regex (1) or no path match (0); then the path's length.
+    path: (u8, usize),
+    /// A method match.
+    method: bool,
+    /// How many header matches.
+    headers: usize,
 }
 
 /// A MeshHTTPRoute `PathPrefix` as Kuma (and Gateway API) mean it: whole path segments, so
