@@ -839,6 +839,20 @@ async fn a_nack_makes_the_next_push_complete() {
         "{:?}",
         kept(&s3)
     );
+
+    // Two pushes out before the proxy answers the first: the NACK of the earlier one also
+    // means the later one, built on it, cannot apply. It is resent complete at once, not left
+    // waiting for the next change.
+    put(&cp, &permission("billing"));
+    let s4 = backend.next().await;
+    assert!(!s4.kept.is_empty());
+    put(&cp, &permission("web"));
+    let s5 = backend.next().await;
+    assert!(!s5.kept.is_empty());
+    backend.nack(&s3, "cannot bind port 8080").await;
+    let s5_full = backend.next().await;
+    assert!(s5_full.kept.is_empty(), "{:?}", kept(&s5_full));
+    assert_eq!(s5_full.version, s5.version);
     cp.shutdown().await;
 }
 

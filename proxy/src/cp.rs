@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+/// How often the proxy pings its control-plane connection, and how long it waits for the
+/// answer before it gives the connection up (a stream is long-lived and mostly quiet).
+pub const CP_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Why the control plane's addresses are unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum CpAddressError {
@@ -57,6 +60,11 @@ impl CpChannels {
                     .map_err(|e| invalid(format!("TLS to the control plane: {e}")))?
                     .connect_timeout(Duration::from_secs(5))
                     .timeout(timeout)
+                    // A replica whose host vanished sends no end of stream: pings find it, so
+                    // the proxy moves on to another replica instead of waiting for TCP.
+                    .http2_keep_alive_interval(CP_KEEPALIVE)
+                    .keep_alive_timeout(CP_KEEPALIVE)
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 Ok((address.to_string(), channel))
             })

@@ -151,6 +151,11 @@ impl Discovery {
             // dataplane offline instead of deregistering it.
             let (replica, channel) = self.replicas.current();
             let outcome = self.session(channel, &apply, &shutdown).await;
+            // A stream that was up counts as a success: after it breaks, the next attempt
+            // comes after the first backoff step, not after the failures of long ago.
+            if self.metrics.cp_connected.get() == 1 {
+                failures = 0;
+            }
             self.metrics.cp_connected.set(0);
             match outcome {
                 Ok(true) => return,

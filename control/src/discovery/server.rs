@@ -226,12 +226,14 @@ impl Keeps {
         self.base = Some(hashes);
     }
 
-    /// After a NACK of the push with `nonce`: the next push is complete. `true` when the
-    /// refused push was the latest and left parts out: it is worth resending complete now
-    /// (the proxy may only have lacked the base).
-    fn nacked(&mut self, nonce: &str) -> bool {
+    /// After a NACK of a push: the next push is complete. `true` when the latest push left
+    /// parts out, whichever push was refused: it is worth resending complete now. The
+    /// refused push may be an earlier one, answered after the latest went out; the latest
+    /// was then built on a base the proxy does not hold, and it will be refused too (its NACK
+    /// would find nothing left to resend, and the proxy would wait for the next change).
+    fn nacked(&mut self) -> bool {
         self.base = None;
-        self.partial.take().is_some_and(|n| n == nonce)
+        self.partial.take().is_some()
     }
 }
 
@@ -334,7 +336,7 @@ async fn serve_stream(
                         st.last_nack = Some(format!("version {}: {}", nack.version, nack.reason));
                         st.last_seen = Some(now_rfc3339());
                     });
-                    if keeps.nacked(&nack.nonce) {
+                    if keeps.nacked() {
                         sent_version.clear();
                         dirty = true;
                     }

@@ -176,6 +176,22 @@ struct LogDetail {
     path: String,
 }
 
+/// The most bytes of a path (or a custom method) a span or a log line keeps: the queues are
+/// bounded in entries, and a caller may send paths of up to the 64 KiB head limit.
+const MAX_RECORDED: usize = 1024;
+
+/// `text` cut to at most [`MAX_RECORDED`] bytes, at a character boundary.
+fn bounded(text: &str) -> &str {
+    if text.len() <= MAX_RECORDED {
+        return text;
+    }
+    let mut end = MAX_RECORDED;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The span name and `http.request.method`: the method when it is a standard one, else
 /// `_OTHER` (OTel semconv), so the set stays bounded.
 fn method_name(m: &Method) -> &'static str {
@@ -219,8 +235,8 @@ fn record(
         parent_id: started.parent_id,
         kind: SpanKind::of(b.direction),
         method,
-        method_original: (method == "_OTHER").then(|| b.method.as_str().into()),
-        path: InlineStr::new(b.uri.path()),
+        method_original: (method == "_OTHER").then(|| bounded(b.method.as_str()).into()),
+        path: InlineStr::new(bounded(b.uri.path())),
         https: b.uri.scheme_str() == Some("https"),
         server: server(b.uri, b.headers),
         mesh: Arc::clone(b.mesh),
@@ -270,8 +286,8 @@ pub(super) fn begin(
             mesh: Arc::clone(b.mesh),
             source,
             destination,
-            method: b.method.as_str().to_string(),
-            path: b.uri.path().to_string(),
+            method: bounded(b.method.as_str()).to_string(),
+            path: bounded(b.uri.path()).to_string(),
         }));
     }
     obs
@@ -322,5 +338,19 @@ impl LogDetail {
             peer_address: e.peer,
             error: e.error.map(Cow::into_owned),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(bounded("/short"), "/short");
+        let long = format!("/{}", "é".repeat(2000));
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_RECORDED && cut.len() >= MAX_RECORDED - 1);
+        assert!(long.starts_with(cut));
     }
 }
