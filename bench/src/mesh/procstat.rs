@@ -64,15 +64,43 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// Memory and CPU time of `pid` and its descendants; processes that are
 /// gone count as zero.
+///
+/// Memory is `pid`'s `VmRSS` plus each descendant's private pages only: a
+/// forked worker (nginx's) shares the binary, the libraries and what its master
+/// had before the fork, and summing every process's RSS would count those
+/// pages once per process. A single-process sidecar's figure is its `VmRSS`.
 pub fn usage(pid: u32) -> Usage {
     tree(pid).into_iter().fold(Usage::default(), |acc, p| {
         let (user, sys) = read_stat(p).map_or((0, 0), |s| (s.utime, s.stime));
+        let memory = if p == pid {
+            read_rss_kib(p)
+        } else {
+            read_private_kib(p).or_else(|| read_rss_kib(p))
+        };
         Usage {
-            rss_kib: acc.rss_kib + read_rss_kib(p).unwrap_or(0),
+            rss_kib: acc.rss_kib + memory.unwrap_or(0),
             cpu_ticks: acc.cpu_ticks + user + sys,
             sys_ticks: acc.sys_ticks + sys,
         }
     })
+}
+
+/// A process's private pages (`Private_Clean` + `Private_Dirty` of
+/// `/proc/<pid>/smaps_rollup`), KiB.
+fn read_private_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_private_kib(&rollup)
+}
+
+fn parse_private_kib(rollup: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    };
+    Some(field("Private_Clean:")? + field("Private_Dirty:")?)
 }
 
 /// The fields of `/proc/<pid>/stat` this module reads.
@@ -118,6 +146,13 @@ fn parse_rss_kib(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_pages_are_clean_plus_dirty() {
+        let rollup = "55d0c0a3a000-7ffd0b1f5000 ---p 00000000 00:00 0                          [rollup]\nRss:                6400 kB\nPss:                2100 kB\nShared_Clean:       4000 kB\nShared_Dirty:        400 kB\nPrivate_Clean:       300 kB\nPrivate_Dirty:      1700 kB\n";
+        assert_eq!(parse_private_kib(rollup), Some(2000));
+        assert_eq!(parse_private_kib("Rss: 1 kB\n"), None);
+    }
 
     #[test]
     fn parses_stat_with_awkward_names() {

@@ -11,7 +11,8 @@
 //! from the app, carried as HTTP/2 between the proxies), `http2` for
 //! `weft-h2` and `grpc` for `weft-grpc` (h2c from the app and to the
 //! upstream: the inbound speaks HTTP/2 to the app), and `tcp` for
-//! `weft-tcp` (opaque bytes over one mTLS connection per app connection)
+//! `weft-tcp` (opaque bytes, each app connection a CONNECT stream on the pooled mTLS HTTP/2
+//! connection between the sidecars)
 //! and `weft-echo-tcp` (raw TCP ping-pong to the upstream's echo, the only
 //! weft path of the `tcp` protocol). Each path has its own service,
 //! `upstream-<key>`, whose inbound forwards to the upstream's port for the
