@@ -28,8 +28,27 @@ fn now() -> String {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store file at `path`.
+    /// Opens (creating if needed) the store file at `path`. The file holds every mesh's CA
+    /// key and token signing key, so it is made (and an existing one set) readable by its
+    /// owner only; SQLite gives its `-wal` and `-shm` files the same mode.
     pub fn open(path: &Path) -> StoreResult<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let private = |e: std::io::Error| {
+            StoreError::Backend(format!("making {} private: {e}", path.display()))
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(private)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(private)?;
+            }
+        }
         let conn = Connection::open(path).map_err(backend)?;
         Self::init(conn)
     }
@@ -508,5 +527,34 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             rows.collect::<Result<_, _>>().map_err(backend)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The store holds CA keys: its files are the owner's alone, also when the file was there
+    /// before with a wider mode.
+    #[test]
+    fn the_store_files_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weft.db");
+        std::fs::write(&path, b"").expect("a file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let store = SqliteStore::open(&path).expect("opens");
+        crate::run::initialize_store(&store, false).expect("a write");
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if let Ok(meta) = std::fs::metadata(&file) {
+                assert_eq!(
+                    meta.permissions().mode() & 0o777,
+                    0o600,
+                    "{}",
+                    file.display()
+                );
+            }
+        }
     }
 }
