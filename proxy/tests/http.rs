@@ -195,6 +195,8 @@ struct Mesh {
     servers: Vec<Proxy>,
     /// The client proxy's outbound listener for `api`.
     outbound: SocketAddr,
+    /// The client proxy's snapshot, for a test to change and apply.
+    client_snap: pb::Snapshot,
 }
 
 /// A client proxy ("web") with an outbound listener for `api`, and one server proxy per
@@ -278,6 +280,7 @@ fn mesh_full(
         client,
         servers,
         outbound: SocketAddr::from(([127, 0, 0, 1], outbound_port)),
+        client_snap,
     }
 }
 
@@ -353,6 +356,35 @@ async fn a_90_10_split_over_2000_requests_lands_within_3_points() {
     let two = counts.get("two").copied().unwrap_or(0) as f64 / 2000.0;
     assert!((0.07..=0.13).contains(&two), "v2 share {two}: {counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 2000);
+}
+
+/// A route change reaches the next request of a connection that is already open (a
+/// keep-alive or gRPC connection lives long): it is not held to the config the connection was
+/// accepted under.
+#[tokio::test]
+async fn a_route_change_reaches_an_open_connection() {
+    let m = mesh(
+        vec![vec![
+            endpoint("v1", app("one").await),
+            endpoint("v2", app("two").await),
+        ]],
+        |out| out.default_route = vec![dest(1, "v1")],
+    );
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    let (_, body) = get(&c, &url, &[]).await;
+    assert!(body.starts_with("one "), "{body}");
+
+    let mut snap = m.client_snap.clone();
+    snap.outbounds[0].default_route = vec![dest(1, "v2")];
+    let dp = m.client.dp.as_ref().unwrap();
+    let config = ProxyConfig::from_snapshot(&snap)
+        .expect("valid snapshot")
+        .with_telemetry(dp.config().telemetry.clone());
+    dp.apply(config).expect("applied");
+    // The same pooled keep-alive connection from the client.
+    let (_, body) = get(&c, &url, &[]).await;
+    assert!(body.starts_with("two "), "{body}");
 }
 
 #[tokio::test]

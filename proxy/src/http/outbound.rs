@@ -21,6 +21,7 @@ use crate::http::{
 };
 use crate::route::{HttpRule, Service, Target};
 use crate::telemetry::{Direction, RequestObservation};
+use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -54,14 +55,14 @@ pub(crate) async fn serve<I>(
 {
     let drain = shared.drain.clone();
     let idle_timeout = shared.opts.idle_timeout;
-    let ctx = Arc::new(Ctx {
+    let conn = Arc::new(ArcSwap::from_pointee(Ctx {
         shared,
         cfg,
         service: Arc::from(service),
         http1: protocol == Protocol::Http1,
-    });
+    }));
     let handler = move |req| {
-        let ctx = ctx.clone();
+        let ctx = current(&conn);
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     };
     serve_connection(io, protocol, handler, &drain, idle_timeout).await;
@@ -164,6 +165,27 @@ pub(crate) fn absolute_uri(authority: Authority, uri: &Uri) -> Option<Uri> {
         .path_and_query(pq)
         .build()
         .ok()
+}
+
+/// The connection's context for its next request, under the config in force now: each
+/// request follows the config of when it arrives, not the one its connection was accepted
+/// under, since a keep-alive or gRPC connection lives long and a route, weight or endpoint
+/// change must reach its next request. The connection keeps the refreshed context, so only
+/// the first request after a change builds one.
+fn current(conn: &ArcSwap<Ctx>) -> Arc<Ctx> {
+    let ctx = conn.load_full();
+    let config = ctx.shared.config.load();
+    if Arc::ptr_eq(&config, &ctx.cfg) {
+        return ctx;
+    }
+    let fresh = Arc::new(Ctx {
+        shared: ctx.shared.clone(),
+        cfg: Arc::clone(&config),
+        service: ctx.service.clone(),
+        http1: ctx.http1,
+    });
+    conn.store(fresh.clone());
+    fresh
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
