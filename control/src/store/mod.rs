@@ -305,6 +305,24 @@ CASE WHEN p.online = 1 AND p.expires > $2 THEN 1 ELSE 0 END \
 FROM proxy_insights i LEFT JOIN proxy_presence p ON p.mesh = i.mesh AND p.name = i.name \
 WHERE i.mesh = $1 ORDER BY i.name";
 
+/// The readable rows of a listing: a row that no longer parses or validates (written by an
+/// older weft, before a rule it breaks) is left out and logged, rather than failing the whole
+/// listing. Listings feed every mesh's configuration; one bad row must not stop updates for
+/// all of them. Fetching that one resource still reports it.
+pub(crate) fn readable(rows: Vec<StoreResult<StoredResource>>) -> StoreResult<Vec<StoredResource>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(r) => out.push(r),
+            Err(StoreError::Corrupt { key, reason }) => {
+                tracing::error!(resource = %key, %reason, "stored resource unreadable; left out");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// The secret-key prefix of everything a mesh owns; a cascade delete removes these too.
 /// Mesh names are DNS labels (no dots), so `<mesh>.` belongs to exactly one mesh.
 pub fn mesh_secret_prefix(mesh: &str) -> String {

@@ -643,7 +643,7 @@ impl Store for PostgresStore {
                 ),
             }
             .map_err(backend)?;
-            rows.iter().map(row_to_stored).collect()
+            super::readable(rows.iter().map(row_to_stored).collect())
         })
     }
 

@@ -135,11 +135,12 @@ fn row_to_stored(
 const SELECT: &str =
     "SELECT type, mesh, name, version, spec, creation_time, modification_time FROM resources";
 
+/// The rows `sql` selects, each parsed on its own (a bad row does not hide the others).
 fn query(
     conn: &Connection,
     sql: &str,
     args: &[&dyn rusqlite::ToSql],
-) -> StoreResult<Vec<StoredResource>> {
+) -> StoreResult<Vec<StoreResult<StoredResource>>> {
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
     let rows = stmt
         .query_map(args, |r| {
@@ -157,7 +158,7 @@ fn query(
     let mut out = Vec::new();
     for row in rows {
         let (t, m, n, v, s, c, md) = row.map_err(backend)?;
-        out.push(row_to_stored(&t, &m, &n, v, &s, c, md)?);
+        out.push(row_to_stored(&t, &m, &n, v, &s, c, md));
     }
     Ok(out)
 }
@@ -201,24 +202,27 @@ impl Store for SqliteStore {
     fn get(&self, key: &ResourceKey) -> StoreResult<Option<StoredResource>> {
         self.read(|c| {
             let sql = format!("{SELECT} WHERE type = ?1 AND mesh = ?2 AND name = ?3");
-            Ok(query(c, &sql, &[&key.ty.name(), &key.mesh, &key.name])?
+            query(c, &sql, &[&key.ty.name(), &key.mesh, &key.name])?
                 .into_iter()
-                .next())
+                .next()
+                .transpose()
         })
     }
 
     fn list(&self, ty: ResourceType, mesh: Option<&str>) -> StoreResult<Vec<StoredResource>> {
-        self.read(|c| match mesh {
-            Some(m) => query(
-                c,
-                &format!("{SELECT} WHERE type = ?1 AND mesh = ?2 ORDER BY name"),
-                &[&ty.name(), &m],
-            ),
-            None => query(
-                c,
-                &format!("{SELECT} WHERE type = ?1 ORDER BY mesh, name"),
-                &[&ty.name()],
-            ),
+        self.read(|c| {
+            super::readable(match mesh {
+                Some(m) => query(
+                    c,
+                    &format!("{SELECT} WHERE type = ?1 AND mesh = ?2 ORDER BY name"),
+                    &[&ty.name(), &m],
+                )?,
+                None => query(
+                    c,
+                    &format!("{SELECT} WHERE type = ?1 ORDER BY mesh, name"),
+                    &[&ty.name()],
+                )?,
+            })
         })
     }
 
@@ -534,6 +538,42 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// A row that no longer reads (written before a rule it breaks) is left out of listings,
+    /// which feed every mesh's configuration, and reported when fetched alone.
+    #[test]
+    fn a_bad_row_is_left_out_of_listings_not_fatal_to_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weft.db");
+        let store = SqliteStore::open(&path).expect("opens");
+        crate::run::initialize_store(&store, false).expect("default mesh");
+        for name in ["a", "b"] {
+            let yaml = format!(
+                "type: TrafficPermission\nmesh: default\nname: {name}\nsources: [{{match: {{kuma.io/service: web}}}}]\ndestinations: [{{match: {{kuma.io/service: api}}}}]\n"
+            );
+            let doc = weft_api::parse::parse_documents(&yaml)
+                .expect("valid")
+                .remove(0);
+            store.put(&doc.resource, None).expect("stored");
+        }
+        let raw = Connection::open(&path).expect("raw connection");
+        raw.execute(
+            "UPDATE resources SET spec = '{\"type\":\"TrafficPermission\",\"mesh\":\"default\",\"name\":\"a\",\"sources\":\"not a list\"}' WHERE name = 'a'",
+            [],
+        )
+        .expect("corrupted");
+        let listed = store
+            .list(ResourceType::TrafficPermission, None)
+            .expect("the listing still works");
+        let names: Vec<&str> = listed.iter().map(|r| r.resource.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+        let key = ResourceKey {
+            ty: ResourceType::TrafficPermission,
+            mesh: "default".into(),
+            name: "a".into(),
+        };
+        assert!(matches!(store.get(&key), Err(StoreError::Corrupt { .. })));
+    }
 
     /// The store holds CA keys: its files are the owner's alone, also when the file was there
     /// before with a wider mode.
