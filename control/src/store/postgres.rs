@@ -813,7 +813,23 @@ impl Store for PostgresStore {
     }
 
     fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool> {
-        let first = self.with_client(|client| {
+        // The mark goes in after `init` has succeeded: a start that failed half-way (a crash,
+        // a dropped connection) runs `init` again next time, which is safe (replicas starting
+        // together may both run it), rather than never.
+        let done = self.with_client(|client| {
+            client
+                .query_opt(
+                    "SELECT value FROM store_meta WHERE name = 'initialized'",
+                    &[],
+                )
+                .map(|row| row.is_some())
+                .map_err(backend)
+        })?;
+        if done {
+            return Ok(false);
+        }
+        init(self)?;
+        self.with_client(|client| {
             let n = client
                 .execute(
                     "INSERT INTO store_meta (name, value) VALUES ('initialized', 1) ON CONFLICT (name) DO NOTHING",
@@ -821,11 +837,7 @@ impl Store for PostgresStore {
                 )
                 .map_err(backend)?;
             Ok(n == 1)
-        })?;
-        if first {
-            init(self)?;
-        }
-        Ok(first)
+        })
     }
 
     fn claim_proxy(

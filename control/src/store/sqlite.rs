@@ -402,14 +402,24 @@ impl Store for SqliteStore {
     }
 
     fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool> {
-        let first = self.with_tx(|tx| {
+        // The mark goes in after `init` has succeeded: a start that failed half-way (a crash,
+        // a busy store) runs `init` again next time, which is safe, rather than never.
+        let done = self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM store_meta WHERE name = 'initialized'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(backend)
+        })?;
+        if done > 0 {
+            return Ok(false);
+        }
+        init(self)?;
+        self.with_tx(|tx| {
             let n = tx.execute("INSERT INTO store_meta (name, value) VALUES ('initialized', 1) ON CONFLICT (name) DO NOTHING", []).map_err(backend)?;
             Ok(n == 1)
-        })?;
-        if first {
-            init(self)?;
-        }
-        Ok(first)
+        })
     }
 
     fn claim_proxy(
@@ -573,6 +583,26 @@ mod tests {
             name: "a".into(),
         };
         assert!(matches!(store.get(&key), Err(StoreError::Corrupt { .. })));
+    }
+
+    /// A first start whose initialization failed is not marked done: the next start runs it
+    /// again (and only until it succeeds once).
+    #[test]
+    fn a_failed_first_start_is_initialized_again() {
+        let store = SqliteStore::in_memory().expect("store");
+        let runs = std::cell::Cell::new(0);
+        let failing = |_: &dyn Store| {
+            runs.set(runs.get() + 1);
+            Err(StoreError::Backend("interrupted".into()))
+        };
+        assert!(store.initialize_once(&failing).is_err());
+        let succeeding = |_: &dyn Store| {
+            runs.set(runs.get() + 1);
+            Ok(())
+        };
+        assert!(store.initialize_once(&succeeding).expect("initialized"));
+        assert!(!store.initialize_once(&succeeding).expect("already"));
+        assert_eq!(runs.get(), 2);
     }
 
     /// The store holds CA keys: its files are the owner's alone, also when the file was there
