@@ -123,6 +123,27 @@ fn validate_cert_lifetime(path: &str, value: &str) -> Result {
     }
 }
 
+/// A service an inbound offers: its name is a segment of the proxy's SPIFFE identity
+/// (`spiffe://<mesh>/<service>`), so it holds letters, digits and `-._~` only, as the CA
+/// requires (else the proxy registers and never gets a certificate).
+fn validate_service_name(path: &str, service: &str) -> Result {
+    let ok = service != "."
+        && service != ".."
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    if !ok {
+        fail(
+            path,
+            format!(
+                "{service:?} cannot name a service: its identity is spiffe://<mesh>/{service}, \
+                 which takes letters, digits and -._~ only"
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 fn validate_ip(path: &str, value: &str) -> Result {
     if value.parse::<IpAddr>().is_err() {
         fail(path, format!("{value:?} is not an IP address"))?;
@@ -379,10 +400,12 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
     if n.address.is_empty() {
         fail("networking.address", "must not be empty")?;
     }
-    if n.address.parse::<IpAddr>().is_err() && validate_name(&n.address, 253, false).is_err() {
+    if n.address.parse::<IpAddr>().is_err() {
+        // Kuma also takes a host name here; weft's proxies and endpoints need the address
+        // itself, and a host name would register a proxy that can never serve.
         fail(
             "networking.address",
-            format!("{:?} is neither an IP address nor a host name", n.address),
+            format!("{:?} is not an IP address", n.address),
         )?;
     }
     if n.inbound.is_empty() {
@@ -411,6 +434,9 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
             validate_ip(&format!("{p}.address"), a)?;
         }
         validate_tags(&format!("{p}.tags"), &ib.tags, true)?;
+        if let Some(service) = ib.tags.get(SERVICE_TAG) {
+            validate_service_name(&format!("{p}.tags.{SERVICE_TAG}"), service)?;
+        }
         claim(format!("{p}.port"), ib.port)?;
     }
     for (i, ob) in n.outbound.iter().enumerate() {

@@ -39,6 +39,7 @@ fn cases() -> Vec<(&'static str, String, &'static str, usize)> {
         ("otel without endpoint", "type: Mesh\nname: a\ntracing:\n  backends:\n  - {name: o, type: opentelemetry}\n".into(), "tracing.backends[0].conf.endpoint", 0),
         ("tcp log without port", "type: Mesh\nname: a\nlogging:\n  backends:\n  - {name: t, type: tcp, conf: {address: logs}}\n".into(), "logging.backends[0].conf.address", 0),
         ("dataplane without inbound", dp(""), "networking.inbound", 0),
+        ("service name with a slash", dp("  inbound:\n  - port: 8080\n    tags: {kuma.io/service: api/v1}\n"), "networking.inbound[0].tags.kuma.io/service", 0),
         ("inbound port zero", dp("  inbound:\n  - port: 0\n    tags: {kuma.io/service: a}\n"), "networking.inbound[0].port", 7),
         ("inbound port too big", dp("  inbound:\n  - port: 65536\n    tags: {kuma.io/service: a}\n"), "networking.inbound[0].port", 7),
         ("servicePort too big", dp("  inbound:\n  - port: 80\n    servicePort: 99999\n    tags: {kuma.io/service: a}\n"), "networking.inbound[0].servicePort", 8),
