@@ -197,6 +197,8 @@ struct Mesh {
     outbound: SocketAddr,
     /// The client proxy's snapshot, for a test to change and apply.
     client_snap: pb::Snapshot,
+    /// Each server proxy's snapshot, likewise.
+    server_snaps: Vec<pb::Snapshot>,
 }
 
 /// A client proxy ("web") with an outbound listener for `api`, and one server proxy per
@@ -230,6 +232,7 @@ fn mesh_full(
         ..Default::default()
     };
     let mut servers = Vec::new();
+    let mut server_snaps = Vec::new();
     for (g, group) in groups.iter().enumerate() {
         let mut inbounds = Vec::new();
         for e in group {
@@ -259,6 +262,7 @@ fn mesh_full(
             vec![],
         );
         servers.push(start(&snap, TestMeshTls::new(&ca, &["api"])));
+        server_snaps.push(snap);
     }
     api(&mut out);
     let outbound_port = free_port();
@@ -281,6 +285,7 @@ fn mesh_full(
         servers,
         outbound: SocketAddr::from(([127, 0, 0, 1], outbound_port)),
         client_snap,
+        server_snaps,
     }
 }
 
@@ -385,6 +390,42 @@ async fn a_route_change_reaches_an_open_connection() {
     // The same pooled keep-alive connection from the client.
     let (_, body) = get(&c, &url, &[]).await;
     assert!(body.starts_with("two "), "{body}");
+}
+
+/// A plaintext caller let in under PERMISSIVE is refused on its open connection once the
+/// mesh's mTLS is STRICT: it is not held to the rules its connection was accepted under.
+#[tokio::test]
+async fn a_plaintext_connection_is_refused_once_mtls_is_strict() {
+    let app_addr = app("one").await;
+    let server = endpoint("v1", app_addr);
+    let inbound_port = server.port;
+    let m = mesh_full(
+        Duration::from_secs(5),
+        |s| {
+            if let Some(mtls) = s.mtls.as_mut() {
+                mtls.mode = Mode::Permissive as i32;
+            }
+        },
+        vec![vec![server]],
+        |_| {},
+    );
+    // Plaintext straight to the server proxy's inbound, as a caller without a sidecar.
+    let c = http1_client();
+    let url = format!("http://127.0.0.1:{inbound_port}/x");
+    let (status, body) = get(&c, &url, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let mut snap = m.server_snaps[0].clone();
+    if let Some(mtls) = snap.mesh.as_mut().and_then(|mesh| mesh.mtls.as_mut()) {
+        mtls.mode = Mode::Strict as i32;
+    }
+    let dp = m.servers[0].dp.as_ref().unwrap();
+    let config = ProxyConfig::from_snapshot(&snap)
+        .expect("valid snapshot")
+        .with_telemetry(dp.config().telemetry.clone());
+    dp.apply(config).expect("applied");
+    let (status, body) = get(&c, &url, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
 
 #[tokio::test]

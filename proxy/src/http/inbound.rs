@@ -9,7 +9,7 @@
 //! The same connections carry opaque-TCP tunnels ([`crate::http::opaque`]), answered here by
 //! connecting to the app.
 
-use crate::config::{Authz, Inbound, ProxyConfig};
+use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
@@ -211,12 +211,22 @@ impl Ctx {
     /// when denied. The connection's own verdict while the config is the one it started
     /// under; decided again after a change, so that a pooled connection, which lives long,
     /// follows changed permissions from its next request on.
+    ///
+    /// A caller without a certificate (plaintext, under PERMISSIVE or with mTLS off) is
+    /// refused once the mesh's mTLS has become STRICT, or its inbound is gone: its connection
+    /// was let in under rules that no longer hold.
     fn denied_now(&self) -> Option<Option<String>> {
-        if !self.peer_is_mesh() {
-            return self.denied.clone();
-        }
         let cfg = self.shared.config.load();
         if Arc::ptr_eq(&cfg, &self.cfg) {
+            return self.denied.clone();
+        }
+        if !self.peer_is_mesh() {
+            if cfg.mtls == Some(MtlsMode::Strict) {
+                return Some(Some("mTLS is STRICT: plaintext refused".into()));
+            }
+            if !cfg.inbounds.contains_key(&self.port) {
+                return Some(None);
+            }
             return self.denied.clone();
         }
         match cfg.inbounds.get(&self.port) {
