@@ -321,7 +321,9 @@ fn config_change_and_cert_renewal_lose_no_request() {
         &format!(
             "{}---\n{}",
             mesh_yaml("alpha", false, "6s"),
-            permission_yaml("alpha", "unrelated", "nobody", "server")
+            // For another destination: Kuma applies one TrafficPermission per inbound, so
+            // a newer one for `server` would replace `client-to-server`.
+            permission_yaml("alpha", "unrelated", "nobody", "elsewhere")
         ),
     );
     wait_for("the config change to reach both proxies", WAIT, || {
