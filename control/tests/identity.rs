@@ -456,6 +456,17 @@ async fn start_cp(store: Arc<MemoryStore>, data_dir: &Path) -> Cp {
 }
 
 fn proxy(cp: &Cp, mesh: &str, dp: &str, token: String) -> Arc<Identity> {
+    proxy_reporting_to(cp, mesh, dp, token, Arc::new(Metrics::new()))
+}
+
+/// [`proxy`], counting into `metrics`.
+fn proxy_reporting_to(
+    cp: &Cp,
+    mesh: &str,
+    dp: &str,
+    token: String,
+    metrics: Arc<Metrics>,
+) -> Arc<Identity> {
     let mut cfg = IdentityConfig::new(
         format!("https://127.0.0.1:{}", cp.addr.port()),
         cp.ca_pem.clone(),
@@ -468,7 +479,7 @@ fn proxy(cp: &Cp, mesh: &str, dp: &str, token: String) -> Arc<Identity> {
         max: Duration::from_secs(1),
     };
     cfg.request_timeout = Duration::from_secs(5);
-    Identity::new(cfg, Arc::new(Metrics::new()))
+    Identity::new(cfg, metrics)
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -704,19 +715,7 @@ async fn an_expired_certificate_is_a_failure_with_backoff_not_a_renewal_loop() {
     let cp = start_cp(store, dir.path()).await;
     let token = cp.svc.tokens().issue("a", "web-1", DAY).unwrap().token;
     let metrics = Arc::new(Metrics::new());
-    let mut cfg = IdentityConfig::new(
-        format!("https://127.0.0.1:{}", cp.addr.port()),
-        cp.ca_pem.clone(),
-        "a",
-        "web-1",
-        TokenSource::Inline(token),
-    );
-    cfg.backoff = Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(1),
-    };
-    cfg.request_timeout = Duration::from_secs(5);
-    let id = Identity::new(cfg, metrics.clone());
+    let id = proxy_reporting_to(&cp, "a", "web-1", token, metrics.clone());
     let first = id.certify_once(&id.channel().unwrap()).await.unwrap();
     let until = first
         .not_after

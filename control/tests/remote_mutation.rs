@@ -68,18 +68,45 @@ fn start_cp(host: &Host, dir: &std::path::Path, extra: &[&str]) -> weft_tests::P
     proc
 }
 
+/// A control plane on a host of its own (its API on every address, port 5681, with `extra`
+/// flags) and a second host linked to it; the API's address as the second host sees it.
+/// Everything goes with the returned guards.
+struct Remote {
+    _net: Net,
+    cp_host: Host,
+    other: Host,
+    api: SocketAddr,
+    _dir: tempfile::TempDir,
+    _cp: weft_tests::Proc,
+}
+
+impl Remote {
+    fn start(extra: &[&str]) -> Remote {
+        let net = Net::new().expect("net");
+        let cp_host = net.host("cp").expect("host");
+        let other = net.host("other").expect("host");
+        net.link(&cp_host, &other).expect("link");
+        let api = SocketAddr::new(cp_host.ip().into(), 5681);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp = start_cp(&cp_host, dir.path(), extra);
+        Remote {
+            _net: net,
+            cp_host,
+            other,
+            api,
+            _dir: dir,
+            _cp: cp,
+        }
+    }
+}
+
 const MESH: &str = r#"{"type":"Mesh","name":"remote"}"#;
 
 #[test]
 fn non_loopback_mutation_is_refused() {
     require_root!();
-    let net = Net::new().expect("net");
-    let cp_host = net.host("cp").expect("host");
-    let other = net.host("other").expect("host");
-    net.link(&cp_host, &other).expect("link");
-    let api = SocketAddr::new(cp_host.ip().into(), 5681);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _cp = start_cp(&cp_host, dir.path(), &[]);
+    let remote = Remote::start(&[]);
+    let (cp_host, other, api) = (&remote.cp_host, &remote.other, remote.api);
 
     // From another host: reads work, writes are refused.
     assert_eq!(
@@ -125,13 +152,8 @@ fn non_loopback_mutation_is_refused() {
 #[test]
 fn admin_token_allows_remote_mutation() {
     require_root!();
-    let net = Net::new().expect("net");
-    let cp_host = net.host("cp").expect("host");
-    let other = net.host("other").expect("host");
-    net.link(&cp_host, &other).expect("link");
-    let api = SocketAddr::new(cp_host.ip().into(), 5681);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _cp = start_cp(&cp_host, dir.path(), &["--admin-token", "s3cret"]);
+    let remote = Remote::start(&["--admin-token", "s3cret"]);
+    let (other, api) = (&remote.other, remote.api);
 
     assert_eq!(
         other
@@ -154,13 +176,8 @@ fn admin_token_allows_remote_mutation() {
 #[test]
 fn a_provided_ca_key_is_read_only_by_trusted_callers() {
     require_root!();
-    let net = Net::new().expect("net");
-    let cp_host = net.host("cp").expect("host");
-    let other = net.host("other").expect("host");
-    net.link(&cp_host, &other).expect("link");
-    let api = SocketAddr::new(cp_host.ip().into(), 5681);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _cp = start_cp(&cp_host, dir.path(), &["--admin-token", "s3cret"]);
+    let remote = Remote::start(&["--admin-token", "s3cret"]);
+    let (cp_host, other, api) = (&remote.cp_host, &remote.other, remote.api);
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let mut params = rcgen::CertificateParams::default();
