@@ -127,12 +127,7 @@ fn validate_cert_lifetime(path: &str, value: &str) -> Result {
 /// (`spiffe://<mesh>/<service>`), so it holds letters, digits and `-._~` only, as the CA
 /// requires (else the proxy registers and never gets a certificate).
 fn validate_service_name(path: &str, service: &str) -> Result {
-    let ok = service != "."
-        && service != ".."
-        && service
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-    if !ok {
+    if !crate::dataplane::is_service_name(service) {
         fail(
             path,
             format!(

@@ -6,6 +6,23 @@ use std::collections::BTreeMap;
 
 /// The tag every inbound must carry: the name of the service it belongs to.
 pub const SERVICE_TAG: &str = "kuma.io/service";
+
+/// Whether `name` can name a service: it is a segment of its proxies' SPIFFE identity
+/// (`spiffe://<mesh>/<service>`), so it is letters, digits and `-._~`, and not `.` or `..`.
+///
+/// ```
+/// use weft_api::dataplane::is_service_name;
+/// assert!(is_service_name("backend_v2.svc"));
+/// assert!(!is_service_name("api/v1"));
+/// ```
+pub fn is_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
 /// The optional tag that names an inbound's protocol.
 pub const PROTOCOL_TAG: &str = "kuma.io/protocol";
 

@@ -246,7 +246,7 @@ impl MeshCa {
         }
         let mut sans = Vec::with_capacity(services.len());
         for service in services {
-            if !is_spiffe_path_segment(service) {
+            if !weft_api::dataplane::is_service_name(service) {
                 return Err(CaError::BadService(service.clone()));
             }
             let uri = format!("spiffe://{mesh}/{service}");
@@ -490,15 +490,6 @@ fn random_serial() -> SerialNumber {
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01; // no leading zero byte to strip
     SerialNumber::from_slice(&bytes)
-}
-
-/// Allowed in the path of a SPIFFE ID: RFC 3986 unreserved characters.
-fn is_spiffe_path_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
 fn asn1_to_system_time(unix: i64) -> SystemTime {
