@@ -195,14 +195,49 @@ where
     A: AsyncRead + AsyncWrite + ReadReady + Unpin,
     B: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
+    let copied = copy_until(a, b, std::future::pending()).await?;
+    Ok((copied.a_to_b, copied.b_to_a))
+}
+
+/// What [`copy_until`] moved, and whether `stop` ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes moved from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes moved from `b` to `a`.
+    pub b_to_a: u64,
+    /// `stop` resolved before both directions had finished.
+    pub stopped: bool,
+}
+
+/// [`copy_bidirectional`], ended early when `stop` resolves (what is in flight is then
+/// dropped with the streams).
+pub async fn copy_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> io::Result<Copied>
+where
+    A: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    B: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    S: Future<Output = ()>,
+{
     let mut ab = Direction::default();
     let mut ba = Direction::default();
+    let mut stop = std::pin::pin!(stop);
     poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(Copied {
+                a_to_b: ab.bytes,
+                b_to_a: ba.bytes,
+                stopped: true,
+            }));
+        }
         let ab_state = ab.poll_copy(cx, a, b)?;
         let ba_state = ba.poll_copy(cx, b, a)?;
         ready!(ab_state);
         ready!(ba_state);
-        Poll::Ready(Ok((ab.bytes, ba.bytes)))
+        Poll::Ready(Ok(Copied {
+            a_to_b: ab.bytes,
+            b_to_a: ba.bytes,
+            stopped: false,
+        }))
     })
     .await
 }

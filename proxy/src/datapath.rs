@@ -1,6 +1,6 @@
 //! The data path as one object: it owns the listeners a config asks for, hands each accepted
-//! connection to [`crate::outbound`] or [`crate::inbound`], and swaps configs without
-//! touching established connections.
+//! connection to [`crate::outbound`] or [`crate::inbound`], and swaps configs under
+//! established connections, which keep going unless the new rules refuse them.
 //!
 //! ```no_run
 //! # async fn run(snapshot: weft_api::proto::Snapshot) -> Result<(), Box<dyn std::error::Error>> {
@@ -99,6 +99,35 @@ pub(crate) struct Shared {
     pub(crate) app_clients: crate::http::inbound::AppClientRegistry,
     /// What the proxy learned of each endpoint (latency, ejection).
     pub(crate) endpoints: Arc<crate::balance::EndpointStates>,
+    /// Bumped each time a config is applied; see [`Shared::revoked`].
+    pub(crate) config_changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Resolves as soon as the config in force, now or after a later change, no longer
+    /// `allows` a connection. An opaque connection is let in once, by the rules of when it
+    /// arrived; this is what cuts it when those rules change under it (a revoked permission,
+    /// mTLS made STRICT under a plaintext caller, its inbound removed), as requests on an
+    /// HTTP connection are each checked again.
+    pub(crate) fn revoked<F>(&self, allows: F) -> impl Future<Output = ()> + use<'_, F>
+    where
+        F: Fn(&ProxyConfig) -> bool,
+    {
+        let mut changes = self.config_changes.subscribe();
+        // The config may have changed since the connection was let in: look at it at once.
+        changes.mark_changed();
+        async move {
+            loop {
+                if changes.changed().await.is_err() {
+                    // No config can be applied any more.
+                    return std::future::pending().await;
+                }
+                if !allows(&self.config.load()) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 type ListenerKey = (SocketAddr, ListenerKind);
@@ -130,6 +159,7 @@ impl DataPath {
             pool: Default::default(),
             app_clients: Default::default(),
             endpoints: Default::default(),
+            config_changes: tokio::sync::watch::Sender::new(0),
         });
         let dp = DataPath {
             shared,
@@ -139,7 +169,9 @@ impl DataPath {
         Ok(dp)
     }
 
-    /// Applies a new config: new connections use it at once, established ones keep theirs.
+    /// Applies a new config: new connections use it at once. Established HTTP connections
+    /// follow it from their next request; established opaque ones keep going unless it no
+    /// longer lets them in (they are then closed).
     /// Listeners the new config adds are bound first; if one cannot be bound, nothing changes
     /// and the error says which. Listeners it drops stop accepting.
     pub fn apply(&self, config: ProxyConfig) -> Result<(), DataPathError> {
@@ -199,6 +231,9 @@ impl DataPath {
         }
         if let Some(config) = config {
             self.shared.config.store(Arc::new(config));
+            self.shared
+                .config_changes
+                .send_modify(|generation| *generation = generation.wrapping_add(1));
         }
         running.retain(|key, (_, stop)| {
             let keep = desired.iter().any(|(k, _)| k == key);
@@ -322,6 +357,7 @@ mod tests {
             pool: Default::default(),
             app_clients: Default::default(),
             endpoints: Default::default(),
+            config_changes: tokio::sync::watch::Sender::new(0),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();

@@ -19,7 +19,7 @@ use crate::detect::{Detection, Protocol, detect};
 use crate::http::{self, PrefixedIo, inbound::Caller};
 use crate::listen;
 use crate::mesh_tls::{ALPN_H2, peer_services};
-use crate::outbound::forward_with;
+use crate::outbound::{forward_until, forward_with};
 use crate::telemetry::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -161,7 +161,9 @@ async fn plaintext(
     };
     let start = std::time::SystemTime::now();
     let began = std::time::Instant::now();
-    let (sent, received) = forward_with(shared, INBOUND, stream, up, detection.prefix).await;
+    // Boxed: an idle connection's future must stay small (see `connection_futures_stay_small`).
+    let stop = Box::pin(http::inbound::revoked(shared, inbound.port, &[]));
+    let (sent, received) = forward_until(shared, INBOUND, stream, up, detection.prefix, stop).await;
     cfg.telemetry.connection(
         Direction::Inbound,
         &inbound.service,

@@ -12,14 +12,13 @@
 //! robin within one).
 
 use crate::config::ProxyConfig;
-use crate::copy::{ReadReady, copy_bidirectional};
+use crate::copy::{ReadReady, copy_until};
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
 use crate::detect::{Detection, Protocol, detect};
 use crate::http::{CONNECT_ATTEMPTS, PrefixedIo};
 use crate::listen::{self, OwnSocketEntry};
 use crate::telemetry::Direction;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -191,16 +190,37 @@ async fn connect_endpoint(
 
 /// Sends `prefix` upstream (and frees it), then copies both ways; counts the bytes and
 /// returns them (sent upstream, received from upstream).
-pub(crate) async fn forward_with<D, U>(
+///
+/// Not an `async fn` of its own: that would hold the streams twice in an idle connection's
+/// future, its own arguments beside `forward_until`'s.
+pub(crate) fn forward_with<D, U>(
+    shared: &Shared,
+    direction: &'static str,
+    down: D,
+    up: U,
+    prefix: Vec<u8>,
+) -> impl Future<Output = (u64, u64)>
+where
+    D: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
+    forward_until(shared, direction, down, up, prefix, std::future::pending())
+}
+
+/// [`forward_with`], cut when `stop` resolves: both streams are closed at once, and the bytes
+/// moved until then are counted and returned.
+pub(crate) async fn forward_until<D, U, S>(
     shared: &Shared,
     direction: &'static str,
     mut down: D,
     mut up: U,
     prefix: Vec<u8>,
+    stop: S,
 ) -> (u64, u64)
 where
     D: AsyncRead + AsyncWrite + ReadReady + Unpin,
     U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    S: Future<Output = ()>,
 {
     let prefix_len = prefix.len() as u64;
     if !prefix.is_empty()
@@ -210,11 +230,11 @@ where
         return (0, 0);
     }
     drop(prefix);
-    let result: io::Result<(u64, u64)> = copy_bidirectional(&mut down, &mut up).await;
-    match result {
-        Ok((sent, received)) => {
-            shared.metrics.bytes(direction, sent + prefix_len, received);
-            (sent + prefix_len, received)
+    match copy_until(&mut down, &mut up, stop).await {
+        Ok(copied) => {
+            let (sent, received) = (copied.a_to_b + prefix_len, copied.b_to_a);
+            shared.metrics.bytes(direction, sent, received);
+            (sent, received)
         }
         Err(e) => {
             tracing::debug!(error = %e, "connection ended with an error");

@@ -218,6 +218,85 @@ async fn strict_refuses_plaintext_and_permissive_forwards_it() {
     assert_eq!(roundtrip(p.outbound, b"mesh ok").await.unwrap(), b"mesh ok");
 }
 
+/// Writes `msg` on an open connection and reads it back (the app echoes).
+async fn echo_on(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
+    assert_eq!(back, msg);
+    Ok(())
+}
+
+/// Waits (at most 5 s) for the far end to close `s`: end of stream or a reset.
+async fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+fn apply(proxy: &Proxy, snap: &pb::Snapshot) {
+    proxy
+        .dp
+        .apply(ProxyConfig::from_snapshot(snap).expect("valid snapshot"))
+        .expect("applied");
+}
+
+/// An opaque TCP connection is let in by the rules of when it arrived; when they change so
+/// that it would be refused (here: PERMISSIVE, which let a plaintext caller in, becomes
+/// STRICT), it is closed rather than kept open under rules that no longer hold. A change that
+/// still lets it in leaves it alone.
+#[tokio::test]
+async fn an_open_plaintext_connection_is_closed_once_mtls_is_strict() {
+    let p = pair(Some(Mode::Permissive)).await;
+    let mut s = TcpStream::connect(p.inbound).await.unwrap();
+    echo_on(&mut s, b"let in").await.unwrap();
+
+    let mut still_permissive = p.server_snap.clone();
+    still_permissive.inbounds[0].permissions = vec![allow("web"), allow("billing")];
+    apply(&p.server, &still_permissive);
+    echo_on(&mut s, b"still in").await.unwrap();
+    assert_eq!(p.server.metrics.authz_denied.get(), 0);
+
+    let mut strict = still_permissive.clone();
+    strict.mesh = Some(mesh_settings(MESH, Some(Mode::Strict), true));
+    apply(&p.server, &strict);
+    assert!(
+        closed_by_peer(&mut s).await,
+        "plaintext kept open under STRICT"
+    );
+    assert_eq!(p.server.metrics.authz_denied.get(), 1);
+}
+
+/// The same for a mesh caller's tunnel: revoking its permission closes it, through both
+/// sidecars to the client app.
+#[tokio::test]
+async fn an_open_tunnel_is_closed_once_its_permission_is_revoked() {
+    let p = pair(Some(Mode::Strict)).await;
+    let mut s = TcpStream::connect(p.outbound).await.unwrap();
+    echo_on(&mut s, b"allowed").await.unwrap();
+
+    let mut more = p.server_snap.clone();
+    more.inbounds[0].permissions = vec![allow("billing"), allow("web")];
+    apply(&p.server, &more);
+    echo_on(&mut s, b"still allowed").await.unwrap();
+
+    let mut revoked = p.server_snap.clone();
+    revoked.inbounds[0].permissions = vec![allow("billing")];
+    apply(&p.server, &revoked);
+    assert!(
+        closed_by_peer(&mut s).await,
+        "tunnel kept open without a permission"
+    );
+    assert_eq!(p.server.metrics.authz_denied.get(), 1);
+    // A new connection is refused too.
+    let reply = roundtrip(p.outbound, b"knock").await;
+    assert!(reply.map(|r| r.is_empty()).unwrap_or(true));
+}
+
 #[tokio::test]
 async fn a_proxy_of_another_mesh_fails_the_handshake() {
     let p = pair(Some(Mode::Strict)).await;

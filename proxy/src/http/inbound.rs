@@ -23,7 +23,7 @@ use crate::http::{
     local_response, opaque, strip_hop_by_hop, tunnel,
 };
 use crate::listen;
-use crate::outbound::forward_with;
+use crate::outbound::forward_until;
 use crate::telemetry::{Direction, RequestObservation};
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
@@ -220,23 +220,49 @@ impl Ctx {
         if Arc::ptr_eq(&cfg, &self.cfg) {
             return self.denied.clone();
         }
-        if !self.peer_is_mesh() {
-            if cfg.mtls == Some(MtlsMode::Strict) {
-                return Some(Some("mTLS is STRICT: plaintext refused".into()));
-            }
-            if !cfg.inbounds.contains_key(&self.port) {
-                return Some(None);
-            }
-            return self.denied.clone();
-        }
-        match cfg.inbounds.get(&self.port) {
-            Some(inbound) => match inbound.authorize(&self.sources) {
-                Authz::Allow(_) => None,
-                Authz::Deny(origin) => Some(origin),
-            },
-            None => Some(None),
-        }
+        denied_under(&cfg, self.port, &self.sources)
     }
+}
+
+/// The verdict under `cfg` on a caller of the inbound on `port` that showed a certificate for
+/// the mesh services `sources` (none: a plaintext caller): `Some(origin)` when denied.
+///
+/// A plaintext caller is refused once the mesh's mTLS is STRICT, or the inbound is gone.
+pub(crate) fn denied_under(
+    cfg: &ProxyConfig,
+    port: u16,
+    sources: &[String],
+) -> Option<Option<String>> {
+    let inbound = cfg.inbounds.get(&port);
+    if sources.is_empty() {
+        if cfg.mtls == Some(MtlsMode::Strict) {
+            return Some(Some("mTLS is STRICT: plaintext refused".into()));
+        }
+        return inbound.is_none().then_some(None);
+    }
+    match inbound {
+        // With mTLS off no permission applies, as in Kuma.
+        Some(_) if cfg.mtls.is_none() => None,
+        Some(inbound) => match inbound.authorize(sources) {
+            Authz::Allow(_) => None,
+            Authz::Deny(origin) => Some(origin),
+        },
+        None => Some(None),
+    }
+}
+
+/// Resolves when the rules in force no longer let the caller in (see [`Shared::revoked`]),
+/// after logging and counting it as a denial.
+pub(crate) async fn revoked(shared: &Shared, port: u16, sources: &[String]) {
+    shared
+        .revoked(|cfg| denied_under(cfg, port, sources).is_none())
+        .await;
+    tracing::info!(
+        ?sources,
+        port,
+        "connection closed: the mesh's rules no longer let it in"
+    );
+    shared.metrics.authz_denied.inc();
 }
 
 /// An opaque-TCP tunnel from a mesh peer ([`opaque`]): allowed by the permissions, it is
@@ -263,6 +289,7 @@ async fn accept_tunnel(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> 
     let telemetry = ctx.telemetry.clone();
     let service = ctx.service.clone();
     let source = ctx.sources.first().cloned();
+    let (port, sources) = (ctx.port, ctx.sources.clone());
     ctx.shared.drain.spawn(async move {
         let upgraded = match upgrade.await {
             Ok(u) => u,
@@ -275,7 +302,8 @@ async fn accept_tunnel(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> 
         let start = std::time::SystemTime::now();
         let began = std::time::Instant::now();
         let tunnel = opaque::Tunnel::upgraded(upgraded);
-        let (sent, received) = forward_with(&shared, INBOUND, tunnel, app, Vec::new()).await;
+        let stop = revoked(&shared, port, &sources);
+        let (sent, received) = forward_until(&shared, INBOUND, tunnel, app, Vec::new(), stop).await;
         telemetry.connection(
             Direction::Inbound,
             &service,
