@@ -472,6 +472,25 @@ fn a_broken_connection_is_opened_again() {
         )
         .expect("terminate");
     assert_eq!(killed.trim(), "1", "the store's one connection");
+    // pg_terminate_backend only signals the backend: wait until it is gone, or the next call
+    // can still succeed on it and the one after find it dead.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = pg
+            .psql(
+                "reconnect",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weft-control'",
+            )
+            .expect("count the store's connections");
+        if left.trim() == "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminated backend did not go"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // The first call may find the connection dead (and say so); the next one reconnects.
     if let Err(e) = store.get(&ResourceKey::mesh("m")) {
         assert!(
