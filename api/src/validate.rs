@@ -57,6 +57,7 @@ pub fn validate(resource: &Resource) -> Result {
         Spec::Dataplane(d) => validate_dataplane(d),
         Spec::TrafficPermission(p) => {
             validate_selectors("sources", &p.sources, false)?;
+            validate_permission_sources(&p.sources)?;
             validate_selectors("destinations", &p.destinations, true)
         }
         Spec::TrafficRoute(r) => validate_traffic_route(r),
@@ -468,6 +469,32 @@ fn validate_selectors(path: &str, selectors: &[Selector], need_service: bool) ->
             fail(&p, "a selector needs at least one tag")?;
         }
         validate_tags(&p, &s.tags, need_service)?;
+    }
+    Ok(())
+}
+
+/// A caller is known by its certificate, which names its service only: a source that selects
+/// by other tags could never match, and, as the inbound's one TrafficPermission, would deny
+/// every caller without a word.
+fn validate_permission_sources(sources: &[Selector]) -> Result {
+    let service = crate::dataplane::SERVICE_TAG;
+    for (i, s) in sources.iter().enumerate() {
+        let path = format!("sources[{i}].match");
+        if !s.tags.contains_key(service) {
+            fail(
+                &path,
+                format!("callers are told apart by service only: select them by `{service}`"),
+            )?;
+        }
+        if let Some((tag, _)) = s.tags.iter().find(|(k, v)| *k != service && *v != "*") {
+            fail(
+                format!("{path}.{tag}"),
+                format!(
+                    "callers are told apart by service only (their certificates name their \
+                     `{service}`); select them by it"
+                ),
+            )?;
+        }
     }
     Ok(())
 }

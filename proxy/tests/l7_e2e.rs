@@ -476,14 +476,52 @@ conf:
     }
 }
 
-/// Issue 7: path, method and header matches of a TrafficRoute and a MeshHTTPRoute pick the
-/// subset (`version: v1|v2`) they name, the MeshHTTPRoute's header modifier reaches the app,
-/// and requests no rule matches take the default destination (v1).
+/// Issue 7: path, method and header matches of a TrafficRoute, then of a MeshHTTPRoute, pick
+/// the subset (`version: v1|v2`) they name, and requests no rule matches take the default
+/// destination. Once a MeshHTTPRoute targets the same traffic it takes priority over the
+/// TrafficRoute, as in Kuma: the TrafficRoute's rules no longer apply, and the
+/// MeshHTTPRoute's header modifier reaches the app.
 #[test]
 fn path_and_header_matches_pick_the_right_subset() {
     let env = env_or_skip!("path_and_header_matches_pick_the_right_subset");
     let mesh = TwoEndpoints::start(&env, ["v1", "v2"], ["v1", "v2"]);
     let (cp, client, client_host) = (&mesh.cp, &mesh.client, &mesh.client_host);
+    let [v1_addr, v2_addr] = mesh.app_addrs();
+
+    /// (method, path, headers, the version that must answer, the x-routed the app must see)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+        Option<&'static str>,
+    );
+    let check = |cases: &'static [Case]| {
+        let failures = run_in(client_host, Duration::from_secs(60), || async move {
+            let client = http1_client();
+            let mut failures = Vec::new();
+            // Several rounds, so a right answer cannot come from a lucky pick.
+            for _ in 0..10 {
+                for (method, path, headers, version, routed) in cases {
+                    let url = format!("http://{v1_addr}{path}");
+                    let (status, seen, body) = get_with(&client, method, &url, headers).await;
+                    let answered = body.split(' ').next().unwrap_or_default();
+                    if status != StatusCode::OK
+                        || answered != *version
+                        || seen.as_deref() != *routed
+                    {
+                        failures.push(format!(
+                            "{method} {path} {headers:?}: {status} {body:?} x-routed={seen:?}, \
+                             expected {version} x-routed={routed:?}"
+                        ));
+                    }
+                }
+            }
+            failures
+        });
+        assert!(failures.is_empty(), "{failures:#?}");
+    };
+
     cp.apply(
         env.dir(),
         &format!(
@@ -516,8 +554,33 @@ conf:
   destination:
     kuma.io/service: server
     version: v1
----
-type: MeshHTTPRoute
+"
+        ),
+    );
+    wait_for_endpoints(client, "server", &[v1_addr, v2_addr]);
+    wait_for(
+        "the TrafficRoute to reach the client's sidecar",
+        WAIT,
+        || {
+            outbound(client, "server").is_some_and(|o| {
+                o["httpRules"].as_array().map_or(0, Vec::len) == 2
+                    && o["defaultRoute"].to_string().contains("v1")
+            })
+        },
+    );
+    check(&[
+        ("GET", "/beta", &[], "v2", None),
+        ("GET", "/beta/deeper", &[], "v2", None),
+        ("POST", "/other", &[("x-canary", "yes")], "v2", None),
+        ("GET", "/other", &[("x-canary", "yes")], "v1", None),
+        ("POST", "/other", &[("x-canary", "no")], "v1", None),
+        ("GET", "/alpha", &[], "v1", None),
+    ]);
+
+    cp.apply(
+        env.dir(),
+        &format!(
+            "type: MeshHTTPRoute
 mesh: {MESH}
 name: server-numbered
 spec:
@@ -546,56 +609,37 @@ spec:
                 tags:
                   version: v2
                 weight: 1
+        - matches:
+            - path:
+                type: PathPrefix
+                value: /beta
+          default:
+            backendRefs:
+              - kind: MeshServiceSubset
+                name: server
+                tags:
+                  version: v1
+                weight: 1
 "
         ),
     );
-    let [v1_addr, v2_addr] = mesh.app_addrs();
-    wait_for_endpoints(client, "server", &[v1_addr, v2_addr]);
-    wait_for("both routes to reach the client's sidecar", WAIT, || {
-        outbound(client, "server").is_some_and(|o| {
-            o["httpRules"].as_array().map_or(0, Vec::len) == 3
-                && o["defaultRoute"].to_string().contains("v1")
-        })
-    });
-
-    /// (method, path, headers, the version that must answer, the x-routed the app must see)
-    type Case = (
-        &'static str,
-        &'static str,
-        &'static [(&'static str, &'static str)],
-        &'static str,
-        Option<&'static str>,
+    wait_for(
+        "the MeshHTTPRoute to replace the TrafficRoute",
+        WAIT,
+        || {
+            outbound(client, "server").is_some_and(|o| {
+                o["httpRules"].as_array().is_some_and(|rules| {
+                    rules.len() == 2 && rules[0].to_string().contains("MeshHTTPRoute")
+                })
+            })
+        },
     );
-    let cases: [Case; 8] = [
-        ("GET", "/beta", &[], "v2", None),
-        ("GET", "/beta/deeper", &[], "v2", None),
-        ("POST", "/other", &[("x-canary", "yes")], "v2", None),
-        ("GET", "/other", &[("x-canary", "yes")], "v1", None),
-        ("POST", "/other", &[("x-canary", "no")], "v1", None),
+    // The TrafficRoute would send /beta to v2. (What no rule matches goes to any version.)
+    check(&[
         ("GET", "/items/42", &[], "v2", Some("numbered")),
-        ("GET", "/items/forty-two", &[], "v1", None),
-        ("GET", "/alpha", &[], "v1", None),
-    ];
-    let failures = run_in(client_host, Duration::from_secs(60), || async move {
-        let client = http1_client();
-        let mut failures = Vec::new();
-        // Several rounds, so a right answer cannot come from a lucky pick.
-        for _ in 0..10 {
-            for (method, path, headers, version, routed) in cases {
-                let url = format!("http://{v1_addr}{path}");
-                let (status, seen, body) = get_with(&client, method, &url, headers).await;
-                let answered = body.split(' ').next().unwrap_or_default();
-                if status != StatusCode::OK || answered != version || seen.as_deref() != routed {
-                    failures.push(format!(
-                        "{method} {path} {headers:?}: {status} {body:?} x-routed={seen:?}, \
-                         expected {version} x-routed={routed:?}"
-                    ));
-                }
-            }
-        }
-        failures
-    });
-    assert!(failures.is_empty(), "{failures:#?}");
+        ("GET", "/beta", &[], "v1", None),
+        ("GET", "/beta/deeper", &[], "v1", None),
+    ]);
 }
 
 /// Issue 7: a WebSocket (an HTTP/1.1 upgrade to an app declared `kuma.io/protocol: http`)

@@ -235,6 +235,34 @@ mod tests {
         assert_eq!(versions, ["v2", "v1", "v0"]);
     }
 
+    /// Kuma's `route-all` (`*` to `*`) routes each service to itself, and a TrafficRoute
+    /// applies where no MeshHTTPRoute targets the same traffic.
+    #[test]
+    fn route_all_sends_each_service_to_itself() {
+        let store = SqliteStore::in_memory().expect("store");
+        let route_all = "type: TrafficRoute\nmesh: m\nname: route-all\nsources: [{match: {kuma.io/service: '*'}}]\ndestinations: [{match: {kuma.io/service: '*'}}]\nconf:\n  loadBalancer: {roundRobin: {}}\n  split:\n  - weight: 100\n    destination: {kuma.io/service: '*', version: '*'}\n";
+        let mut docs = vec![MESH.to_string(), route_all.into()];
+        docs.extend(fleet());
+        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let views = load(&store, &docs);
+        let (_, snap) = built(&views, "web-1");
+        let backend = snap
+            .outbounds
+            .iter()
+            .find(|o| o.service == "backend")
+            .expect("an outbound for backend");
+        let tags: Vec<(&str, &str)> = backend.default_route[0]
+            .tags
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(tags, [("kuma.io/service", "backend")]);
+        assert_eq!(
+            backend.load_balancer.as_ref().map(|lb| lb.kind),
+            Some(pb::load_balancer::Kind::RoundRobin as i32)
+        );
+    }
+
     #[test]
     fn the_wire_bytes_are_the_message_encoded() {
         let store = SqliteStore::in_memory().expect("store");
@@ -258,8 +286,10 @@ mod tests {
             .expect("backend outbound");
         assert_eq!(backend.endpoints.len(), 2);
         assert!(!backend.endpoints[1].healthy, "backend-2 is offline");
+        // The MeshHTTPRoute's rule alone: it takes priority over the TrafficRoute, as in Kuma.
         assert_eq!(backend.http_rules.len(), 1, "{backend:?}");
-        assert_eq!(backend.default_route[0].tags["version"], "v1");
+        assert!(backend.http_rules[0].origin.starts_with("MeshHTTPRoute/"));
+        assert!(!backend.default_route[0].tags.contains_key("version"));
         let (_, be) = built(&views, "backend-1");
         let backend = &be.outbounds[0];
         assert!(

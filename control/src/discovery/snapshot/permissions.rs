@@ -116,7 +116,7 @@ pub(super) fn permissions(dp_name: &str, tags: &Tags, view: &MeshView) -> Vec<pb
             let Some(service) = src.tags.get(SERVICE_TAG) else {
                 continue;
             };
-            if src.tags.keys().any(|k| k != SERVICE_TAG) {
+            if src.tags.iter().any(|(k, v)| k != SERVICE_TAG && v != "*") {
                 // Sources are identified by service only; a tag-narrowed selector cannot match.
                 continue;
             }

@@ -62,7 +62,11 @@ pub fn outbound(
         http_rules: mesh_http_route_rules(class, service, view),
         default_route: vec![destination(1, service, &Tags::new())],
     };
-    apply_traffic_route(&mut out, class, view);
+    // As in Kuma, a MeshHTTPRoute takes priority over a TrafficRoute for the traffic both
+    // target; the two are not merged.
+    if out.http_rules.is_empty() {
+        apply_traffic_route(&mut out, class, view);
+    }
     out
 }
 
@@ -81,6 +85,19 @@ fn destination(weight: u32, service: &str, tags: &Tags) -> pb::WeightedDestinati
     let mut t = tags.clone();
     t.insert(SERVICE_TAG.into(), service.into());
     pb::WeightedDestination { weight, tags: t }
+}
+
+/// A TrafficRoute destination's tags for a request to `service`: `*` is a wildcard, as in
+/// Kuma's `route-all` (`kuma.io/service: '*'` is the service the request is for; any other
+/// tag `*` narrows nothing).
+fn destination_tags(tags: &Tags, service: &str) -> Tags {
+    tags.iter()
+        .filter_map(|(k, v)| match (k.as_str(), v.as_str()) {
+            (SERVICE_TAG, "*") => Some((k.clone(), service.to_string())),
+            (_, "*") => None,
+            _ => Some((k.clone(), v.clone())),
+        })
+        .collect()
 }
 
 fn selectors_match(selectors: &[Selector], tags: &[&Tags]) -> bool {
@@ -108,18 +125,19 @@ fn apply_traffic_route(out: &mut pb::OutboundService, class: &RouteClass, view: 
             ka.cmp(&kb).then_with(|| bn.cmp(an))
         });
     let Some((name, route)) = best else { return };
+    let service = out.service.clone();
     let to_dests =
         |split: &[weft_api::policy::Split], dest: Option<&Tags>| -> Vec<pb::WeightedDestination> {
             match dest {
                 Some(d) => vec![pb::WeightedDestination {
                     weight: 1,
-                    tags: d.clone(),
+                    tags: destination_tags(d, &service),
                 }],
                 None => split
                     .iter()
                     .map(|s| pb::WeightedDestination {
                         weight: s.weight,
-                        tags: s.destination.clone(),
+                        tags: destination_tags(&s.destination, &service),
                     })
                     .collect(),
             }
