@@ -14,6 +14,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -80,6 +81,8 @@ struct Direction {
     need_flush: bool,
     done: bool,
     bytes: u64,
+    /// Bytes written so far.
+    written: u64,
 }
 
 impl Drop for Direction {
@@ -113,6 +116,7 @@ impl Direction {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.pos += n;
+                self.written += n as u64;
                 self.need_flush = true;
                 continue;
             }
@@ -161,6 +165,12 @@ impl Direction {
         }
     }
 
+    /// Bytes read plus bytes written: progress either way, for the idle check (a write the
+    /// peer is slowly taking counts as activity).
+    fn moved(&self) -> u64 {
+        self.bytes + self.written
+    }
+
     fn release(&mut self) {
         if let Some(buf) = self.buf.take() {
             give_back(buf);
@@ -195,24 +205,46 @@ where
     A: AsyncRead + AsyncWrite + ReadReady + Unpin,
     B: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let copied = copy_until(a, b, std::future::pending()).await?;
+    let copied = copy_until(a, b, std::future::pending(), None).await?;
     Ok((copied.a_to_b, copied.b_to_a))
 }
 
-/// What [`copy_until`] moved, and whether `stop` ended it.
+/// How a [`copy_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions finished (each side sent its end of stream).
+    Finished,
+    /// `stop` resolved first.
+    Stopped,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+}
+
+/// What [`copy_until`] moved, and how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Copied {
     /// Bytes moved from `a` to `b`.
     pub a_to_b: u64,
     /// Bytes moved from `b` to `a`.
     pub b_to_a: u64,
-    /// `stop` resolved before both directions had finished.
-    pub stopped: bool,
+    /// Why the copy ended.
+    pub ended: Ended,
 }
 
-/// [`copy_bidirectional`], ended early when `stop` resolves (what is in flight is then
-/// dropped with the streams).
-pub async fn copy_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> io::Result<Copied>
+/// How many quiet checks make a copy idle: it ends between 7/8 and 9/8 of the timeout after
+/// its last byte, and its timer fires eight times per timeout, not once per read.
+const IDLE_CHECKS: u32 = 8;
+
+/// [`copy_bidirectional`], ended early when `stop` resolves, or when no byte has moved
+/// either way for `idle_timeout` (Kuma's TCP idle timeout: a peer that vanished without a
+/// FIN or RST must not hold two sockets and a task forever). What is in flight is dropped
+/// with the streams.
+pub async fn copy_until<A, B, S>(
+    a: &mut A,
+    b: &mut B,
+    stop: S,
+    idle_timeout: Option<Duration>,
+) -> io::Result<Copied>
 where
     A: AsyncRead + AsyncWrite + ReadReady + Unpin,
     B: AsyncRead + AsyncWrite + ReadReady + Unpin,
@@ -221,26 +253,46 @@ where
     let mut ab = Direction::default();
     let mut ba = Direction::default();
     let mut stop = std::pin::pin!(stop);
+    // Capped so that the deadline arithmetic cannot overflow.
+    let period = idle_timeout.map(|t| (t / IDLE_CHECKS).clamp(Duration::from_millis(1), DAY));
+    // Boxed: an idle connection's future stays small, and the timer is needed only here.
+    let mut check = period.map(|p| Box::pin(tokio::time::sleep(p)));
+    let (mut seen, mut quiet) = (0u64, 0u32);
     poll_fn(|cx| {
+        let copied = |ab: &Direction, ba: &Direction, ended| Copied {
+            a_to_b: ab.bytes,
+            b_to_a: ba.bytes,
+            ended,
+        };
         if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ok(Copied {
-                a_to_b: ab.bytes,
-                b_to_a: ba.bytes,
-                stopped: true,
-            }));
+            return Poll::Ready(Ok(copied(&ab, &ba, Ended::Stopped)));
         }
         let ab_state = ab.poll_copy(cx, a, b)?;
         let ba_state = ba.poll_copy(cx, b, a)?;
-        ready!(ab_state);
-        ready!(ba_state);
-        Poll::Ready(Ok(Copied {
-            a_to_b: ab.bytes,
-            b_to_a: ba.bytes,
-            stopped: false,
-        }))
+        if ab_state.is_ready() && ba_state.is_ready() {
+            return Poll::Ready(Ok(copied(&ab, &ba, Ended::Finished)));
+        }
+        if let (Some(check), Some(period)) = (check.as_mut(), period) {
+            while check.as_mut().poll(cx).is_ready() {
+                let moved = ab.moved() + ba.moved();
+                if moved == seen {
+                    quiet += 1;
+                    if quiet >= IDLE_CHECKS {
+                        return Poll::Ready(Ok(copied(&ab, &ba, Ended::Idle)));
+                    }
+                } else {
+                    (seen, quiet) = (moved, 0);
+                }
+                check.as_mut().reset(tokio::time::Instant::now() + period);
+            }
+        }
+        Poll::Pending
     })
     .await
 }
+
+/// The longest idle check period.
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@
 //! robin within one).
 
 use crate::config::ProxyConfig;
-use crate::copy::{ReadReady, copy_until};
+use crate::copy::{Ended, ReadReady, copy_until};
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
 use crate::detect::{Detection, Protocol, detect};
@@ -207,8 +207,9 @@ where
     forward_until(shared, direction, down, up, prefix, std::future::pending())
 }
 
-/// [`forward_with`], cut when `stop` resolves: both streams are closed at once, and the bytes
-/// moved until then are counted and returned.
+/// [`forward_with`], cut when `stop` resolves or when nothing has moved either way for the
+/// idle timeout (Kuma's 1 h): both streams are closed at once, and the bytes moved until
+/// then are counted and returned.
 pub(crate) async fn forward_until<D, U, S>(
     shared: &Shared,
     direction: &'static str,
@@ -230,8 +231,12 @@ where
         return (0, 0);
     }
     drop(prefix);
-    match copy_until(&mut down, &mut up, stop).await {
+    let idle = Some(shared.opts.idle_timeout);
+    match copy_until(&mut down, &mut up, stop, idle).await {
         Ok(copied) => {
+            if copied.ended == Ended::Idle {
+                tracing::debug!("closing an idle connection");
+            }
             let (sent, received) = (copied.a_to_b + prefix_len, copied.b_to_a);
             shared.metrics.bytes(direction, sent, received);
             (sent, received)

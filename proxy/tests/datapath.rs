@@ -84,6 +84,15 @@ async fn pair_with(
     app: SocketAddr,
     permissions: Vec<pb::PermissionRule>,
 ) -> Pair {
+    pair_opts(mtls, app, permissions, local_opts()).await
+}
+
+async fn pair_opts(
+    mtls: Option<Mode>,
+    app: SocketAddr,
+    permissions: Vec<pb::PermissionRule>,
+    opts: DataPathOptions,
+) -> Pair {
     let ca = TestCa::new(MESH);
     let inbound_port = free_port();
     let outbound_port = free_port();
@@ -98,8 +107,8 @@ async fn pair_with(
     );
     let client_tls = TestMeshTls::new(&ca, &["web"]);
     let server_tls = TestMeshTls::new(&ca, &["echo"]);
-    let server = start(&server_snap, server_tls, local_opts());
-    let client = start(&client_snap, client_tls.clone(), local_opts());
+    let server = start(&server_snap, server_tls, opts.clone());
+    let client = start(&client_snap, client_tls.clone(), opts);
     Pair {
         ca,
         client,
@@ -295,6 +304,48 @@ async fn an_open_tunnel_is_closed_once_its_permission_is_revoked() {
     // A new connection is refused too.
     let reply = roundtrip(p.outbound, b"knock").await;
     assert!(reply.map(|r| r.is_empty()).unwrap_or(true));
+}
+
+/// Kuma's idle timeout (1 h; here 400 ms) closes a connection that moved no byte either way
+/// for that long, whatever state it is in: an opaque connection through both sidecars (a
+/// peer that vanished without a FIN would hold it forever), and an HTTP connection whose
+/// request head never finished (a graceful close waits for the exchange in progress). A
+/// connection that keeps moving stays open.
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    let opts = DataPathOptions {
+        idle_timeout: Duration::from_millis(400),
+        ..local_opts()
+    };
+    let p = pair_opts(None, echo_server().await, vec![allow("web")], opts).await;
+
+    let mut busy = TcpStream::connect(p.outbound).await.unwrap();
+    for i in 0..12u8 {
+        echo_on(&mut busy, &[i]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut quiet = TcpStream::connect(p.outbound).await.unwrap();
+    echo_on(&mut quiet, b"then silence").await.unwrap();
+    let began = Instant::now();
+    assert!(
+        closed_by_peer(&mut quiet).await,
+        "a silent tunnel was kept open"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_millis(300),
+        "closed too early"
+    );
+
+    // Plaintext HTTP straight to the inbound (mTLS is off): half a request head.
+    let mut half = TcpStream::connect(p.inbound).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_peer(&mut half).await,
+        "a half-sent head held its connection"
+    );
 }
 
 #[tokio::test]

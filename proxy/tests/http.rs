@@ -21,7 +21,7 @@ use std::time::Duration;
 use support::*;
 use tokio::net::TcpListener;
 use weft_api::proto::{self as pb, mtls::Mode};
-use weft_proxy::drain::Drain;
+use weft_proxy::drain::{Drain, DrainOutcome};
 use weft_proxy::mesh_tls::MeshTls;
 use weft_proxy::telemetry::{Telemetry, TelemetrySettings};
 use weft_proxy::{DataPath, DataPathOptions, ProxyConfig};
@@ -846,7 +846,19 @@ async fn websocket_echo_works_through_the_mesh() {
         .unwrap();
     let back = ws.next().await.unwrap().unwrap();
     assert_eq!(back, Message::binary(vec![0u8, 1, 2, 255]));
-    ws.close(None).await.unwrap();
+    // An open WebSocket is in flight for the drain: it gets the window, then is cut.
+    let outcome = m.client.drain.drain(Duration::from_millis(300)).await;
+    assert!(
+        matches!(outcome, DrainOutcome::TimedOut { cut } if cut >= 1),
+        "{outcome:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the cut WebSocket ends");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
 }
 
 mod grpc {

@@ -345,7 +345,10 @@ async fn forward(
             );
         };
         let req = Request::from_parts(parts, body);
-        return observed(tunnel::inbound(&ctx.clients, req, a).await, observation);
+        let (shared, port, sources) = (ctx.shared.clone(), ctx.port, ctx.sources.clone());
+        let stop = async move { revoked(&shared, port, &sources).await };
+        let answer = tunnel::inbound(&ctx.shared, &ctx.clients, req, a, stop).await;
+        return observed(answer, observation);
     }
     let caller_http1 =
         downstream_http1 || parts.headers.get(&DOWNSTREAM_PROTOCOL) == Some(&DOWNSTREAM_HTTP1);

@@ -68,6 +68,9 @@ pub(crate) async fn serve<I>(
     serve_connection(io, protocol, handler, &drain, idle_timeout).await;
 }
 
+/// How long an idle HTTP connection's graceful close may take before it is dropped.
+const IDLE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs hyper's server side of one connection, answering each request with `handler`, until
 /// it ends; on drain, finishes the requests in flight and closes (HTTP/1: after the current
 /// response; HTTP/2: GOAWAY).
@@ -104,7 +107,14 @@ pub(crate) async fn serve_connection<I, F, Fut>(
                 () = activity.idle_for(idle_timeout) => {
                     tracing::debug!("closing an idle HTTP connection");
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    // A graceful close waits for the exchange in progress: a request head
+                    // never finished, or a stream gone quiet, would hold the connection
+                    // forever. Nothing has moved for the whole timeout, so it gets a moment,
+                    // then is dropped.
+                    match tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
                 }
             }
         }};

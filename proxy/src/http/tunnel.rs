@@ -7,7 +7,9 @@
 //! back, so `Sec-WebSocket-Accept` reaches the client unchanged. Then both upgraded streams are
 //! joined and bytes flow until either side closes.
 
+use crate::datapath::Shared;
 use crate::http::body::Body;
+use crate::http::idle::{Activity, IdleIo};
 use crate::http::inbound::AppClients;
 use crate::http::mesh_stream::{OpenStream, StreamIo};
 use crate::http::outbound::{Ctx, absolute_uri, authority_of, connect};
@@ -89,10 +91,16 @@ impl End {
     }
 }
 
-/// Copies between the two ends, once both are open, until either side closes.
-fn spawn_join(a: End, b: End) {
-    tokio::spawn(async move {
-        let (mut a, mut b) = match tokio::join!(a.open(), b.open()) {
+/// Copies between the two ends, once both are open, until either side closes, `stop`
+/// resolves, or nothing has moved either way for the idle timeout. The copy is tracked by
+/// the drain, so a WebSocket in flight gets the drain window and is cut at its end.
+fn spawn_join<S>(shared: &Shared, a: End, b: End, stop: S)
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let idle_timeout = shared.opts.idle_timeout;
+    shared.drain.spawn(async move {
+        let (a, b) = match tokio::join!(a.open(), b.open()) {
             (Ok(a), Ok(b)) => (a, b),
             (a, b) => {
                 tracing::debug!(
@@ -103,8 +111,17 @@ fn spawn_join(a: End, b: End) {
                 return;
             }
         };
-        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-            tracing::debug!(error = %e, "tunnel ended with an error");
+        let activity = Activity::default();
+        let mut a = IdleIo::new(a, activity.clone());
+        let mut b = IdleIo::new(b, activity.clone());
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "tunnel ended with an error");
+                }
+            }
+            () = activity.idle_for(idle_timeout) => tracing::debug!("closing an idle tunnel"),
+            () = stop => {}
         }
     });
 }
@@ -200,19 +217,28 @@ pub(crate) async fn outbound(
     }
     rp.version = downstream_version(ctx.http1);
     spawn_join(
+        &ctx.shared,
         End::Upgrade(downstream),
         End::Stream(StreamIo::new(send, recv, guard)),
+        std::future::pending(),
     );
     Response::from_parts(rp, Body::empty())
 }
 
 /// The inbound half: a CONNECT stream from the mesh (or an app's Upgrade or CONNECT, from a
 /// plaintext client) becomes an HTTP/1.1 Upgrade or CONNECT to the app.
-pub(crate) async fn inbound(
+///
+/// `stop` ends the tunnel once open: when the rules no longer let the caller in.
+pub(crate) async fn inbound<S>(
+    shared: &Shared,
     clients: &AppClients,
     mut req: Request<Incoming>,
     upstream_authority: http::uri::Authority,
-) -> Response<Body> {
+    stop: S,
+) -> Response<Body>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
     let downstream_http1 = req.version() < Version::HTTP_2;
     let protocol = req
         .extensions()
@@ -286,6 +312,6 @@ pub(crate) async fn inbound(
         rp.status = StatusCode::OK;
         rp.version = Version::HTTP_2;
     }
-    spawn_join(End::Upgrade(downstream), End::Upgrade(app));
+    spawn_join(shared, End::Upgrade(downstream), End::Upgrade(app), stop);
     Response::from_parts(rp, Body::empty())
 }
