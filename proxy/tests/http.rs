@@ -628,6 +628,44 @@ async fn limits_timeouts_and_permissions_answer_with_their_status() {
     drop((server, client));
 }
 
+/// An endpoint that takes TCP connections and never answers the TLS handshake costs each
+/// request at most the request timeout (500 ms here), connecting included: the requests that
+/// queued behind the one attempt to connect fail with it, not one handshake timeout (10 s)
+/// after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_endpoint_costs_a_request_at_most_the_request_timeout() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let stall = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            held.push(s);
+        }
+    });
+    let mut snap = m.client_snap.clone();
+    snap.outbounds[0].endpoints[0].port = u32::from(stall_port);
+    let dp = m.client.dp.as_ref().unwrap();
+    let config = ProxyConfig::from_snapshot(&snap)
+        .expect("valid snapshot")
+        .with_telemetry(dp.config().telemetry.clone());
+    dp.apply(config).expect("applied");
+
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    let began = std::time::Instant::now();
+    let answers = futures::future::join_all((0..10).map(|_| get(&c, &url, &[]))).await;
+    let took = began.elapsed();
+    for (status, body) in &answers {
+        assert!(
+            *status == StatusCode::GATEWAY_TIMEOUT || *status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status} {body}"
+        );
+    }
+    assert!(took < Duration::from_secs(4), "10 requests took {took:?}");
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_endpoint_is_ejected_and_no_request_fails_after() {
     let shared_app = app("one").await;

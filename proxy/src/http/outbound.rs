@@ -293,15 +293,22 @@ async fn send(
     ),
     Response<Body>,
 > {
+    // One deadline for the whole exchange, connecting included (as Envoy's route timeout),
+    // so endpoints that take TCP connections and never finish the handshake cannot hold a
+    // request for attempts × (connect + handshake) timeouts.
+    let limit = ctx.shared.opts.request_timeout;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(limit)
+        .unwrap_or_else(far_future);
+    let timed_out = || local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
     for _ in 0..CONNECT_ATTEMPTS {
-        let (target, sender) = connect(ctx, svc, rule).await?;
+        let (target, sender) =
+            match tokio::time::timeout_at(deadline, connect(ctx, svc, rule)).await {
+                Ok(got) => got?,
+                Err(_) => return Err(timed_out()),
+            };
         let in_flight = target.endpoint.start();
-        // The deadline from the instant the request started, not from a second clock read.
-        let limit = ctx.shared.opts.request_timeout;
-        let sent = match in_flight.started().checked_add(limit) {
-            Some(deadline) => tokio::time::timeout_at(deadline, sender.send(req)).await,
-            None => tokio::time::timeout(limit, sender.send(req)).await,
-        };
+        let sent = tokio::time::timeout_at(deadline, sender.send(req)).await;
         match sent {
             Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
             Ok(Err(SendError::Unsent { request, source })) => {
@@ -317,18 +324,18 @@ async fn send(
                     "upstream request failed\n",
                 ));
             }
-            Err(_) => {
-                return Err(local_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout\n",
-                ));
-            }
+            Err(_) => return Err(timed_out()),
         }
     }
     Err(local_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "no endpoint reachable\n",
     ))
+}
+
+/// A deadline as good as never (a request timeout too large to add to now).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// Picks an endpoint for the request and gets a pooled connection to it, trying up to

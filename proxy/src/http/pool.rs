@@ -11,7 +11,9 @@
 //!
 //! The fast path (a live connection with room exists) takes no lock: connections sit in
 //! `ArcSwap`'d lists. Only opening a connection takes the endpoint's async mutex, so
-//! concurrent first requests open one connection, not many. A connection that closes (peer
+//! concurrent first requests open one connection, not many; when that attempt fails, the
+//! requests that waited for it fail at once (and try another endpoint) rather than each
+//! trying again in turn, which made the n-th wait n connect timeouts. A connection that closes (peer
 //! gone, GOAWAY, idle too long on the peer's side) is replaced on the next request.
 
 use crate::balance::EndpointState;
@@ -24,7 +26,7 @@ use arc_swap::ArcSwap;
 use rustls_pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
@@ -57,6 +59,13 @@ pub enum ConnectError {
         endpoint: SocketAddr,
         /// Why.
         source: h2::Error,
+    },
+    /// The attempt to connect that this request waited for failed: it is not repeated at
+    /// once by every request that queued behind it, each waiting its own timeout.
+    #[error("connect to {endpoint} failed just now")]
+    JustFailed {
+        /// The endpoint.
+        endpoint: SocketAddr,
     },
     /// A fresh connection had no room for a tunnel (cannot happen unless the limit is 0).
     #[error("no tunnel slot on a new connection to {endpoint}")]
@@ -124,6 +133,9 @@ struct Entry {
     /// over as many as they need.
     conns: ArcSwap<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Failed attempts to connect so far: a request that waited for `connecting` while an
+    /// attempt failed fails too, instead of trying again after it.
+    failures: AtomicU64,
 }
 
 impl Entry {
@@ -142,6 +154,34 @@ impl Entry {
             .iter()
             .filter(|c| c.usable_for(service))
             .find_map(Conn::take_tunnel)
+    }
+
+    /// Opens a connection unless one opened (then `None`), or an attempt failed, while this
+    /// request waited its turn; the caller holds `connecting`.
+    async fn open_after_wait(
+        &self,
+        failures_before: u64,
+        shared: &Shared,
+        mesh: &str,
+        mtls: bool,
+        service: &str,
+        endpoint: &EndpointState,
+    ) -> Result<Arc<Conn>, ConnectError> {
+        if self.failures.load(Ordering::Acquire) != failures_before {
+            return Err(ConnectError::JustFailed {
+                endpoint: endpoint.addr,
+            });
+        }
+        match open(shared, mesh, mtls, service, endpoint).await {
+            Ok(conn) => {
+                self.add(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
     }
 
     fn is_live(&self) -> bool {
@@ -194,6 +234,7 @@ impl MeshPool {
         let e = Arc::new(Entry {
             conns: ArcSwap::from_pointee(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
+            failures: AtomicU64::new(0),
         });
         next.insert(key, e.clone());
         self.entries.store(Arc::new(next));
@@ -218,12 +259,14 @@ impl MeshPool {
         // kilobytes that every request's future would otherwise carry, though few requests
         // ever open one.
         Box::pin(async move {
+            let failures = entry.failures.load(Ordering::Acquire);
             let _connecting = entry.connecting.lock().await;
             if let Some(c) = entry.first_with_room(service) {
                 return Ok(c.sender.clone());
             }
-            let conn = open(shared, mesh, mtls, service, endpoint).await?;
-            entry.add(conn.clone());
+            let conn = entry
+                .open_after_wait(failures, shared, mesh, mtls, service, endpoint)
+                .await?;
             Ok(conn.sender.clone())
         })
         .await
@@ -243,12 +286,14 @@ impl MeshPool {
         if let Some(slot) = entry.tunnel_slot(service) {
             return Ok(slot);
         }
+        let failures = entry.failures.load(Ordering::Acquire);
         let _connecting = entry.connecting.lock().await;
         if let Some(slot) = entry.tunnel_slot(service) {
             return Ok(slot);
         }
-        let conn = open(shared, mesh, true, service, endpoint).await?;
-        entry.add(conn.clone());
+        let conn = entry
+            .open_after_wait(failures, shared, mesh, true, service, endpoint)
+            .await?;
         conn.take_tunnel().ok_or(ConnectError::Exhausted {
             endpoint: endpoint.addr,
         })
