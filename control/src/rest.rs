@@ -205,9 +205,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> ApiResult<T> {
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> ApiResult<T>
+where
+    ApiError: From<E>,
+{
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(
@@ -389,7 +392,14 @@ async fn put_one(
 ) -> ApiResult<Response> {
     let (resource, version) = parse_body(&body, &key, &headers)?;
     let store = s.store.clone();
-    let (stored, created) = blocking(move || store.put(&resource, version)).await?;
+    let (stored, created) = blocking(move || {
+        if let weft_api::Spec::Mesh(mesh) = &resource.spec {
+            // Reads the CA's files, if any: off the async threads like the write itself.
+            crate::identity::adapter::check_provided_cas(mesh).map_err(ApiError::bad_request)?;
+        }
+        store.put(&resource, version).map_err(ApiError::from)
+    })
+    .await?;
     s.hub.notify_change();
     let status = if created {
         StatusCode::CREATED

@@ -309,6 +309,20 @@ fn references_and_paths_are_checked() {
     );
     let (status, _) = put("/meshes/default/widgets/w", "{}");
     assert_eq!(status, 404);
+    // A provided CA is checked when it is written, as in Kuma, not when proxies need it.
+    let (status, body) = put(
+        "/meshes/p",
+        r#"{"type":"Mesh","name":"p","mtls":{"enabledBackend":"ca-1","backends":[{"name":"ca-1","type":"provided","conf":{"cert":{"inlineString":"not a certificate"},"key":{"inlineString":"not a key"}}}]}}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("mtls.backends[0]"), "{body}");
+    assert!(
+        matches!(
+            cp.client().get("/meshes/p"),
+            Err(ClientError::Refused { status: 404, .. })
+        ),
+        "the bad CA was stored"
+    );
     // Unknown types on the CLI, and an unreachable control plane.
     assert_eq!(cp.weftctl(&["get", "widgets"], None).0, 1);
     // Usage errors are invalid input too (1): 2 is kept for an unreachable control plane.

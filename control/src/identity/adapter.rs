@@ -52,6 +52,24 @@ fn data_source(ds: Option<&mesh::DataSource>) -> DataSource {
     }
 }
 
+/// Checks the `provided` CAs of a Mesh being written: each must load, be a CA certificate
+/// fit to sign (CA:true, keyCertSign) and match its key, as Kuma checks on apply. Without
+/// this a bad CA was stored, and the mesh's mTLS then failed for every proxy (no trust
+/// bundle, no certificates). The error names the backend's field.
+pub fn check_provided_cas(spec: &MeshSpec) -> Result<(), String> {
+    for (i, backend) in mesh_mtls(spec).backends.iter().enumerate() {
+        let BackendKind::Provided { cert, key } = &backend.kind else {
+            continue;
+        };
+        let field = format!("mtls.backends[{i}]");
+        let cert = cert.load().map_err(|e| format!("{field}.conf.cert: {e}"))?;
+        let key = key.load().map_err(|e| format!("{field}.conf.key: {e}"))?;
+        super::ca::MeshCa::from_provided(&cert, &key)
+            .map_err(|e| format!("{field} ({}): {e}", backend.name))?;
+    }
+    Ok(())
+}
+
 /// Identity's view of a mesh's `mtls`.
 pub fn mesh_mtls(spec: &MeshSpec) -> MeshMtls {
     let Some(mtls) = &spec.mtls else {
