@@ -210,7 +210,7 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
 
     let tls: Arc<dyn MeshTls> = Arc::new(IdentityTls::new(identity.cert().clone()));
     let datapath: Arc<Mutex<Option<DataPath>>> = Arc::new(Mutex::new(None));
-    let last_trust: Arc<Mutex<Option<(String, String)>>> = Arc::new(Mutex::new(None));
+    let last_trust: Arc<Mutex<Option<CertBasis>>> = Arc::new(Mutex::new(None));
     // The telemetry settings of the snapshot in force, to go back to when a new one is
     // refused (all of a snapshot applies, or none of it).
     let in_force: Arc<Mutex<(TelemetrySettings, Option<MetricsBackend>)>> =
@@ -262,12 +262,10 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
                 return Err(e);
             }
             *in_force = (settings, backend);
-            // Re-certify when the mesh's CA changes (and once the dataplane is registered).
-            let mtls = snap.mesh.as_ref().and_then(|m| m.mtls.as_ref());
-            let trust = (
-                mtls.map(|m| m.backend.clone()).unwrap_or_default(),
-                snap.trust_bundle_pem.clone(),
-            );
+            // Re-certify when what the certificate rests on changes: the mesh's CA, or the
+            // services of the dataplane (its identities; the control plane names them in
+            // the certificate); and once the dataplane is registered.
+            let trust = CertBasis::of(snap);
             if let Ok(mut last) = last_trust.lock()
                 && last.as_ref() != Some(&trust)
             {
@@ -306,5 +304,30 @@ trait IntoResponseOk {
 impl<T: axum::response::IntoResponse> IntoResponseOk for T {
     fn into_response_ok(self) -> axum::response::Response {
         self.into_response()
+    }
+}
+
+/// What a proxy's certificate rests on: a change in any of it calls for a new certificate.
+#[derive(Debug, PartialEq, Eq)]
+struct CertBasis {
+    /// The mesh's enabled mTLS backend.
+    backend: String,
+    /// The mesh's CA certificates.
+    trust_bundle_pem: String,
+    /// The services of the dataplane's inbounds, sorted: its SPIFFE identities.
+    services: Vec<String>,
+}
+
+impl CertBasis {
+    fn of(snap: &weft_api::proto::Snapshot) -> Self {
+        let mtls = snap.mesh.as_ref().and_then(|m| m.mtls.as_ref());
+        let mut services: Vec<String> = snap.inbounds.iter().map(|i| i.service.clone()).collect();
+        services.sort_unstable();
+        services.dedup();
+        Self {
+            backend: mtls.map(|m| m.backend.clone()).unwrap_or_default(),
+            trust_bundle_pem: snap.trust_bundle_pem.clone(),
+            services,
+        }
     }
 }

@@ -465,3 +465,47 @@ fn proxies_survive_a_control_plane_restart() {
     }
     request_from(client_host, to, "cp-back").expect("traffic after the restart");
 }
+
+/// A dataplane whose services change (here: an inbound added through the REST API while its
+/// proxy is connected) gets a certificate naming them at once, not at its next renewal (at
+/// 4/5 of 24 h): until then its peers could not verify it as the new service.
+#[test]
+fn a_dataplane_whose_services_change_is_certified_for_them() {
+    let env = env_or_skip!("a_dataplane_whose_services_change_is_certified_for_them");
+    let hosts = ThreeHosts::new(&env);
+    let mesh = TwoHosts::start(&env, &hosts.cp, &hosts.client, &hosts.server, "24h");
+    let sans = |s: &Sidecar| -> Vec<String> {
+        let (status, body) = s.admin("/certs");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/certs is JSON");
+        v["certificates"][0]["sans"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(sans(&mesh.server), ["spiffe://alpha/server"]);
+    let serial = mesh.server.cert_serial();
+
+    let one = dataplane_yaml("alpha", "server", hosts.server.ip(), "server", APP_PORT);
+    let two = one.replace(
+        "  transparentProxying:",
+        &format!(
+            "    - port: {port}\n      servicePort: {port}\n      tags:\n        kuma.io/service: server-admin\n        kuma.io/protocol: tcp\n  transparentProxying:",
+            port = APP_PORT + 1
+        ),
+    );
+    assert_ne!(one, two, "the second inbound went in");
+    mesh.cp.apply(env.dir(), &two);
+    wait_for("a certificate naming both services", WAIT, || {
+        let now = sans(&mesh.server);
+        now.contains(&"spiffe://alpha/server-admin".to_string())
+            && now.contains(&"spiffe://alpha/server".to_string())
+    });
+    assert_ne!(mesh.server.cert_serial(), serial);
+    // The client's certificate rests on nothing that changed.
+    request_from(&mesh.client.host, mesh.server_addr(), "after").expect("the mesh path");
+}
