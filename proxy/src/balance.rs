@@ -3,7 +3,8 @@
 //! The default is power of two choices over peak-EWMA latency (as linkerd2-proxy and Finagle
 //! do): two endpoints are drawn at random and the one with the lower
 //! `ewma_rtt × (in_flight + 1)` wins, so a slow or busy endpoint is avoided without a global
-//! view. Round robin and random are there for those who ask.
+//! view. Round robin, random and Kuma's least request (the fewest requests in flight of
+//! `choiceCount` random draws) are there for those who ask.
 //!
 //! Why our own code and not `tower::balance::p2c` with `tower::load::PeakEwma`: tower's
 //! balancer owns its endpoints as `Service`s fed by a `Discover` stream and picks one when it
@@ -40,6 +41,12 @@ pub enum LbKind {
     RoundRobin,
     /// Uniformly at random.
     Random,
+    /// Kuma's `leastRequest` (Envoy's least request): of `choices` endpoints drawn at random,
+    /// the one with the fewest requests in flight.
+    LeastRequest {
+        /// How many endpoints are drawn (`choiceCount`, at least 2).
+        choices: u32,
+    },
 }
 
 fn now_nanos() -> u64 {
@@ -136,6 +143,11 @@ impl EndpointState {
     }
 
     /// The cost P2C compares: latency estimate × (requests in flight + 1).
+    /// Requests in flight to the endpoint now.
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     fn cost(&self) -> f64 {
         let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
         self.ewma_ns.load(Ordering::Relaxed) as f64 * (in_flight + 1.0)
@@ -240,6 +252,7 @@ impl Balancer {
             LbKind::RoundRobin => self.round_robin(available),
             LbKind::Random => self.random(available),
             LbKind::P2cEwma => self.p2c(available),
+            LbKind::LeastRequest { choices } => self.least_request(choices, available),
         };
         // Every endpoint ejected: better try one than fail the request outright.
         chosen.or_else(|| self.round_robin(usable))
@@ -282,6 +295,31 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    fn least_request(
+        &self,
+        choices: u32,
+        ok: impl Fn(&&Arc<EndpointState>) -> bool,
+    ) -> Option<&Arc<EndpointState>> {
+        let n = self.endpoints.len();
+        let mut rng = rand::rng();
+        // Drawn with replacement, as Envoy does; with as many draws as endpoints or more,
+        // every endpoint is looked at instead.
+        let best = if choices as usize >= n {
+            self.endpoints
+                .iter()
+                .filter(|e| ok(e))
+                .min_by_key(|e| e.in_flight())
+        } else {
+            (0..choices)
+                .map(|_| &self.endpoints[rng.random_range(0..n)])
+                .filter(|e| ok(e))
+                .min_by_key(|e| e.in_flight())
+        };
+        best.or_else(|| self.random(ok))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +331,26 @@ mod tests {
     fn balancer(kind: LbKind, n: u16) -> Balancer {
         let states = EndpointStates::default();
         Balancer::new(kind, (1..=n).map(|i| states.get(addr(i))).collect())
+    }
+
+    #[test]
+    fn least_request_takes_the_fewest_in_flight_of_its_choices() {
+        // As many choices as endpoints: always the least busy one.
+        let b = balancer(LbKind::LeastRequest { choices: 3 }, 3);
+        let _busy: Vec<InFlight> = [0, 0, 2, 2, 2]
+            .iter()
+            .map(|i| b.endpoints()[*i].start())
+            .collect();
+        for _ in 0..20 {
+            assert_eq!(b.pick(&[]).unwrap().addr, addr(2));
+        }
+        // Two choices of three: the busiest is never picked unless drawn twice.
+        let b = balancer(LbKind::LeastRequest { choices: 2 }, 3);
+        let _busy: Vec<InFlight> = (0..5).map(|_| b.endpoints()[0].start()).collect();
+        let busiest = (0..300)
+            .filter(|_| b.pick(&[]).unwrap().addr == addr(1))
+            .count();
+        assert!(busiest < 100, "picked the busiest {busiest} times of 300");
     }
 
     #[test]

@@ -294,11 +294,16 @@ pub(crate) fn build_service(
     endpoints: &EndpointsByService<'_>,
     states: &EndpointStates,
 ) -> Result<Service, String> {
-    let lb = match out.load_balancer.as_ref().map(|l| l.kind()) {
-        Some(pb::load_balancer::Kind::RoundRobin) => LbKind::RoundRobin,
-        Some(pb::load_balancer::Kind::Random) => LbKind::Random,
-        // Least request with two choices is P2C without the latency term; peak-EWMA covers it.
-        _ => LbKind::P2cEwma,
+    let lb = match out.load_balancer.as_ref() {
+        Some(l) => match l.kind() {
+            pb::load_balancer::Kind::RoundRobin => LbKind::RoundRobin,
+            pb::load_balancer::Kind::Random => LbKind::Random,
+            pb::load_balancer::Kind::LeastRequest => LbKind::LeastRequest {
+                choices: l.choice_count.max(2),
+            },
+            pb::load_balancer::Kind::P2cEwma => LbKind::P2cEwma,
+        },
+        None => LbKind::P2cEwma,
     };
     let destinations = |dests: &[pb::WeightedDestination]| {
         let mut subsets = Vec::new();
