@@ -428,6 +428,16 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
         }
         if let Some(a) = &ib.address {
             validate_ip(&format!("{p}.address"), a)?;
+            // Peers dial the inbound's address; in explicit mode the proxy listens on
+            // `networking.address` only, so another address would be one nobody serves.
+            // (In transparent mode every local address is intercepted.)
+            if n.transparent_proxying.is_none() && !same_ip(a, &n.address) {
+                fail(
+                    format!("{p}.address"),
+                    "an inbound address other than `networking.address` needs transparent \
+                     proxying: weft's explicit inbound listeners bind `networking.address`",
+                )?;
+            }
         }
         validate_tags(&format!("{p}.tags"), &ib.tags, true)?;
         if let Some(service) = ib.tags.get(SERVICE_TAG) {
@@ -442,6 +452,7 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
             validate_ip(&format!("{p}.address"), a)?;
         }
         validate_tags(&format!("{p}.tags"), &ob.tags, true)?;
+        only_service_tag(&format!("{p}.tags"), &ob.tags, "an outbound is for one service")?;
         claim(format!("{p}.port"), ob.port)?;
     }
     if let Some(tp) = &n.transparent_proxying {
@@ -455,6 +466,26 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
                 claim(format!("{p}.{field}"), port)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Whether two textual IPs are the same address (`::1` and `0:0::1` are).
+fn same_ip(a: &str, b: &str) -> bool {
+    match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Refuses tags other than the service (a `*` value narrows nothing, so it may stay): weft
+/// would otherwise ignore them without a word.
+fn only_service_tag(path: &str, tags: &Tags, why: &str) -> Result {
+    if let Some((tag, _)) = tags.iter().find(|(k, v)| *k != SERVICE_TAG && *v != "*") {
+        fail(
+            format!("{path}.{tag}"),
+            format!("{why}: select it by `{SERVICE_TAG}` only"),
+        )?;
     }
     Ok(())
 }
@@ -486,15 +517,11 @@ fn validate_permission_sources(sources: &[Selector]) -> Result {
                 format!("callers are told apart by service only: select them by `{service}`"),
             )?;
         }
-        if let Some((tag, _)) = s.tags.iter().find(|(k, v)| *k != service && *v != "*") {
-            fail(
-                format!("{path}.{tag}"),
-                format!(
-                    "callers are told apart by service only (their certificates name their \
-                     `{service}`); select them by it"
-                ),
-            )?;
-        }
+        only_service_tag(
+            &path,
+            &s.tags,
+            "callers are told apart by service only (their certificates name their service)",
+        )?;
     }
     Ok(())
 }
@@ -561,6 +588,14 @@ fn validate_method(path: &str, method: &str) -> Result {
 fn validate_traffic_route(r: &TrafficRouteSpec) -> Result {
     validate_selectors("sources", &r.sources, false)?;
     validate_selectors("destinations", &r.destinations, true)?;
+    for (i, d) in r.destinations.iter().enumerate() {
+        // Routes are chosen per destination service (subsets are chosen by the split).
+        only_service_tag(
+            &format!("destinations[{i}].match"),
+            &d.tags,
+            "a TrafficRoute's destination is a service",
+        )?;
+    }
     validate_splits("conf", &r.conf.split, r.conf.destination.as_ref())?;
     for (i, h) in r.conf.http.iter().enumerate() {
         let p = format!("conf.http[{i}]");
