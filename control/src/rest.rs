@@ -619,15 +619,19 @@ async fn generate_dataplane_token(
         Some(v) => weft_api::duration::parse_duration(v)
             .map_err(|e| ApiError::bad_request(format!("validFor: {e}")))?,
     };
-    let store = s.store.clone();
-    let mesh = req.mesh.clone();
-    let mesh_key = ResourceKey::mesh(mesh);
-    if blocking(move || store.get(&mesh_key)).await?.is_none() {
+    let mesh_created = |store: Arc<dyn Store>, mesh: String| async move {
+        let key = ResourceKey::mesh(mesh);
+        blocking(move || store.get(&key))
+            .await
+            .map(|m| m.map(|m| m.meta.creation_time))
+    };
+    let Some(created) = mesh_created(s.store.clone(), req.mesh.clone()).await? else {
         return Err(ApiError::bad_request(format!(
             "mesh {:?} does not exist",
             req.mesh
         )));
-    }
+    };
+    let mesh = req.mesh.clone();
     let identity = s.identity.clone();
     let issued = tokio::task::spawn_blocking(move || {
         identity.tokens().issue(&req.mesh, &req.name, valid_for)
@@ -641,6 +645,17 @@ async fn generate_dataplane_token(
         )
     })?
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // A cascade delete of the mesh meanwhile removed its signing key, and the issue may have
+    // made a new one, which a mesh created later under the same name would inherit: the
+    // token must not outlive the mesh it was asked for. So it is handed out only if that
+    // mesh is still there.
+    if mesh_created(s.store.clone(), mesh.clone()).await?.as_ref() != Some(&created) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("mesh {mesh:?} was deleted while the token was issued"),
+        ));
+    }
     // The token id lets the user revoke it later (`weftctl revoke dataplane-token`).
     let id = issued.claims.jti.clone();
     Ok((
