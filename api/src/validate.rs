@@ -452,7 +452,11 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
             validate_ip(&format!("{p}.address"), a)?;
         }
         validate_tags(&format!("{p}.tags"), &ob.tags, true)?;
-        only_service_tag(&format!("{p}.tags"), &ob.tags, "an outbound is for one service")?;
+        only_service_tag(
+            &format!("{p}.tags"),
+            &ob.tags,
+            "an outbound is for one service",
+        )?;
         claim(format!("{p}.port"), ob.port)?;
     }
     if let Some(tp) = &n.transparent_proxying {

@@ -73,6 +73,16 @@ fn contract(store: &dyn Store) {
     let rev1 = store.revision().expect("revision");
     assert!(rev1 >= rev0 + 2, "two writes, revision {rev0} -> {rev1}");
 
+    // A snapshot holds every resource of every type, with the revision they are at.
+    let (rev, all) = store.snapshot().expect("snapshot");
+    assert_eq!(rev, rev1);
+    let keys: Vec<ResourceKey> = all
+        .iter()
+        .map(|r| key(&r.resource))
+        .filter(|k| k.mesh == "m1")
+        .collect();
+    assert_eq!(keys, [key(&mesh("m1")), key(&tp)]);
+
     // Versions: a stale write is a conflict naming both versions.
     let (stored, created) = store.put(&tp, Some(1)).expect("update with version 1");
     assert!(!created);

@@ -11,7 +11,7 @@ use weft_api::mesh::MeshSpec;
 use weft_api::policy::{
     MeshHttpRouteSpec, MeshTrafficPermissionSpec, TrafficPermissionSpec, TrafficRouteSpec,
 };
-use weft_api::{DataplaneSpec, ResourceType, Spec};
+use weft_api::{DataplaneSpec, Spec};
 
 /// Everything in one mesh that snapshots depend on.
 #[derive(Debug, Default)]
@@ -79,32 +79,33 @@ pub fn load(
     trust: &dyn TrustSource,
     offline: &HashMap<String, Vec<String>>,
 ) -> StoreResult<Views> {
-    let revision = store.revision()?;
+    // One consistent read: with a query per type, a resource written with its Mesh between
+    // two queries was seen without the Mesh, and got default mesh settings until the next
+    // reload.
+    let (revision, resources) = store.snapshot()?;
     let mut meshes: HashMap<String, MeshView> = HashMap::new();
-    for ty in ResourceType::ALL {
-        for stored in store.list(ty, None)? {
-            let r = stored.resource;
-            let mesh = r.mesh_name().to_string();
-            let view = meshes.entry(mesh).or_default();
-            match r.spec {
-                Spec::Mesh(m) => view.spec = m,
-                Spec::Dataplane(d) => {
-                    view.dataplanes.insert(r.name, d);
-                }
-                Spec::TrafficPermission(p) => {
-                    view.traffic_permissions_created
-                        .insert(r.name.clone(), stored.meta.creation_time.clone());
-                    view.traffic_permissions.insert(r.name, p);
-                }
-                Spec::TrafficRoute(p) => {
-                    view.traffic_routes.insert(r.name, p);
-                }
-                Spec::MeshTrafficPermission(p) => {
-                    view.mesh_traffic_permissions.insert(r.name, p);
-                }
-                Spec::MeshHttpRoute(p) => {
-                    view.mesh_http_routes.insert(r.name, p);
-                }
+    for stored in resources {
+        let r = stored.resource;
+        let mesh = r.mesh_name().to_string();
+        let view = meshes.entry(mesh).or_default();
+        match r.spec {
+            Spec::Mesh(m) => view.spec = m,
+            Spec::Dataplane(d) => {
+                view.dataplanes.insert(r.name, d);
+            }
+            Spec::TrafficPermission(p) => {
+                view.traffic_permissions_created
+                    .insert(r.name.clone(), stored.meta.creation_time.clone());
+                view.traffic_permissions.insert(r.name, p);
+            }
+            Spec::TrafficRoute(p) => {
+                view.traffic_routes.insert(r.name, p);
+            }
+            Spec::MeshTrafficPermission(p) => {
+                view.mesh_traffic_permissions.insert(r.name, p);
+            }
+            Spec::MeshHttpRoute(p) => {
+                view.mesh_http_routes.insert(r.name, p);
             }
         }
     }

@@ -119,6 +119,11 @@ pub trait Store: Send + Sync + 'static {
     /// Lists the resources of a type, in one mesh or (for `None`) in all meshes, by name.
     fn list(&self, ty: ResourceType, mesh: Option<&str>) -> StoreResult<Vec<StoredResource>>;
 
+    /// Every resource of every type with the store's [`Store::revision`], all read at one
+    /// moment: a reader building configuration from several types sees no resource without
+    /// the Mesh it was written under. By type, then mesh and name.
+    fn snapshot(&self) -> StoreResult<(u64, Vec<StoredResource>)>;
+
     /// Creates or updates a resource. With `expected_version`, the write happens only if the
     /// stored version equals it (0 = must not exist yet). Mesh-scoped resources need their
     /// mesh to exist, checked in the same transaction. Returns the stored resource and

@@ -647,6 +647,29 @@ impl Store for PostgresStore {
         })
     }
 
+    fn snapshot(&self) -> StoreResult<(u64, Vec<StoredResource>)> {
+        self.with_client(|client| {
+            // REPEATABLE READ: every statement of the transaction sees the snapshot taken at
+            // its first, so no write of another replica lands between the two reads.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(backend)?;
+            let row = tx
+                .query_one("SELECT value FROM store_meta WHERE name = 'revision'", &[])
+                .map_err(backend)?;
+            let revision: i64 = row.try_get(0).map_err(backend)?;
+            let rows = tx
+                .query(&format!("{SELECT} ORDER BY type, mesh, name"), &[])
+                .map_err(backend)?;
+            let stored = super::readable(rows.iter().map(row_to_stored).collect())?;
+            tx.commit().map_err(backend)?;
+            Ok((revision.max(0) as u64, stored))
+        })
+    }
+
     fn put(
         &self,
         resource: &Resource,

@@ -132,6 +132,17 @@ fn row_to_stored(
     })
 }
 
+/// The revision counter, read on `conn`.
+fn revision_of(conn: &Connection) -> StoreResult<u64> {
+    conn.query_row(
+        "SELECT value FROM store_meta WHERE name = 'revision'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v.max(0) as u64)
+    .map_err(backend)
+}
+
 const SELECT: &str =
     "SELECT type, mesh, name, version, spec, creation_time, modification_time FROM resources";
 
@@ -223,6 +234,22 @@ impl Store for SqliteStore {
                     &[&ty.name()],
                 )?,
             })
+        })
+    }
+
+    fn snapshot(&self) -> StoreResult<(u64, Vec<StoredResource>)> {
+        self.read(|c| {
+            // One read transaction: both statements see the same committed state, also when
+            // another process writes the file.
+            let tx = c.unchecked_transaction().map_err(backend)?;
+            let revision = revision_of(&tx)?;
+            let rows = super::readable(query(
+                &tx,
+                &format!("{SELECT} ORDER BY type, mesh, name"),
+                &[],
+            )?)?;
+            tx.commit().map_err(backend)?;
+            Ok((revision, rows))
         })
     }
 
@@ -390,15 +417,7 @@ impl Store for SqliteStore {
     }
 
     fn revision(&self) -> StoreResult<u64> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT value FROM store_meta WHERE name = 'revision'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|v| v.max(0) as u64)
-            .map_err(backend)
-        })
+        self.read(revision_of)
     }
 
     fn initialize_once(&self, init: &dyn Fn(&dyn Store) -> StoreResult<()>) -> StoreResult<bool> {
