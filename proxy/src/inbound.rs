@@ -88,7 +88,16 @@ async fn serve(
         None => plaintext(shared, cfg, inbound, stream, transparent).await,
         Some(MtlsMode::Strict) => mesh_tls(shared, cfg, inbound, stream, transparent).await,
         Some(MtlsMode::Permissive) => {
-            if Box::pin(looks_like_tls(shared, &stream)).await {
+            // A client that speaks first (any HTTP inbound) may be waited for as long as a
+            // handshake: a ClientHello delayed past the short detection window (a lost
+            // segment waits out a 200 ms retransmission) must not be taken for plaintext.
+            // Undeclared or TCP inbounds keep the short window, for protocols whose server
+            // speaks first.
+            let wait = match inbound.protocol {
+                Some(Protocol::Http1 | Protocol::Http2) => shared.opts.handshake_timeout,
+                _ => shared.opts.detect_timeout,
+            };
+            if Box::pin(looks_like_tls(&stream, wait)).await {
                 mesh_tls(shared, cfg, inbound, stream, transparent).await;
             } else {
                 plaintext(shared, cfg, inbound, stream, transparent).await;
@@ -97,10 +106,10 @@ async fn serve(
     }
 }
 
-/// Peeks at the first byte (within the detect timeout): a TLS handshake record?
-async fn looks_like_tls(shared: &Shared, stream: &TcpStream) -> bool {
+/// Peeks at the first byte (waiting at most `wait`): a TLS handshake record?
+async fn looks_like_tls(stream: &TcpStream, wait: std::time::Duration) -> bool {
     let mut first = [0u8; 1];
-    match tokio::time::timeout(shared.opts.detect_timeout, stream.peek(&mut first)).await {
+    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
         Ok(Ok(1)) => first[0] == TLS_HANDSHAKE_RECORD,
         _ => false,
     }

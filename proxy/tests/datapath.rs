@@ -348,6 +348,35 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     );
 }
 
+/// Under PERMISSIVE, a mesh peer's ClientHello that comes later than the detection window
+/// (100 ms; a lost first segment waits out a 200 ms retransmission) is still mesh TLS on an
+/// inbound that declares HTTP, whose clients always speak first.
+#[tokio::test]
+async fn a_late_client_hello_is_still_tls_on_a_permissive_http_inbound() {
+    let p = pair(Some(Mode::Permissive)).await;
+    let mut snap = p.server_snap.clone();
+    snap.inbounds[0].protocol = "http".into();
+    apply(&p.server, &snap);
+    let client = TestMeshTls::new(&p.ca, &["web"]);
+    let cfg = client
+        .client_config(MESH, "echo", weft_proxy::mesh_tls::ALPN_H2)
+        .unwrap();
+    let tcp = TcpStream::connect(p.inbound).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let name = rustls::pki_types::ServerName::IpAddress(p.inbound.ip().into());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .expect("the handshake ends in time");
+    let tls = tls.expect("a late ClientHello is answered as mesh TLS");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(weft_proxy::mesh_tls::ALPN_H2)
+    );
+}
+
 #[tokio::test]
 async fn a_proxy_of_another_mesh_fails_the_handshake() {
     let p = pair(Some(Mode::Strict)).await;
