@@ -230,6 +230,9 @@ impl DataPath {
             }
         }
         if let Some(config) = config {
+            self.shared
+                .app_clients
+                .retain_upstreams(|up| config.inbounds.values().any(|i| i.upstream == up));
             self.shared.config.store(Arc::new(config));
             self.shared
                 .config_changes

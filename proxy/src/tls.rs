@@ -295,6 +295,9 @@ pub struct IdentityTls {
     server: std::sync::OnceLock<Option<Arc<ServerConfig>>>,
 }
 
+/// The most destination services whose client configs are kept at once.
+const MAX_CLIENT_CONFIGS: usize = 4096;
+
 impl IdentityTls {
     /// Mesh TLS from the certificate in `cert`.
     pub fn new(cert: CertHandle) -> Self {
@@ -317,6 +320,11 @@ impl crate::mesh_tls::MeshTls for IdentityTls {
         let mut cache = self.clients.lock().ok()?;
         if let Some(c) = cache.get(&(service.to_string(), alpn)) {
             return Some(c.clone());
+        }
+        if cache.len() >= MAX_CLIENT_CONFIGS {
+            // Services renamed over and over would grow it without end; rebuilding costs a
+            // little per destination, once.
+            cache.clear();
         }
         let mut config = client_config(&self.cert, service).ok()?;
         config.alpn_protocols = vec![alpn.to_vec()];

@@ -95,6 +95,25 @@ impl AppClientRegistry {
             .or_insert_with(|| AppClients::new(upstream, source, timeout))
             .clone()
     }
+
+    /// Forgets the clients of apps no inbound points at any more (a config dropped or moved
+    /// the inbound), so that the registry does not grow with every change; connections that
+    /// still use them keep their own handles until they end.
+    pub fn retain_upstreams(&self, keep: impl Fn(SocketAddr) -> bool) {
+        if let Ok(mut map) = self.clients.lock() {
+            map.retain(|(upstream, _), _| keep(*upstream));
+        }
+    }
+
+    /// How many apps have clients.
+    pub fn len(&self) -> usize {
+        self.clients.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no app has clients.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 struct Ctx {
@@ -428,4 +447,27 @@ async fn forward(
     observation.status(rp.status.as_u16());
     let body = body.finish(observation, request_bytes);
     Response::from_parts(rp, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_registry_forgets_apps_no_inbound_points_at() {
+        let registry = AppClientRegistry::default();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let timeout = Duration::from_secs(1);
+        registry.get(a, None, timeout);
+        registry.get(b, None, timeout);
+        registry.get(b, Some("127.0.0.6".parse().unwrap()), timeout);
+        assert_eq!(registry.len(), 3);
+        registry.retain_upstreams(|up| up == b);
+        assert_eq!(registry.len(), 2);
+        registry.retain_upstreams(|_| false);
+        assert!(registry.is_empty());
+    }
 }
