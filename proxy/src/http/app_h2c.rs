@@ -1,6 +1,8 @@
-//! The inbound proxy's h2c connection to its local app: one multiplexed HTTP/2 connection
+//! The inbound proxy's h2c connections to its local app: multiplexed HTTP/2 connections
 //! (prior knowledge), driven through `h2` directly by the same [`MeshSender`] that carries the
-//! mesh hop.
+//! mesh hop. Requests share the first connection with room under the app's own stream limit
+//! (`SETTINGS_MAX_CONCURRENT_STREAMS`); when every one is full, another opens, so that
+//! long-lived streams (gRPC streams) do not queue the other requests behind the app's limit.
 //!
 //! Why not hyper-util's pooled client, which the inbound used before: it is built for many
 //! origins, so every request builds and hashes a pool key under the pool's lock and moves a
@@ -11,8 +13,8 @@
 //! held for a few instructions) and opens its stream from its own task.
 //!
 //! A connection that ends (the app closed it, or sent GOAWAY) is replaced on the next
-//! request; a request that did not go out on it goes out on the new one. One that carried no
-//! stream for [`IDLE`] is closed, as the HTTP/1.1 pool closes its idle connections. Its settings and
+//! request; a request that did not go out on it goes out on the new one. Connections that
+//! carried no stream for [`IDLE`] are closed, as the HTTP/1.1 pool closes its idle connections. Its settings and
 //! its writes, gathered per turn, are the mesh hop's ([`MeshSender::handshake`]).
 
 use crate::http::app_pool::IDLE;
@@ -67,8 +69,8 @@ struct Inner {
     /// The address connections come from (`127.0.0.6` in transparent mode).
     source: Option<IpAddr>,
     connect_timeout: Duration,
-    /// The connection in use, while it takes new streams.
-    current: Mutex<Option<MeshSender>>,
+    /// The connections in use, oldest first.
+    current: Mutex<Vec<MeshSender>>,
     /// Held while a connection is being opened, so that concurrent requests wait for it
     /// rather than each opening one.
     connecting: tokio::sync::Mutex<()>,
@@ -104,7 +106,7 @@ impl H2cClient {
             upstream,
             source,
             connect_timeout,
-            current: Mutex::new(None),
+            current: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             used: AtomicBool::new(false),
         });
@@ -155,10 +157,13 @@ impl H2cClient {
 }
 
 impl Inner {
-    /// A sender on the connection in use, unless there is none or it takes no new streams.
+    /// A sender on the first live connection with room for a stream under the app's limit.
     fn in_use(&self) -> Option<MeshSender> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current.as_ref().filter(|s| !s.is_closed()).cloned()
+        current
+            .iter()
+            .find(|s| !s.is_closed() && s.streams() < s.max_streams())
+            .cloned()
     }
 
     /// The connection another request opened meanwhile, or a new one.
@@ -174,14 +179,17 @@ impl Inner {
         let sender = MeshSender::handshake(tcp, upstream, ())
             .await
             .map_err(|source| H2cError::Handshake { upstream, source })?;
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.retain(|s| !s.is_closed());
+        current.push(sender.clone());
         Ok(sender)
     }
 }
 
-/// Every quarter of `idle`, looks at the connection in use; closes it once it has carried no
-/// stream and seen no request for `idle`. Ends with the client. Dropping the client's sender
-/// closes the connection: h2 ends a connection whose last handle and stream are gone.
+/// Every quarter of `idle`, looks at the connections in use; once the client has seen no
+/// request for `idle`, closes those that carry no stream. Ends with the client. Dropping the
+/// client's sender closes a connection: h2 ends a connection whose last handle and stream
+/// are gone.
 async fn reap(client: Weak<Inner>, idle: Duration) {
     let period = idle / 4;
     let mut quiet = Duration::ZERO;
@@ -191,17 +199,21 @@ async fn reap(client: Weak<Inner>, idle: Duration) {
             return;
         };
         let mut current = inner.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.retain(|s| !s.is_closed());
         let used = inner.used.swap(false, Ordering::Relaxed);
-        match current.as_ref() {
-            Some(s) if !used && !s.has_streams() => {
-                quiet += period;
-                if quiet >= idle {
-                    tracing::debug!(upstream = %inner.upstream, "closing an idle app h2c connection");
-                    current.take();
-                    quiet = Duration::ZERO;
-                }
+        if used || current.is_empty() {
+            quiet = Duration::ZERO;
+            continue;
+        }
+        quiet += period;
+        if quiet >= idle {
+            let before = current.len();
+            current.retain(MeshSender::has_streams);
+            if current.len() < before {
+                tracing::debug!(upstream = %inner.upstream, closed = before - current.len(),
+                    "closing idle app h2c connections");
             }
-            _ => quiet = Duration::ZERO,
+            quiet = Duration::ZERO;
         }
     }
 }
@@ -285,6 +297,52 @@ mod tests {
         })
         .await;
         assert_eq!(opened.load(Ordering::SeqCst), 1);
+    }
+
+    /// An app that takes at most two streams per connection: the third concurrent request
+    /// opens a second connection instead of waiting for a stream to end.
+    #[tokio::test]
+    async fn a_full_connection_opens_another_under_the_apps_stream_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let o = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                o.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::Builder::new()
+                        .max_concurrent_streams(2)
+                        .handshake::<_, bytes::Bytes>(tcp)
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut held = Vec::new();
+                    while let Some(Ok((_req, mut reply))) = conn.accept().await {
+                        // A head, and a body that stays open: the stream lives on.
+                        if let Ok(body) = reply.send_response(Response::new(()), false) {
+                            held.push(body);
+                        }
+                    }
+                });
+            }
+        });
+        let client = H2cClient::new(addr, None, Duration::from_secs(5));
+        let mut open = Vec::new();
+        for i in 0..3 {
+            let sent = tokio::time::timeout(Duration::from_secs(5), client.send(get(addr))).await;
+            let (resp, guard) = sent
+                .unwrap_or_else(|_| panic!("request {i} waited behind the app's limit"))
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            open.push((resp, guard));
+        }
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            2,
+            "two streams per connection"
+        );
     }
 
     #[tokio::test]

@@ -189,6 +189,12 @@ impl MeshSender {
         self.state.streams.load(Ordering::Relaxed)
     }
 
+    /// The most streams the peer lets this side open at once (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`, as last heard).
+    pub fn max_streams(&self) -> usize {
+        self.tx.current_max_send_streams()
+    }
+
     /// Sends `req` on a new stream and waits for the response head. A request body that is
     /// not over with the head is moved into the stream by a task of its own, so that the
     /// response can stream back meanwhile (gRPC bidirectional streaming); it is cancelled,
