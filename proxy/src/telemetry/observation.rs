@@ -59,6 +59,11 @@ impl RequestObservation {
         }
     }
 
+    /// When the exchange began (the instant `begin` was called).
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     /// The response status is known (call when the response head is sent).
     pub fn status(&mut self, code: u16) {
         self.status = Some(code);
