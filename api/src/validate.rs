@@ -439,6 +439,25 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
                 )?;
             }
         }
+        if n.transparent_proxying.is_none()
+            && ib.app_port() == ib.port
+            && (same_ip(ib.app_address(), &n.address)
+                || ib
+                    .app_address()
+                    .parse::<IpAddr>()
+                    .is_ok_and(|a| a.is_unspecified()))
+        {
+            // The explicit listener is `networking.address:port`: the app cannot be there.
+            fail(
+                format!("{p}.servicePort"),
+                format!(
+                    "the app at {}:{} would be the inbound's own listener: give the app \
+                     another servicePort or serviceAddress",
+                    ib.app_address(),
+                    ib.app_port()
+                ),
+            )?;
+        }
         validate_tags(&format!("{p}.tags"), &ib.tags, true)?;
         if let Some(service) = ib.tags.get(SERVICE_TAG) {
             validate_service_name(&format!("{p}.tags.{SERVICE_TAG}"), service)?;

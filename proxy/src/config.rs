@@ -369,6 +369,7 @@ impl ProxyConfig {
             telemetry: crate::telemetry::Telemetry::default(),
         };
         cfg.check_listener_clashes()?;
+        cfg.check_inbound_loops()?;
         let mut cfg = cfg;
         cfg.own_ports = cfg
             .listeners(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
@@ -420,6 +421,31 @@ impl ProxyConfig {
     /// (loopback, unspecified, or the dataplane address).
     pub fn is_own_ip(&self, ip: IpAddr) -> bool {
         ip.is_loopback() || ip.is_unspecified() || ip == self.address
+    }
+
+    /// An explicit inbound listens on `address:port`; an app "behind" it on that same
+    /// socket would be the proxy itself, and every connection would loop through it until
+    /// file descriptors run out.
+    fn check_inbound_loops(&self) -> Result<(), ConfigError> {
+        if self.redirect_inbound.is_some() {
+            return Ok(());
+        }
+        for (port, inbound) in &self.inbounds {
+            let up = inbound.upstream;
+            let same_ip = up.ip() == self.address
+                || up.ip().is_unspecified()
+                || self.address.is_unspecified();
+            if up.port() == *port && same_ip {
+                return Err(invalid(
+                    format!("inbounds[port {port}]"),
+                    format!(
+                        "the app's address {up} is the inbound's own listener: give the app \
+                         another port (servicePort) or address (serviceAddress)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_listener_clashes(&self) -> Result<(), ConfigError> {
@@ -565,6 +591,18 @@ mod tests {
             .collect();
         assert_eq!(picks.iter().filter(|p| *p == "10.0.0.2").count(), 2);
         assert_eq!(picks.iter().filter(|p| *p == "10.0.0.3").count(), 6);
+    }
+
+    #[test]
+    fn an_explicit_inbound_whose_app_is_its_own_listener_is_refused() {
+        let mut s = snap();
+        s.inbounds[0].service_address = "10.0.0.1".into();
+        s.inbounds[0].service_port = 10001;
+        let e = ProxyConfig::from_snapshot(&s).unwrap_err().to_string();
+        assert!(e.contains("own listener"), "{e}");
+        // The same port on another address (the app on loopback) is fine.
+        s.inbounds[0].service_address = "127.0.0.1".into();
+        ProxyConfig::from_snapshot(&s).expect("the app on loopback");
     }
 
     #[test]
