@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use weft_api::proto::{MetricsBackend, Snapshot};
+use weft_api::proto::Snapshot;
 
 /// Everything `weft-proxy run` is told.
 #[derive(Debug, Clone)]
@@ -213,8 +213,7 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
     let last_trust: Arc<Mutex<Option<CertBasis>>> = Arc::new(Mutex::new(None));
     // The telemetry settings of the snapshot in force, to go back to when a new one is
     // refused (all of a snapshot applies, or none of it).
-    let in_force: Arc<Mutex<(TelemetrySettings, Option<MetricsBackend>)>> =
-        Arc::new(Mutex::new(Default::default()));
+    let in_force: Arc<Mutex<TelemetrySettings>> = Arc::new(Mutex::new(Default::default()));
     let apply: Apply = {
         let datapath = datapath.clone();
         let identity = identity.clone();
@@ -235,10 +234,6 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
             if let Err(e) = telemetry.apply(&settings) {
                 tracing::warn!(error = %e, "telemetry backend not applied (left off)");
             }
-            let backend = snap.mesh.as_ref().and_then(|m| m.metrics.clone());
-            if let Err(e) = prom.apply(backend.as_ref()) {
-                tracing::warn!(error = %e, "mesh prometheus endpoint not served");
-            }
             let started = match dp.as_ref() {
                 Some(running) => running.apply(config).map_err(|e| e.to_string()),
                 None => DataPath::start(
@@ -256,12 +251,16 @@ pub async fn run(cfg: RunConfig) -> Result<DrainOutcome, RunError> {
                 .map_err(|_| "telemetry settings lock poisoned".to_string())?;
             if let Err(e) = started {
                 // Refused: the telemetry of the snapshot in force comes back too.
-                let (old_settings, old_backend) = &*in_force;
-                let _ = telemetry.apply(old_settings);
-                let _ = prom.apply(old_backend.as_ref());
+                let _ = telemetry.apply(&in_force);
                 return Err(e);
             }
-            *in_force = (settings, backend);
+            *in_force = settings;
+            // After the data path took the snapshot: moving the endpoint back after a refusal
+            // could find its old port not yet given up by the server just stopped.
+            let backend = snap.mesh.as_ref().and_then(|m| m.metrics.as_ref());
+            if let Err(e) = prom.apply(backend) {
+                tracing::warn!(error = %e, "mesh prometheus endpoint not served");
+            }
             // Re-certify when what the certificate rests on changes: the mesh's CA, or the
             // services of the dataplane (its identities; the control plane names them in
             // the certificate); and once the dataplane is registered.

@@ -509,3 +509,75 @@ fn a_dataplane_whose_services_change_is_certified_for_them() {
     // The client's certificate rests on nothing that changed.
     request_from(&mesh.client.host, mesh.server_addr(), "after").expect("the mesh path");
 }
+
+/// A snapshot the proxy refuses (here: an explicit outbound on a port something else holds)
+/// leaves all of the snapshot in force, the mesh's telemetry too: the Prometheus endpoint
+/// stays on its port and does not move to the one the refused snapshot names.
+#[test]
+fn a_refused_snapshot_leaves_the_telemetry_in_force() {
+    let env = env_or_skip!("a_refused_snapshot_leaves_the_telemetry_in_force");
+    let hosts = ThreeHosts::new(&env);
+    let (old_port, new_port, held_port) = (5670u16, 5671u16, 10_070u16);
+    let with_metrics = |port: u16| {
+        format!(
+            "{}metrics:\n  enabledBackend: prom-1\n  backends:\n    - name: prom-1\n      type: prometheus\n      conf: {{port: {port}, path: /metrics}}\n",
+            mesh_yaml("alpha", true, "24h")
+        )
+    };
+    let cp = ControlPlane::start(&env, &hosts.cp);
+    cp.apply(env.dir(), &with_metrics(old_port));
+    let server_host = &hosts.server;
+    let _app = App::start(server_host, APP_PORT, "server");
+    let server = Sidecar::start(
+        &env,
+        &cp,
+        server_host,
+        "alpha",
+        "server",
+        "server",
+        APP_PORT,
+    );
+    let scrape = |port: u16| {
+        e2e::http_get(
+            server_host,
+            SocketAddr::from((server_host.ip(), port)),
+            "/metrics",
+        )
+        .map(|(status, _)| status)
+        .unwrap_or(0)
+    };
+    wait_for("the mesh's Prometheus endpoint", WAIT, || {
+        scrape(old_port) == 200
+    });
+    let nacks = |s: &Sidecar| s.metric("weft_config_updates_total{result=\"nack\"}");
+    assert_eq!(nacks(&server), 0.0);
+
+    // Something else holds the port of the outbound the Dataplane is given next.
+    let _held = e2e::in_host::listen_in(server_host, held_port);
+    let dataplane = dataplane_yaml("alpha", "server", server_host.ip(), "server", APP_PORT)
+        .replace(
+            "  transparentProxying:",
+            &format!(
+                "  outbound:\n    - port: {held_port}\n      address: 0.0.0.0\n      tags:\n        kuma.io/service: server\n  transparentProxying:"
+            ),
+        );
+    cp.apply(env.dir(), &dataplane);
+    wait_for(
+        "the snapshot with the held port to be refused",
+        WAIT,
+        || nacks(&server) >= 1.0,
+    );
+    // Every snapshot from now on holds that outbound, so the proxy refuses the one that also
+    // moves the metrics endpoint.
+    let before = nacks(&server);
+    cp.apply(env.dir(), &with_metrics(new_port));
+    wait_for("the metrics change to be refused", WAIT, || {
+        nacks(&server) > before
+    });
+    assert_eq!(scrape(old_port), 200, "the endpoint in force went away");
+    assert_eq!(
+        scrape(new_port),
+        0,
+        "the refused snapshot's endpoint is served"
+    );
+}
