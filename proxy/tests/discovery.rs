@@ -194,3 +194,94 @@ async fn kept_parts_are_filled_in_from_the_applied_snapshot() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
 }
+
+/// Refuses the first `refusals` streams at once; then takes one, sends it one snapshot, and
+/// breaks it 50 ms later. Records when each stream was asked for.
+struct Flaky {
+    refusals: usize,
+    attempts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    snapshot: pb::Snapshot,
+}
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for Flaky {
+    type StreamStream = Snapshots;
+
+    async fn stream(
+        &self,
+        _req: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Snapshots>, Status> {
+        let attempt = {
+            let mut attempts = self.attempts.lock().expect("attempts");
+            attempts.push(std::time::Instant::now());
+            attempts.len()
+        };
+        if attempt <= self.refusals {
+            return Err(Status::unavailable("not yet"));
+        }
+        let (tx, rx) = mpsc::channel(2);
+        let snapshot = self.snapshot.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(snapshot)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Err(Status::internal("broken"))).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The reconnect backoff grows over failed attempts, and starts over after a stream that was
+/// up: when that stream breaks, the next attempt comes after the first step (at most 200 ms),
+/// not after the long delay the earlier failures had reached (800 ms or more after four).
+#[tokio::test]
+async fn the_backoff_starts_over_after_a_stream_that_was_up() {
+    const REFUSALS: usize = 4;
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cp = Flaky {
+        refusals: REFUSALS,
+        attempts: attempts.clone(),
+        snapshot: complete("1", "web"),
+    };
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::discovery_server::DiscoveryServer::new(cp))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_lazy();
+    let discovery = Arc::new(Discovery::new(
+        channel,
+        "type: Dataplane\nmesh: default\nname: backend-1\n".into(),
+        TokenSource::Inline("token".into()),
+        Arc::new(Metrics::new()),
+    ));
+    let shutdown = CancellationToken::new();
+    let run = {
+        let (d, s) = (discovery.clone(), shutdown.clone());
+        tokio::spawn(async move { d.run(Arc::new(|_: &pb::Snapshot| Ok(())), s).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while attempts.lock().expect("attempts").len() < REFUSALS + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "too few attempts");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    let at = attempts.lock().expect("attempts").clone();
+    let before_up = at[REFUSALS] - at[REFUSALS - 1];
+    // The stream that was up lived about 50 ms before it broke.
+    let after_up = at[REFUSALS + 1] - at[REFUSALS];
+    assert!(
+        before_up >= Duration::from_millis(800),
+        "the backoff did not grow: {before_up:?}"
+    );
+    assert!(
+        after_up < Duration::from_millis(600),
+        "the backoff did not start over: {after_up:?} (before: {before_up:?})"
+    );
+}
