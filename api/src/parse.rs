@@ -116,7 +116,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, ParseError> {
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
-            parse_document(v, lines.get(i).unwrap_or(&empty)).map_err(|e| ParseError {
+            parse_document(v, lines.get(i).unwrap_or(&empty), true).map_err(|e| ParseError {
                 document: i + 1,
                 ..e
             })
@@ -124,12 +124,15 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, ParseError> {
         .collect()
 }
 
-/// Parses one document already read into a JSON value (line numbers unknown).
+/// Parses one stored document already read into a JSON value (line numbers unknown). It is
+/// held to [`validate`]'s rules, not to the ones only new writes must meet
+/// ([`crate::validate::admit`]), which [`parse_documents`] applies: what an older weft stored
+/// reads back as it was.
 pub fn parse_value(value: Value) -> Result<Document, ParseError> {
-    parse_document(value, &DocLines::default())
+    parse_document(value, &DocLines::default(), false)
 }
 
-fn parse_document(value: Value, lines: &DocLines) -> Result<Document, ParseError> {
+fn parse_document(value: Value, lines: &DocLines, admit: bool) -> Result<Document, ParseError> {
     let err = |field: &str, message: String| ParseError {
         document: 1,
         line: Some(lines.line_of(field)).filter(|l| *l > 0),
@@ -150,13 +153,21 @@ fn parse_document(value: Value, lines: &DocLines) -> Result<Document, ParseError
         parse_universal(top, &err)
     }
     .and_then(|doc| {
-        validate(&doc.resource).map_err(|e| {
-            let field = match doc.form {
-                Form::Universal => e.path.clone(),
-                Form::Kubernetes => kubernetes_path(doc.resource.resource_type(), &e.path),
-            };
-            err(&field, e.message)
-        })?;
+        validate(&doc.resource)
+            .and_then(|()| {
+                if admit {
+                    crate::validate::admit(&doc.resource)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                let field = match doc.form {
+                    Form::Universal => e.path.clone(),
+                    Form::Kubernetes => kubernetes_path(doc.resource.resource_type(), &e.path),
+                };
+                err(&field, e.message)
+            })?;
         Ok(doc)
     })
     .map_err(|e| ParseError {

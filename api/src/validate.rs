@@ -57,13 +57,81 @@ pub fn validate(resource: &Resource) -> Result {
         Spec::Dataplane(d) => validate_dataplane(d),
         Spec::TrafficPermission(p) => {
             validate_selectors("sources", &p.sources, false)?;
-            validate_permission_sources(&p.sources)?;
             validate_selectors("destinations", &p.destinations, true)
         }
         Spec::TrafficRoute(r) => validate_traffic_route(r),
         Spec::MeshTrafficPermission(p) => validate_mtp(p),
         Spec::MeshHttpRoute(r) => validate_mesh_http_route(r),
     }
+}
+
+/// The rules a resource is held to when it is written, on top of [`validate`]'s. They came
+/// after resources that break them could be stored, so reading those back (configuration,
+/// listings) must not drop them, which could change what a mesh allows: a stored one keeps
+/// working as it did (its extra selector tags ignored), and only new writes are refused.
+pub fn admit(resource: &Resource) -> Result {
+    match &resource.spec {
+        Spec::TrafficPermission(p) => validate_permission_sources(&p.sources),
+        Spec::TrafficRoute(r) => {
+            for (i, d) in r.destinations.iter().enumerate() {
+                // Routes are chosen per destination service (subsets by the split).
+                only_service_tag(
+                    &format!("destinations[{i}].match"),
+                    &d.tags,
+                    "a TrafficRoute's destination is a service",
+                )?;
+            }
+            Ok(())
+        }
+        Spec::Dataplane(d) => admit_dataplane(d),
+        _ => Ok(()),
+    }
+}
+
+fn admit_dataplane(d: &DataplaneSpec) -> Result {
+    let n = &d.networking;
+    for (i, ib) in n.inbound.iter().enumerate() {
+        let p = format!("networking.inbound[{i}]");
+        if let Some(a) = &ib.address {
+            // Peers dial the inbound's address; in explicit mode the proxy listens on
+            // `networking.address` only, so another address would be one nobody serves.
+            // (In transparent mode every local address is intercepted.)
+            if n.transparent_proxying.is_none() && !same_ip(a, &n.address) {
+                fail(
+                    format!("{p}.address"),
+                    "an inbound address other than `networking.address` needs transparent \
+                     proxying: weft's explicit inbound listeners bind `networking.address`",
+                )?;
+            }
+        }
+        if n.transparent_proxying.is_none()
+            && ib.app_port() == ib.port
+            && (same_ip(ib.app_address(), &n.address)
+                || [ib.app_address(), n.address.as_str()]
+                    .iter()
+                    .any(|a| a.parse::<IpAddr>().is_ok_and(|a| a.is_unspecified())))
+        {
+            // The explicit listener is `networking.address:port`: the app cannot be there.
+            fail(
+                format!("{p}.servicePort"),
+                format!(
+                    "the app at {}:{} would be the inbound's own listener: give the app \
+                     another servicePort or serviceAddress",
+                    ib.app_address(),
+                    ib.app_port()
+                ),
+            )?;
+        }
+    }
+    for (i, ob) in n.outbound.iter().enumerate() {
+        let p = format!("networking.outbound[{i}]");
+        only_service_tag(
+            &format!("{p}.tags"),
+            &ob.tags,
+            "an outbound is for one service",
+        )?;
+    }
+    Ok(())
 }
 
 /// Checks a DNS-1123 name: lower-case alphanumerics and `-` (and `.` between labels unless
@@ -428,35 +496,6 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
         }
         if let Some(a) = &ib.address {
             validate_ip(&format!("{p}.address"), a)?;
-            // Peers dial the inbound's address; in explicit mode the proxy listens on
-            // `networking.address` only, so another address would be one nobody serves.
-            // (In transparent mode every local address is intercepted.)
-            if n.transparent_proxying.is_none() && !same_ip(a, &n.address) {
-                fail(
-                    format!("{p}.address"),
-                    "an inbound address other than `networking.address` needs transparent \
-                     proxying: weft's explicit inbound listeners bind `networking.address`",
-                )?;
-            }
-        }
-        if n.transparent_proxying.is_none()
-            && ib.app_port() == ib.port
-            && (same_ip(ib.app_address(), &n.address)
-                || ib
-                    .app_address()
-                    .parse::<IpAddr>()
-                    .is_ok_and(|a| a.is_unspecified()))
-        {
-            // The explicit listener is `networking.address:port`: the app cannot be there.
-            fail(
-                format!("{p}.servicePort"),
-                format!(
-                    "the app at {}:{} would be the inbound's own listener: give the app \
-                     another servicePort or serviceAddress",
-                    ib.app_address(),
-                    ib.app_port()
-                ),
-            )?;
         }
         validate_tags(&format!("{p}.tags"), &ib.tags, true)?;
         if let Some(service) = ib.tags.get(SERVICE_TAG) {
@@ -471,11 +510,6 @@ fn validate_dataplane(d: &DataplaneSpec) -> Result {
             validate_ip(&format!("{p}.address"), a)?;
         }
         validate_tags(&format!("{p}.tags"), &ob.tags, true)?;
-        only_service_tag(
-            &format!("{p}.tags"),
-            &ob.tags,
-            "an outbound is for one service",
-        )?;
         claim(format!("{p}.port"), ob.port)?;
     }
     if let Some(tp) = &n.transparent_proxying {
@@ -611,14 +645,6 @@ fn validate_method(path: &str, method: &str) -> Result {
 fn validate_traffic_route(r: &TrafficRouteSpec) -> Result {
     validate_selectors("sources", &r.sources, false)?;
     validate_selectors("destinations", &r.destinations, true)?;
-    for (i, d) in r.destinations.iter().enumerate() {
-        // Routes are chosen per destination service (subsets are chosen by the split).
-        only_service_tag(
-            &format!("destinations[{i}].match"),
-            &d.tags,
-            "a TrafficRoute's destination is a service",
-        )?;
-    }
     validate_splits("conf", &r.conf.split, r.conf.destination.as_ref())?;
     for (i, h) in r.conf.http.iter().enumerate() {
         let p = format!("conf.http[{i}]");

@@ -604,6 +604,30 @@ mod tests {
         assert!(matches!(store.get(&key), Err(StoreError::Corrupt { .. })));
     }
 
+    /// A row stored before a rule only new writes are held to (here: a TrafficPermission
+    /// source narrowed by a tag other than the service) reads back as it was, instead of
+    /// being left out of the configuration, which could widen what the mesh allows.
+    #[test]
+    fn a_row_from_before_an_admission_rule_still_reads() {
+        let store = SqliteStore::in_memory().expect("store");
+        crate::run::initialize_store(&store, false).expect("default mesh");
+        let yaml = "type: TrafficPermission\nmesh: default\nname: old\nsources: [{match: {kuma.io/service: web, version: v1}}]\ndestinations: [{match: {kuma.io/service: api}}]\n";
+        let err = weft_api::parse::parse_documents(yaml).expect_err("refused as a new write");
+        assert_eq!(err.field.as_deref(), Some("sources[0].match.version"));
+        let value = serde_json::json!({
+            "type": "TrafficPermission", "mesh": "default", "name": "old",
+            "sources": [{"match": {"kuma.io/service": "web", "version": "v1"}}],
+            "destinations": [{"match": {"kuma.io/service": "api"}}],
+        });
+        let doc = weft_api::parse::parse_value(value).expect("read back as stored");
+        store.put(&doc.resource, None).expect("stored");
+        let listed = store
+            .list(ResourceType::TrafficPermission, None)
+            .expect("listing");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].resource.name, "old");
+    }
+
     /// A first start whose initialization failed is not marked done: the next start runs it
     /// again (and only until it succeeds once).
     #[test]
