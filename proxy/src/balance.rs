@@ -303,20 +303,13 @@ impl Balancer {
     ) -> Option<&Arc<EndpointState>> {
         let n = self.endpoints.len();
         let mut rng = rand::rng();
-        // Drawn with replacement, as Envoy does; with as many draws as endpoints or more,
-        // every endpoint is looked at instead.
-        let best = if choices as usize >= n {
-            self.endpoints
-                .iter()
-                .filter(|e| ok(e))
-                .min_by_key(|e| e.in_flight())
-        } else {
-            (0..choices)
-                .map(|_| &self.endpoints[rng.random_range(0..n)])
-                .filter(|e| ok(e))
-                .min_by_key(|e| e.in_flight())
-        };
-        best.or_else(|| self.random(ok))
+        // Drawn at random with replacement, as Envoy does, so that of endpoints equally busy
+        // each is as likely (a scan would always take the first of equals).
+        (0..choices)
+            .map(|_| &self.endpoints[rng.random_range(0..n)])
+            .filter(|e| ok(e))
+            .min_by_key(|e| e.in_flight())
+            .or_else(|| self.random(ok))
     }
 }
 
@@ -335,15 +328,25 @@ mod tests {
 
     #[test]
     fn least_request_takes_the_fewest_in_flight_of_its_choices() {
-        // As many choices as endpoints: always the least busy one.
+        // Three draws of three endpoints: the idle one wins whenever it is drawn (70 %).
         let b = balancer(LbKind::LeastRequest { choices: 3 }, 3);
         let _busy: Vec<InFlight> = [0, 0, 2, 2, 2]
             .iter()
             .map(|i| b.endpoints()[*i].start())
             .collect();
-        for _ in 0..20 {
-            assert_eq!(b.pick(&[]).unwrap().addr, addr(2));
-        }
+        let idle = (0..300)
+            .filter(|_| b.pick(&[]).unwrap().addr == addr(2))
+            .count();
+        assert!(idle > 150, "the idle endpoint only {idle} times of 300");
+        // Equally busy endpoints share the traffic.
+        let b = balancer(LbKind::LeastRequest { choices: 2 }, 2);
+        let first = (0..300)
+            .filter(|_| b.pick(&[]).unwrap().addr == addr(1))
+            .count();
+        assert!(
+            (75..=225).contains(&first),
+            "{first} of 300 to the first of two idle"
+        );
         // Two choices of three: the busiest is never picked unless drawn twice.
         let b = balancer(LbKind::LeastRequest { choices: 2 }, 3);
         let _busy: Vec<InFlight> = (0..5).map(|_| b.endpoints()[0].start()).collect();
