@@ -414,6 +414,10 @@ async fn a_plaintext_connection_is_refused_once_mtls_is_strict() {
     let url = format!("http://127.0.0.1:{inbound_port}/x");
     let (status, body) = get(&c, &url, &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Without a proxy of its own, a plaintext caller's request is bounded by the inbound's
+    // request timeout (500 ms in these tests; the app takes 2 s).
+    let (status, body) = get(&c, &format!("http://127.0.0.1:{inbound_port}/slow"), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
 
     let mut snap = m.server_snaps[0].clone();
     if let Some(mtls) = snap.mesh.as_mut().and_then(|mesh| mesh.mtls.as_mut()) {
@@ -664,6 +668,60 @@ async fn a_stalled_endpoint_costs_a_request_at_most_the_request_timeout() {
     }
     assert!(took < Duration::from_secs(4), "10 requests took {took:?}");
     held.abort();
+}
+
+/// Requests that queued behind one attempt to connect fail with it when it fails, and do not
+/// each try again in turn: an endpoint that drops every connection 300 ms into its TLS
+/// handshake answers ten concurrent requests in about 300 ms, not ten times that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_behind_a_failed_connect_fail_with_it() {
+    let m = mesh_full(
+        Duration::from_secs(10),
+        |_| {},
+        vec![vec![endpoint("v1", app("one").await)]],
+        |_| {},
+    );
+    let flaky = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flaky_port = flaky.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = flaky.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(s);
+            });
+        }
+    });
+    let mut snap = m.client_snap.clone();
+    snap.outbounds[0].endpoints[0].port = u32::from(flaky_port);
+    let dp = m.client.dp.as_ref().unwrap();
+    let config = ProxyConfig::from_snapshot(&snap)
+        .expect("valid snapshot")
+        .with_telemetry(dp.config().telemetry.clone());
+    dp.apply(config).expect("applied");
+
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    let began = std::time::Instant::now();
+    let answers = futures::future::join_all((0..10).map(|_| get(&c, &url, &[]))).await;
+    let took = began.elapsed();
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    assert!(
+        took < Duration::from_millis(1500),
+        "10 requests took {took:?}"
+    );
+    // One attempt for all that arrived while it ran (a request that came after it failed
+    // may try once more).
+    let attempts = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        attempts <= 2,
+        "{attempts} attempts to connect for 10 requests"
+    );
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -415,20 +415,43 @@ async fn forward(
         body = body.count_into(c.clone());
     }
     let req = Request::from_parts(parts, body);
-    let sent = if app_http2 {
-        ctx.clients
-            .http2
-            .send(req)
-            .await
-            .map(|(r, open)| r.map(|stream| Body::stream(stream, Some(open))))
-            .map_err(|e| e.to_string())
+    let send = async {
+        if app_http2 {
+            ctx.clients
+                .http2
+                .send(req)
+                .await
+                .map(|(r, open)| r.map(|stream| Body::stream(stream, Some(open))))
+                .map_err(|e| e.to_string())
+        } else {
+            ctx.clients
+                .http1_pool
+                .send(req)
+                .await
+                .map(|r| r.map(Body::app))
+                .map_err(|e| e.to_string())
+        }
+    };
+    let sent = if ctx.peer_is_mesh() {
+        // The caller's own proxy bounds the request (Kuma's 15 s, then 504 and a reset).
+        send.await
     } else {
-        ctx.clients
-            .http1_pool
-            .send(req)
-            .await
-            .map(|r| r.map(Body::app))
-            .map_err(|e| e.to_string())
+        // A plaintext caller has no proxy of its own: the request timeout is applied here.
+        let limit = ctx.shared.opts.request_timeout;
+        let deadline = observation.started().checked_add(limit);
+        let timed = match deadline {
+            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), send).await,
+            None => Ok(send.await),
+        };
+        match timed {
+            Ok(sent) => sent,
+            Err(_) => {
+                return observed(
+                    local_response(StatusCode::GATEWAY_TIMEOUT, "app request timeout\n"),
+                    observation,
+                );
+            }
+        }
     };
     let resp = match sent {
         Ok(r) => r,
