@@ -10,10 +10,13 @@
 //! is shut down (TCP FIN, or `close_notify` then FIN) and the opposite direction carries on
 //! until it finishes too.
 
+use futures::task::AtomicWaker;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -253,6 +256,14 @@ where
     let mut ab = Direction::default();
     let mut ba = Direction::default();
     let mut stop = std::pin::pin!(stop);
+    // `stop` is polled only when its own waker fired (and once at first), not on every wake
+    // of the copy: waiting futures such as a `watch` change take a lock each time they are
+    // polled, and a busy copy wakes for every chunk.
+    let gate = Arc::new(Gate {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let gate_waker = Waker::from(gate.clone());
     // Capped so that the deadline arithmetic cannot overflow.
     let period = idle_timeout.map(|t| (t / IDLE_CHECKS).clamp(Duration::from_millis(1), DAY));
     // Boxed: an idle connection's future stays small, and the timer is needed only here.
@@ -264,7 +275,13 @@ where
             b_to_a: ba.bytes,
             ended,
         };
-        if stop.as_mut().poll(cx).is_ready() {
+        gate.task.register(cx.waker());
+        if gate.woken.swap(false, Ordering::AcqRel)
+            && stop
+                .as_mut()
+                .poll(&mut Context::from_waker(&gate_waker))
+                .is_ready()
+        {
             return Poll::Ready(Ok(copied(&ab, &ba, Ended::Stopped)));
         }
         let ab_state = ab.poll_copy(cx, a, b)?;
@@ -289,6 +306,23 @@ where
         Poll::Pending
     })
     .await
+}
+
+/// Wakes the copy's task for its `stop` future, and notes that it did.
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// The longest idle check period.

@@ -230,10 +230,13 @@ impl DataPath {
             }
         }
         if let Some(config) = config {
+            let config = Arc::new(config);
+            self.shared.config.store(config.clone());
+            // After the store: a connection accepted under the old config could otherwise
+            // put back a client for an app the new one dropped.
             self.shared
                 .app_clients
                 .retain_upstreams(|up| config.inbounds.values().any(|i| i.upstream == up));
-            self.shared.config.store(Arc::new(config));
             self.shared
                 .config_changes
                 .send_modify(|generation| *generation = generation.wrapping_add(1));

@@ -306,7 +306,7 @@ async fn an_open_tunnel_is_closed_once_its_permission_is_revoked() {
     assert!(reply.map(|r| r.is_empty()).unwrap_or(true));
 }
 
-/// Kuma's idle timeout (1 h; here 400 ms) closes a connection that moved no byte either way
+/// Kuma's idle timeout (1 h; here 1 s) closes a connection that moved no byte either way
 /// for that long, whatever state it is in: an opaque connection through both sidecars (a
 /// peer that vanished without a FIN would hold it forever), and an HTTP connection whose
 /// request head never finished (a graceful close waits for the exchange in progress). A
@@ -314,7 +314,7 @@ async fn an_open_tunnel_is_closed_once_its_permission_is_revoked() {
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_idle_timeout() {
     let opts = DataPathOptions {
-        idle_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_secs(1),
         ..local_opts()
     };
     let p = pair_opts(None, echo_server().await, vec![allow("web")], opts).await;
@@ -333,7 +333,7 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
         "a silent tunnel was kept open"
     );
     assert!(
-        began.elapsed() >= Duration::from_millis(300),
+        began.elapsed() >= Duration::from_millis(800),
         "closed too early"
     );
 

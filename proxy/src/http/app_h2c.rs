@@ -162,7 +162,7 @@ impl Inner {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         current
             .iter()
-            .find(|s| !s.is_closed() && s.streams() < s.max_streams())
+            .find(|s| !s.is_closed() && s.has_room())
             .cloned()
     }
 

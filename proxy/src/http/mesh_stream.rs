@@ -39,6 +39,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) struct ConnState {
     closed: AtomicBool,
     streams: AtomicUsize,
+    /// The peer's stream limit as last read (0: not read yet); see [`MeshSender::has_room`].
+    max_streams: AtomicUsize,
 }
 
 impl ConnState {
@@ -189,10 +191,17 @@ impl MeshSender {
         self.state.streams.load(Ordering::Relaxed)
     }
 
-    /// The most streams the peer lets this side open at once (its
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`, as last heard).
-    pub fn max_streams(&self) -> usize {
-        self.tx.current_max_send_streams()
+    /// Whether another stream may open now under the peer's limit (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`). The limit is read again (under h2's connection
+    /// lock) only when the open streams reach the one read last, not for every request.
+    pub fn has_room(&self) -> bool {
+        let open = self.streams();
+        if open < self.state.max_streams.load(Ordering::Relaxed) {
+            return true;
+        }
+        let max = self.tx.current_max_send_streams();
+        self.state.max_streams.store(max, Ordering::Relaxed);
+        open < max
     }
 
     /// Sends `req` on a new stream and waits for the response head. A request body that is

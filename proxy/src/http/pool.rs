@@ -245,31 +245,37 @@ impl MeshPool {
     /// connection when there is none. Connect outcomes feed the endpoint's ejection state.
     pub(crate) async fn get(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         mesh: &str,
         mtls: bool,
         service: &str,
-        endpoint: &EndpointState,
+        endpoint: &Arc<EndpointState>,
     ) -> Result<MeshSender, ConnectError> {
         let entry = self.entry((endpoint.addr, mtls));
         if let Some(c) = entry.first_with_room(service) {
             return Ok(c.sender.clone());
         }
-        // Boxed: opening a connection (TCP connect, TLS handshake) is a future of some
-        // kilobytes that every request's future would otherwise carry, though few requests
-        // ever open one.
-        Box::pin(async move {
-            let failures = entry.failures.load(Ordering::Acquire);
+        // In a task of its own, which also keeps opening (a future of some kilobytes) out of
+        // every request's future: the attempt runs to its end, and records its outcome
+        // (ejection, and the failure the requests queued behind it take), even when the
+        // request that started it gives up first (its deadline).
+        let failures = entry.failures.load(Ordering::Acquire);
+        let addr = endpoint.addr;
+        let (shared, endpoint) = (Arc::clone(shared), Arc::clone(endpoint));
+        let (mesh, service) = (mesh.to_string(), service.to_string());
+        let opening = tokio::spawn(async move {
             let _connecting = entry.connecting.lock().await;
-            if let Some(c) = entry.first_with_room(service) {
+            if let Some(c) = entry.first_with_room(&service) {
                 return Ok(c.sender.clone());
             }
             let conn = entry
-                .open_after_wait(failures, shared, mesh, mtls, service, endpoint)
+                .open_after_wait(failures, &shared, &mesh, mtls, &service, &endpoint)
                 .await?;
             Ok(conn.sender.clone())
-        })
-        .await
+        });
+        opening
+            .await
+            .unwrap_or(Err(ConnectError::JustFailed { endpoint: addr }))
     }
 
     /// A stream slot for an opaque-TCP tunnel to `endpoint`: on a connection with fewer than
