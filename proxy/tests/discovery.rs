@@ -123,6 +123,31 @@ fn keeping_all_but_inbounds(full: &pb::Snapshot) -> pb::Snapshot {
     }
 }
 
+/// Serves `cp` on a loopback port; returns its address.
+async fn serve<S: pb::discovery_server::Discovery>(cp: S) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::discovery_server::DiscoveryServer::new(cp))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    addr
+}
+
+/// A discovery client of dataplane `backend-1` for the control plane at `addr`.
+fn client_of(addr: std::net::SocketAddr) -> Arc<Discovery> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_lazy();
+    Arc::new(Discovery::new(
+        channel,
+        "type: Dataplane\nmesh: default\nname: backend-1\n".into(),
+        TokenSource::Inline("token".into()),
+        Arc::new(Metrics::new()),
+    ))
+}
+
 async fn next(seen: &mut mpsc::UnboundedReceiver<Kind>) -> Kind {
     tokio::time::timeout(Duration::from_secs(5), seen.recv())
         .await
@@ -141,22 +166,7 @@ async fn kept_parts_are_filled_in_from_the_applied_snapshot() {
         script: vec![v1.clone(), keeping_all_but_inbounds(&v2), stale.clone()],
         seen: seen_tx,
     };
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::discovery_server::DiscoveryServer::new(cp))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_lazy();
-    let discovery = Arc::new(Discovery::new(
-        channel,
-        "type: Dataplane\nmesh: default\nname: backend-1\n".into(),
-        TokenSource::Inline("token".into()),
-        Arc::new(Metrics::new()),
-    ));
+    let discovery = client_of(serve(cp).await);
     let applied = discovery.applied();
     let shutdown = CancellationToken::new();
     let run = {
@@ -244,22 +254,7 @@ async fn the_backoff_starts_over_after_a_stream_that_was_up() {
         attempts: attempts.clone(),
         snapshot: complete("1", "web"),
     };
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::discovery_server::DiscoveryServer::new(cp))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_lazy();
-    let discovery = Arc::new(Discovery::new(
-        channel,
-        "type: Dataplane\nmesh: default\nname: backend-1\n".into(),
-        TokenSource::Inline("token".into()),
-        Arc::new(Metrics::new()),
-    ));
+    let discovery = client_of(serve(cp).await);
     let shutdown = CancellationToken::new();
     let run = {
         let (d, s) = (discovery.clone(), shutdown.clone());

@@ -289,6 +289,17 @@ fn mesh_full(
     }
 }
 
+/// Moves the client's one endpoint of `api` to `port` on 127.0.0.1.
+fn point_client_at(m: &Mesh, port: u16) {
+    let mut snap = m.client_snap.clone();
+    snap.outbounds[0].endpoints[0].port = u32::from(port);
+    let dp = m.client.dp.as_ref().unwrap();
+    let config = ProxyConfig::from_snapshot(&snap)
+        .expect("valid snapshot")
+        .with_telemetry(dp.config().telemetry.clone());
+    dp.apply(config).expect("applied");
+}
+
 fn endpoint(version: &'static str, app: SocketAddr) -> Endpoint {
     Endpoint {
         port: free_port(),
@@ -647,13 +658,7 @@ async fn a_stalled_endpoint_costs_a_request_at_most_the_request_timeout() {
             held.push(s);
         }
     });
-    let mut snap = m.client_snap.clone();
-    snap.outbounds[0].endpoints[0].port = u32::from(stall_port);
-    let dp = m.client.dp.as_ref().unwrap();
-    let config = ProxyConfig::from_snapshot(&snap)
-        .expect("valid snapshot")
-        .with_telemetry(dp.config().telemetry.clone());
-    dp.apply(config).expect("applied");
+    point_client_at(&m, stall_port);
 
     let c = http1_client();
     let url = format!("http://{}/x", m.outbound);
@@ -694,13 +699,7 @@ async fn requests_queued_behind_a_failed_connect_fail_with_it() {
             });
         }
     });
-    let mut snap = m.client_snap.clone();
-    snap.outbounds[0].endpoints[0].port = u32::from(flaky_port);
-    let dp = m.client.dp.as_ref().unwrap();
-    let config = ProxyConfig::from_snapshot(&snap)
-        .expect("valid snapshot")
-        .with_telemetry(dp.config().telemetry.clone());
-    dp.apply(config).expect("applied");
+    point_client_at(&m, flaky_port);
 
     let c = http1_client();
     let url = format!("http://{}/x", m.outbound);

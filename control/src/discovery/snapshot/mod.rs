@@ -157,6 +157,20 @@ mod tests {
         ]
     }
 
+    /// web-1's outbound for backend, in the fleet with `policy` applied.
+    fn web_outbound_to_backend(policy: &str) -> pb::OutboundService {
+        let store = SqliteStore::in_memory().expect("store");
+        let mut docs = vec![MESH.to_string(), policy.into()];
+        docs.extend(fleet());
+        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let views = load(&store, &docs);
+        let (_, snap) = built(&views, "web-1");
+        snap.outbounds
+            .into_iter()
+            .find(|o| o.service == "backend")
+            .expect("an outbound for backend")
+    }
+
     fn built(views: &Views, name: &str) -> (EncodedSnapshot, pb::Snapshot) {
         let view = &views.meshes["m"];
         let dp = &view.dataplanes[name];
@@ -215,18 +229,8 @@ mod tests {
     /// were written in: an exact path, then the longer prefix, then the catch-all.
     #[test]
     fn mesh_http_route_rules_go_most_precise_first() {
-        let store = SqliteStore::in_memory().expect("store");
         let route = "type: MeshHTTPRoute\nmesh: m\nname: r\nspec:\n  targetRef: {kind: Mesh}\n  to:\n  - targetRef: {kind: MeshService, name: backend}\n    rules:\n    - matches: [{path: {type: PathPrefix, value: /}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v0}}]}\n    - matches: [{path: {type: PathPrefix, value: /api}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v1}}]}\n    - matches: [{path: {type: Exact, value: /api/health}}]\n      default: {backendRefs: [{kind: MeshServiceSubset, name: backend, tags: {version: v2}}]}\n";
-        let mut docs = vec![MESH.to_string(), route.into()];
-        docs.extend(fleet());
-        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
-        let views = load(&store, &docs);
-        let (_, snap) = built(&views, "web-1");
-        let backend = snap
-            .outbounds
-            .iter()
-            .find(|o| o.service == "backend")
-            .expect("an outbound for backend");
+        let backend = web_outbound_to_backend(route);
         let versions: Vec<&str> = backend
             .http_rules
             .iter()
@@ -239,18 +243,8 @@ mod tests {
     /// applies where no MeshHTTPRoute targets the same traffic.
     #[test]
     fn route_all_sends_each_service_to_itself() {
-        let store = SqliteStore::in_memory().expect("store");
         let route_all = "type: TrafficRoute\nmesh: m\nname: route-all\nsources: [{match: {kuma.io/service: '*'}}]\ndestinations: [{match: {kuma.io/service: '*'}}]\nconf:\n  loadBalancer: {roundRobin: {}}\n  split:\n  - weight: 100\n    destination: {kuma.io/service: '*', version: '*'}\n";
-        let mut docs = vec![MESH.to_string(), route_all.into()];
-        docs.extend(fleet());
-        let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
-        let views = load(&store, &docs);
-        let (_, snap) = built(&views, "web-1");
-        let backend = snap
-            .outbounds
-            .iter()
-            .find(|o| o.service == "backend")
-            .expect("an outbound for backend");
+        let backend = web_outbound_to_backend(route_all);
         let tags: Vec<(&str, &str)> = backend.default_route[0]
             .tags
             .iter()
