@@ -289,6 +289,15 @@ fn mesh_full(
     }
 }
 
+/// Ten concurrent requests through the client proxy: their answers, and how long all took.
+async fn ten_at_once(m: &Mesh) -> (Vec<(StatusCode, String)>, Duration) {
+    let c = http1_client();
+    let url = format!("http://{}/x", m.outbound);
+    let began = std::time::Instant::now();
+    let answers = futures::future::join_all((0..10).map(|_| get(&c, &url, &[]))).await;
+    (answers, began.elapsed())
+}
+
 /// Moves the client's one endpoint of `api` to `port` on 127.0.0.1.
 fn point_client_at(m: &Mesh, port: u16) {
     let mut snap = m.client_snap.clone();
@@ -660,11 +669,7 @@ async fn a_stalled_endpoint_costs_a_request_at_most_the_request_timeout() {
     });
     point_client_at(&m, stall_port);
 
-    let c = http1_client();
-    let url = format!("http://{}/x", m.outbound);
-    let began = std::time::Instant::now();
-    let answers = futures::future::join_all((0..10).map(|_| get(&c, &url, &[]))).await;
-    let took = began.elapsed();
+    let (answers, took) = ten_at_once(&m).await;
     for (status, body) in &answers {
         assert!(
             *status == StatusCode::GATEWAY_TIMEOUT || *status == StatusCode::SERVICE_UNAVAILABLE,
@@ -701,11 +706,7 @@ async fn requests_queued_behind_a_failed_connect_fail_with_it() {
     });
     point_client_at(&m, flaky_port);
 
-    let c = http1_client();
-    let url = format!("http://{}/x", m.outbound);
-    let began = std::time::Instant::now();
-    let answers = futures::future::join_all((0..10).map(|_| get(&c, &url, &[]))).await;
-    let took = began.elapsed();
+    let (answers, took) = ten_at_once(&m).await;
     for (status, body) in &answers {
         assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     }
