@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What every request of one app connection shares.
@@ -305,11 +306,16 @@ async fn send(
         .map_or_else(far_future, tokio::time::Instant::from_std);
     let timed_out = || local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
     for _ in 0..CONNECT_ATTEMPTS {
-        let (target, sender) =
-            match tokio::time::timeout_at(deadline, connect(ctx, svc, rule)).await {
+        // A pooled connection with room answers at the first poll: the deadline's timer is
+        // set up only when connecting has to wait.
+        let mut connecting = std::pin::pin!(connect(ctx, svc, rule));
+        let (target, sender) = match futures::poll!(connecting.as_mut()) {
+            Poll::Ready(got) => got?,
+            Poll::Pending => match tokio::time::timeout_at(deadline, connecting).await {
                 Ok(got) => got?,
                 Err(_) => return Err(timed_out()),
-            };
+            },
+        };
         let in_flight = target.endpoint.start();
         let sent = tokio::time::timeout_at(deadline, sender.send(req)).await;
         match sent {
