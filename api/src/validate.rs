@@ -565,13 +565,12 @@ fn validate_selectors(path: &str, selectors: &[Selector], need_service: bool) ->
 /// by other tags could never match, and, as the inbound's one TrafficPermission, would deny
 /// every caller without a word.
 fn validate_permission_sources(sources: &[Selector]) -> Result {
-    let service = crate::dataplane::SERVICE_TAG;
     for (i, s) in sources.iter().enumerate() {
         let path = format!("sources[{i}].match");
-        if !s.tags.contains_key(service) {
+        if !s.tags.contains_key(SERVICE_TAG) {
             fail(
                 &path,
-                format!("callers are told apart by service only: select them by `{service}`"),
+                format!("callers are told apart by service only: select them by `{SERVICE_TAG}`"),
             )?;
         }
         only_service_tag(

@@ -10,6 +10,7 @@
 //! is shut down (TCP FIN, or `close_notify` then FIN) and the opposite direction carries on
 //! until it finishes too.
 
+use crate::http::idle::Quiet;
 use futures::task::AtomicWaker;
 use std::future::poll_fn;
 use std::io;
@@ -234,10 +235,6 @@ pub struct Copied {
     pub ended: Ended,
 }
 
-/// How many quiet checks make a copy idle: it ends between 7/8 and 9/8 of the timeout after
-/// its last byte, and its timer fires eight times per timeout, not once per read.
-const IDLE_CHECKS: u32 = 8;
-
 /// [`copy_bidirectional`], ended early when `stop` resolves, or when no byte has moved
 /// either way for `idle_timeout` (Kuma's TCP idle timeout: a peer that vanished without a
 /// FIN or RST must not hold two sockets and a task forever). What is in flight is dropped
@@ -264,11 +261,13 @@ where
         task: AtomicWaker::new(),
     });
     let gate_waker = Waker::from(gate.clone());
-    // Capped so that the deadline arithmetic cannot overflow.
-    let period = idle_timeout.map(|t| (t / IDLE_CHECKS).clamp(Duration::from_millis(1), DAY));
+    // The copy ends between 7/8 and 9/8 of the timeout after its last byte; its timer fires
+    // a few times per timeout, not once per read. Capped so that the deadline arithmetic
+    // cannot overflow.
+    let period = idle_timeout.map(|t| Quiet::period(t).clamp(Duration::from_millis(1), DAY));
     // Boxed: an idle connection's future stays small, and the timer is needed only here.
     let mut check = period.map(|p| Box::pin(tokio::time::sleep(p)));
-    let (mut seen, mut quiet) = (0u64, 0u32);
+    let mut quiet = Quiet::from(0);
     poll_fn(|cx| {
         let copied = |ab: &Direction, ba: &Direction, ended| Copied {
             a_to_b: ab.bytes,
@@ -291,14 +290,8 @@ where
         }
         if let (Some(check), Some(period)) = (check.as_mut(), period) {
             while check.as_mut().poll(cx).is_ready() {
-                let moved = ab.moved() + ba.moved();
-                if moved == seen {
-                    quiet += 1;
-                    if quiet >= IDLE_CHECKS {
-                        return Poll::Ready(Ok(copied(&ab, &ba, Ended::Idle)));
-                    }
-                } else {
-                    (seen, quiet) = (moved, 0);
+                if quiet.idle_at(ab.moved() + ba.moved()) {
+                    return Poll::Ready(Ok(copied(&ab, &ba, Ended::Idle)));
                 }
                 check.as_mut().reset(tokio::time::Instant::now() + period);
             }

@@ -16,6 +16,41 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// How many quiet checks make a connection idle.
 const CHECKS: u32 = 8;
 
+/// The idle rule on a progress counter read once per [`Quiet::period`]: idle once it has not
+/// moved for [`CHECKS`] checks in a row. Shared by [`Activity`] and the opaque copy
+/// ([`crate::copy::copy_until`]), which counts its own bytes.
+#[derive(Debug)]
+pub(crate) struct Quiet {
+    seen: u64,
+    quiet: u32,
+}
+
+impl Quiet {
+    /// Starts from the counter's value now.
+    pub(crate) fn from(count: u64) -> Self {
+        Self {
+            seen: count,
+            quiet: 0,
+        }
+    }
+
+    /// How often to check for an idle `timeout`.
+    pub(crate) fn period(timeout: Duration) -> Duration {
+        timeout / CHECKS
+    }
+
+    /// Records the counter at a check; true once it has stood still long enough.
+    pub(crate) fn idle_at(&mut self, count: u64) -> bool {
+        if count == self.seen {
+            self.quiet += 1;
+            self.quiet >= CHECKS
+        } else {
+            (self.seen, self.quiet) = (count, 0);
+            false
+        }
+    }
+}
+
 /// The activity counter of one connection.
 #[derive(Debug, Clone, Default)]
 pub struct Activity(Arc<AtomicU64>);
@@ -27,20 +62,12 @@ impl Activity {
 
     /// Resolves once no byte has moved for about `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
-        let period = timeout / CHECKS;
-        let mut seen = self.0.load(Ordering::Relaxed);
-        let mut quiet = 0;
+        let period = Quiet::period(timeout);
+        let mut quiet = Quiet::from(self.0.load(Ordering::Relaxed));
         loop {
             tokio::time::sleep(period).await;
-            let now = self.0.load(Ordering::Relaxed);
-            if now == seen {
-                quiet += 1;
-                if quiet >= CHECKS {
-                    return;
-                }
-            } else {
-                seen = now;
-                quiet = 0;
+            if quiet.idle_at(self.0.load(Ordering::Relaxed)) {
+                return;
             }
         }
     }

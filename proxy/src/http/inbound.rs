@@ -437,13 +437,9 @@ async fn forward(
         send.await
     } else {
         // A plaintext caller has no proxy of its own: the request timeout is applied here.
-        let limit = ctx.shared.opts.request_timeout;
-        let deadline = observation.started().checked_add(limit);
-        let timed = match deadline {
-            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), send).await,
-            None => Ok(send.await),
-        };
-        match timed {
+        let deadline =
+            crate::http::request_deadline(observation.started(), ctx.shared.opts.request_timeout);
+        match tokio::time::timeout_at(deadline, send).await {
             Ok(sent) => sent,
             Err(_) => {
                 return observed(

@@ -44,6 +44,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// When a request that began at `began` times out after `limit` (as good as never when the
+/// sum does not fit an instant).
+pub(crate) fn request_deadline(began: std::time::Instant, limit: Duration) -> tokio::time::Instant {
+    began.checked_add(limit).map_or_else(
+        || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
+        tokio::time::Instant::from_std,
+    )
+}
+
 /// Kuma's default idle timeout: a connection with no byte moving for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Kuma's default request timeout: the response head must arrive within it (504 otherwise).

@@ -300,10 +300,7 @@ async fn send(
     // included (as Envoy's route timeout), so endpoints that take TCP connections and never
     // finish the handshake cannot hold a request for attempts × (connect + handshake)
     // timeouts. `began` spares a clock read.
-    let limit = ctx.shared.opts.request_timeout;
-    let deadline = began
-        .checked_add(limit)
-        .map_or_else(far_future, tokio::time::Instant::from_std);
+    let deadline = crate::http::request_deadline(began, ctx.shared.opts.request_timeout);
     let timed_out = || local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
     for _ in 0..CONNECT_ATTEMPTS {
         // A pooled connection with room answers at the first poll: the deadline's timer is
@@ -340,11 +337,6 @@ async fn send(
         StatusCode::SERVICE_UNAVAILABLE,
         "no endpoint reachable\n",
     ))
-}
-
-/// A deadline as good as never (a request timeout too large to add to now).
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// Picks an endpoint for the request and gets a pooled connection to it, trying up to
