@@ -26,12 +26,25 @@
 //! Only sockets created by processes of the cgroup (or its descendants) are recorded, and a
 //! redirect needs both ends recorded: attach it to the pod's cgroup (or the root of the
 //! cgroup2 hierarchy, for every process of the host).
+//!
+//! In transparent mode the app's hop to its sidecar goes through iptables' `REDIRECT`, so the
+//! app's socket names the original destination and has no recorded peer. A network namespace
+//! registered with [`register_transparent`] (`weft-iptables ebpf transparent`) has its apps'
+//! outbound TCP connections sent to the proxy's outbound port on 127.0.0.1 at `connect` time
+//! instead (a `cgroup/connect4` program; the same connections as the iptables rules, by
+//! [`TransparentConf`]), and a `cgroup/getsockopt` program answers the proxy's
+//! `SO_ORIGINAL_DST` with the destination the app asked for. The proxy cannot tell the two
+//! ways apart, the iptables rules stay as the fallback (for IPv6, for a namespace not
+//! registered), and the hop is redirected like any other local one. Namespaces are told
+//! apart by their cookie, so one install on the host's root cgroup serves every pod that
+//! registers. Kuma's eBPF mode (merbridge) does the same at connect time.
 
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// The compiled programs, when this build had clang (`build.rs`).
@@ -49,6 +62,41 @@ const SOCKOPS_PROGRAM: &str = "weft_sockops";
 const MSG_PROGRAM: &str = "weft_msg";
 /// The sockhash's name in the object.
 const SOCKET_MAP: &str = "weft_socks";
+/// The `cgroup/connect4` program's name in the object (transparent mode's connect redirect).
+const CONNECT_PROGRAM: &str = "weft_connect4";
+/// The `cgroup/getsockopt` program's name in the object (its SO_ORIGINAL_DST).
+const GETSOCKOPT_PROGRAM: &str = "weft_getsockopt";
+/// The map of registered network namespaces' transparent settings.
+const TRANSPARENT_MAP: &str = "weft_transparent";
+/// A program attached to the cgroup.
+struct CgroupProgram {
+    /// Its name in the object.
+    program: &'static str,
+    /// Its attach type as `bpftool cgroup attach` takes it.
+    attach_type: &'static str,
+    /// The same as `bpftool cgroup show` prints it: libbpf's name (bpftool 7) or the one it
+    /// takes (older bpftool).
+    shown_as: [&'static str; 2],
+}
+
+/// The programs attached to the cgroup.
+const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
+    CgroupProgram {
+        program: SOCKOPS_PROGRAM,
+        attach_type: "sock_ops",
+        shown_as: ["cgroup_sock_ops", "sock_ops"],
+    },
+    CgroupProgram {
+        program: CONNECT_PROGRAM,
+        attach_type: "connect4",
+        shown_as: ["cgroup_inet4_connect", "connect4"],
+    },
+    CgroupProgram {
+        program: GETSOCKOPT_PROGRAM,
+        attach_type: "getsockopt",
+        shown_as: ["cgroup_getsockopt", "getsockopt"],
+    },
+];
 
 /// The default name of the pin directory under the bpffs mount.
 pub const DEFAULT_NAME: &str = "weft";
@@ -91,8 +139,16 @@ impl EbpfConfig {
         self.pin_dir().join("progs").join(MSG_PROGRAM)
     }
 
+    fn program_pin(&self, program: &str) -> PathBuf {
+        self.pin_dir().join("progs").join(program)
+    }
+
     fn map_pin(&self) -> PathBuf {
         self.pin_dir().join("maps").join(SOCKET_MAP)
+    }
+
+    fn transparent_map_pin(&self) -> PathBuf {
+        self.pin_dir().join("maps").join(TRANSPARENT_MAP)
     }
 
     /// Checks everything [`install`] needs: the name, a cgroup v2 directory to attach to, and
@@ -248,18 +304,20 @@ fn load_and_attach(cfg: &EbpfConfig, object_file: &Path) -> Result<()> {
             &pins.join("maps"),
         ],
     )?;
-    bpftool(
-        cfg,
-        &[
-            &"cgroup",
-            &"attach",
-            &cfg.cgroup,
-            &"sock_ops",
-            &"pinned",
-            &cfg.sockops_pin(),
-            &"multi",
-        ],
-    )?;
+    for p in &CGROUP_PROGRAMS {
+        bpftool(
+            cfg,
+            &[
+                &"cgroup",
+                &"attach",
+                &cfg.cgroup,
+                &p.attach_type,
+                &"pinned",
+                &cfg.program_pin(p.program),
+                &"multi",
+            ],
+        )?;
+    }
     bpftool(
         cfg,
         &[
@@ -284,23 +342,27 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
     if !pins.exists() {
         return Ok(());
     }
-    // Either attachment may be missing after a failed install: detach what is there.
+    // Any attachment may be missing after a failed install: detach what is there.
     let mut errors = Vec::new();
-    if cfg.sockops_pin().exists()
-        && is_attached(cfg).unwrap_or(false)
-        && let Err(e) = bpftool(
-            cfg,
-            &[
-                &"cgroup",
-                &"detach",
-                &cfg.cgroup,
-                &"sock_ops",
-                &"pinned",
-                &cfg.sockops_pin(),
-            ],
-        )
-    {
-        errors.push(e.to_string());
+    let attached = attached_programs(cfg).unwrap_or_default();
+    for p in &CGROUP_PROGRAMS {
+        let pin = cfg.program_pin(p.program);
+        if pin.exists()
+            && is_attached_as(cfg, &attached, &pin, p).unwrap_or(false)
+            && let Err(e) = bpftool(
+                cfg,
+                &[
+                    &"cgroup",
+                    &"detach",
+                    &cfg.cgroup,
+                    &p.attach_type,
+                    &"pinned",
+                    &pin,
+                ],
+            )
+        {
+            errors.push(e.to_string());
+        }
     }
     if cfg.msg_pin().exists() && cfg.map_pin().exists() {
         // Fails when it was never attached; the map goes with its pin either way.
@@ -330,10 +392,22 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
 /// Whether this install's `sock_ops` program (the one pinned under its name, not another
 /// install's of the same name) is attached to its cgroup.
 pub fn is_attached(cfg: &EbpfConfig) -> Result<bool> {
-    if !cfg.sockops_pin().exists() {
+    let pin = cfg.sockops_pin();
+    if !pin.exists() {
         return Ok(false);
     }
-    let shown = bpftool(cfg, &[&"prog", &"show", &"pinned", &cfg.sockops_pin()])?;
+    is_attached_as(cfg, &attached_programs(cfg)?, &pin, &CGROUP_PROGRAMS[0])
+}
+
+/// Whether the program pinned at `pin` is among `attached` (what `bpftool cgroup show`
+/// printed) as `program`'s attach type.
+fn is_attached_as(
+    cfg: &EbpfConfig,
+    attached: &str,
+    pin: &Path,
+    program: &CgroupProgram,
+) -> Result<bool> {
+    let shown = bpftool(cfg, &[&"prog", &"show", &"pinned", &pin])?;
     // `123: sock_ops  name weft_sockops  tag ...`
     let Some(id) = shown
         .split(':')
@@ -343,9 +417,10 @@ pub fn is_attached(cfg: &EbpfConfig) -> Result<bool> {
     else {
         return Ok(false);
     };
-    Ok(attached_programs(cfg)?
-        .lines()
-        .any(|line| line.split_whitespace().next() == Some(id) && line.contains("sock_ops")))
+    Ok(attached.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some(id) && words.next().is_some_and(|t| program.shown_as.contains(&t))
+    }))
 }
 
 /// What `bpftool cgroup show` prints for the cgroup: the programs attached to it.
@@ -382,6 +457,242 @@ fn bpftool(cfg: &EbpfConfig, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<Str
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The most outbound ports, networks and local addresses one namespace's transparent
+/// settings hold (the programs' fixed-size arrays: `MAX_*` in `bpf/local_redirect.bpf.c`).
+pub const MAX_EXCLUDED_PORTS: usize = 32;
+/// See [`MAX_EXCLUDED_PORTS`].
+pub const MAX_EXCLUDED_NETS: usize = 32;
+/// See [`MAX_EXCLUDED_PORTS`].
+pub const MAX_LOCAL_ADDRS: usize = 16;
+
+/// What `weft_connect4` needs to decide, for one network namespace, which of its apps' TCP
+/// connections go to the proxy: the same decision as the iptables rules of
+/// [`crate::install`] with the same [`Config`], for IPv4 (IPv6 connections are left to
+/// ip6tables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransparentConf {
+    /// The proxy's uid: its own connections are left alone.
+    pub proxy_uid: u32,
+    /// The proxy's outbound listener, on 127.0.0.1.
+    pub outbound_port: u16,
+    /// Destination ports left alone.
+    pub excluded_ports: Vec<u16>,
+    /// Destination networks left alone (IPv4 ones; IPv6 ones do not apply).
+    pub excluded_nets: Vec<ipnet::Ipv4Net>,
+    /// The namespace's own addresses: a connection to one stays local, as over `lo` in the
+    /// iptables rules.
+    pub local_addrs: Vec<std::net::Ipv4Addr>,
+}
+
+impl TransparentConf {
+    /// The settings for `config` in a namespace whose addresses are `local_addrs`.
+    pub fn new(config: &Config, local_addrs: Vec<std::net::Ipv4Addr>) -> Result<Self> {
+        let conf = Self {
+            proxy_uid: config.proxy_uid,
+            outbound_port: config.redirect_outbound_port,
+            excluded_ports: config.exclude_outbound_ports.clone(),
+            excluded_nets: config
+                .exclude_outbound_ips
+                .iter()
+                .filter_map(|n| match n {
+                    ipnet::IpNet::V4(n) => Some(n.trunc()),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect(),
+            local_addrs,
+        };
+        let too_many = |what: &str, n: usize, max: usize| {
+            Err(Error::InvalidConfig(format!(
+                "the eBPF connect redirect takes at most {max} {what}, not {n}; leave it to \
+                 iptables (without `ebpf transparent`)"
+            )))
+        };
+        if conf.excluded_ports.len() > MAX_EXCLUDED_PORTS {
+            return too_many(
+                "--exclude-outbound-ports",
+                conf.excluded_ports.len(),
+                MAX_EXCLUDED_PORTS,
+            );
+        }
+        if conf.excluded_nets.len() > MAX_EXCLUDED_NETS {
+            return too_many(
+                "IPv4 --exclude-outbound-ips",
+                conf.excluded_nets.len(),
+                MAX_EXCLUDED_NETS,
+            );
+        }
+        if conf.local_addrs.len() > MAX_LOCAL_ADDRS {
+            return too_many(
+                "local IPv4 addresses",
+                conf.local_addrs.len(),
+                MAX_LOCAL_ADDRS,
+            );
+        }
+        if conf.outbound_port == 0 {
+            return Err(Error::InvalidConfig(
+                "--redirect-outbound-port must not be 0".into(),
+            ));
+        }
+        Ok(conf)
+    }
+
+    /// The map value, laid out as `struct transparent_conf` in `bpf/local_redirect.bpf.c`
+    /// (native byte order for numbers, network byte order for addresses).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(TRANSPARENT_CONF_SIZE);
+        out.extend_from_slice(&self.proxy_uid.to_ne_bytes());
+        out.extend_from_slice(&self.outbound_port.to_ne_bytes());
+        for n in [
+            self.excluded_ports.len(),
+            self.excluded_nets.len(),
+            self.local_addrs.len(),
+        ] {
+            out.extend_from_slice(&(n as u16).to_ne_bytes());
+        }
+        for i in 0..MAX_EXCLUDED_PORTS {
+            let port = self.excluded_ports.get(i).copied().unwrap_or(0);
+            out.extend_from_slice(&port.to_ne_bytes());
+        }
+        for i in 0..MAX_EXCLUDED_NETS {
+            let (net, mask) = self.excluded_nets.get(i).map_or(([0; 4], [0; 4]), |n| {
+                (n.network().octets(), n.netmask().octets())
+            });
+            out.extend_from_slice(&net);
+            out.extend_from_slice(&mask);
+        }
+        for i in 0..MAX_LOCAL_ADDRS {
+            let addr = self.local_addrs.get(i).map_or([0; 4], |a| a.octets());
+            out.extend_from_slice(&addr);
+        }
+        out
+    }
+}
+
+/// The size of `struct transparent_conf`.
+const TRANSPARENT_CONF_SIZE: usize =
+    12 + 2 * MAX_EXCLUDED_PORTS + 8 * MAX_EXCLUDED_NETS + 4 * MAX_LOCAL_ADDRS;
+
+/// The IPv4 addresses of this process's network namespace, loopback ones aside.
+pub fn local_ipv4_addrs() -> Result<Vec<std::net::Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::Io {
+        what: "listing this network namespace's addresses".into(),
+        source: e.into(),
+    })?;
+    let mut out: Vec<std::net::Ipv4Addr> = addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14; asm-generic's value, which x86 and arm share).
+const SO_NETNS_COOKIE: nix::libc::c_int = 71;
+
+mod netns_cookie {
+    // `nix`'s own macro writes the typed `getsockopt` for a `u64` option.
+    use nix::libc;
+    use nix::{getsockopt_impl, sockopt_impl};
+    sockopt_impl!(
+        /// The socket's network namespace cookie, the key the programs use.
+        NetnsCookie,
+        GetOnly,
+        libc::SOL_SOCKET,
+        super::SO_NETNS_COOKIE,
+        u64
+    );
+}
+
+/// The cookie of this process's network namespace, as `bpf_get_netns_cookie` sees it.
+pub fn current_netns_cookie() -> Result<u64> {
+    let io = |what: &str, source: std::io::Error| Error::Io {
+        what: what.into(),
+        source,
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|e| io("opening a socket to read the network namespace's cookie", e))?;
+    nix::sys::socket::getsockopt(&socket, netns_cookie::NetnsCookie).map_err(|e| {
+        io(
+            "reading the network namespace's cookie (SO_NETNS_COOKIE)",
+            e.into(),
+        )
+    })
+}
+
+/// Registers the current network namespace for the connect redirect of transparent mode:
+/// from now on, its apps' outbound TCP connections (those [`TransparentConf`] says go to
+/// the proxy) connect straight to the proxy's outbound port on 127.0.0.1, so that the app's
+/// hop to the proxy is redirected too. Needs an [`install`] of `cfg` on a cgroup that holds
+/// the namespace's apps and proxy. Replaces an earlier registration of the namespace.
+pub fn register_transparent(cfg: &EbpfConfig, conf: &TransparentConf) -> Result<()> {
+    let map = installed_transparent_map(cfg)?;
+    let key = hex_words(&current_netns_cookie()?.to_ne_bytes());
+    let value = hex_words(&conf.to_bytes());
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"map", &"update", &"pinned", &map];
+    args.push(&"key");
+    args.push(&"hex");
+    args.extend(key.iter().map(|b| b as &dyn AsRef<std::ffi::OsStr>));
+    args.push(&"value");
+    args.push(&"hex");
+    args.extend(value.iter().map(|b| b as &dyn AsRef<std::ffi::OsStr>));
+    bpftool(cfg, &args)?;
+    Ok(())
+}
+
+/// Takes the current network namespace out of the connect redirect: new connections go
+/// through iptables again. Not registered is not an error.
+pub fn unregister_transparent(cfg: &EbpfConfig) -> Result<()> {
+    let map = installed_transparent_map(cfg)?;
+    let key = hex_words(&current_netns_cookie()?.to_ne_bytes());
+    if !is_registered(cfg, &map, &key)? {
+        return Ok(());
+    }
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"map", &"delete", &"pinned", &map];
+    args.push(&"key");
+    args.push(&"hex");
+    args.extend(key.iter().map(|b| b as &dyn AsRef<std::ffi::OsStr>));
+    bpftool(cfg, &args)?;
+    Ok(())
+}
+
+/// Whether the current network namespace is registered for the connect redirect.
+pub fn transparent_registered(cfg: &EbpfConfig) -> Result<bool> {
+    let map = cfg.transparent_map_pin();
+    if !map.exists() {
+        return Ok(false);
+    }
+    let key = hex_words(&current_netns_cookie()?.to_ne_bytes());
+    is_registered(cfg, &map, &key)
+}
+
+fn is_registered(cfg: &EbpfConfig, map: &Path, key: &[String]) -> Result<bool> {
+    // A lookup of a missing key fails (and says so on stdout); a dump lists what is there.
+    let dump = bpftool(cfg, &[&"-j", &"map", &"dump", &"pinned", &map])?;
+    let words: Vec<String> = key.iter().map(|b| format!("\"0x{b}\"")).collect();
+    Ok(dump.contains(&format!("\"key\":[{}]", words.join(","))))
+}
+
+/// The pinned map of an install whose programs include the connect redirect.
+fn installed_transparent_map(cfg: &EbpfConfig) -> Result<PathBuf> {
+    cfg.check_pins()?;
+    let map = cfg.transparent_map_pin();
+    if !map.exists() {
+        return Err(Error::InvalidConfig(format!(
+            "no eBPF install named {:?} with the connect redirect under {}: run `weft-iptables \
+             ebpf install` (of this version) first",
+            cfg.name,
+            cfg.bpffs.display()
+        )));
+    }
+    Ok(map)
+}
+
+/// `bytes` as bpftool's `hex` words.
+fn hex_words(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -461,5 +772,50 @@ bpf /run/my\\040bpf bpf rw 0 0
             e.contains("not a cgroup v2 directory") && e.contains("mount -t cgroup2"),
             "{e}"
         );
+    }
+
+    fn conf(ports: usize, nets: usize, addrs: usize) -> Result<TransparentConf> {
+        let config = Config {
+            exclude_outbound_ports: (1..=ports as u16).collect(),
+            exclude_outbound_ips: (0..nets)
+                .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+                .chain(["fd00::/8".parse().unwrap()])
+                .collect(),
+            ..Config::default()
+        };
+        let addrs = (0..addrs as u8)
+            .map(|i| std::net::Ipv4Addr::new(10, 1, 1, i))
+            .collect();
+        TransparentConf::new(&config, addrs)
+    }
+
+    #[test]
+    fn the_connect_redirect_settings_are_laid_out_as_the_programs_read_them() {
+        let mut c = conf(2, 1, 1).unwrap();
+        c.excluded_nets = vec!["10.20.30.0/24".parse().unwrap()];
+        let bytes = c.to_bytes();
+        assert_eq!(bytes.len(), 396, "sizeof(struct transparent_conf)");
+        assert_eq!(bytes[0..4], Config::default().proxy_uid.to_ne_bytes());
+        assert_eq!(bytes[4..6], 15001u16.to_ne_bytes());
+        assert_eq!(bytes[6..8], 2u16.to_ne_bytes(), "excluded ports");
+        assert_eq!(bytes[8..10], 1u16.to_ne_bytes(), "excluded IPv4 networks");
+        assert_eq!(bytes[10..12], 1u16.to_ne_bytes(), "local addresses");
+        // excluded_ports at 12, excluded_nets at 76, local_addrs at 332.
+        assert_eq!(
+            bytes[12..16],
+            [1u16.to_ne_bytes(), 2u16.to_ne_bytes()].concat()
+        );
+        assert_eq!(bytes[76..84], [10, 20, 30, 0, 255, 255, 255, 0]);
+        assert_eq!(bytes[332..336], [10, 1, 1, 0]);
+        assert!(bytes[336..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn more_than_the_programs_hold_is_refused_by_name() {
+        assert!(conf(MAX_EXCLUDED_PORTS, MAX_EXCLUDED_NETS, MAX_LOCAL_ADDRS).is_ok());
+        let err = |r: Result<TransparentConf>| r.unwrap_err().to_string();
+        assert!(err(conf(MAX_EXCLUDED_PORTS + 1, 0, 0)).contains("--exclude-outbound-ports"));
+        assert!(err(conf(0, MAX_EXCLUDED_NETS + 1, 0)).contains("--exclude-outbound-ips"));
+        assert!(err(conf(0, 0, MAX_LOCAL_ADDRS + 1)).contains("local IPv4 addresses"));
     }
 }

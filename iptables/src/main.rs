@@ -45,8 +45,19 @@ enum EbpfCmd {
     Install,
     /// Detach the programs and remove their pins.
     Uninstall,
-    /// Print whether the programs are installed, and what the cgroup has attached.
+    /// Print whether the programs are installed, what the cgroup has attached, and whether
+    /// this network namespace is registered for the connect redirect.
     Show,
+    /// Register this network namespace for transparent mode's connect redirect: its apps'
+    /// outbound TCP connections go straight to the proxy's outbound port on 127.0.0.1 when
+    /// they connect (the same ones, by the same flags, as the iptables rules of `install`,
+    /// which stay as the fallback), so the app's hop to its sidecar is redirected too. Needs
+    /// `ebpf install` on a cgroup holding the apps and the proxy.
+    Transparent {
+        /// Take this network namespace out instead.
+        #[arg(long)]
+        remove: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +251,35 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     print!(
                         "{}",
                         ebpf::attached_programs(&cfg).context("ebpf show failed")?
+                    );
+                    if installed {
+                        let registered =
+                            ebpf::transparent_registered(&cfg).context("ebpf show failed")?;
+                        println!(
+                            "# connect redirect: this network namespace is {}",
+                            if registered {
+                                "registered"
+                            } else {
+                                "not registered"
+                            }
+                        );
+                    }
+                }
+                EbpfCmd::Transparent { remove: true } => {
+                    ebpf::unregister_transparent(&cfg).context("ebpf transparent failed")?;
+                    eprintln!(
+                        "weft-iptables: this network namespace's connections go through iptables again"
+                    );
+                }
+                EbpfCmd::Transparent { remove: false } => {
+                    let addrs = ebpf::local_ipv4_addrs().context("ebpf transparent failed")?;
+                    let conf = ebpf::TransparentConf::new(&o.config(), addrs)
+                        .context("ebpf transparent failed")?;
+                    ebpf::register_transparent(&cfg, &conf).context("ebpf transparent failed")?;
+                    eprintln!(
+                        "weft-iptables: this network namespace's outbound connections go to \
+                         127.0.0.1:{} when they connect",
+                        conf.outbound_port
                     );
                 }
             }

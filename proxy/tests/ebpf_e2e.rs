@@ -1,14 +1,19 @@
 //! End to end with the eBPF local redirect on (`weft-iptables ebpf install`, see the README's
 //! "eBPF local redirect"): the mesh path of `l7_e2e.rs` — the real binaries, transparent
 //! sidecars in network namespaces, mesh mTLS between them — carries HTTP/1.1 requests and a
-//! streamed 16 MiB echo while the inbound sidecar's hop to its app skips the TCP/IP stack, and
-//! keeps carrying them after `ebpf uninstall`, on the connection redirected before it and on
-//! new ones, which take the stack again.
+//! streamed 16 MiB echo while the inbound sidecar's hop to its app skips the TCP/IP stack, and,
+//! with the client host registered for the connect redirect (`weft-iptables ebpf
+//! transparent`), the client app's hop to its sidecar too: the app connects to the server's
+//! address, the programs send it to the sidecar's outbound port and answer the sidecar's
+//! SO_ORIGINAL_DST with the server's address. Unregistered, the client's hop takes iptables
+//! and the stack again while the server's stays redirected. It keeps carrying them after
+//! `ebpf uninstall`, on the connection redirected before it and on new ones, which take the
+//! stack again.
 //!
-//! The proof that the hop skipped the stack is the server host's count of packets on its
-//! loopback interface, which carries only that hop during the test (the mesh hop crosses the
-//! LAN, and the test makes no admin calls meanwhile): a request and its response are at least
-//! two loopback packets on the stack, and none when redirected.
+//! The proof that a hop skipped the stack is its host's count of packets on its loopback
+//! interface, which carries only that hop during the test (the mesh hop crosses the LAN, and
+//! the test makes no admin calls meanwhile): a request and its response are at least two
+//! loopback packets on the stack, and none when redirected.
 //!
 //! The programs are attached to a cgroup of the test's own, which holds the test process (its
 //! apps and clients) and so every process it starts, and pinned in a bpf filesystem it mounts:
@@ -129,10 +134,35 @@ async fn post(client: &HttpClient, url: &str, body: Bytes) -> (StatusCode, Bytes
     (status, body)
 }
 
+/// Loopback packets of a run: the client host's (its app's hop to its sidecar) and the server
+/// host's (the inbound sidecar's hop to its app).
+#[derive(Debug, Clone, Copy)]
+struct Packets {
+    client: u64,
+    server: u64,
+}
+
+impl Packets {
+    fn now(client_host: &Host, server_host: &Host) -> Self {
+        Self {
+            client: loopback_packets(client_host),
+            server: loopback_packets(server_host),
+        }
+    }
+
+    fn since(self, client_host: &Host, server_host: &Host) -> Self {
+        let now = Self::now(client_host, server_host);
+        Self {
+            client: now.client - self.client,
+            server: now.server - self.server,
+        }
+    }
+}
+
 /// `REQUESTS` echo requests from the client host to `to`, one after another on one keep-alive
-/// connection, each checked; the server host's loopback packets meanwhile.
-fn echo_run(client_host: &Host, server_host: &Host, to: SocketAddr, run: &str) -> u64 {
-    let before = loopback_packets(server_host);
+/// connection, each checked; both hosts' loopback packets meanwhile.
+fn echo_run(client_host: &Host, server_host: &Host, to: SocketAddr, run: &str) -> Packets {
+    let before = Packets::now(client_host, server_host);
     run_in(client_host, WAIT * 3, || async move {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         for i in 0..REQUESTS {
@@ -142,7 +172,7 @@ fn echo_run(client_host: &Host, server_host: &Host, to: SocketAddr, run: &str) -
             assert_eq!(echoed, body, "{run}: request {i} came back changed");
         }
     });
-    loopback_packets(server_host) - before
+    before.since(client_host, server_host)
 }
 
 /// Byte `i` of the streamed echo.
@@ -150,10 +180,10 @@ fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(31) % 251) as u8
 }
 
-/// A `BULK`-byte upload streamed in `CHUNK`s, echoed back and checked byte for byte; the
-/// server host's loopback packets meanwhile.
-fn bulk_echo(client_host: &Host, server_host: &Host, to: SocketAddr) -> u64 {
-    let before = loopback_packets(server_host);
+/// A `BULK`-byte upload streamed in `CHUNK`s, echoed back and checked byte for byte; both
+/// hosts' loopback packets meanwhile.
+fn bulk_echo(client_host: &Host, server_host: &Host, to: SocketAddr) -> Packets {
+    let before = Packets::now(client_host, server_host);
     run_in(client_host, WAIT * 3, || async move {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         let chunks = (0..BULK / CHUNK).map(|c| {
@@ -185,7 +215,7 @@ fn bulk_echo(client_host: &Host, server_host: &Host, to: SocketAddr) -> u64 {
         }
         assert_eq!(seen, BULK, "bytes echoed");
     });
-    loopback_packets(server_host) - before
+    before.since(client_host, server_host)
 }
 
 /// Has the app retire the inbound sidecar's connections to it (`/close`), then sends one
@@ -200,14 +230,22 @@ fn close_app_connection(client_host: &Host, to: SocketAddr) {
     });
 }
 
-/// Runs `weft-iptables ebpf <action>` for the test's cgroup and bpf filesystem.
-fn weft_iptables_ebpf(env: &Env, action: &str, cgroup: &Path, bpffs: &Path) {
-    let out = Command::new(&env.bins.iptables)
-        .args(["ebpf", action, "--name", "weft-e2e"])
+/// `weft-iptables ebpf <args>` for the test's cgroup and bpf filesystem.
+fn ebpf_command(env: &Env, args: &[&str], cgroup: &Path, bpffs: &Path) -> Command {
+    let mut cmd = Command::new(&env.bins.iptables);
+    cmd.arg("ebpf")
+        .args(args)
+        .args(["--name", "weft-e2e"])
         .arg("--cgroup-path")
         .arg(cgroup)
         .arg("--bpffs-path")
-        .arg(bpffs)
+        .arg(bpffs);
+    cmd
+}
+
+/// Runs `weft-iptables ebpf <action>` for the test's cgroup and bpf filesystem.
+fn weft_iptables_ebpf(env: &Env, action: &str, cgroup: &Path, bpffs: &Path) {
+    let out = ebpf_command(env, &[action], cgroup, bpffs)
         .output()
         .expect("run weft-iptables");
     assert!(
@@ -215,6 +253,18 @@ fn weft_iptables_ebpf(env: &Env, action: &str, cgroup: &Path, bpffs: &Path) {
         "weft-iptables ebpf {action}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `weft-iptables ebpf transparent <args>` in `host` (its network namespace is the one
+/// registered or removed), with the proxy uid of the test's sidecars; what `ebpf show` says
+/// there afterwards.
+fn connect_redirect(env: &Env, host: &Host, args: &[&str], cgroup: &Path, bpffs: &Path) -> String {
+    let mut all = vec!["transparent", "--proxy-uid"];
+    let uid = e2e::PROXY_UID.to_string();
+    all.push(&uid);
+    all.extend_from_slice(args);
+    env.run(host, ebpf_command(env, &all, cgroup, bpffs));
+    env.run(host, ebpf_command(env, &["show"], cgroup, bpffs))
 }
 
 /// Uninstalls on drop (a no-op after the test's own uninstall).
@@ -237,8 +287,9 @@ impl Drop for Installed<'_> {
 }
 
 /// Issue 7 with the eBPF local redirect: requests and a streamed 16 MiB echo pass through
-/// both sidecars while the inbound's hop to its app is redirected, and after the redirect is
-/// uninstalled under the open connections.
+/// both sidecars while the inbound's hop to its app is redirected and, with the client host
+/// registered for the connect redirect, the client app's hop to its sidecar; and after the
+/// redirect is uninstalled under the open connections.
 #[test]
 fn the_mesh_path_works_with_the_ebpf_redirect_on_and_after_it_is_removed() {
     let env = env_or_skip!("the_mesh_path_works_with_the_ebpf_redirect_on_and_after_it_is_removed");
@@ -296,28 +347,65 @@ fn the_mesh_path_works_with_the_ebpf_redirect_on_and_after_it_is_removed() {
         })
     });
 
-    // On the stack: the inbound's pooled connection to the app was made before the install.
+    // On the stack: the inbound's pooled connection to the app was made before the install,
+    // and the client app's connections go through iptables' REDIRECT.
     let on_stack = echo_run(&client_host, &server_host, to, "before");
-    assert!(
-        on_stack >= 2 * REQUESTS,
-        "a request and its response are at least two loopback packets on the stack: \
-         {on_stack} for {REQUESTS} requests"
-    );
+    for (hop, packets) in [
+        ("the client's", on_stack.client),
+        ("the server's", on_stack.server),
+    ] {
+        assert!(
+            packets >= 2 * REQUESTS,
+            "a request and its response are at least two loopback packets on {hop} stack: \
+             {packets} for {REQUESTS} requests"
+        );
+    }
 
     weft_iptables_ebpf(&env, "install", cgroup.path(), bpffs.path());
+    let shown = connect_redirect(&env, &client_host, &[], cgroup.path(), bpffs.path());
+    assert!(
+        shown.contains("this network namespace is registered"),
+        "ebpf show in the client host: {shown}"
+    );
     // The inbound's next connection to the app is made under the programs.
     close_app_connection(&client_host, to);
     let redirected = echo_run(&client_host, &server_host, to, "installed");
     let bulk_redirected = bulk_echo(&client_host, &server_host, to);
+    for (hop, packets) in [
+        ("the client app's hop to its sidecar", redirected.client),
+        ("the inbound's hop to its app", redirected.server),
+    ] {
+        assert!(
+            packets < REQUESTS / 10,
+            "with the redirect {hop} takes no loopback packets: {packets} for {REQUESTS} \
+             requests (on the stack: {on_stack:?})"
+        );
+    }
     assert!(
-        redirected < REQUESTS / 10,
-        "with the redirect the inbound's hop to its app takes no loopback packets: \
-         {redirected} for {REQUESTS} requests (on the stack: {on_stack})"
+        bulk_redirected.client < 64 && bulk_redirected.server < 64,
+        "a redirected 16 MiB echo takes no loopback packets: {bulk_redirected:?}"
+    );
+
+    // Out of the connect redirect, the client's next connections take iptables and the
+    // stack again; the server's hop stays redirected.
+    let shown = connect_redirect(
+        &env,
+        &client_host,
+        &["--remove"],
+        cgroup.path(),
+        bpffs.path(),
     );
     assert!(
-        bulk_redirected < 64,
-        "a redirected 16 MiB echo takes no loopback packets: {bulk_redirected}"
+        shown.contains("this network namespace is not registered"),
+        "ebpf show in the client host after --remove: {shown}"
     );
+    let unregistered = echo_run(&client_host, &server_host, to, "unregistered");
+    assert!(
+        unregistered.client >= 2 * REQUESTS && unregistered.server < REQUESTS / 10,
+        "unregistered, only the client's hop takes the stack: {unregistered:?} for {REQUESTS} \
+         requests"
+    );
+    connect_redirect(&env, &client_host, &[], cgroup.path(), bpffs.path());
 
     // Removed under the open connections: they keep working (the kernel keeps the programs
     // and the map until the last redirected socket closes: taking a socket out of the map
@@ -328,13 +416,14 @@ fn the_mesh_path_works_with_the_ebpf_redirect_on_and_after_it_is_removed() {
     let after = echo_run(&client_host, &server_host, to, "after");
     let bulk_after = bulk_echo(&client_host, &server_host, to);
     assert!(
-        after >= 2 * REQUESTS,
-        "after the uninstall a new connection is on the stack: {after} loopback packets for \
+        after.client >= 2 * REQUESTS && after.server >= 2 * REQUESTS,
+        "after the uninstall new connections are on the stack: {after:?} loopback packets for \
          {REQUESTS} requests"
     );
     eprintln!(
-        "loopback packets for {REQUESTS} requests: {on_stack} before the install, {redirected} \
-         installed, {kept} right after the uninstall, {after} on a new connection; for a 16 MiB \
-         echo: {bulk_redirected} installed, {bulk_after} after"
+        "loopback packets (client host, server host) for {REQUESTS} requests: {on_stack:?} \
+         before the install, {redirected:?} installed, {unregistered:?} with the client host \
+         unregistered, {kept:?} right after the uninstall, {after:?} on new connections; for a \
+         16 MiB echo: {bulk_redirected:?} installed, {bulk_after:?} after"
     );
 }

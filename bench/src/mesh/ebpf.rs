@@ -70,6 +70,11 @@ impl Accelerated {
     pub fn cgroup(&self) -> &Path {
         &self.cfg.cgroup
     }
+
+    /// The install, for registering a host for the connect redirect of transparent mode.
+    pub fn config(&self) -> &EbpfConfig {
+        &self.cfg
+    }
 }
 
 impl Drop for Accelerated {

@@ -629,7 +629,7 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
     if cfg.spin && !topo.spinning() {
         note("CPU spinners not running".into(), log);
     }
-    let _accelerated = if cfg.ebpf {
+    let accelerated = if cfg.ebpf {
         let a = ebpf::Accelerated::install(topo.dir())?;
         note(
             format!(
@@ -696,7 +696,8 @@ pub fn run(cfg: &MeshConfig, log: &mut dyn FnMut(&str)) -> Result<MeshReport, Me
                     cp.observe(&topo, observability)
                         .and_then(|()| {
                             let flavour = weft::Flavour { protocol, mode };
-                            weft::start(cp, flavour, p, cfg.weft_transparent, &topo)
+                            let ebpf = accelerated.as_ref().map(ebpf::Accelerated::config);
+                            weft::start(cp, flavour, p, cfg.weft_transparent, ebpf, &topo)
                         })
                         .and_then(|(pair, url)| {
                             let addr = url_addr(&url)?;

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use weft_iptables::ebpf::EbpfConfig;
 use weft_tests::{Host, Proc};
 
 use super::topology::{
@@ -285,12 +286,16 @@ fn transparent_yaml() -> String {
 
 /// Starts the pair for `flavour`: server side first (its endpoint must be
 /// known before the client asks for it), each proxy waited for on
-/// `/ready`. Returns the pair and the URL the app calls.
+/// `/ready`. Returns the pair and the URL the app calls. In transparent mode
+/// with `ebpf` (the run's eBPF install), the client host is also registered
+/// for the connect redirect while the pair runs, so the generator's hop to
+/// its sidecar is redirected as in explicit mode.
 pub fn start(
     cp: &ControlPlane,
     flavour: Flavour,
     ports: Ports,
     transparent: bool,
+    ebpf: Option<&EbpfConfig>,
     topo: &Topology,
 ) -> Result<(SidecarPair, String), MeshError> {
     if transparent {
@@ -433,8 +438,32 @@ pub fn start(
                 }
             }
         }));
+        if let Some(ebpf) = ebpf {
+            register_connect_redirect(ebpf, &topo.client)?;
+            let (ebpf, client) = (ebpf.clone(), topo.client.clone());
+            pair.on_stop(Box::new(move || {
+                let _ = client.enter(|| weft_iptables::ebpf::unregister_transparent(&ebpf));
+            }));
+        }
     }
     Ok((pair, url))
+}
+
+/// Registers `host` for the connect redirect of transparent mode, with the settings of its
+/// iptables rules: its apps' outbound connections go straight to the outbound sidecar.
+fn register_connect_redirect(ebpf: &EbpfConfig, host: &Host) -> Result<(), MeshError> {
+    let config = weft_iptables::Config {
+        redirect_outbound_port: REDIRECT_OUTBOUND,
+        redirect_inbound_port: REDIRECT_INBOUND,
+        proxy_uid: PROXY_UID,
+        ..weft_iptables::Config::default()
+    };
+    host.enter(|| {
+        let addrs = weft_iptables::ebpf::local_ipv4_addrs()?;
+        let conf = weft_iptables::ebpf::TransparentConf::new(&config, addrs)?;
+        weft_iptables::ebpf::register_transparent(ebpf, &conf)
+    })?
+    .map_err(|e| MeshError::Config(format!("--ebpf: registering the client host: {e}")))
 }
 
 /// What the two sidecars of a traced path did with their spans so far.
