@@ -489,10 +489,15 @@ pub struct TransparentConf {
 impl TransparentConf {
     /// The settings for `config` in a namespace whose addresses are `local_addrs`.
     pub fn new(config: &Config, local_addrs: Vec<std::net::Ipv4Addr>) -> Result<Self> {
+        let mut excluded_ports = config.exclude_outbound_ports.clone();
+        // With the DNS redirect, the rules leave an app's DNS over TCP alone too.
+        if config.redirect_dns && !excluded_ports.contains(&53) {
+            excluded_ports.push(53);
+        }
         let conf = Self {
             proxy_uid: config.proxy_uid,
             outbound_port: config.redirect_outbound_port,
-            excluded_ports: config.exclude_outbound_ports.clone(),
+            excluded_ports,
             excluded_nets: config
                 .exclude_outbound_ips
                 .iter()
@@ -808,6 +813,19 @@ bpf /run/my\\040bpf bpf rw 0 0
         assert_eq!(bytes[76..84], [10, 20, 30, 0, 255, 255, 255, 0]);
         assert_eq!(bytes[332..336], [10, 1, 1, 0]);
         assert!(bytes[336..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn dns_over_tcp_is_left_alone_with_the_dns_redirect_as_in_the_rules() {
+        let config = Config {
+            redirect_dns: true,
+            exclude_outbound_ports: vec![8080],
+            ..Config::default()
+        };
+        let conf = TransparentConf::new(&config, Vec::new()).unwrap();
+        assert_eq!(conf.excluded_ports, [8080, 53]);
+        let without = TransparentConf::new(&Config::default(), Vec::new()).unwrap();
+        assert!(without.excluded_ports.is_empty());
     }
 
     #[test]

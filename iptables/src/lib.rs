@@ -18,7 +18,10 @@
 //!
 //! Beside the rules, [`ebpf`] installs the optional eBPF acceleration of local hops
 //! (`weft-iptables ebpf install`): connections between two sockets of the same host and
-//! network namespace, such as an app and its sidecar, skip the TCP/IP stack.
+//! network namespace, such as an app and its sidecar, skip the TCP/IP stack. For transparent
+//! mode it can also send a registered namespace's outbound connections to the proxy at
+//! `connect` time (`weft-iptables ebpf transparent`), the same ones as the rules, so that the
+//! app's hop to its sidecar is one of those.
 //!
 //! ```
 //! use weft_iptables::{Config, Family, Ruleset, plan};

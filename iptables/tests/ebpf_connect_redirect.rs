@@ -42,8 +42,8 @@ impl Drop for Installed {
     }
 }
 
-/// `weft-iptables ebpf <args>` for `cfg`, run inside `host`; its stdout.
-fn weft_iptables_ebpf(host: &Host, cfg: &EbpfConfig, args: &[&str]) -> String {
+/// Runs `weft-iptables ebpf <args>` for `cfg` inside `host`.
+fn ebpf_output(host: &Host, cfg: &EbpfConfig, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(BIN);
     cmd.arg("ebpf")
         .args(args)
@@ -52,7 +52,12 @@ fn weft_iptables_ebpf(host: &Host, cfg: &EbpfConfig, args: &[&str]) -> String {
         .arg(&cfg.cgroup)
         .arg("--bpffs-path")
         .arg(&cfg.bpffs);
-    let out = host.output(cmd, TIMEOUT).unwrap();
+    host.output(cmd, TIMEOUT).unwrap()
+}
+
+/// `weft-iptables ebpf <args>` for `cfg`, run inside `host`; its stdout.
+fn weft_iptables_ebpf(host: &Host, cfg: &EbpfConfig, args: &[&str]) -> String {
+    let out = ebpf_output(host, cfg, args);
     assert!(
         out.status.success(),
         "ebpf {args:?}: {}",
@@ -165,6 +170,11 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
         name: "connect-test".into(),
         ..EbpfConfig::new(cgroup.path(), bpffs.path())
     };
+    // Registering needs the programs.
+    let out = ebpf_output(&app, &cfg, &["transparent"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("run `weft-iptables ebpf install`"), "{err}");
     let _installed = Installed(cfg.clone());
     weft_iptables_ebpf(&app, &cfg, &["install"]);
 

@@ -50,6 +50,34 @@ impl ReadReady for tokio::io::DuplexStream {
     }
 }
 
+/// A stream whose broken end can be passed on. Forwarding stops on the first error either
+/// way (a reset, a stream error between the proxies); the other stream is then aborted rather
+/// than closed, so that its peer sees the breakage and never takes the truncation for a clean
+/// end of stream. (Envoy's TCP proxy does the same: it resets the downstream when the
+/// upstream resets.)
+pub trait Abort {
+    /// Makes closing the stream abortive: a TCP socket sends RST, not FIN.
+    fn abort(&mut self);
+}
+
+impl<T: Abort + ?Sized> Abort for Box<T> {
+    fn abort(&mut self) {
+        (**self).abort();
+    }
+}
+
+impl Abort for TcpStream {
+    fn abort(&mut self) {
+        // With a zero linger time, closing the socket resets the connection at once; it does
+        // not block (only a non-zero linger time does).
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Abort for tokio::io::DuplexStream {
+    fn abort(&mut self) {}
+}
+
 /// Buffers kept per thread for reuse, so that bursts on many connections do not churn (and
 /// fragment) the heap.
 const POOL_PER_THREAD: usize = 32;

@@ -12,7 +12,7 @@
 //! robin within one).
 
 use crate::config::ProxyConfig;
-use crate::copy::{Ended, ReadReady, copy_until};
+use crate::copy::{Abort, Ended, ReadReady, copy_until};
 use crate::datapath::Shared;
 use crate::datapath_metrics::OUTBOUND;
 use crate::detect::{Detection, Protocol, detect};
@@ -201,15 +201,16 @@ pub(crate) fn forward_with<D, U>(
     prefix: Vec<u8>,
 ) -> impl Future<Output = (u64, u64)>
 where
-    D: AsyncRead + AsyncWrite + ReadReady + Unpin,
-    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    D: AsyncRead + AsyncWrite + ReadReady + Abort + Unpin,
+    U: AsyncRead + AsyncWrite + ReadReady + Abort + Unpin,
 {
     forward_until(shared, direction, down, up, prefix, std::future::pending())
 }
 
 /// [`forward_with`], cut when `stop` resolves or when nothing has moved either way for the
 /// idle timeout (Kuma's 1 h): both streams are closed at once, and the bytes moved until
-/// then are counted and returned.
+/// then are counted and returned. A stream that breaks (a reset, a stream error) has the
+/// other one aborted in turn ([`Abort`]): its app sees a reset, not a clean end.
 pub(crate) async fn forward_until<D, U, S>(
     shared: &Shared,
     direction: &'static str,
@@ -219,8 +220,8 @@ pub(crate) async fn forward_until<D, U, S>(
     stop: S,
 ) -> (u64, u64)
 where
-    D: AsyncRead + AsyncWrite + ReadReady + Unpin,
-    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    D: AsyncRead + AsyncWrite + ReadReady + Abort + Unpin,
+    U: AsyncRead + AsyncWrite + ReadReady + Abort + Unpin,
     S: Future<Output = ()>,
 {
     let prefix_len = prefix.len() as u64;
@@ -228,6 +229,7 @@ where
         && let Err(e) = up.write_all(&prefix).await
     {
         tracing::debug!(error = %e, "upstream write failed");
+        down.abort();
         return (0, 0);
     }
     drop(prefix);
@@ -242,7 +244,9 @@ where
             (sent, received)
         }
         Err(e) => {
-            tracing::debug!(error = %e, "connection ended with an error");
+            tracing::debug!(error = %e, "connection ended with an error: resetting both sides");
+            down.abort();
+            up.abort();
             (0, 0)
         }
     }
@@ -250,7 +254,7 @@ where
 
 async fn forward<U>(shared: &Shared, client: TcpStream, up: U, prefix: Vec<u8>) -> (u64, u64)
 where
-    U: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    U: AsyncRead + AsyncWrite + ReadReady + Abort + Unpin,
 {
     forward_with(shared, OUTBOUND, client, up, prefix).await
 }

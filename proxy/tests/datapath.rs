@@ -544,6 +544,86 @@ async fn half_close_travels_through_both_sidecars() {
     }
 }
 
+/// What a client read until its connection ended: the bytes, and whether it ended with a
+/// reset (`ECONNRESET`) rather than a clean end of stream.
+async fn read_to_end_or_reset(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) => return (got, false),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Ok(Err(e)) => panic!("read: {e}"),
+            Err(_) => panic!("the connection neither ended nor reset"),
+        }
+    }
+}
+
+/// An app that answers a connection's first bytes with `partial`, then resets it; or, with
+/// `reset_by_client`, reads until the connection ends and reports whether it was reset.
+async fn resetting_server(reset_by_client: Option<tokio::sync::mpsc::Sender<bool>>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let report = reset_by_client.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                match report {
+                    None => {
+                        let _ = s.write_all(b"partial").await;
+                        s.set_zero_linger().unwrap();
+                    }
+                    Some(report) => {
+                        let (_, reset) = read_to_end_or_reset(&mut s).await;
+                        let _ = report.send(reset).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A reset is passed on as a reset: an app whose peer broke off must not take it for a clean
+/// end of stream (a protocol that ends its data with the close would take a truncation for
+/// the whole). Both ways in plaintext; through the tunnel between the proxies, the client's
+/// reset (the outbound proxy resets the tunnel's stream with CONNECT_ERROR). The server's
+/// reset through the tunnel still arrives as a clean end: the inbound proxy's end of the
+/// tunnel is hyper's upgraded stream, which can only end with END_STREAM (README, "not yet").
+#[tokio::test]
+async fn a_reset_travels_through_both_sidecars_as_a_reset() {
+    for mtls in [None, Some(Mode::Strict)] {
+        if mtls.is_none() {
+            // The server app resets.
+            let p = pair_with(mtls, resetting_server(None).await, vec![allow("web")]).await;
+            let mut c = TcpStream::connect(p.outbound).await.unwrap();
+            c.write_all(b"hello").await.unwrap();
+            let (got, reset) = read_to_end_or_reset(&mut c).await;
+            assert_eq!(got, b"partial");
+            assert!(reset, "the client saw a clean end, not the server's reset");
+        }
+
+        // The client app resets.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let p = pair_with(mtls, resetting_server(Some(tx)).await, vec![allow("web")]).await;
+        let mut c = TcpStream::connect(p.outbound).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        // Past detection and through both proxies before the reset.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.set_zero_linger().unwrap();
+        drop(c);
+        let reset = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(
+            reset.ok().flatten(),
+            Some(true),
+            "mtls {mtls:?}: the server saw a clean end, not the client's reset"
+        );
+    }
+}
+
 /// An app that speaks first.
 async fn banner_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -503,6 +503,11 @@ fn io_error(e: h2::Error) -> io::Error {
 }
 
 impl StreamIo {
+    /// Resets the stream with `reason` (RST_STREAM), unless it already ended.
+    pub(crate) fn reset(&mut self, reason: h2::Reason) {
+        self.send.send_reset(reason);
+    }
+
     /// The two halves of an open stream as one byte stream.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream, guard: StreamGuard) -> Self {
         Self {

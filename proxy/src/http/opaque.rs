@@ -11,7 +11,7 @@
 //! record buffers and a handshake's leftovers. The permission check, the endpoint's identity
 //! and the mesh's CA are the pooled connection's, so they are the same as for HTTP.
 
-use crate::copy::ReadReady;
+use crate::copy::{Abort, ReadReady};
 use crate::datapath::Shared;
 use crate::http::CONNECT_ATTEMPTS;
 use crate::http::mesh_stream::StreamIo;
@@ -159,6 +159,17 @@ impl Tunnel {
         Self {
             io: Either::Left(TokioIo::new(upgraded)),
             _slot: None,
+        }
+    }
+}
+
+impl Abort for Tunnel {
+    fn abort(&mut self) {
+        // Dropping a stream that has not ended resets it (RST_STREAM), so the proxy at the
+        // other end aborts its app's socket in turn; the outbound end says why, as RFC 9113
+        // (8.5) asks of a CONNECT stream whose TCP connection broke.
+        if let Either::Right(stream) = &mut self.io {
+            stream.reset(h2::Reason::CONNECT_ERROR);
         }
     }
 }
