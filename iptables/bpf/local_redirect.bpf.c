@@ -17,10 +17,11 @@
 // iptables REDIRECT: the app's socket then names the proxy's, both ends are recorded and the
 // hop is redirected like any other local one. The destination the app asked for is kept,
 // first by the socket's cookie, then (once established) by the proxy's view of the
-// connection, and `weft_getsockopt` answers the proxy's SO_ORIGINAL_DST with it, so the proxy
-// cannot tell the two ways apart. Which connections go to the proxy follows the iptables
-// rules of `weft-iptables install` (the same flags): not the proxy's own (by uid), not to a
-// loopback or local address, not to an excluded port or network.
+// connection, and `weft_getsockopt` answers the proxy's SO_ORIGINAL_DST with it, as conntrack
+// does after a REDIRECT; `weft_getpeername4` shows the app that destination as its peer.
+// Which connections go to the proxy follows the iptables rules of `weft-iptables install`
+// (the same flags): not the proxy's own (by uid), not to a loopback or local address, not to
+// an excluded port or network.
 //
 // Built by iptables/build.rs with `clang -target bpf` and loaded by `weft-iptables ebpf
 // install` through bpftool.
@@ -31,6 +32,7 @@
 
 #define AF_INET 2
 #define SOCK_STREAM 1
+#define IPPROTO_TCP 6
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80
 #define TCP_CLOSE 7
@@ -71,29 +73,43 @@ struct transparent_conf {
 	__u32 local_addrs[MAX_LOCAL_ADDRS];
 };
 
-// By network namespace cookie.
+// `TransparentConf::to_bytes` writes these offsets.
+_Static_assert(sizeof(struct transparent_conf) == 396, "transparent_conf size");
+_Static_assert(__builtin_offsetof(struct transparent_conf, excluded_ports) == 12,
+	       "transparent_conf.excluded_ports");
+_Static_assert(__builtin_offsetof(struct transparent_conf, excluded_nets) == 76,
+	       "transparent_conf.excluded_nets");
+_Static_assert(__builtin_offsetof(struct transparent_conf, local_addrs) == 332,
+	       "transparent_conf.local_addrs");
+
+// By network namespace cookie. LRU: a namespace that is gone without `--remove` is never
+// looked up again, so when the map is full its entry is the one that goes.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct transparent_conf);
 } weft_transparent SEC(".maps");
 
-// Where an app asked to connect (network byte order).
+// Where an app asked to connect (network byte order), and the proxy port it was sent to
+// instead (host order).
 struct orig_dst {
 	__u32 ip;
 	__u32 port;
+	__u32 proxy_port;
 };
 
-// Connections sent to the proxy that are not established yet, by the app socket's cookie.
+// App sockets sent to the proxy, by cookie: from `connect` until they close (state
+// callback), for `file_orig_dst` and `weft_getpeername4`.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct orig_dst);
-} weft_connecting SEC(".maps");
+} weft_app_orig SEC(".maps");
 
-// Established ones, by the proxy's view of the connection (its `sock_key`).
+// Established ones waiting for the proxy's SO_ORIGINAL_DST, by the proxy's view of the
+// connection (its `sock_key`); taken out when answered or when the app's socket closes.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -130,18 +146,24 @@ static __always_inline struct sock_key proxy_view(struct bpf_sock_ops *skops)
 
 // An app socket that `weft_connect4` sent to the proxy is established: its original
 // destination is filed under the proxy's view of the connection, for `weft_getsockopt`, and
-// removed again when the app's socket closes.
+// both records are removed when the app's socket closes. A record whose socket is not
+// connected to the proxy port it was sent to (it connected again, elsewhere) is dropped.
 static __always_inline void file_orig_dst(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct orig_dst *orig = bpf_map_lookup_elem(&weft_connecting, &cookie);
+	struct orig_dst *orig = bpf_map_lookup_elem(&weft_app_orig, &cookie);
 	if (!orig)
 		return;
+	if (skops->remote_ip4 != bpf_htonl(0x7f000001) ||
+	    remote_port_host(skops->remote_port) != orig->proxy_port) {
+		bpf_map_delete_elem(&weft_app_orig, &cookie);
+		return;
+	}
 	struct sock_key key = proxy_view(skops);
 	struct orig_dst value = *orig;
-	bpf_map_delete_elem(&weft_connecting, &cookie);
 	if (bpf_map_update_elem(&weft_orig_dst, &key, &value, BPF_ANY) == 0)
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 SEC("sockops")
@@ -150,10 +172,14 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	if (skops->family != AF_INET)
 		return 1;
 	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
-		// Only app sockets of `file_orig_dst` ask for state changes.
+		// App sockets of `file_orig_dst` ask for state changes (and maybe others' too).
 		if (skops->args[1] == TCP_CLOSE) {
-			struct sock_key key = proxy_view(skops);
-			bpf_map_delete_elem(&weft_orig_dst, &key);
+			__u64 cookie = bpf_get_socket_cookie(skops);
+			if (bpf_map_lookup_elem(&weft_app_orig, &cookie)) {
+				struct sock_key key = proxy_view(skops);
+				bpf_map_delete_elem(&weft_orig_dst, &key);
+				bpf_map_delete_elem(&weft_app_orig, &cookie);
+			}
 		}
 		return 1;
 	}
@@ -232,24 +258,35 @@ static __always_inline int to_proxy(const struct transparent_conf *conf, __u32 i
 SEC("cgroup/connect4")
 int weft_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM)
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return 1;
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	const struct transparent_conf *conf = bpf_map_lookup_elem(&weft_transparent, &netns);
 	if (!conf)
 		return 1;
-	// The proxy's own connections are never sent back to it.
+	// A socket may connect again after a failed connect: forget where it went before.
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_delete_elem(&weft_app_orig, &cookie);
+	// The proxy's own connections are never sent back to it. (The uid is the kernel's, as
+	// `weft-iptables` maps it when it registers the namespace.)
 	if ((__u32)bpf_get_current_uid_gid() == conf->proxy_uid)
+		return 1;
+	// A socket bound to a device could not reach 127.0.0.1: left to iptables.
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && sk->bound_dev_if)
 		return 1;
 	__u32 ip = ctx->user_ip4;
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	if (!to_proxy(conf, ip, port))
 		return 1;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst orig = { .ip = ip, .port = ctx->user_port };
+	struct orig_dst orig = {
+		.ip = ip,
+		.port = ctx->user_port,
+		.proxy_port = conf->outbound_port,
+	};
 	// Without a record the proxy could not tell where the app was going: leave the
 	// connection to iptables.
-	if (bpf_map_update_elem(&weft_connecting, &cookie, &orig, BPF_ANY) != 0)
+	if (bpf_map_update_elem(&weft_app_orig, &cookie, &orig, BPF_ANY) != 0)
 		return 1;
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(conf->outbound_port);
@@ -259,6 +296,13 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getsockopt")
 int weft_getsockopt(struct bpf_sockopt *ctx)
 {
+	// Every getsockopt of the cgroup comes here. A result larger than a page is not
+	// copied for the program, and before Linux 6.5 it fails with EFAULT unless the
+	// program says it leaves it alone (iptables-legacy's rule dumps are that large).
+	if (ctx->optlen > 4096) {
+		ctx->optlen = 0;
+		return 1;
+	}
 	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
 		return 1;
 	struct bpf_sock *sk = ctx->sk;
@@ -284,11 +328,26 @@ int weft_getsockopt(struct bpf_sockopt *ctx)
 	__builtin_memcpy(out + 2, &port, 2);
 	__builtin_memcpy(out + 4, &orig->ip, 4);
 	__builtin_memset(out + 8, 0, 8);
+	// The proxy asks once per connection.
+	bpf_map_delete_elem(&weft_orig_dst, &key);
 	// Two separate 4-byte stores: the verifier refuses the one 8-byte store that clang
 	// would merge them into.
 	ctx->retval = 0;
 	asm volatile("" ::: "memory");
 	ctx->optlen = 16;
+	return 1;
+}
+
+// The app's view: its socket's peer is where it asked to connect, not the proxy's port.
+SEC("cgroup/getpeername4")
+int weft_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *orig = bpf_map_lookup_elem(&weft_app_orig, &cookie);
+	if (!orig)
+		return 1;
+	ctx->user_ip4 = orig->ip;
+	ctx->user_port = orig->port;
 	return 1;
 }
 

@@ -33,9 +33,12 @@
 //! outbound TCP connections sent to the proxy's outbound port on 127.0.0.1 at `connect` time
 //! instead (a `cgroup/connect4` program; the same connections as the iptables rules, by
 //! [`TransparentConf`]), and a `cgroup/getsockopt` program answers the proxy's
-//! `SO_ORIGINAL_DST` with the destination the app asked for. The proxy cannot tell the two
-//! ways apart, the iptables rules stay as the fallback (for IPv6, for a namespace not
-//! registered), and the hop is redirected like any other local one. Namespaces are told
+//! `SO_ORIGINAL_DST` with the destination the app asked for, and a `cgroup/getpeername4`
+//! program shows the app that destination as its peer. What differs from iptables: the
+//! proxy sees its client at 127.0.0.1 rather than the pod's address, and so does the app
+//! see its own end (`getsockname`). The iptables rules stay as the fallback (for IPv6 and
+//! IPv4-mapped IPv6 sockets, for a namespace not registered, for sockets bound to a device),
+//! and the hop is redirected like any other local one. Namespaces are told
 //! apart by their cookie, so one install on the host's root cgroup serves every pod that
 //! registers. Kuma's eBPF mode (merbridge) does the same at connect time.
 
@@ -66,6 +69,8 @@ const SOCKET_MAP: &str = "weft_socks";
 const CONNECT_PROGRAM: &str = "weft_connect4";
 /// The `cgroup/getsockopt` program's name in the object (its SO_ORIGINAL_DST).
 const GETSOCKOPT_PROGRAM: &str = "weft_getsockopt";
+/// The `cgroup/getpeername4` program's name in the object (the app's view of its peer).
+const GETPEERNAME_PROGRAM: &str = "weft_getpeername4";
 /// The map of registered network namespaces' transparent settings.
 const TRANSPARENT_MAP: &str = "weft_transparent";
 /// A program attached to the cgroup.
@@ -80,7 +85,7 @@ struct CgroupProgram {
 }
 
 /// The programs attached to the cgroup.
-const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
+const CGROUP_PROGRAMS: [CgroupProgram; 4] = [
     CgroupProgram {
         program: SOCKOPS_PROGRAM,
         attach_type: "sock_ops",
@@ -95,6 +100,11 @@ const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
         program: GETSOCKOPT_PROGRAM,
         attach_type: "getsockopt",
         shown_as: ["cgroup_getsockopt", "getsockopt"],
+    },
+    CgroupProgram {
+        program: GETPEERNAME_PROGRAM,
+        attach_type: "getpeername4",
+        shown_as: ["cgroup_inet4_getpeername", "getpeername4"],
     },
 ];
 
@@ -342,13 +352,33 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
     if !pins.exists() {
         return Ok(());
     }
-    // Any attachment may be missing after a failed install: detach what is there.
+    // Any attachment may be missing after a failed install: detach what is there. A cgroup
+    // that is gone took its attachments with it. Whatever cannot be read or detached keeps
+    // the pins, so that a later uninstall can still find the programs (a program left
+    // attached without them would go on redirecting, with no way to reach it).
     let mut errors = Vec::new();
-    let attached = attached_programs(cfg).unwrap_or_default();
+    let attached = if cfg.cgroup.exists() {
+        match attached_programs(cfg) {
+            Ok(list) => list,
+            Err(e) => return Err(Error::EbpfUninstall(e.to_string())),
+        }
+    } else {
+        String::new()
+    };
     for p in &CGROUP_PROGRAMS {
         let pin = cfg.program_pin(p.program);
-        if pin.exists()
-            && is_attached_as(cfg, &attached, &pin, p).unwrap_or(false)
+        let is_attached = if pin.exists() {
+            match is_attached_as(cfg, &attached, &pin, p) {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            }
+        } else {
+            false
+        };
+        if is_attached
             && let Err(e) = bpftool(
                 cfg,
                 &[
@@ -379,7 +409,9 @@ pub fn uninstall(cfg: &EbpfConfig) -> Result<()> {
             ],
         );
     }
-    if let Err(source) = fs::remove_dir_all(&pins) {
+    if !errors.is_empty() {
+        errors.push(format!("the pins in {} are kept", pins.display()));
+    } else if let Err(source) = fs::remove_dir_all(&pins) {
         errors.push(format!("removing {}: {source}", pins.display()));
     }
     if errors.is_empty() {
@@ -573,6 +605,35 @@ impl TransparentConf {
         }
         out
     }
+}
+
+/// `uid` of this process's user namespace as the kernel's initial user namespace sees it,
+/// which is what the programs compare (`bpf_get_current_uid_gid`): the same as `uid` outside
+/// user namespaces, the mapped uid in a user-namespaced pod. One level of nesting, as
+/// `/proc/self/uid_map` gives it.
+pub fn kernel_uid(uid: u32) -> Result<u32> {
+    let map = fs::read_to_string("/proc/self/uid_map").map_err(|source| Error::Io {
+        what: "reading /proc/self/uid_map".into(),
+        source,
+    })?;
+    map_uid(&map, uid).ok_or_else(|| {
+        Error::InvalidConfig(format!(
+            "--proxy-uid {uid} is not mapped in this user namespace (/proc/self/uid_map: {})",
+            map.trim()
+        ))
+    })
+}
+
+/// `uid` through the lines `inside outside count` of a uid map.
+fn map_uid(map: &str, uid: u32) -> Option<u32> {
+    map.lines().find_map(|line| {
+        let mut fields = line.split_whitespace().map(|f| f.parse::<u64>().ok());
+        let (inside, outside, count) = (fields.next()??, fields.next()??, fields.next()??);
+        let offset = u64::from(uid).checked_sub(inside)?;
+        (offset < count)
+            .then(|| u32::try_from(outside + offset).ok())
+            .flatten()
+    })
 }
 
 /// The size of `struct transparent_conf`.
@@ -813,6 +874,19 @@ bpf /run/my\\040bpf bpf rw 0 0
         assert_eq!(bytes[76..84], [10, 20, 30, 0, 255, 255, 255, 0]);
         assert_eq!(bytes[332..336], [10, 1, 1, 0]);
         assert!(bytes[336..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn uids_are_mapped_as_the_kernel_sees_them() {
+        assert_eq!(
+            map_uid("         0          0 4294967295\n", 5678),
+            Some(5678)
+        );
+        let pod = "0 100000 65536\n";
+        assert_eq!(map_uid(pod, 5678), Some(105_678));
+        assert_eq!(map_uid(pod, 70_000), None);
+        assert_eq!(map_uid("0 1000 1\n5678 200000 10\n", 5678), Some(200_000));
+        assert_eq!(map_uid("garbage\n", 0), None);
     }
 
     #[test]

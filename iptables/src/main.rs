@@ -273,7 +273,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
                 EbpfCmd::Transparent { remove: false } => {
                     let addrs = ebpf::local_ipv4_addrs().context("ebpf transparent failed")?;
-                    let conf = ebpf::TransparentConf::new(&o.config(), addrs)
+                    let mut config = o.config();
+                    config.proxy_uid =
+                        ebpf::kernel_uid(config.proxy_uid).context("ebpf transparent failed")?;
+                    let conf = ebpf::TransparentConf::new(&config, addrs)
                         .context("ebpf transparent failed")?;
                     ebpf::register_transparent(&cfg, &conf).context("ebpf transparent failed")?;
                     eprintln!(

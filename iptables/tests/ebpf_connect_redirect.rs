@@ -66,9 +66,9 @@ fn weft_iptables_ebpf(host: &Host, cfg: &EbpfConfig, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Registers `host` with the test's proxy uid and outbound port plus `extra` flags.
-fn register(host: &Host, cfg: &EbpfConfig, extra: &[&str]) {
-    let (uid, port) = (PROXY_UID.to_string(), OUTBOUND_PORT.to_string());
+/// Registers `host` with the test's proxy uid, outbound `port` and `extra` flags.
+fn register(host: &Host, cfg: &EbpfConfig, port: u16, extra: &[&str]) {
+    let (uid, port) = (PROXY_UID.to_string(), port.to_string());
     let mut args = vec![
         "transparent",
         "--proxy-uid",
@@ -85,29 +85,25 @@ fn register(host: &Host, cfg: &EbpfConfig, extra: &[&str]) {
     );
 }
 
-/// Connects from inside `host` (as this process: root) to `to`; where the connection really
-/// ended up (its peer), and for a connection that reached the proxy, the destination the
-/// proxy's accepted socket reads from `SO_ORIGINAL_DST`. Checks that bytes pass both ways.
-fn connect(
-    host: &Host,
-    proxy: &TcpListener,
-    to: SocketAddrV4,
-) -> (SocketAddr, Option<SocketAddrV4>) {
+/// Connects from inside `host` (as this process: root) to `to`. The app sees `to` as its
+/// peer either way; when the connection reached the proxy instead, the destination the
+/// proxy's accepted socket reads from `SO_ORIGINAL_DST` (bytes are checked both ways).
+fn connect(host: &Host, proxy: &TcpListener, to: SocketAddrV4) -> Option<SocketAddrV4> {
     host.enter(|| {
         let mut app = TcpStream::connect_timeout(&to.into(), TIMEOUT)
             .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
-        let peer = app.peer_addr().unwrap();
-        if peer.port() != OUTBOUND_PORT {
-            return (peer, None);
-        }
-        let mut accepted = accept(proxy);
+        assert_eq!(
+            app.peer_addr().unwrap(),
+            SocketAddr::V4(to),
+            "the app's peer"
+        );
+        let mut accepted = accept_within(proxy, Duration::from_millis(300))?;
         accepted.set_nonblocking(false).unwrap();
         accepted.set_read_timeout(Some(TIMEOUT)).unwrap();
         app.set_read_timeout(Some(TIMEOUT)).unwrap();
         let orig = SockRef::from(&accepted)
             .original_dst_v4()
             .unwrap_or_else(|e| panic!("SO_ORIGINAL_DST of the connection to {to}: {e}"));
-        let orig = orig.as_socket_ipv4();
         app.write_all(b"ping").unwrap();
         let mut buf = [0; 4];
         accepted.read_exact(&mut buf).unwrap();
@@ -115,19 +111,21 @@ fn connect(
         accepted.write_all(b"pong").unwrap();
         app.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"pong");
-        (peer, orig)
+        orig.as_socket_ipv4()
     })
     .unwrap()
 }
 
-/// The next connection on the non-blocking `listener`, waiting up to [`TIMEOUT`].
-fn accept(listener: &TcpListener) -> TcpStream {
-    let deadline = std::time::Instant::now() + TIMEOUT;
+/// The next connection on the non-blocking `listener`, if one comes within `wait`.
+fn accept_within(listener: &TcpListener, wait: Duration) -> Option<TcpStream> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match listener.accept() {
-            Ok((conn, _)) => return conn,
+            Ok((conn, _)) => return Some(conn),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(std::time::Instant::now() < deadline, "nothing to accept");
+                if std::time::Instant::now() >= deadline {
+                    return None;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("accept: {e}"),
@@ -192,7 +190,6 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
     let local_service = listen(&app, app_ip, SERVICE_PORT);
     let loopback_service = listen(&app, Ipv4Addr::LOCALHOST, SERVICE_PORT);
     let service = SocketAddrV4::new(remote_ip, SERVICE_PORT);
-    let to_proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
 
     // Not registered yet: nothing changes.
     let shown = weft_iptables_ebpf(&app, &cfg, &["show"]);
@@ -200,29 +197,30 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
         shown.contains("this network namespace is not registered"),
         "{shown}"
     );
-    assert_eq!(connect(&app, &proxy, service).0, SocketAddr::V4(service));
+    assert_eq!(connect(&app, &proxy, service), None);
     assert!(took_one(&remote_service));
 
     register(
         &app,
         &cfg,
+        OUTBOUND_PORT,
         &["--exclude-outbound-ports", &EXCLUDED_PORT.to_string()],
     );
     // An outbound connection is the proxy's, with the app's destination.
-    assert_eq!(connect(&app, &proxy, service), (to_proxy, Some(service)));
+    assert_eq!(connect(&app, &proxy, service), Some(service));
     assert!(
         !took_one(&remote_service),
         "the remote service saw the proxy's connection"
     );
     // Excluded ports, the namespace's own addresses and loopback stay direct.
     let excluded = SocketAddrV4::new(remote_ip, EXCLUDED_PORT);
-    assert_eq!(connect(&app, &proxy, excluded).0, SocketAddr::V4(excluded));
+    assert_eq!(connect(&app, &proxy, excluded), None);
     assert!(took_one(&remote_excluded));
     let local = SocketAddrV4::new(app_ip, SERVICE_PORT);
-    assert_eq!(connect(&app, &proxy, local).0, SocketAddr::V4(local));
+    assert_eq!(connect(&app, &proxy, local), None);
     assert!(took_one(&local_service));
     let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, SERVICE_PORT);
-    assert_eq!(connect(&app, &proxy, loopback).0, SocketAddr::V4(loopback));
+    assert_eq!(connect(&app, &proxy, loopback), None);
     assert!(took_one(&loopback_service));
 
     // The proxy's own connections are never sent back to it (bash's /dev/tcp, run as the
@@ -252,15 +250,42 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
     register(
         &app,
         &cfg,
+        OUTBOUND_PORT,
         &["--exclude-outbound-ips", &format!("{remote_ip}/32")],
     );
-    assert_eq!(connect(&app, &proxy, service).0, SocketAddr::V4(service));
+    assert_eq!(connect(&app, &proxy, service), None);
     assert!(took_one(&remote_service));
     let elsewhere = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), EXCLUDED_PORT);
-    assert_eq!(
-        connect(&app, &proxy, elsewhere),
-        (to_proxy, Some(elsewhere))
+    assert_eq!(connect(&app, &proxy, elsewhere), Some(elsewhere));
+
+    // A socket whose connect to the proxy failed (nothing listens on this outbound port)
+    // and that connects again, to an excluded destination, keeps nothing of the first
+    // attempt: its peer is where it went.
+    let closed_port = OUTBOUND_PORT + 1;
+    register(
+        &app,
+        &cfg,
+        closed_port,
+        &["--exclude-outbound-ports", &EXCLUDED_PORT.to_string()],
     );
+    let peer = app
+        .enter(|| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // Blocking connects: after a failed non-blocking one Linux answers the next
+            // connect with ECONNABORTED first.
+            let refused = socket.connect(&SocketAddr::V4(service).into());
+            assert_eq!(
+                refused.map_err(|e| e.kind()).err(),
+                Some(std::io::ErrorKind::ConnectionRefused),
+                "sent to the closed outbound port"
+            );
+            socket.connect(&SocketAddr::V4(excluded).into()).unwrap();
+            socket.peer_addr().unwrap().as_socket()
+        })
+        .unwrap();
+    assert_eq!(peer, Some(SocketAddr::V4(excluded)));
+    assert!(took_one(&remote_excluded));
 
     // Out again: the connection goes where the app asked.
     weft_iptables_ebpf(&app, &cfg, &["transparent", "--remove"]);
@@ -269,6 +294,6 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
         shown.contains("this network namespace is not registered"),
         "{shown}"
     );
-    assert_eq!(connect(&app, &proxy, excluded).0, SocketAddr::V4(excluded));
+    assert_eq!(connect(&app, &proxy, excluded), None);
     assert!(took_one(&remote_excluded));
 }

@@ -13,6 +13,7 @@
 //! from `127.0.0.6` in transparent mode so the iptables loop guard lets it through.
 
 use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
+use crate::copy::Abort;
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::{Detection, Protocol, detect};
@@ -63,13 +64,14 @@ pub(crate) async fn explicit(shared: Arc<Shared>, stream: TcpStream, listener: S
 }
 
 /// Inbound passthrough: a port nobody meshed goes on unchanged.
-async fn passthrough(shared: &Shared, stream: TcpStream, orig: SocketAddr) {
+async fn passthrough(shared: &Shared, mut stream: TcpStream, orig: SocketAddr) {
     let source = Some(listen::inbound_source(orig));
     let upstream = match Box::pin(listen::connect(orig, source, shared.opts.connect_timeout)).await
     {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%orig, error = %e, "inbound passthrough connect failed");
+            stream.abort();
             return;
         }
     };
@@ -166,6 +168,7 @@ async fn plaintext(
         return;
     }
     let Some(up) = Box::pin(upstream(shared, inbound, transparent)).await else {
+        stream.abort();
         return;
     };
     let start = std::time::SystemTime::now();

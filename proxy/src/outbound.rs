@@ -66,11 +66,13 @@ pub(crate) async fn explicit(shared: Arc<Shared>, client: TcpStream, listener: S
     mesh(&shared, &cfg, client, service).await;
 }
 
-async fn passthrough(shared: &Shared, client: TcpStream, orig: SocketAddr) {
+async fn passthrough(shared: &Shared, mut client: TcpStream, orig: SocketAddr) {
     let upstream = match Box::pin(listen::connect(orig, None, shared.opts.connect_timeout)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%orig, error = %e, "passthrough connect failed");
+            // As the destination would have: a reset, not a connection that ends cleanly.
+            client.abort();
             return;
         }
     };
@@ -131,7 +133,8 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
         let tunnel = match opened.await {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(service, error = %e, "no mesh tunnel: closing");
+                tracing::warn!(service, error = %e, "no mesh tunnel: resetting");
+                client.abort();
                 return;
             }
         };
@@ -140,6 +143,7 @@ async fn mesh(shared: &Arc<Shared>, cfg: &Arc<ProxyConfig>, mut client: TcpStrea
     } else {
         // Boxed: the set-up's state is freed once the connection settles into copying.
         let Some((up, _own)) = Box::pin(connect_endpoint(shared, cfg, service)).await else {
+            client.abort();
             return;
         };
         _active = shared.metrics.opened(OUTBOUND, detection.protocol.label());

@@ -560,9 +560,17 @@ async fn read_to_end_or_reset(s: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
+/// What [`resetting_server`] tells a test that resets its client: that the first bytes
+/// arrived, then whether the connection ended with a reset.
+type ResetReport = (
+    tokio::sync::mpsc::Sender<()>,
+    tokio::sync::mpsc::Sender<bool>,
+);
+
 /// An app that answers a connection's first bytes with `partial`, then resets it; or, with
-/// `reset_by_client`, reads until the connection ends and reports whether it was reset.
-async fn resetting_server(reset_by_client: Option<tokio::sync::mpsc::Sender<bool>>) -> SocketAddr {
+/// `reset_by_client`, says when the first bytes arrived, reads until the connection ends and
+/// reports whether it was reset.
+async fn resetting_server(reset_by_client: Option<ResetReport>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -576,7 +584,8 @@ async fn resetting_server(reset_by_client: Option<tokio::sync::mpsc::Sender<bool
                         let _ = s.write_all(b"partial").await;
                         s.set_zero_linger().unwrap();
                     }
-                    Some(report) => {
+                    Some((arrived, report)) => {
+                        let _ = arrived.send(()).await;
                         let (_, reset) = read_to_end_or_reset(&mut s).await;
                         let _ = report.send(reset).await;
                     }
@@ -607,12 +616,19 @@ async fn a_reset_travels_through_both_sidecars_as_a_reset() {
         }
 
         // The client app resets.
+        let (arrived_tx, mut arrived) = tokio::sync::mpsc::channel(1);
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let p = pair_with(mtls, resetting_server(Some(tx)).await, vec![allow("web")]).await;
+        let server = resetting_server(Some((arrived_tx, tx))).await;
+        let p = pair_with(mtls, server, vec![allow("web")]).await;
         let mut c = TcpStream::connect(p.outbound).await.unwrap();
         c.write_all(b"hello").await.unwrap();
         // Past detection and through both proxies before the reset.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first = tokio::time::timeout(Duration::from_secs(5), arrived.recv()).await;
+        assert_eq!(
+            first.ok().flatten(),
+            Some(()),
+            "mtls {mtls:?}: nothing arrived"
+        );
         c.set_zero_linger().unwrap();
         drop(c);
         let reset = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
@@ -620,6 +636,28 @@ async fn a_reset_travels_through_both_sidecars_as_a_reset() {
             reset.ok().flatten(),
             Some(true),
             "mtls {mtls:?}: the server saw a clean end, not the client's reset"
+        );
+    }
+}
+
+/// A connection whose destination cannot be reached ends with a reset, as the destination's
+/// own refusal would, not with a clean end: in plaintext (the inbound resets, and the outbound
+/// passes it on) and through the tunnel (the inbound refuses it, the outbound resets).
+#[tokio::test]
+async fn an_unreachable_app_is_a_reset() {
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    for mtls in [None, Some(Mode::Strict)] {
+        let p = pair_with(mtls, closed, vec![allow("web")]).await;
+        let mut c = TcpStream::connect(p.outbound).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let (got, reset) = read_to_end_or_reset(&mut c).await;
+        assert!(got.is_empty(), "mtls {mtls:?}: {got:?}");
+        assert!(
+            reset,
+            "mtls {mtls:?}: a clean end for an app that is not there"
         );
     }
 }
