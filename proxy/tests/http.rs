@@ -652,6 +652,40 @@ async fn limits_timeouts_and_permissions_answer_with_their_status() {
     drop((server, client));
 }
 
+/// The request timeout runs from the end of the request, as Envoy's route timeout: an upload
+/// (or a gRPC client stream) that takes longer than it to send is not cut while it is still
+/// sending. From HTTP/1.1 and h2 clients.
+#[tokio::test]
+async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let url = format!("http://{}/upload", m.outbound);
+    for client in [http1_client(), h2c_client()] {
+        // Six chunks of 1 KiB, 200 ms apart: 1.2 s of sending against a 500 ms timeout.
+        let chunks = futures::stream::unfold(0u32, |i| async move {
+            if i == 6 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'u'; 1024]))),
+                i + 1,
+            ))
+        });
+        let req = Request::post(&url)
+            .body(BodyExt::boxed(StreamBody::new(chunks)))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .expect("a response in time")
+            .expect("a response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"6144"[..]));
+    }
+}
+
 /// An endpoint that takes TCP connections and never answers the TLS handshake costs each
 /// request at most the request timeout (500 ms here), connecting included: the requests that
 /// queued behind the one attempt to connect fail with it, not one handshake timeout (10 s)

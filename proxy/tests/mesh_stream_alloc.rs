@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use weft_proxy::http::body::Body;
-use weft_proxy::http::mesh_stream::MeshSender;
+use weft_proxy::http::mesh_stream::{MeshSender, RequestTimeout};
 
 struct Counting;
 
@@ -69,7 +69,16 @@ async fn post(sender: &MeshSender) {
     let mut req = Request::new(Body::text("a request body, sent by a task of its own"));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = "http://backend.mesh/echo".parse().expect("static URI");
-    let (response, open) = sender.clone().send(req).await.expect("response");
+    // With the request timeout, as the outbound proxy sends.
+    let timeout = RequestTimeout {
+        began: std::time::Instant::now(),
+        limit: std::time::Duration::from_secs(15),
+    };
+    let (response, open) = sender
+        .clone()
+        .send(req, Some(timeout))
+        .await
+        .expect("response");
     let body = Body::stream(response.into_body(), Some(open));
     let got = body.collect().await.expect("body").to_bytes();
     assert_eq!(got, "41");

@@ -19,7 +19,7 @@
 
 use crate::http::app_pool::IDLE;
 use crate::http::body::Body;
-use crate::http::mesh_stream::{MeshSender, SendError, StreamGuard};
+use crate::http::mesh_stream::{MeshSender, RequestTimeout, SendError, StreamGuard};
 use crate::listen;
 use h2::RecvStream;
 use http::{Request, Response};
@@ -46,6 +46,13 @@ pub enum H2cError {
         upstream: SocketAddr,
         /// Why.
         source: h2::Error,
+    },
+    /// No response head within the request timeout (a plaintext caller's: mesh callers' own
+    /// proxies bound their requests).
+    #[error("h2c to {upstream}: no response within the request timeout")]
+    TimedOut {
+        /// The app's address.
+        upstream: SocketAddr,
     },
     /// The stream failed, or the connection took no new stream even when new.
     #[error("h2c to {upstream}: {source}")]
@@ -122,10 +129,12 @@ impl H2cClient {
     /// connection as long as the returned guard lives.
     ///
     /// A request the connection in use could no longer take (it had closed under us) goes
-    /// out once more on a new connection; one that went out is never sent again.
+    /// out once more on a new connection; one that went out is never sent again. With a
+    /// `timeout`, the wait for the response head is bounded as [`RequestTimeout`] says.
     pub async fn send(
         &self,
         mut req: Request<Body>,
+        timeout: Option<RequestTimeout>,
     ) -> Result<(Response<RecvStream>, StreamGuard), H2cError> {
         let upstream = self.inner.upstream;
         self.inner.used.store(true, Ordering::Relaxed);
@@ -140,7 +149,7 @@ impl H2cClient {
                     Box::pin(self.inner.open()).await?
                 }
             };
-            match sender.send(req).await {
+            match sender.send(req, timeout).await {
                 Ok(r) => return Ok(r),
                 Err(SendError::Unsent { request, source }) if !fresh => {
                     tracing::debug!(%upstream, error = %source,
@@ -151,6 +160,7 @@ impl H2cClient {
                 Err(SendError::Unsent { source, .. } | SendError::Failed(source)) => {
                     return Err(H2cError::Stream { upstream, source });
                 }
+                Err(SendError::TimedOut) => return Err(H2cError::TimedOut { upstream }),
             }
         }
     }
@@ -269,7 +279,7 @@ mod tests {
         let idle = Duration::from_millis(200);
         let client = H2cClient::with_idle(addr, None, Duration::from_secs(5), idle);
         for _ in 0..3 {
-            let (resp, _open) = client.send(get(addr)).await.unwrap();
+            let (resp, _open) = client.send(get(addr), None).await.unwrap();
             assert_eq!(resp.status(), 200);
         }
         assert_eq!(opened.load(Ordering::SeqCst), 1, "one connection for all");
@@ -277,7 +287,7 @@ mod tests {
             ended.load(Ordering::SeqCst) == 1
         })
         .await;
-        let (resp, _open) = client.send(get(addr)).await.unwrap();
+        let (resp, _open) = client.send(get(addr), None).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(opened.load(Ordering::SeqCst), 2, "a new connection after");
     }
@@ -287,7 +297,7 @@ mod tests {
         let (addr, opened, ended) = app().await;
         let idle = Duration::from_millis(100);
         let client = H2cClient::with_idle(addr, None, Duration::from_secs(5), idle);
-        let (resp, open) = client.send(get(addr)).await.unwrap();
+        let (resp, open) = client.send(get(addr), None).await.unwrap();
         assert_eq!(resp.status(), 200);
         tokio::time::sleep(idle * 5).await;
         assert_eq!(ended.load(Ordering::SeqCst), 0, "closed with a stream open");
@@ -331,7 +341,8 @@ mod tests {
         let client = H2cClient::new(addr, None, Duration::from_secs(5));
         let mut open = Vec::new();
         for i in 0..3 {
-            let sent = tokio::time::timeout(Duration::from_secs(5), client.send(get(addr))).await;
+            let sent =
+                tokio::time::timeout(Duration::from_secs(5), client.send(get(addr), None)).await;
             let (resp, guard) = sent
                 .unwrap_or_else(|_| panic!("request {i} waited behind the app's limit"))
                 .unwrap();
@@ -351,7 +362,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let client = H2cClient::new(addr, None, Duration::from_secs(5));
-        match client.send(get(addr)).await {
+        match client.send(get(addr), None).await {
             Err(H2cError::Connect { upstream, .. }) => assert_eq!(upstream, addr),
             other => panic!("expected a connect error, got {other:?}"),
         }

@@ -13,9 +13,10 @@ use crate::config::{Authz, Inbound, MtlsMode, ProxyConfig};
 use crate::datapath::Shared;
 use crate::datapath_metrics::INBOUND;
 use crate::detect::Protocol;
-use crate::http::app_h2c::H2cClient;
+use crate::http::app_h2c::{H2cClient, H2cError};
 use crate::http::app_pool::{self, AppConnector, Http1Pool};
 use crate::http::body::{Body, ByteCount};
+use crate::http::mesh_stream::RequestTimeout;
 use crate::http::outbound::observed;
 use crate::http::outbound::{absolute_uri, authority_of, serve_connection};
 use crate::http::{
@@ -415,43 +416,53 @@ async fn forward(
         body = body.count_into(c.clone());
     }
     let req = Request::from_parts(parts, body);
+    // The caller's own proxy bounds a mesh caller's request (Kuma's 15 s, then 504 and a
+    // reset); a plaintext caller has none, and the request timeout is applied here: to an
+    // h2c app from the end of the request as on the mesh hop (`RequestTimeout`), to an
+    // HTTP/1.1 app from its arrival.
+    let plaintext_timeout = (!ctx.peer_is_mesh()).then(|| RequestTimeout {
+        began: observation.started(),
+        limit: ctx.shared.opts.request_timeout,
+    });
     let send = async {
         if app_http2 {
             ctx.clients
                 .http2
-                .send(req)
+                .send(req, plaintext_timeout)
                 .await
                 .map(|(r, open)| r.map(|stream| Body::stream(stream, Some(open))))
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e {
+                    H2cError::TimedOut { .. } => None,
+                    e => Some(e.to_string()),
+                })
         } else {
             ctx.clients
                 .http1_pool
                 .send(req)
                 .await
                 .map(|r| r.map(Body::app))
-                .map_err(|e| e.to_string())
+                .map_err(|e| Some(e.to_string()))
         }
     };
-    let sent = if ctx.peer_is_mesh() {
-        // The caller's own proxy bounds the request (Kuma's 15 s, then 504 and a reset).
-        send.await
-    } else {
-        // A plaintext caller has no proxy of its own: the request timeout is applied here.
-        let deadline =
-            crate::http::request_deadline(observation.started(), ctx.shared.opts.request_timeout);
-        match tokio::time::timeout_at(deadline, send).await {
-            Ok(sent) => sent,
-            Err(_) => {
-                return observed(
-                    local_response(StatusCode::GATEWAY_TIMEOUT, "app request timeout\n"),
-                    observation,
-                );
-            }
+    // An error is `None` when the request timed out.
+    let sent = match plaintext_timeout {
+        Some(t) if !app_http2 => {
+            let deadline = crate::http::request_deadline(t.began, t.limit);
+            tokio::time::timeout_at(deadline, send)
+                .await
+                .unwrap_or(Err(None))
         }
+        _ => send.await,
     };
     let resp = match sent {
         Ok(r) => r,
-        Err(error) => {
+        Err(None) => {
+            return observed(
+                local_response(StatusCode::GATEWAY_TIMEOUT, "app request timeout\n"),
+                observation,
+            );
+        }
+        Err(Some(error)) => {
             tracing::warn!(service = %ctx.service, upstream = %ctx.upstream, %error,
                 "app request failed");
             return observed(

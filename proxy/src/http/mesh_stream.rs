@@ -109,6 +109,22 @@ pub enum SendError {
     /// not retried, as it may not be idempotent.
     #[error("stream failed: {0}")]
     Failed(#[from] h2::Error),
+    /// No response head within the [`RequestTimeout`]; the stream is reset.
+    #[error("no response within the request timeout")]
+    TimedOut,
+}
+
+/// How long a request waits for its response head: `limit` from the end of the request, as
+/// Envoy's route timeout runs from the end of the downstream request. That is its arrival
+/// (`began`) for a request whose body is over by the time its head goes out (no body, or a
+/// small one such as a gRPC unary call's), and the moment the rest of its body has gone out
+/// otherwise: a client stream or a slow upload is not cut while it is still sending.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeout {
+    /// When the request arrived.
+    pub began: std::time::Instant,
+    /// How long after its end the response head may take.
+    pub limit: Duration,
 }
 
 /// How often a connection with streams open checks that its peer still answers (PING), and
@@ -212,12 +228,24 @@ impl MeshSender {
     ///
     /// Connection-specific headers must already be gone (HTTP/2 has none; see
     /// [`crate::http::strip_hop_by_hop`]).
+    ///
+    /// With a [`RequestTimeout`], waiting for room on the connection and for the response
+    /// head are bounded by it ([`SendError::TimedOut`]).
     pub async fn send(
         self,
         req: Request<Body>,
+        timeout: Option<RequestTimeout>,
     ) -> Result<(Response<RecvStream>, StreamGuard), SendError> {
         let Self { tx, state } = self;
-        let mut tx = match tx.ready().await {
+        let deadline = timeout.map(|t| crate::http::request_deadline(t.began, t.limit));
+        let ready = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, tx.ready()).await {
+                Ok(ready) => ready,
+                Err(_) => return Err(SendError::TimedOut),
+            },
+            None => tx.ready().await,
+        };
+        let mut tx = match ready {
             Ok(tx) => tx,
             Err(source) => {
                 // `ready` fails only when the connection is gone or going away: no stream
@@ -234,7 +262,7 @@ impl MeshSender {
         let end_of_stream = body.is_end_stream();
         let (response, stream) = tx.send_request(Request::from_parts(head, ()), end_of_stream)?;
         let guard = StreamGuard::new(&state);
-        let pumping = if end_of_stream {
+        let mut pumping = if end_of_stream {
             None
         } else {
             start_pump(Pump {
@@ -244,7 +272,27 @@ impl MeshSender {
                 unmetered: 0,
             })
         };
-        let response = response.await?;
+        let response = match (timeout, deadline, pumping.as_mut()) {
+            (None, ..) | (_, None, _) => response.await?,
+            (Some(_), Some(deadline), None) => tokio::time::timeout_at(deadline, response)
+                .await
+                .map_err(|_| SendError::TimedOut)??,
+            (Some(t), Some(_), Some(pump)) => {
+                // The clock starts when the body is all sent; a response head that comes
+                // first (a bidirectional stream) ends the wait without it.
+                let mut response = std::pin::pin!(response);
+                tokio::select! {
+                    biased;
+                    head = &mut response => head?,
+                    _ = pump.finished() => {
+                        let deadline = crate::http::request_deadline(std::time::Instant::now(), t.limit);
+                        tokio::time::timeout_at(deadline, response)
+                            .await
+                            .map_err(|_| SendError::TimedOut)??
+                    }
+                }
+            }
+        };
         if let Some(p) = pumping {
             p.detach();
         }
@@ -313,6 +361,14 @@ async fn keep_alive(pings: Option<h2::PingPong>, conn: &ConnState) {
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
 
 impl AbortOnDrop {
+    /// Resolves when the task has ended (at once when it was detached).
+    async fn finished(&mut self) {
+        if let Some(task) = self.0.as_mut() {
+            let _ = task.await;
+            self.0 = None;
+        }
+    }
+
     /// Lets the task run on by itself. (Dropping a `JoinHandle` detaches its task and frees
     /// the handle's claim on the task's memory; forgetting it would leak that memory.)
     fn detach(mut self) {
@@ -816,7 +872,7 @@ mod tests {
             .await;
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = "http://backend.mesh/echo".parse().unwrap();
-        let (response, open) = within(sender.send(req)).await.unwrap();
+        let (response, open) = within(sender.send(req, None)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert!(state.has_streams());
         let body = Body::stream(response.into_body(), Some(open));
@@ -843,7 +899,7 @@ mod tests {
         let mut req = Request::new(Body::text("payload"));
         *req.method_mut() = Method::PUT;
         *req.uri_mut() = "http://backend.mesh/item".parse().unwrap();
-        match within(sender.send(req)).await {
+        match within(sender.send(req, None)).await {
             Err(SendError::Unsent { request, .. }) => {
                 assert_eq!(request.method(), Method::PUT);
                 assert_eq!(request.uri().path(), "/item");
@@ -912,7 +968,7 @@ mod tests {
         let state = sender.state.clone();
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = "http://backend.mesh/long-poll".parse().unwrap();
-        let (response, open) = sender.clone().send(req).await.unwrap();
+        let (response, open) = sender.clone().send(req, None).await.unwrap();
         (
             sender,
             state,

@@ -14,7 +14,7 @@ use crate::detect::Protocol;
 use crate::http::body::{Body, ByteCount};
 use crate::http::coalesce::Coalesce;
 use crate::http::idle::{Activity, IdleIo};
-use crate::http::mesh_stream::{MeshSender, SendError, StreamGuard};
+use crate::http::mesh_stream::{MeshSender, RequestTimeout, SendError, StreamGuard};
 use crate::http::{
     CONNECT_ATTEMPTS, DOWNSTREAM_HTTP1, DOWNSTREAM_PROTOCOL, MAX_HEADER_BYTES, MAX_HEADERS,
     downstream_version, local_response, strip_hop_by_hop, tunnel,
@@ -296,11 +296,16 @@ async fn send(
     ),
     Response<Body>,
 > {
-    // One deadline for the whole exchange from the request's arrival (`began`), connecting
-    // included (as Envoy's route timeout), so endpoints that take TCP connections and never
-    // finish the handshake cannot hold a request for attempts × (connect + handshake)
-    // timeouts. `began` spares a clock read.
-    let deadline = crate::http::request_deadline(began, ctx.shared.opts.request_timeout);
+    // Connecting is bounded by the request timeout from the request's arrival (`began`), so
+    // endpoints that take TCP connections and never finish the handshake cannot hold a
+    // request for attempts × (connect + handshake) timeouts; the wait for the response head
+    // by the same timeout from the end of the request ([`RequestTimeout`]: a request still
+    // sending its body is not cut). `began` spares a clock read.
+    let timeout = RequestTimeout {
+        began,
+        limit: ctx.shared.opts.request_timeout,
+    };
+    let deadline = crate::http::request_deadline(began, timeout.limit);
     let timed_out = || local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
     for _ in 0..CONNECT_ATTEMPTS {
         // A pooled connection with room answers at the first poll: the deadline's timer is
@@ -314,15 +319,15 @@ async fn send(
             },
         };
         let in_flight = target.endpoint.start();
-        let sent = tokio::time::timeout_at(deadline, sender.send(req)).await;
-        match sent {
-            Ok(Ok(resp)) => return Ok((resp, in_flight, target.endpoint.addr)),
-            Ok(Err(SendError::Unsent { request, source })) => {
+        match sender.send(req, Some(timeout)).await {
+            Ok(resp) => return Ok((resp, in_flight, target.endpoint.addr)),
+            Err(SendError::Unsent { request, source }) => {
                 tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
                     error = %source, "connection closed before the request went out; retrying");
                 req = *request;
             }
-            Ok(Err(e)) => {
+            Err(SendError::TimedOut) => return Err(timed_out()),
+            Err(e) => {
                 tracing::debug!(service = %ctx.service, endpoint = %target.endpoint.addr,
                     error = %e, "mesh request failed");
                 return Err(local_response(
@@ -330,7 +335,6 @@ async fn send(
                     "upstream request failed\n",
                 ));
             }
-            Err(_) => return Err(timed_out()),
         }
     }
     Err(local_response(
