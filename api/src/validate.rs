@@ -84,8 +84,76 @@ pub fn admit(resource: &Resource) -> Result {
             Ok(())
         }
         Spec::Dataplane(d) => admit_dataplane(d),
+        Spec::MeshHttpRoute(r) => admit_header_modifiers(r),
         _ => Ok(()),
     }
+}
+
+/// Headers a MeshHTTPRoute filter may not set, add or remove: the ones that frame or route
+/// the message (connection-specific ones are dropped at every hop, and HTTP/2 refuses a
+/// message that carries them; `content-length` would frame the body wrongly; `host` is the
+/// request's authority). Envoy refuses the same at configuration time.
+const RESERVED_HEADERS: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+fn admit_header_modifiers(r: &MeshHttpRouteSpec) -> Result {
+    for (i, to) in r.to.iter().enumerate() {
+        for (j, rule) in to.rules.iter().enumerate() {
+            for (k, f) in rule.default.filters.iter().enumerate() {
+                let fp = format!("spec.to[{i}].rules[{j}].default.filters[{k}]");
+                let modifiers = [
+                    ("requestHeaderModifier", &f.request_header_modifier),
+                    ("responseHeaderModifier", &f.response_header_modifier),
+                ];
+                for (field, m) in modifiers {
+                    let Some(m) = m else { continue };
+                    let mp = format!("{fp}.{field}");
+                    for (list, values) in [("set", &m.set), ("add", &m.add)] {
+                        for (n, h) in values.iter().enumerate() {
+                            let hp = format!("{mp}.{list}[{n}]");
+                            admit_header_name(&format!("{hp}.name"), &h.name)?;
+                            if http::HeaderValue::from_str(&h.value).is_err() {
+                                fail(
+                                    format!("{hp}.value"),
+                                    "is not a valid header value (control characters)",
+                                )?;
+                            }
+                        }
+                    }
+                    for (n, name) in m.remove.iter().enumerate() {
+                        admit_header_name(&format!("{mp}.remove[{n}]"), name)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn admit_header_name(path: &str, name: &str) -> Result {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return fail(path, format!("{name:?} is not a valid header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_HEADERS.contains(&lower.as_str()) {
+        return fail(
+            path,
+            format!(
+                "{name:?} cannot be changed by a route: it frames or routes the message \
+                 (reserved: {})",
+                RESERVED_HEADERS.join(", ")
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn admit_dataplane(d: &DataplaneSpec) -> Result {

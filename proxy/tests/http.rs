@@ -438,6 +438,13 @@ async fn a_plaintext_connection_is_refused_once_mtls_is_strict() {
     // request timeout (500 ms in these tests; the app takes 2 s).
     let (status, body) = get(&c, &format!("http://127.0.0.1:{inbound_port}/slow"), &[]).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    // The request target's authority wins over a `Host` that says otherwise (RFC 9112 §3.2.2).
+    let answer = raw_http1(
+        SocketAddr::from(([127, 0, 0, 1], inbound_port)),
+        "GET http://a.example:81/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("host=a.example:81"), "{answer}");
 
     let mut snap = m.server_snaps[0].clone();
     if let Some(mtls) = snap.mesh.as_mut().and_then(|mesh| mesh.mtls.as_mut()) {
@@ -852,6 +859,26 @@ fn rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// An HTTP/1.1 request without a `Host`, or with one that is not an authority, is a 400 (RFC
+/// 9112 §3.2); an HTTP/1.0 one goes to the service by its name.
+#[tokio::test]
+async fn an_http11_request_must_name_its_host() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    for request in [
+        "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_http1(m.outbound, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request:?}: {answer}");
+    }
+    let answer = raw_http1(m.outbound, "GET /x HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert!(answer.contains("host=api"), "{answer}");
 }
 
 /// Long-lived streams (here 300 response bodies that stay open, more than the peer's 256

@@ -698,7 +698,8 @@ fn websocket_echo_works_through_sidecars() {
 ///   chunks with a `Trailer: x-seen` header and trailer `x-seen: <the request's x-checksum
 ///   trailer>`;
 /// - `POST /continue` echoes the body, answering `expect=<Expect header or ->` first;
-/// - `CONNECT` answers `200`, then writes `<authority>\n` into the tunnel and echoes it.
+/// - `CONNECT` answers `200`, then writes `<authority> host=<Host or ->\n` into the tunnel and
+///   echoes it.
 fn details_app(rt: &Runtime, host: &Host, port: u16) {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
@@ -709,7 +710,14 @@ fn details_app(rt: &Runtime, host: &Host, port: u16) {
             tokio::spawn(async move {
                 let svc = service_fn(|mut req: Request<Incoming>| async move {
                     if req.method() == http::Method::CONNECT {
-                        let authority = req.uri().to_string();
+                        let authority = format!(
+                            "{} host={}",
+                            req.uri(),
+                            req.headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("-")
+                        );
                         let upgrade = hyper::upgrade::on(&mut req);
                         tokio::spawn(async move {
                             use tokio::io::AsyncWriteExt;
@@ -889,7 +897,8 @@ fn http1_details_work_through_sidecars() {
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
         assert!(answer.contains("expect=- hello"), "{answer:?}");
 
-        // CONNECT: a tunnel to the app, which sees the authority.
+        // CONNECT: a tunnel to the app, which sees the authority, and as `Host` too (RFC 9112
+        // §3.2).
         let mut io = tokio::net::TcpStream::connect(to).await.expect("connect");
         io.write_all(b"CONNECT tunnel.example:443 HTTP/1.1\r\nHost: tunnel.example:443\r\n\r\n")
             .await
@@ -898,7 +907,7 @@ fn http1_details_work_through_sidecars() {
         assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
         let payload = b"bytes through a CONNECT tunnel";
         io.write_all(payload).await.expect("write into the tunnel");
-        let mut want = b"tunnel.example:443\n".to_vec();
+        let mut want = b"tunnel.example:443 host=tunnel.example:443\n".to_vec();
         want.extend_from_slice(payload);
         while got.len() < want.len() {
             read_more(&mut io, &mut got, "the tunnel's echo").await;

@@ -615,6 +615,12 @@ impl AppBody {
             headers.append(name, value);
         }
         let (framing, mut keep_alive) = response_framing(&headers, status, is_head)?;
+        if framing == Framing::Chunked || framing == Framing::Eof {
+            // The length is not what delimits the body (RFC 9112 §6.3: a Transfer-Encoding
+            // overrides it, and an intermediary must remove it); passed on, it would frame
+            // the HTTP/2 hop wrongly.
+            headers.remove(header::CONTENT_LENGTH);
+        }
         keep_alive &= connection_persists(&headers, http11);
         self.keep_alive = keep_alive;
         self.state = match framing {
@@ -1104,6 +1110,29 @@ mod tests {
         assert_eq!(resp.headers()[header::CONTENT_LENGTH], "1000");
         assert_eq!(read_all(resp).await.0, "");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_content_length_beside_transfer_encoding_is_dropped_and_the_connection_closed() {
+        let (addr, accepted) = scripted_app(
+            Arc::new(|_, _| {
+                Answer::Reply(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 100\r\n\r\n\
+                      5\r\nhello\r\n0\r\n\r\n"
+                        .to_vec(),
+                )
+            }),
+            false,
+        )
+        .await;
+        let pool = pool_for(addr);
+        for _ in 0..2 {
+            let resp = send_ok(&pool, Method::GET, addr, "").await;
+            assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
+            assert_eq!(read_all(resp).await.0, "hello");
+        }
+        // Such a message was meant to confuse: its connection is not reused.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

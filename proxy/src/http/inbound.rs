@@ -390,9 +390,9 @@ async fn forward(
         parts.headers.remove(header::HOST);
         parts.version = Version::HTTP_2;
     } else {
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(h) = HeaderValue::try_from(authority.as_str())
-        {
+        // The request target's (or `:authority`'s) authority wins over a `Host` that says
+        // otherwise (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+        if let Ok(h) = HeaderValue::try_from(authority.as_str()) {
             parts.headers.insert(header::HOST, h);
         }
         parts.version = Version::HTTP_11;

@@ -214,8 +214,16 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         return Box::pin(tunnel::outbound(&ctx, svc, req)).await;
     }
     let (mut parts, body) = req.into_parts();
-    let authority = authority_of(&parts.uri, &parts.headers)
-        .or_else(|| Authority::try_from(&*ctx.service).ok());
+    let authority = match authority_of(&parts.uri, &parts.headers) {
+        Some(a) => Some(a),
+        // An HTTP/1.1 request must name its host, and a `Host` that is not an authority is
+        // an error (RFC 9112 §3.2: 400); an HTTP/1.0 one (or an h2 one without
+        // `:authority`) goes to the service by its name.
+        None if parts.version == Version::HTTP_11 || parts.headers.contains_key(header::HOST) => {
+            return local_response(StatusCode::BAD_REQUEST, "missing or invalid Host\n");
+        }
+        None => Authority::try_from(&*ctx.service).ok(),
+    };
     let Some(uri) = authority.and_then(|a| absolute_uri(a, &parts.uri)) else {
         return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
     };
