@@ -693,6 +693,75 @@ async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
     }
 }
 
+/// A gRPC call (h2c, `content-type: application/grpc`, one empty message) to `url`: the HTTP
+/// status, and the `grpc-status` and `grpc-message` of the response head (trailers-only).
+async fn grpc_call(url: &str) -> (StatusCode, String, String) {
+    let req = Request::post(url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), h2c_client().request(req))
+        .await
+        .expect("a response in time")
+        .expect("a response");
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
+    (resp.status(), header("grpc-status"), header("grpc-message"))
+}
+
+/// The proxies' own answers to a gRPC call are trailers-only gRPC responses, as Envoy's: the
+/// outbound's timeout is UNAVAILABLE (14), the inbound's refusal of a denied source
+/// PERMISSION_DENIED (7), each with its reason.
+#[tokio::test]
+async fn local_answers_to_grpc_calls_carry_a_grpc_status() {
+    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    let (status, code, message) = grpc_call(&format!("http://{}/slow", m.outbound)).await;
+    assert_eq!(
+        (status, code.as_str(), message.as_str()),
+        (StatusCode::OK, "14", "upstream request timeout")
+    );
+
+    let ca = TestCa::new(MESH);
+    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let port = free_port();
+    let mut ib = inbound(port, "api", app("one").await, vec![deny("web")]);
+    ib.protocol = "grpc".into();
+    let server = start(
+        &snapshot(
+            Some(&ca),
+            settings.clone(),
+            "api-1",
+            vec![ib],
+            vec![],
+            vec![],
+        ),
+        TestMeshTls::new(&ca, &["api"]),
+    );
+    let mut svc = service("api", &[port]);
+    svc.protocol = "grpc".into();
+    let out = free_port();
+    let client = start(
+        &snapshot(
+            Some(&ca),
+            settings,
+            "web-1",
+            vec![],
+            vec![svc],
+            vec![(out, "api")],
+        ),
+        TestMeshTls::new(&ca, &["web"]),
+    );
+    let (status, code, _) = grpc_call(&format!("http://127.0.0.1:{out}/pkg.Svc/Call")).await;
+    assert_eq!((status, code.as_str()), (StatusCode::OK, "7"));
+    drop((server, client));
+}
+
 /// An endpoint that takes TCP connections and never answers the TLS handshake costs each
 /// request at most the request timeout (500 ms here), connecting included: the requests that
 /// queued behind the one attempt to connect fail with it, not one handshake timeout (10 s)

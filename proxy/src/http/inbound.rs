@@ -193,6 +193,14 @@ pub(crate) async fn serve<I>(
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    // The proxy's own answers to a gRPC call are in gRPC's terms.
+    if crate::http::is_grpc(req.headers()) {
+        return crate::http::for_grpc_caller(handle_request(ctx, req).await);
+    }
+    handle_request(ctx, req).await
+}
+
+async fn handle_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if ctx.peer_is_mesh() && opaque::is_tunnel(&req) {
         return accept_tunnel(&ctx, req).await;
     }

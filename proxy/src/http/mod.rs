@@ -143,6 +143,52 @@ pub fn local_response(status: StatusCode, reason: &'static str) -> Response<Body
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.extensions_mut().insert(LocalReply(reason));
+    r
+}
+
+/// Marks a [`local_response`], with its reason, so that it can be answered in the caller's
+/// terms ([`for_grpc_caller`]).
+#[derive(Debug, Clone, Copy)]
+struct LocalReply(&'static str);
+
+/// Whether a request is a gRPC call (`content-type: application/grpc[+proto|...]`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A [`local_response`] as a gRPC caller expects it, as Envoy answers gRPC calls locally: a
+/// trailers-only response, HTTP 200 with `grpc-status` (the HTTP status mapped as gRPC's
+/// HTTP-to-gRPC table maps it: 503 and 504 are UNAVAILABLE, 403 PERMISSION_DENIED, ...) and
+/// the reason in `grpc-message`. A gRPC client reads the status from there; a 5xx with a
+/// text body leaves it to guess (431, for one, came out as UNKNOWN without a message). Any
+/// other response is returned as it is.
+pub(crate) fn for_grpc_caller(resp: Response<Body>) -> Response<Body> {
+    let Some(LocalReply(reason)) = resp.extensions().get::<LocalReply>().copied() else {
+        return resp;
+    };
+    let code: u16 = match resp.status().as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    };
+    let mut r = Response::new(Body::empty());
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // The reasons are short ASCII texts: only the line end needs to go.
+    if let Ok(message) = HeaderValue::from_str(reason.trim_end()) {
+        headers.insert("grpc-message", message);
+    }
+    r.extensions_mut().insert(LocalReply(reason));
     r
 }
 

@@ -200,6 +200,14 @@ fn current(conn: &ArcSwap<Ctx>) -> Arc<Ctx> {
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    // The proxy's own answers to a gRPC call are in gRPC's terms.
+    if crate::http::is_grpc(req.headers()) {
+        return crate::http::for_grpc_caller(handle_request(ctx, req).await);
+    }
+    handle_request(ctx, req).await
+}
+
+async fn handle_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if req.headers().len() > MAX_HEADERS {
         return local_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
