@@ -15,6 +15,14 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The API URL is not one (exit 1: the input is wrong, nothing was tried).
+    #[error("--api-url {url:?} is not a usable URL: {reason}")]
+    BadUrl {
+        /// What was given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
     /// The control plane refused the request (exit 1).
     #[error("{status}: {message}")]
     Refused {
@@ -35,6 +43,18 @@ pub struct Client {
 impl Client {
     /// A client for the API at `base` (e.g. `http://127.0.0.1:5681`).
     pub fn new(base: &str, admin_token: Option<String>) -> Result<Self, ClientError> {
+        let bad = |reason: String| ClientError::BadUrl {
+            url: base.into(),
+            reason,
+        };
+        let url = reqwest::Url::parse(base).map_err(|e| bad(e.to_string()))?;
+        if url.scheme() != "http" {
+            return Err(bad(format!(
+                "the scheme must be http (as in http://127.0.0.1:5681), not {:?}; for a \
+                 control plane behind TLS, reach it through a TLS proxy or tunnel",
+                url.scheme()
+            )));
+        }
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -83,8 +103,10 @@ impl Client {
         Ok((status, body))
     }
 
-    /// The path of a resource.
+    /// The path of a resource (names percent-encoded, so that a name with `/` or `?` in it
+    /// cannot reach another path or add a query: the API refuses it as a name instead).
     pub fn path(ty: ResourceType, mesh: &str, name: &str) -> String {
+        let (mesh, name) = (segment(mesh), segment(name));
         if ty == ResourceType::Mesh {
             format!("/meshes/{name}")
         } else {
@@ -163,4 +185,16 @@ fn root_cause(e: &dyn std::error::Error) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// The bytes a path segment keeps as they are (RFC 3986 unreserved); the rest are escaped.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `text` as one URL path segment.
+pub fn segment(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
 }

@@ -130,11 +130,31 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/meshes/{mesh}/{plural}/{name}/{view}",
             get(get_dataplane_view),
         )
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             guard_mutations,
         ))
         .with_state(state)
+}
+
+/// Any path the API does not have: a JSON error like every other (it was an empty 404).
+async fn no_such_endpoint(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "Not Found",
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+/// A method the path does not take: a JSON error like every other (it was an empty 405).
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// Whether the caller is trusted: on loopback, or presenting the admin token. Anyone may
@@ -160,7 +180,10 @@ async fn guard_mutations(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match (&state.admin_token, presented) {
-            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+            // An empty token never matches, whatever the configuration says.
+            (Some(want), Some(got)) if !want.is_empty() && !got.is_empty() => {
+                constant_time_eq(want.as_bytes(), got.as_bytes())
+            }
             _ => false,
         }
     };
@@ -603,6 +626,13 @@ pub struct TokenRequest {
     /// Validity, e.g. `24h` (default 10 years, as Kuma's).
     #[serde(default)]
     valid_for: Option<String>,
+    /// Kuma's tag scope; kumactl sends `null`. Only an empty scope is taken: a weft token is
+    /// bound to the dataplane's name.
+    #[serde(default)]
+    tags: Option<std::collections::BTreeMap<String, Value>>,
+    /// Kuma's proxy type; kumactl sends `""`. Only a dataplane's (`""` or `dataplane`).
+    #[serde(default, rename = "type")]
+    proxy_type: Option<String>,
 }
 
 /// `POST /tokens/dataplane`: a signed token for one dataplane of one mesh, as plain text.
@@ -612,6 +642,22 @@ async fn generate_dataplane_token(
 ) -> ApiResult<Response> {
     let req: TokenRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid token request: {e}")))?;
+    if req.tags.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request(
+            "tags: tag-scoped tokens are not supported; a token is bound to the dataplane's \
+             name (leave tags out or null)",
+        ));
+    }
+    if let Some(t) = req
+        .proxy_type
+        .as_deref()
+        .filter(|t| !t.is_empty() && *t != "dataplane")
+    {
+        return Err(ApiError::bad_request(format!(
+            "type: {t:?} tokens are not supported; only dataplane tokens (leave type out, empty \
+             or \"dataplane\")"
+        )));
+    }
     weft_api::validate::validate_name(&req.name, 253, false)
         .map_err(|m| ApiError::bad_request(format!("name: {m}")))?;
     let valid_for = match req.valid_for.as_deref() {
@@ -686,6 +732,16 @@ async fn revoke_dataplane_token(
 ) -> ApiResult<Json<Value>> {
     let req: RevokeRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid revocation request: {e}")))?;
+    // A revocation filed under a mesh that does not exist revokes nothing: the token is
+    // checked against its own mesh's revocations.
+    let store = s.store.clone();
+    let key = ResourceKey::mesh(req.mesh.clone());
+    if blocking(move || store.get(&key)).await?.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "mesh {:?} does not exist: a token is revoked in the mesh it was issued for",
+            req.mesh
+        )));
+    }
     let identity = s.identity.clone();
     let (mesh, id) = (req.mesh.clone(), req.id.clone());
     tokio::task::spawn_blocking(move || identity.tokens().revoke(&mesh, &id))

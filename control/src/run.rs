@@ -82,6 +82,23 @@ pub enum RunError {
     },
 }
 
+/// The shortest admin token accepted: it is a bearer secret that grants every mutation.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// An admin token must be a real secret: not empty (an unset variable in a deployment
+/// template), not short, no whitespace (HTTP/1 trims it, HTTP/2 does not).
+fn check_admin_token(token: &str) -> Result<(), RunError> {
+    if token.len() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace) {
+        return Err(RunError::Config(format!(
+            "--admin-token must be at least {MIN_ADMIN_TOKEN_LEN} characters without \
+             whitespace (got {} characters); leave it unset to allow mutations from loopback \
+             only",
+            token.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A running control plane.
 pub struct ControlPlane {
     /// Where the REST API listens.
@@ -323,6 +340,9 @@ pub fn initialize_store(store: &dyn Store, no_default_mesh: bool) -> Result<bool
 
 /// Starts the control plane and returns once it listens.
 pub async fn start(cfg: RunConfig) -> Result<ControlPlane, RunError> {
+    if let Some(token) = &cfg.admin_token {
+        check_admin_token(token)?;
+    }
     let store = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || open_store(&cfg))

@@ -152,7 +152,7 @@ fn non_loopback_mutation_is_refused() {
 #[test]
 fn admin_token_allows_remote_mutation() {
     require_root!();
-    let remote = Remote::start(&["--admin-token", "s3cret"]);
+    let remote = Remote::start(&["--admin-token", "s3cret-admin-token-42"]);
     let (other, api) = (&remote.other, remote.api);
 
     assert_eq!(
@@ -164,7 +164,13 @@ fn admin_token_allows_remote_mutation() {
     );
     assert_eq!(
         other
-            .enter(move || http(api, "PUT", "/meshes/remote", MESH, Some("s3cret")))
+            .enter(move || http(
+                api,
+                "PUT",
+                "/meshes/remote",
+                MESH,
+                Some("s3cret-admin-token-42")
+            ))
             .expect("enter")
             .expect("put"),
         201
@@ -176,7 +182,7 @@ fn admin_token_allows_remote_mutation() {
 #[test]
 fn a_provided_ca_key_is_read_only_by_trusted_callers() {
     require_root!();
-    let remote = Remote::start(&["--admin-token", "s3cret"]);
+    let remote = Remote::start(&["--admin-token", "s3cret-admin-token-42"]);
     let (cp_host, other, api) = (&remote.cp_host, &remote.other, remote.api);
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
@@ -226,7 +232,7 @@ fn a_provided_ca_key_is_read_only_by_trusted_callers() {
             "{what} keeps the certificate"
         );
         let (status, body) = other
-            .enter(move || http_full(api, "GET", path, "", Some("s3cret")))
+            .enter(move || http_full(api, "GET", path, "", Some("s3cret-admin-token-42")))
             .expect("enter")
             .expect("get");
         assert_eq!(status, 200, "{body}");
@@ -237,5 +243,29 @@ fn a_provided_ca_key_is_read_only_by_trusted_callers() {
             .expect("get");
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(&secret), "{what} from loopback");
+    }
+}
+
+/// An empty or short admin token is refused at start (an unset variable in a deployment
+/// template gives an empty one, and over HTTP/2 `Authorization: Bearer ` presented it): the
+/// control plane does not start open to every remote caller.
+#[test]
+fn an_empty_or_short_admin_token_is_refused_at_start() {
+    for token in ["", "short", "has a space in it!"] {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let out = Command::new(support::WEFT_CONTROL)
+            .args(["run", "--api-address", "127.0.0.1:0"])
+            .args(["--dp-server-address", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("WEFT_ADMIN_TOKEN", token)
+            .env("WEFT_LOG", "warn")
+            .output()
+            .expect("run weft-control");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "token {token:?}: {err}");
+        assert!(
+            err.contains("--admin-token must be at least 16 characters"),
+            "token {token:?}: {err}"
+        );
     }
 }

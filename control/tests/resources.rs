@@ -268,6 +268,34 @@ fn references_and_paths_are_checked() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("mesh \"payments\" does not exist"), "{err}");
+    // An API URL without its scheme is bad input (exit 1), not an unreachable control plane.
+    for url in ["127.0.0.1:5681", "https://127.0.0.1:5681"] {
+        let (code, _, err) = support::weftctl(url, &["get", "meshes"], None);
+        assert_eq!(code, 1, "{url}: {err}");
+        assert!(err.contains("--api-url"), "{url}: {err}");
+    }
+    // A name is one path segment: `?` in it adds no query (this deleted `default` and all in
+    // it, cascading, before names were escaped).
+    let (code, out, err) = cp.weftctl(&["delete", "mesh", "default?cascade=true"], None);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        cp.client().get("/meshes/default").is_ok(),
+        "default is still there"
+    );
+    // A revocation in a mesh that does not exist would revoke nothing: refused, not "revoked".
+    let (code, out, err) = cp.weftctl(
+        &[
+            "revoke",
+            "dataplane-token",
+            "--mesh",
+            "nowhere",
+            "--id",
+            "abc",
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("mesh \"nowhere\" does not exist"), "{err}");
     // Invalid input names the file, document, line and field, and never reaches the store.
     let (code, _, err) = cp.weftctl(
         &["apply", "-f", "-"],
@@ -309,6 +337,40 @@ fn references_and_paths_are_checked() {
     );
     let (status, _) = put("/meshes/default/widgets/w", "{}");
     assert_eq!(status, 404);
+    // kumactl's token request (every field present, `tags: null`, `type: ""`) is taken; a
+    // tag scope, which weft's tokens do not have, is refused by name.
+    let token = |body: &str| {
+        let r = http
+            .post(format!("{}/tokens/dataplane", cp.url()))
+            .body(body.to_string())
+            .send()
+            .expect("post");
+        (r.status().as_u16(), r.text().expect("a body"))
+    };
+    let (status, text) =
+        token(r#"{"name":"d-1","mesh":"default","tags":null,"type":"","validFor":"24h0m0s"}"#);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text.matches('.').count(), 2, "a JWT: {text}");
+    let (status, text) =
+        token(r#"{"name":"d-1","mesh":"default","tags":{"kuma.io/service":["web"]}}"#);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("tags"), "{text}");
+    // Paths and methods the API does not have are JSON errors too.
+    for (method, path, want) in [
+        (reqwest::Method::GET, "/foo", 404),
+        (reqwest::Method::POST, "/meshes/x", 405),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}{path}", cp.url()))
+            .send()
+            .expect("request");
+        assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        let body = r.json::<Value>().expect("a JSON error body");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| d.contains(path)),
+            "{body}"
+        );
+    }
     // A provided CA is checked when it is written, as in Kuma, not when proxies need it.
     let (status, body) = put(
         "/meshes/p",

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::ExitCode;
 use weft_api::ResourceType;
 use weft_api::parse::parse_documents;
-use weft_control::client::{Client, ClientError};
+use weft_control::client::{Client, ClientError, segment};
 use weft_control::{inspect, table};
 
 #[derive(Parser)]
@@ -141,7 +141,7 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match e {
             ClientError::Unreachable { .. } => 2,
-            ClientError::Refused { .. } => 1,
+            ClientError::Refused { .. } | ClientError::BadUrl { .. } => 1,
         };
         Failure(code, e.to_string())
     }
@@ -197,7 +197,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let path = match (&name, ty) {
                 (Some(n), _) => Client::path(ty, &mesh, n),
                 (None, ResourceType::Mesh) => "/meshes".to_string(),
-                (None, _) => format!("/meshes/{mesh}/{}", ty.plural()),
+                (None, _) => format!("/meshes/{}/{}", segment(&mesh), ty.plural()),
             };
             let body = client.get(&path)?;
             print_output(ty, &body, name.is_some(), output)
@@ -316,7 +316,7 @@ fn inspect_dataplanes(
     };
     let mut items = Vec::new();
     for m in &meshes {
-        let body = client.get(&format!("/meshes/{m}/dataplanes+insights"))?;
+        let body = client.get(&format!("/meshes/{}/dataplanes+insights", segment(m)))?;
         if let Some(list) = body.get("items").and_then(Value::as_array) {
             items.extend(list.iter().cloned());
         }
