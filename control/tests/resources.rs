@@ -215,6 +215,14 @@ fn stale_version_is_a_conflict() {
         }) => assert!(message.contains("expected version"), "{message}"),
         other => panic!("expected 409, got {other:?}"),
     }
+    // Through weftctl, a file saved with `get -o yaml` says why and how to overwrite.
+    let (code, saved, err) = cp.weftctl(&["get", "mesh", "default", "-o", "yaml"], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cp.weftctl(&["apply", "-f", "-"], Some(&saved));
+    assert_eq!(code, 0, "the first apply of the saved file: {err}");
+    let (code, _, err) = cp.weftctl(&["apply", "-f", "-"], Some(&saved));
+    assert_eq!(code, 1);
+    assert!(err.contains("remove the line to overwrite"), "{err}");
 }
 
 #[test]

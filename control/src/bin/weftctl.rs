@@ -285,9 +285,18 @@ fn apply(client: &Client, file: &str) -> Result<(), Failure> {
         match client.put(r, doc.version) {
             Ok((_, created)) => println!("{what} {}", if created { "created" } else { "updated" }),
             Err(e @ ClientError::Refused { .. }) => {
+                // A file saved with `get -o yaml` carries the version it was read at, and
+                // applying it is a conditional write: say how to overwrite instead.
+                let hint = match (&e, doc.version) {
+                    (ClientError::Refused { status: 409, .. }, Some(v)) => format!(
+                        " (the document carries `version: {v}`, so it is written only over that \
+                         version; remove the line to overwrite)"
+                    ),
+                    _ => String::new(),
+                };
                 return Err(Failure(
                     1,
-                    format!("{label}: document {} ({what}): {e}", i + 1),
+                    format!("{label}: document {} ({what}): {e}{hint}", i + 1),
                 ));
             }
             Err(e) => return Err(e.into()),
