@@ -9,11 +9,13 @@ use serde_json::Value;
 use std::time::SystemTime;
 
 /// The columns of the dataplanes table.
-pub const DATAPLANE_COLUMNS: [&str; 7] = [
+pub const DATAPLANE_COLUMNS: [&str; 9] = [
     "MESH",
     "NAME",
     "STATUS",
     "LAST-SEEN",
+    "CONFIG",
+    "CERT-EXPIRY",
     "REQUESTS",
     "ERROR-RATE",
     "CONNECTIONS",
@@ -22,7 +24,11 @@ pub const DATAPLANE_COLUMNS: [&str; 7] = [
 /// The table of the `items` of `dataplanes+insights` answers, as of `now`.
 ///
 /// STATUS is `Online` while the proxy's stream is open; LAST-SEEN is the last message from
-/// it (`never` if it never connected). REQUESTS and CONNECTIONS are the totals since the
+/// it (`never` if it never connected). CONFIG is whether the proxy took the last snapshot
+/// sent (`synced`), refused it (`NACKED`: the control plane's `lastNack` says why), or has
+/// not answered yet (`pending`); CERT-EXPIRY is when its certificate expires. A proxy that
+/// refuses every new configuration is `Online` all the same, so CONFIG is where it shows.
+/// REQUESTS and CONNECTIONS are the totals since the
 /// proxy started, ERROR-RATE the share of requests that failed (5xx or no response); they
 /// are `-` until the proxy has reported.
 pub fn dataplanes_table(items: &[Value], now: SystemTime) -> String {
@@ -49,11 +55,30 @@ fn row(item: &Value, now: SystemTime) -> Vec<String> {
         .filter(|s| s.is_object());
     let count = |field: &str| stats.and_then(|s| s.get(field)).and_then(Value::as_u64);
     let or_dash = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+    let field = |name: &str| {
+        insight
+            .and_then(|i| i.get(name))
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let config = match (
+        field("sentVersion"),
+        field("ackedVersion"),
+        field("lastNack"),
+    ) {
+        (None, ..) => "-",
+        (Some(sent), Some(acked), _) if sent == acked => "synced",
+        (Some(_), _, Some(_)) => "NACKED",
+        (Some(_), ..) => "pending",
+    };
+    let cert_expiry = field("certExpiry").map_or_else(|| "-".to_string(), |t| table::until(t, now));
     vec![
         text("/mesh").to_string(),
         text("/name").to_string(),
         if online { "Online" } else { "Offline" }.to_string(),
         last_seen,
+        config.to_string(),
+        cert_expiry,
         or_dash(count("requestsTotal")),
         error_rate(count("requestsTotal"), count("requestErrorsTotal")),
         or_dash(count("connectionsTotal")),
@@ -79,8 +104,15 @@ mod tests {
         let items = [
             json!({"mesh": "m", "name": "web-1", "dataplaneInsight": {
                 "online": true, "lastSeen": "2026-01-01T00:00:55Z",
+                "sentVersion": "7", "ackedVersion": "7", "certExpiry": "2026-01-02T00:01:00Z",
                 "stats": {"requestsTotal": 400, "requestErrorsTotal": 3, "connectionsTotal": 12}}}),
             json!({"mesh": "m", "name": "backend-1", "dataplaneInsight": {"online": false}}),
+            json!({"mesh": "m", "name": "api-1", "dataplaneInsight": {
+                "online": true, "lastSeen": "2026-01-01T00:00:59Z",
+                "sentVersion": "9", "ackedVersion": "8", "lastNack": "version 9: bad route",
+                "certExpiry": "2025-12-31T00:00:00Z"}}),
+            json!({"mesh": "m", "name": "new-1", "dataplaneInsight": {
+                "online": true, "lastSeen": "2026-01-01T00:00:59Z", "sentVersion": "1"}}),
         ];
         let out = dataplanes_table(&items, now);
         let lines: Vec<Vec<&str>> = out
@@ -90,11 +122,35 @@ mod tests {
         assert_eq!(lines[0], DATAPLANE_COLUMNS);
         assert_eq!(
             lines[1],
-            ["m", "web-1", "Online", "5s", "ago", "400", "0.75%", "12"]
+            [
+                "m", "web-1", "Online", "5s", "ago", "synced", "in", "24h", "400", "0.75%", "12"
+            ]
         );
         assert_eq!(
             lines[2],
-            ["m", "backend-1", "Offline", "never", "-", "-", "-"]
+            [
+                "m",
+                "backend-1",
+                "Offline",
+                "never",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-"
+            ]
+        );
+        assert_eq!(
+            lines[3],
+            [
+                "m", "api-1", "Online", "1s", "ago", "NACKED", "expired", "-", "-", "-"
+            ]
+        );
+        assert_eq!(
+            lines[4],
+            [
+                "m", "new-1", "Online", "1s", "ago", "pending", "-", "-", "-", "-"
+            ]
         );
     }
 

@@ -32,7 +32,21 @@ pub fn age(rfc3339: &str, now: SystemTime) -> String {
     let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else {
         return String::new();
     };
-    let secs = now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    short(now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// How long until an RFC 3339 time, as [`age`] writes it; `expired` once it has passed.
+pub fn until(rfc3339: &str, now: SystemTime) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else {
+        return String::new();
+    };
+    match t.duration_since(now) {
+        Ok(d) => format!("in {}", short(d.as_secs())),
+        Err(_) => "expired".into(),
+    }
+}
+
+fn short(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),

@@ -246,6 +246,8 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
             "NAME",
             "STATUS",
             "LAST-SEEN",
+            "CONFIG",
+            "CERT-EXPIRY",
             "REQUESTS",
             "ERROR-RATE",
             "CONNECTIONS"
@@ -255,10 +257,11 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
     let web = row(&default_rows, "web-1");
     assert_eq!(&web[..3], ["default", "web-1", "Online"], "{table}");
     assert!(web[3].ends_with('s') && web[4] == "ago", "{table}");
-    assert_eq!(&web[5..], ["400", "0.75%", "12"], "{table}");
+    // The test proxy acknowledged its snapshot and asked for no certificate.
+    assert_eq!(&web[5..], ["synced", "-", "400", "0.75%", "12"], "{table}");
     assert_eq!(
         row(&default_rows, "idle-1"),
-        ["default", "idle-1", "Offline", "never", "-", "-", "-"],
+        ["default", "idle-1", "Offline", "never", "-", "-", "-", "-", "-"],
         "{table}"
     );
     assert!(
@@ -275,7 +278,7 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
         "{table}"
     );
     assert!(
-        backend[5].parse::<u64>().is_ok_and(|r| r >= 20) && backend[6] == "0.00%",
+        backend[7].parse::<u64>().is_ok_and(|r| r >= 20) && backend[8] == "0.00%",
         "{table}"
     );
     assert_eq!(all_rows.len(), 4, "header and three dataplanes: {table}");
