@@ -261,7 +261,9 @@ async fn reported_stats_reach_rest_and_weftctl_inspect() {
     assert_eq!(&web[5..], ["synced", "-", "400", "0.75%", "12"], "{table}");
     assert_eq!(
         row(&default_rows, "idle-1"),
-        ["default", "idle-1", "Offline", "never", "-", "-", "-", "-", "-"],
+        [
+            "default", "idle-1", "Offline", "never", "-", "-", "-", "-", "-"
+        ],
         "{table}"
     );
     assert!(

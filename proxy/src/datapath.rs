@@ -48,6 +48,9 @@ pub struct DataPathOptions {
     pub request_timeout: Duration,
     /// How long an app's HTTP connection may move no byte before it is closed.
     pub idle_timeout: Duration,
+    /// How long a response body from the mesh may bring no frame before its stream is reset
+    /// (Kuma's `streamIdleTimeout`).
+    pub stream_idle_timeout: Duration,
     /// The address transparent listeners bind (normally `0.0.0.0`).
     pub transparent_ip: IpAddr,
     /// Also bind transparent listeners on `[::]` (v6-only), when the host allows.
@@ -64,6 +67,7 @@ impl Default for DataPathOptions {
             handshake_timeout: Duration::from_secs(10),
             request_timeout: crate::http::REQUEST_TIMEOUT,
             idle_timeout: crate::http::IDLE_TIMEOUT,
+            stream_idle_timeout: crate::http::STREAM_IDLE_TIMEOUT,
             transparent_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             transparent_ipv6: true,
             orig_dst: Arc::new(SoOriginalDst),
@@ -79,6 +83,7 @@ impl std::fmt::Debug for DataPathOptions {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("transparent_ip", &self.transparent_ip)
             .field("transparent_ipv6", &self.transparent_ipv6)
             .finish_non_exhaustive()

@@ -148,6 +148,16 @@ fn start(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>) -> Proxy {
 }
 
 fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Duration) -> Proxy {
+    start_opts(snap, tls, request_timeout, |_| {})
+}
+
+/// [`start_with`], with changes to the data path's options.
+fn start_opts(
+    snap: &pb::Snapshot,
+    tls: Arc<dyn MeshTls>,
+    request_timeout: Duration,
+    change: impl FnOnce(&mut DataPathOptions),
+) -> Proxy {
     let telemetry = Telemetry::new();
     telemetry
         .apply(&TelemetrySettings::from_snapshot(snap))
@@ -164,6 +174,8 @@ fn start_with(snap: &pb::Snapshot, tls: Arc<dyn MeshTls>, request_timeout: Durat
         detect_timeout: Duration::from_secs(5),
         ..DataPathOptions::default()
     };
+    let mut opts = opts;
+    change(&mut opts);
     let cfg = ProxyConfig::from_snapshot(snap)
         .expect("valid snapshot")
         .with_telemetry(telemetry);
@@ -691,6 +703,79 @@ async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"6144"[..]));
     }
+}
+
+/// A response body that stalls after its head (`/hold`: a first chunk, then nothing) has its
+/// stream reset after the stream idle timeout (Kuma's 30 min; 400 ms here): the client's
+/// body ends in an error instead of waiting forever, and the endpoint's stream is freed.
+#[tokio::test]
+async fn a_stalled_response_body_is_cut_after_the_stream_idle_timeout() {
+    let ca = TestCa::new(MESH);
+    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let port = free_port();
+    let mut ib = inbound(port, "api", app("one").await, vec![allow("web")]);
+    ib.protocol = "http".into();
+    let server = start(
+        &snapshot(
+            Some(&ca),
+            settings.clone(),
+            "api-1",
+            vec![ib],
+            vec![],
+            vec![],
+        ),
+        TestMeshTls::new(&ca, &["api"]),
+    );
+    let mut svc = service("api", &[port]);
+    svc.protocol = "http".into();
+    let out = free_port();
+    let client = start_opts(
+        &snapshot(
+            Some(&ca),
+            settings,
+            "web-1",
+            vec![],
+            vec![svc],
+            vec![(out, "api")],
+        ),
+        TestMeshTls::new(&ca, &["web"]),
+        Duration::from_secs(5),
+        |o| o.stream_idle_timeout = Duration::from_millis(400),
+    );
+    for c in [http1_client(), h2c_client()] {
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.request(
+                Request::get(format!("http://127.0.0.1:{out}/hold"))
+                    .body(full(""))
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect("a response head in time")
+        .expect("a response head");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("the first chunk");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"held"[..]));
+        let started = std::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the stalled body ends within the timeout, not never");
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "the stalled body ended in an error (or early end), not another frame"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "not before the timeout"
+        );
+    }
+    drop((server, client));
 }
 
 /// A gRPC call (h2c, `content-type: application/grpc`, one empty message) to `url`: the HTTP

@@ -22,6 +22,10 @@ use std::task::{Context, Poll};
 /// Counts the bytes of a request body, for the observation its response body finishes.
 pub type ByteCount = Arc<AtomicU64>;
 
+/// The longest between two looks at an idle body (a day), so that the deadline arithmetic
+/// cannot overflow with a huge configured timeout.
+const IDLE_PERIOD_CAP: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// A forwarded or locally made body.
 pub struct Body {
     kind: Kind,
@@ -29,6 +33,10 @@ pub struct Body {
     hold: Option<crate::balance::InFlight>,
     /// This body's bytes go here as they pass (a request body, for its observation).
     count: Option<ByteCount>,
+    /// How long the body may bring no frame (a response from the mesh); its timer is made
+    /// only once the body has to wait.
+    idle_timeout: Option<std::time::Duration>,
+    idle: Option<Box<IdleWatch>>,
     /// Finished when this (response) body ends: with the request's bytes and this body's.
     observation: Option<(RequestObservation, Option<ByteCount>)>,
 }
@@ -58,6 +66,17 @@ pub enum BodyError {
     /// A response body from the app's HTTP/1.1 connection.
     #[error(transparent)]
     App(#[from] AppBodyError),
+    /// No frame came for the stream idle timeout.
+    #[error("no data for {0:?} (stream idle timeout)")]
+    Idle(std::time::Duration),
+}
+
+/// The stream idle timeout of a body that has had to wait: a timer that looks every eighth
+/// of the timeout whether a frame came meanwhile (frames count, they do not reset a timer).
+struct IdleWatch {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    quiet: crate::http::idle::Quiet,
+    frames: u64,
 }
 
 impl std::fmt::Debug for Body {
@@ -100,8 +119,38 @@ impl Body {
             bytes: 0,
             hold: None,
             count: None,
+            idle_timeout: None,
+            idle: None,
             observation: None,
         }
+    }
+
+    /// Ends the body with [`BodyError::Idle`] when it brings no frame for `timeout`.
+    pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the body, waiting now, has brought no frame for its idle timeout.
+    fn idle(&mut self, cx: &mut Context<'_>) -> Option<std::time::Duration> {
+        let timeout = self.idle_timeout?;
+        let period = crate::http::idle::Quiet::period(timeout)
+            .clamp(std::time::Duration::from_millis(1), IDLE_PERIOD_CAP);
+        let watch = self.idle.get_or_insert_with(|| {
+            Box::new(IdleWatch {
+                timer: Box::pin(tokio::time::sleep(period)),
+                quiet: crate::http::idle::Quiet::from(0),
+                frames: 0,
+            })
+        });
+        while watch.timer.as_mut().poll(cx).is_ready() {
+            if watch.quiet.idle_at(watch.frames) {
+                return Some(timeout);
+            }
+            let next = tokio::time::Instant::now() + period;
+            watch.timer.as_mut().reset(next);
+        }
+        None
     }
 
     /// Keeps `guard` (a request in flight to an endpoint) until the body ends.
@@ -186,10 +235,20 @@ impl HttpBody for Body {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
+                if let Some(w) = &mut this.idle {
+                    w.frames += 1;
+                }
             }
             Poll::Ready(Some(Err(_))) => this.end(false),
             Poll::Ready(None) => this.end(true),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(timeout) = this.idle(cx) {
+                    this.end(false);
+                    this.idle = None;
+                    this.idle_timeout = None;
+                    return Poll::Ready(Some(Err(BodyError::Idle(timeout))));
+                }
+            }
         }
         polled
     }

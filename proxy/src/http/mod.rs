@@ -55,6 +55,10 @@ pub(crate) fn request_deadline(began: std::time::Instant, limit: Duration) -> to
 
 /// Kuma's default idle timeout: a connection with no byte moving for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Kuma's default stream idle timeout: a response body that brings no frame for this long
+/// has its stream reset, so that an app that stalls mid-body does not hold the stream, its
+/// slot on the mesh connection and the endpoint's load count forever.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Kuma's default request timeout: the response head must arrive within it (504 otherwise).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most header fields a request may carry (431 beyond).

@@ -281,6 +281,7 @@ async fn handle_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body>
     observation.peer_address(endpoint);
     let body = Body::stream(rb, Some(open))
         .hold(in_flight)
+        .idle_timeout(ctx.shared.opts.stream_idle_timeout)
         .finish(observation, request_bytes);
     Response::from_parts(rp, body)
 }
