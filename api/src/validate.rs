@@ -91,9 +91,11 @@ pub fn admit(resource: &Resource) -> Result {
 
 /// Headers a MeshHTTPRoute filter may not set, add or remove: the ones that frame or route
 /// the message (connection-specific ones are dropped at every hop, and HTTP/2 refuses a
-/// message that carries them; `content-length` would frame the body wrongly; `host` is the
-/// request's authority). Envoy refuses the same at configuration time.
-const RESERVED_HEADERS: [&str; 8] = [
+/// message that carries them, so every matching request would fail; `content-length` would
+/// frame the body wrongly; `host` is the request's authority, which Envoy refuses to change
+/// too; `weft-downstream-protocol` is the proxies' own). weft's rule: Kuma passes such names
+/// on to Envoy.
+pub const RESERVED_HEADERS: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -102,7 +104,15 @@ const RESERVED_HEADERS: [&str; 8] = [
     "upgrade",
     "content-length",
     "host",
+    "weft-downstream-protocol",
 ];
+
+/// Whether `name` (any case) is one of [`RESERVED_HEADERS`].
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+}
 
 fn admit_header_modifiers(r: &MeshHttpRouteSpec) -> Result {
     for (i, to) in r.to.iter().enumerate() {
@@ -142,8 +152,7 @@ fn admit_header_name(path: &str, name: &str) -> Result {
     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
         return fail(path, format!("{name:?} is not a valid header name"));
     }
-    let lower = name.to_ascii_lowercase();
-    if RESERVED_HEADERS.contains(&lower.as_str()) {
+    if is_reserved_header(name) {
         return fail(
             path,
             format!(

@@ -61,6 +61,8 @@ fn row(item: &Value, now: SystemTime) -> Vec<String> {
             .and_then(Value::as_str)
             .filter(|v| !v.is_empty())
     };
+    // `lastNack` is `version <v>: <reason>` and stays after later pushes: it is this push's
+    // refusal only when it names the version sent last.
     let config = match (
         field("sentVersion"),
         field("ackedVersion"),
@@ -68,7 +70,7 @@ fn row(item: &Value, now: SystemTime) -> Vec<String> {
     ) {
         (None, ..) => "-",
         (Some(sent), Some(acked), _) if sent == acked => "synced",
-        (Some(_), _, Some(_)) => "NACKED",
+        (Some(sent), _, Some(nack)) if nack.starts_with(&format!("version {sent}:")) => "NACKED",
         (Some(_), ..) => "pending",
     };
     let cert_expiry = field("certExpiry").map_or_else(|| "-".to_string(), |t| table::until(t, now));
@@ -112,7 +114,8 @@ mod tests {
                 "sentVersion": "9", "ackedVersion": "8", "lastNack": "version 9: bad route",
                 "certExpiry": "2025-12-31T00:00:00Z"}}),
             json!({"mesh": "m", "name": "new-1", "dataplaneInsight": {
-                "online": true, "lastSeen": "2026-01-01T00:00:59Z", "sentVersion": "1"}}),
+                "online": true, "lastSeen": "2026-01-01T00:00:59Z", "sentVersion": "10",
+                "ackedVersion": "8", "lastNack": "version 9: bad route"}}),
         ];
         let out = dataplanes_table(&items, now);
         let lines: Vec<Vec<&str>> = out

@@ -290,6 +290,10 @@ fn references_and_paths_are_checked() {
         cp.client().get("/meshes/default").is_ok(),
         "default is still there"
     );
+    // `..` would be read as the parent path by the URL, not as a name.
+    let (code, _, err) = cp.weftctl(&["delete", "dataplane", "..", "--mesh", "default"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not a name"), "{err}");
     // A revocation in a mesh that does not exist would revoke nothing: refused, not "revoked".
     let (code, out, err) = cp.weftctl(
         &[

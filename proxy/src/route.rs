@@ -155,6 +155,20 @@ impl HeaderModifier {
         let Some(m) = m else {
             return Ok(Self::default());
         };
+        // A route written before the control plane refused them may still name a header
+        // that frames or routes the message: it is left out, not applied (h2 would refuse
+        // every request it matched), and the rest of the configuration stands.
+        let allowed = |name: &str| {
+            let ok = !weft_api::validate::is_reserved_header(name);
+            if !ok {
+                tracing::warn!(
+                    field,
+                    header = name,
+                    "a route's header modifier names a reserved header: ignored"
+                );
+            }
+            ok
+        };
         let pair = |v: &pb::HeaderValue| -> Result<(HeaderName, HeaderValue), String> {
             let name = HeaderName::try_from(v.name.as_str())
                 .map_err(|_| format!("{field}: {:?} is not a header name", v.name))?;
@@ -163,11 +177,22 @@ impl HeaderModifier {
             Ok((name, value))
         };
         Ok(Self {
-            set: m.set.iter().map(pair).collect::<Result<_, _>>()?,
-            add: m.add.iter().map(pair).collect::<Result<_, _>>()?,
+            set: m
+                .set
+                .iter()
+                .filter(|v| allowed(&v.name))
+                .map(pair)
+                .collect::<Result<_, _>>()?,
+            add: m
+                .add
+                .iter()
+                .filter(|v| allowed(&v.name))
+                .map(pair)
+                .collect::<Result<_, _>>()?,
             remove: m
                 .remove
                 .iter()
+                .filter(|n| allowed(n))
                 .map(|n| {
                     HeaderName::try_from(n.as_str())
                         .map_err(|_| format!("{field}: {n:?} is not a header name"))
@@ -410,6 +435,32 @@ pub(crate) fn build_service(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_headers_of_an_old_route_are_left_out_and_the_rest_applied() {
+        let pair = |name: &str, value: &str| pb::HeaderValue {
+            name: name.into(),
+            value: value.into(),
+        };
+        let m = pb::HeaderModifier {
+            set: vec![pair("Transfer-Encoding", "gzip"), pair("x-set", "1")],
+            add: vec![pair("host", "elsewhere"), pair("x-add", "2")],
+            remove: vec!["connection".into(), "x-gone".into()],
+        };
+        let m = HeaderModifier::from_pb(Some(&m), "rule").expect("the rest is applied");
+        let mut h = HeaderMap::new();
+        h.insert("x-gone", HeaderValue::from_static("x"));
+        h.insert("connection", HeaderValue::from_static("keep"));
+        m.apply(&mut h);
+        assert_eq!(h.get("x-set").map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(h.get("x-add").map(|v| v.as_bytes()), Some(&b"2"[..]));
+        assert!(!h.contains_key("x-gone"));
+        assert!(!h.contains_key("transfer-encoding") && !h.contains_key("host"));
+        assert!(
+            h.contains_key("connection"),
+            "a reserved remove is left out too"
+        );
+    }
 
     fn ep(addr: &str, version: &str) -> pb::Endpoint {
         pb::Endpoint {

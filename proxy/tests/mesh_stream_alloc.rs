@@ -73,6 +73,7 @@ async fn post(sender: &MeshSender) {
     let timeout = RequestTimeout {
         began: std::time::Instant::now(),
         limit: std::time::Duration::from_secs(15),
+        idle: std::time::Duration::from_secs(1800),
     };
     let (response, open) = sender
         .clone()

@@ -183,8 +183,30 @@ fn resource_type(kind: &str) -> Result<ResourceType, Failure> {
     })
 }
 
+/// A resource or mesh name given on the command line: one path segment. `.` and `..` are
+/// refused here (a URL would read them as the current or parent path).
+fn check_name(what: &str, name: &str) -> Result<(), Failure> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(Failure(1, format!("{what} {name:?} is not a name")));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let client = Client::new(&cli.api_url, cli.admin_token)?;
+    match &cli.command {
+        Command::Get { name, mesh, .. } => {
+            check_name("mesh", mesh)?;
+            if let Some(n) = name {
+                check_name("name", n)?;
+            }
+        }
+        Command::Delete { name, mesh, .. } => {
+            check_name("mesh", mesh)?;
+            check_name("name", name)?;
+        }
+        _ => {}
+    }
     match cli.command {
         Command::Apply { file } => apply(&client, &file),
         Command::Get {

@@ -72,7 +72,8 @@ pub enum BodyError {
 }
 
 /// The stream idle timeout of a body that has had to wait: a timer that looks every eighth
-/// of the timeout whether a frame came meanwhile (frames count, they do not reset a timer).
+/// of the timeout whether a frame came meanwhile, or a chunk of the request went out on the
+/// same stream (they count, they do not reset a timer).
 struct IdleWatch {
     timer: Pin<Box<tokio::time::Sleep>>,
     quiet: crate::http::idle::Quiet,
@@ -134,6 +135,12 @@ impl Body {
     /// Whether the body, waiting now, has brought no frame for its idle timeout.
     fn idle(&mut self, cx: &mut Context<'_>) -> Option<std::time::Duration> {
         let timeout = self.idle_timeout?;
+        // Request body still going out on the same stream is activity too (a bidirectional
+        // stream whose server answers rarely), as in Envoy's stream idle timeout.
+        let sent = match &self.kind {
+            Kind::Stream { _open: Some(g), .. } => g.request_chunks(),
+            _ => 0,
+        };
         let period = crate::http::idle::Quiet::period(timeout)
             .clamp(std::time::Duration::from_millis(1), IDLE_PERIOD_CAP);
         let watch = self.idle.get_or_insert_with(|| {
@@ -144,7 +151,7 @@ impl Body {
             })
         });
         while watch.timer.as_mut().poll(cx).is_ready() {
-            if watch.quiet.idle_at(watch.frames) {
+            if watch.quiet.idle_at(watch.frames + sent) {
                 return Some(timeout);
             }
             let next = tokio::time::Instant::now() + period;

@@ -431,6 +431,7 @@ async fn forward(
     let plaintext_timeout = (!ctx.peer_is_mesh()).then(|| RequestTimeout {
         began: observation.started(),
         limit: ctx.shared.opts.request_timeout,
+        idle: ctx.shared.opts.stream_idle_timeout,
     });
     let send = async {
         if app_http2 {

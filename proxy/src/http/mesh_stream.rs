@@ -28,7 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -63,18 +63,31 @@ impl ConnState {
 /// One open stream, counted on its connection until dropped: held by the response body or
 /// the tunnel.
 #[derive(Debug)]
-pub struct StreamGuard(Arc<ConnState>);
+pub struct StreamGuard {
+    state: Arc<ConnState>,
+    /// Chunks of request body sent by the stream's pump task, when it has one: activity on
+    /// the stream for the response body's stream idle timeout.
+    sent: Option<Arc<AtomicU64>>,
+}
 
 impl StreamGuard {
     fn new(state: &Arc<ConnState>) -> Self {
         state.streams.fetch_add(1, Ordering::Relaxed);
-        Self(state.clone())
+        Self {
+            state: state.clone(),
+            sent: None,
+        }
+    }
+
+    /// Chunks of request body sent so far by the stream's pump task (0 without one).
+    pub(crate) fn request_chunks(&self) -> u64 {
+        self.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.state.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -118,13 +131,17 @@ pub enum SendError {
 /// Envoy's route timeout runs from the end of the downstream request. That is its arrival
 /// (`began`) for a request whose body is over by the time its head goes out (no body, or a
 /// small one such as a gRPC unary call's), and the moment the rest of its body has gone out
-/// otherwise: a client stream or a slow upload is not cut while it is still sending.
+/// otherwise: a client stream or a slow upload is not cut while it is still sending. While it
+/// is sending, `idle` bounds it instead: a body that moves no chunk for that long (a client
+/// that stopped, a peer that reads no more and answers nothing) ends the wait.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestTimeout {
     /// When the request arrived.
     pub began: std::time::Instant,
     /// How long after its end the response head may take.
     pub limit: Duration,
+    /// How long its body may move nothing while it is being sent (the stream idle timeout).
+    pub idle: Duration,
 }
 
 /// How often a connection with streams open checks that its peer still answers (PING), and
@@ -238,12 +255,18 @@ impl MeshSender {
     ) -> Result<(Response<RecvStream>, StreamGuard), SendError> {
         let Self { tx, state } = self;
         let deadline = timeout.map(|t| crate::http::request_deadline(t.began, t.limit));
-        let ready = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, tx.ready()).await {
-                Ok(ready) => ready,
-                Err(_) => return Err(SendError::TimedOut),
-            },
-            None => tx.ready().await,
+        // A connection with room is ready at the first poll: the deadline's timer is set up
+        // only when the request has to wait for a stream.
+        let mut ready = std::pin::pin!(tx.ready());
+        let ready = match (futures::poll!(ready.as_mut()), deadline) {
+            (Poll::Ready(ready), _) => ready,
+            (Poll::Pending, Some(deadline)) => {
+                match tokio::time::timeout_at(deadline, ready).await {
+                    Ok(ready) => ready,
+                    Err(_) => return Err(SendError::TimedOut),
+                }
+            }
+            (Poll::Pending, None) => ready.await,
         };
         let mut tx = match ready {
             Ok(tx) => tx,
@@ -261,7 +284,7 @@ impl MeshSender {
         let (head, body) = req.into_parts();
         let end_of_stream = body.is_end_stream();
         let (response, stream) = tx.send_request(Request::from_parts(head, ()), end_of_stream)?;
-        let guard = StreamGuard::new(&state);
+        let mut guard = StreamGuard::new(&state);
         let mut pumping = if end_of_stream {
             None
         } else {
@@ -270,16 +293,21 @@ impl MeshSender {
                 stream,
                 pending: None,
                 unmetered: 0,
+                sent: None,
             })
         };
+        if let Some((_, sent)) = &pumping {
+            guard.sent = Some(sent.clone());
+        }
         let response = match (timeout, deadline, pumping.as_mut()) {
             (None, ..) | (_, None, _) => response.await?,
             (Some(_), Some(deadline), None) => tokio::time::timeout_at(deadline, response)
                 .await
                 .map_err(|_| SendError::TimedOut)??,
-            (Some(t), Some(_), Some(pump)) => {
+            (Some(t), Some(_), Some((pump, sent))) => {
                 // The clock starts when the body is all sent; a response head that comes
-                // first (a bidirectional stream) ends the wait without it.
+                // first (a bidirectional stream) ends the wait without it. Meanwhile a body
+                // that stops moving ends it.
                 let mut response = std::pin::pin!(response);
                 tokio::select! {
                     biased;
@@ -290,10 +318,11 @@ impl MeshSender {
                             .await
                             .map_err(|_| SendError::TimedOut)??
                     }
+                    () = stalled(sent, t.idle) => return Err(SendError::TimedOut),
                 }
             }
         };
-        if let Some(p) = pumping {
+        if let Some((p, _)) = pumping {
             p.detach();
         }
         Ok((response, guard))
@@ -389,7 +418,7 @@ impl Drop for AbortOnDrop {
 /// DATA frame that ends the stream) needs no task, and its frames leave in the same write as
 /// the head. The rest moves in a task of its own, returned to be cancelled if the response
 /// head never comes.
-fn start_pump<B>(mut pump: Pump<B>) -> Option<AbortOnDrop>
+fn start_pump<B>(mut pump: Pump<B>) -> Option<(AbortOnDrop, Arc<AtomicU64>)>
 where
     B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::fmt::Display,
@@ -406,9 +435,25 @@ where
         }
         Poll::Pending => {
             pump.unmetered = 0;
-            Some(AbortOnDrop(Some(tokio::spawn(async move {
+            let sent = Arc::new(AtomicU64::new(0));
+            pump.sent = Some(sent.clone());
+            let task = AbortOnDrop(Some(tokio::spawn(async move {
                 log_pumped(pump.await);
-            }))))
+            })));
+            Some((task, sent))
+        }
+    }
+}
+
+/// Resolves once `sent` has not moved for `idle` (looked at every eighth of it).
+async fn stalled(sent: &AtomicU64, idle: Duration) {
+    let period = crate::http::idle::Quiet::period(idle)
+        .clamp(Duration::from_millis(1), Duration::from_secs(86_400));
+    let mut quiet = crate::http::idle::Quiet::from(sent.load(Ordering::Relaxed));
+    loop {
+        tokio::time::sleep(period).await;
+        if quiet.idle_at(sent.load(Ordering::Relaxed)) {
+            return;
         }
     }
 }
@@ -434,6 +479,8 @@ struct Pump<B> {
     pending: Option<(Bytes, bool)>,
     /// A chunk up to this size goes without waiting for capacity (see [`start_pump`]).
     unmetered: usize,
+    /// Counts the chunks handed to the stream, once the pump runs in a task of its own.
+    sent: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -481,6 +528,9 @@ where
                 // is all a slow peer makes the proxy hold.
                 this.unmetered = 0;
                 this.stream.send_data(chunk, end)?;
+                if let Some(sent) = &this.sent {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
                 if end {
                     return Poll::Ready(Ok(()));
                 }
@@ -685,6 +735,7 @@ mod tests {
                 stream,
                 pending: None,
                 unmetered: 0,
+                sent: None,
             }
             .await,
         );
@@ -711,6 +762,7 @@ mod tests {
             stream,
             pending: None,
             unmetered: 0,
+            sent: None,
         });
         assert!(pumping.is_none(), "a body that is all here needs no task");
         let response = within(response).await.unwrap();
@@ -735,12 +787,18 @@ mod tests {
             stream,
             pending: None,
             unmetered: 0,
+            sent: None,
         });
-        let task = pumping.expect("the rest of the body moves in a task");
+        let (task, sent) = pumping.expect("the rest of the body moves in a task");
         let response = within(response).await.unwrap();
         task.detach();
         let (data, _) = within(read_all(response.into_body())).await.unwrap();
         assert_eq!(data, b"13");
+        assert_eq!(
+            sent.load(Ordering::Relaxed),
+            1,
+            "one chunk went from the task"
+        );
     }
 
     /// A client connection over an in-memory pipe to a test server whose `respond` gets each

@@ -158,9 +158,12 @@ struct LocalReply(&'static str);
 
 /// Whether a request is a gRPC call (`content-type: application/grpc[+proto|...]`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    // `application/grpc-web*` is another protocol, whose callers read another shape.
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+    })
 }
 
 /// A [`local_response`] as a gRPC caller expects it, as Envoy answers gRPC calls locally: a
@@ -266,6 +269,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_is_told_from_grpc_web_by_its_content_type() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(with("application/grpc;charset=utf-8"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/grpc-web+proto"));
+        assert!(!with("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_and_trailer_stay() {

@@ -321,6 +321,7 @@ async fn send(
     let timeout = RequestTimeout {
         began,
         limit: ctx.shared.opts.request_timeout,
+        idle: ctx.shared.opts.stream_idle_timeout,
     };
     let deadline = crate::http::request_deadline(began, timeout.limit);
     let timed_out = || local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");

@@ -162,13 +162,9 @@ pub(crate) async fn outbound(
             parts.extensions.insert(h2::ext::Protocol::from(p.as_str()));
             absolute_uri(authority, &parts.uri)
         }
-        None => {
-            // HTTP/1.1 wants `Host` on a CONNECT too (RFC 9112 §3.2).
-            if let Ok(h) = HeaderValue::try_from(authority.as_str()) {
-                parts.headers.insert(header::HOST, h);
-            }
-            Uri::builder().authority(authority).build().ok()
-        }
+        // On the HTTP/2 hop the authority is `:authority`; the inbound writes `Host` for an
+        // HTTP/1.1 app.
+        None => Uri::builder().authority(authority).build().ok(),
     };
     let Some(uri) = uri else {
         return local_response(StatusCode::BAD_REQUEST, "no usable authority\n");
