@@ -149,21 +149,14 @@ fn registered_namespaces_connect_to_the_proxy_and_keep_the_original_destination(
         ebpf::available(),
         "weft-iptables was built without its eBPF programs: install clang and libbpf-dev"
     );
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let (_cgroup2_mount, cgroup2_root) = match ebpf::first_mount(&mounts, "cgroup2") {
-        Some(root) => (None, root),
-        None => {
-            let m = Mount::new("cgroup2", "none").unwrap();
-            let root = m.path().to_path_buf();
-            (Some(m), root)
-        }
-    };
+    // A mount of its own shows the host's one cgroup2 hierarchy, mounted or not.
+    let cgroup2 = Mount::new("cgroup2", "none").unwrap();
     let bpffs = Mount::new("bpf", "bpf").unwrap();
     let net = Net::new().unwrap();
     let (app, remote) = (net.host("app").unwrap(), net.host("remote").unwrap());
     let _link = net.link(&app, &remote).unwrap();
     let (app_ip, remote_ip) = (app.ip(), remote.ip());
-    let cgroup = TestCgroup::enter(&cgroup2_root, "weft-ebpf-connect-test").unwrap();
+    let cgroup = TestCgroup::enter(cgroup2.path(), "weft-ebpf-connect-test").unwrap();
     let cfg = EbpfConfig {
         name: "connect-test".into(),
         ..EbpfConfig::new(cgroup.path(), bpffs.path())

@@ -193,6 +193,49 @@ fn start_opts(
     }
 }
 
+/// A server proxy for `api` (one inbound of `protocol`, its app, `permission`) and a client
+/// proxy for `web` whose outbound listener for `api` is the returned port; `change` adjusts
+/// the client's data-path options (500 ms request timeout otherwise).
+async fn one_to_one(
+    permission: pb::PermissionRule,
+    protocol: &str,
+    change: impl FnOnce(&mut DataPathOptions),
+) -> (Proxy, Proxy, u16) {
+    let ca = TestCa::new(MESH);
+    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
+    let port = free_port();
+    let mut ib = inbound(port, "api", app("one").await, vec![permission]);
+    ib.protocol = protocol.into();
+    let server = start(
+        &snapshot(
+            Some(&ca),
+            settings.clone(),
+            "api-1",
+            vec![ib],
+            vec![],
+            vec![],
+        ),
+        TestMeshTls::new(&ca, &["api"]),
+    );
+    let mut svc = service("api", &[port]);
+    svc.protocol = protocol.into();
+    let out = free_port();
+    let client = start_opts(
+        &snapshot(
+            Some(&ca),
+            settings,
+            "web-1",
+            vec![],
+            vec![svc],
+            vec![(out, "api")],
+        ),
+        TestMeshTls::new(&ca, &["web"]),
+        Duration::from_millis(500),
+        change,
+    );
+    (server, client, out)
+}
+
 /// One endpoint of service `api`: an inbound port with a `version` tag, and its app.
 struct Endpoint {
     port: u16,
@@ -636,36 +679,7 @@ async fn limits_timeouts_and_permissions_answer_with_their_status() {
     assert_eq!(get(&c, &url, &[]).await.0, StatusCode::OK);
 
     // A denied source gets 403 per request.
-    let ca = TestCa::new(MESH);
-    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
-    let port = free_port();
-    let mut ib = inbound(port, "api", app("one").await, vec![deny("web")]);
-    ib.protocol = "http".into();
-    let server = start(
-        &snapshot(
-            Some(&ca),
-            settings.clone(),
-            "api-1",
-            vec![ib],
-            vec![],
-            vec![],
-        ),
-        TestMeshTls::new(&ca, &["api"]),
-    );
-    let mut svc = service("api", &[port]);
-    svc.protocol = "http".into();
-    let out = free_port();
-    let client = start(
-        &snapshot(
-            Some(&ca),
-            settings,
-            "web-1",
-            vec![],
-            vec![svc],
-            vec![(out, "api")],
-        ),
-        TestMeshTls::new(&ca, &["web"]),
-    );
+    let (server, client, out) = one_to_one(deny("web"), "http", |_| {}).await;
     let (status, body) = get(&c, &format!("http://127.0.0.1:{out}/"), &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     drop((server, client));
@@ -710,38 +724,11 @@ async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
 /// body ends in an error instead of waiting forever, and the endpoint's stream is freed.
 #[tokio::test]
 async fn a_stalled_response_body_is_cut_after_the_stream_idle_timeout() {
-    let ca = TestCa::new(MESH);
-    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
-    let port = free_port();
-    let mut ib = inbound(port, "api", app("one").await, vec![allow("web")]);
-    ib.protocol = "http".into();
-    let server = start(
-        &snapshot(
-            Some(&ca),
-            settings.clone(),
-            "api-1",
-            vec![ib],
-            vec![],
-            vec![],
-        ),
-        TestMeshTls::new(&ca, &["api"]),
-    );
-    let mut svc = service("api", &[port]);
-    svc.protocol = "http".into();
-    let out = free_port();
-    let client = start_opts(
-        &snapshot(
-            Some(&ca),
-            settings,
-            "web-1",
-            vec![],
-            vec![svc],
-            vec![(out, "api")],
-        ),
-        TestMeshTls::new(&ca, &["web"]),
-        Duration::from_secs(5),
-        |o| o.stream_idle_timeout = Duration::from_millis(400),
-    );
+    let (server, client, out) = one_to_one(allow("web"), "http", |o| {
+        o.request_timeout = Duration::from_secs(5);
+        o.stream_idle_timeout = Duration::from_millis(400);
+    })
+    .await;
     for c in [http1_client(), h2c_client()] {
         let started = std::time::Instant::now();
         let resp = tokio::time::timeout(
@@ -826,36 +813,7 @@ async fn local_answers_to_grpc_calls_carry_a_grpc_status() {
         (StatusCode::OK, "14", "upstream request timeout")
     );
 
-    let ca = TestCa::new(MESH);
-    let settings = mesh_settings(MESH, Some(Mode::Strict), true);
-    let port = free_port();
-    let mut ib = inbound(port, "api", app("one").await, vec![deny("web")]);
-    ib.protocol = "grpc".into();
-    let server = start(
-        &snapshot(
-            Some(&ca),
-            settings.clone(),
-            "api-1",
-            vec![ib],
-            vec![],
-            vec![],
-        ),
-        TestMeshTls::new(&ca, &["api"]),
-    );
-    let mut svc = service("api", &[port]);
-    svc.protocol = "grpc".into();
-    let out = free_port();
-    let client = start(
-        &snapshot(
-            Some(&ca),
-            settings,
-            "web-1",
-            vec![],
-            vec![svc],
-            vec![(out, "api")],
-        ),
-        TestMeshTls::new(&ca, &["web"]),
-    );
+    let (server, client, out) = one_to_one(deny("web"), "grpc", |_| {}).await;
     let (status, code, _) = grpc_call(&format!("http://127.0.0.1:{out}/pkg.Svc/Call")).await;
     assert_eq!((status, code.as_str()), (StatusCode::OK, "7"));
     drop((server, client));
