@@ -244,7 +244,6 @@ fn record(
         path: InlineStr::new(bounded(b.uri.path())),
         https: b.uri.scheme_str() == Some("https"),
         server: server(b.uri, b.headers),
-        mesh: Arc::clone(b.mesh),
         service: Arc::clone(service),
         peer_service: b.peer_service.cloned(),
         start,

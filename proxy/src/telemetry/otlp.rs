@@ -52,6 +52,9 @@ pub struct OtlpExporter {
     resource_field: Vec<u8>,
     /// `ScopeSpans.scope` as an encoded field.
     scope_field: Vec<u8>,
+    /// The `weft.mesh` attribute as an encoded `Span.attributes` field: the same in every
+    /// span.
+    mesh_field: Vec<u8>,
     /// The last request's buffer, reclaimed once the channel has sent and dropped it.
     buf: BytesMut,
 }
@@ -102,6 +105,7 @@ impl OtlpExporter {
             endpoint: endpoint.to_string(),
             resource_field: resource_field(service, mesh),
             scope_field: scope_field(),
+            mesh_field: mesh_field(mesh),
             buf: BytesMut::new(),
         })
     }
@@ -113,6 +117,7 @@ impl OtlpExporter {
             batch,
             &self.resource_field,
             &self.scope_field,
+            &self.mesh_field,
         );
         match call(&mut self.channel, message).await {
             Ok(response) => match response.partial_success {
@@ -293,6 +298,11 @@ fn scope_field() -> Vec<u8> {
     message_field(SCOPE, &scope)
 }
 
+/// The `weft.mesh` attribute as a `Span.attributes` field.
+fn mesh_field(mesh: &str) -> Vec<u8> {
+    message_field(SPAN_ATTRIBUTES, &text("weft.mesh", mesh))
+}
+
 fn message_field(key: u8, message: &impl Message) -> Vec<u8> {
     let body = message.encode_to_vec();
     let mut out = Vec::with_capacity(len_field_size(body.len()));
@@ -309,6 +319,7 @@ fn encode_request<S: Borrow<SpanRecord>>(
     batch: &[S],
     resource_field: &[u8],
     scope_field: &[u8],
+    mesh_field: &[u8],
 ) -> Bytes {
     // The gRPC prefix and the envelope come before the spans but hold their length: leave room
     // for their longest form, write the spans, then write them just before the spans.
@@ -319,7 +330,7 @@ fn encode_request<S: Borrow<SpanRecord>>(
     out.reserve(room + batch.len() * 512);
     out.resize(room, 0);
     for span in batch {
-        encode_span(out, span.borrow());
+        encode_span(out, span.borrow(), mesh_field);
     }
     let scope_spans = scope_field.len() + (out.len() - room);
     let resource_spans = resource_field.len() + len_field_size(scope_spans);
@@ -355,7 +366,7 @@ impl AttributeValue<'_> {
 }
 
 /// The most attributes a span has (see [`Attributes::of`]).
-const MAX_ATTRIBUTES: usize = 14;
+const MAX_ATTRIBUTES: usize = 13;
 
 /// A span's attributes, on the stack.
 struct Attributes<'a> {
@@ -387,7 +398,6 @@ impl<'a> Attributes<'a> {
                 a.push("server.port", AttributeValue::Int(i64::from(p)));
             }
         }
-        a.push("weft.mesh", AttributeValue::Text(&s.mesh));
         a.push("weft.direction", AttributeValue::Text(s.direction()));
         a.push("weft.service", AttributeValue::Text(&s.service));
         if let Some(p) = &s.peer_service {
@@ -432,8 +442,9 @@ fn status_size(message: &str) -> usize {
     message + 2
 }
 
-/// One `ScopeSpans.spans` field.
-fn encode_span(out: &mut BytesMut, s: &SpanRecord) {
+/// One `ScopeSpans.spans` field; `mesh_field` is the encoded `weft.mesh` attribute, which
+/// follows the others.
+fn encode_span(out: &mut BytesMut, s: &SpanRecord, mesh_field: &[u8]) {
     let peer = s.peer.map(|p| (IpText::new(p.ip()), p.port()));
     let error_type = s.error.as_ref().map(SpanError::error_type);
     let attributes = Attributes::of(
@@ -452,6 +463,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord) {
         .iter()
         .map(|(k, v)| len_field_size(key_value_size(k, v)))
         .sum::<usize>();
+    size += mesh_field.len();
     if let Some(m) = status_message {
         size += len_field_size(status_size(m));
     }
@@ -489,6 +501,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord) {
             }
         }
     }
+    out.put_slice(mesh_field);
     if let Some(m) = status_message {
         put_len_prefix(out, SPAN_STATUS, status_size(m));
         if !m.is_empty() {
@@ -520,7 +533,7 @@ mod tests {
     use std::time::SystemTime;
 
     /// One span in OTLP's model.
-    fn to_proto(s: &SpanRecord) -> Span {
+    fn to_proto(s: &SpanRecord, mesh: &str) -> Span {
         let mut attributes = Vec::with_capacity(14);
         attributes.push(text("http.request.method", s.method));
         if let Some(original) = &s.method_original {
@@ -534,7 +547,6 @@ mod tests {
                 attributes.push(kv("server.port", Value::IntValue(i64::from(p))));
             }
         }
-        attributes.push(text("weft.mesh", &s.mesh));
         attributes.push(text("weft.direction", s.direction()));
         attributes.push(text("weft.service", &s.service));
         if let Some(p) = &s.peer_service {
@@ -556,12 +568,13 @@ mod tests {
                 Value::IntValue(i64::from(peer.port())),
             ));
         }
-        let status = s.error.as_ref().map(|e| {
+        if let Some(e) = &s.error {
             attributes.push(kv("error.type", Value::StringValue(e.error_type())));
-            Status {
-                message: e.message().to_string(),
-                code: StatusCode::Error as i32,
-            }
+        }
+        attributes.push(text("weft.mesh", mesh));
+        let status = s.error.as_ref().map(|e| Status {
+            message: e.message().to_string(),
+            code: StatusCode::Error as i32,
         });
         Span {
             trace_id: s.trace_id.to_bytes().to_vec(),
@@ -599,7 +612,7 @@ mod tests {
                         version: env!("CARGO_PKG_VERSION").into(),
                         ..InstrumentationScope::default()
                     }),
-                    spans: batch.iter().map(to_proto).collect(),
+                    spans: batch.iter().map(|s| to_proto(s, mesh)).collect(),
                     schema_url: String::new(),
                 }],
                 schema_url: String::new(),
@@ -618,7 +631,6 @@ mod tests {
             path: InlineStr::new("/api/items"),
             https: false,
             server: ServerName::new(b"backend:8080"),
-            mesh: Arc::from("default"),
             service: Arc::from("backend"),
             peer_service: Some(Arc::from("web")),
             start: SystemTime::now(),
@@ -676,6 +688,7 @@ mod tests {
                 batch,
                 &resource_field("backend", "default"),
                 &scope_field(),
+                &mesh_field("default"),
             );
             let decoded =
                 ExportTraceServiceRequest::decode(unframe(bytes)).expect("valid protobuf");
@@ -690,11 +703,12 @@ mod tests {
         let mut buf = BytesMut::new();
         let resource = resource_field("backend", "default");
         let scope = scope_field();
-        let first = encode_request(&mut buf, &batch, &resource, &scope);
+        let mesh = mesh_field("default");
+        let first = encode_request(&mut buf, &batch, &resource, &scope, &mesh);
         assert!(first.len() > 1 << 16, "{}", first.len());
         let decoded = ExportTraceServiceRequest::decode(unframe(first)).expect("valid protobuf");
         assert_eq!(decoded, reference(&batch, "backend", "default"));
-        let again = encode_request(&mut buf, &batch[..2], &resource, &scope);
+        let again = encode_request(&mut buf, &batch[..2], &resource, &scope, &mesh);
         let decoded = ExportTraceServiceRequest::decode(unframe(again)).expect("valid protobuf");
         assert_eq!(decoded, reference(&batch[..2], "backend", "default"));
     }

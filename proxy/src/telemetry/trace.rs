@@ -242,7 +242,11 @@ impl Tracing {
                 (Exporter::Otlp(Box::new(e)), false)
             }
             Some(TracingBackendType::Zipkin) => (
-                Exporter::Zipkin(Box::new(ZipkinExporter::new(&backend.endpoint, service)?)),
+                Exporter::Zipkin(Box::new(ZipkinExporter::new(
+                    &backend.endpoint,
+                    service,
+                    mesh,
+                )?)),
                 true,
             ),
             None => {
@@ -359,6 +363,7 @@ async fn export_loop(mut exporter: Exporter, task_queue: TaskQueue, options: Tel
         }
         std::mem::swap(&mut *queue.lock(), &mut batch);
         for chunk in batch.chunks(max) {
+            SpanRecord::warm_up(chunk);
             let n = chunk.len() as u64;
             match tokio::time::timeout(options.export_timeout, exporter.export(chunk)).await {
                 Ok(Ok(())) => {
@@ -409,7 +414,6 @@ mod tests {
             path: InlineStr::new("/"),
             https: false,
             server: None,
-            mesh: Arc::from("m"),
             service: Arc::from("backend"),
             peer_service: None,
             start: SystemTime::now(),

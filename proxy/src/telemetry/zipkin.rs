@@ -38,8 +38,8 @@ pub struct ZipkinExporter {
     client: Client<HttpConnector, Full<Bytes>>,
     url: http::Uri,
     local_service: String,
-    /// `,"localEndpoint":{...}`, the same in every span.
-    local_endpoint: Vec<u8>,
+    /// What is the same in every span: `,"localEndpoint":{...}` and the `weft.mesh` tag.
+    fixed: Fixed,
     /// The last batch's buffer, reclaimed once hyper has sent and dropped it.
     buf: BytesMut,
 }
@@ -54,8 +54,8 @@ impl fmt::Debug for ZipkinExporter {
 }
 
 impl ZipkinExporter {
-    /// An exporter posting to `url` (`http://…`) for spans of `local_service`.
-    pub fn new(url: &str, local_service: &str) -> Result<Self, TelemetryError> {
+    /// An exporter posting to `url` (`http://…`) for spans of `local_service` in `mesh`.
+    pub fn new(url: &str, local_service: &str, mesh: &str) -> Result<Self, TelemetryError> {
         let uri = TracingBackendType::Zipkin
             .collector_url(url)
             .map_err(|reason| TelemetryError::Backend {
@@ -69,14 +69,14 @@ impl ZipkinExporter {
             client: Client::builder(TokioExecutor::new()).build(connector),
             url: uri,
             local_service: local_service.to_string(),
-            local_endpoint: local_endpoint(local_service),
+            fixed: Fixed::new(local_service, mesh),
             buf: BytesMut::new(),
         })
     }
 
     /// Posts one batch.
     pub async fn export<S: Borrow<SpanRecord>>(&mut self, batch: &[S]) -> Result<(), String> {
-        encode_into(&mut self.buf, batch, &self.local_endpoint);
+        encode_into(&mut self.buf, batch, &self.fixed);
         let body = self.buf.split().freeze();
         let request = http::Request::post(self.url.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -98,25 +98,40 @@ impl ZipkinExporter {
     }
 }
 
-/// A batch as a Zipkin v2 JSON array, for spans of `local_service`.
-pub fn encode<S: Borrow<SpanRecord>>(batch: &[S], local_service: &str) -> Bytes {
+/// A batch as a Zipkin v2 JSON array, for spans of `local_service` in `mesh`.
+pub fn encode<S: Borrow<SpanRecord>>(batch: &[S], local_service: &str, mesh: &str) -> Bytes {
     let mut buf = BytesMut::new();
-    encode_into(&mut buf, batch, &local_endpoint(local_service));
+    encode_into(&mut buf, batch, &Fixed::new(local_service, mesh));
     buf.freeze()
 }
 
-/// `,"localEndpoint":{"serviceName":...}`.
-fn local_endpoint(local_service: &str) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    out.extend_from_slice(b",\"localEndpoint\":{\"serviceName\":");
-    string(&mut out, local_service);
-    out.extend_from_slice(b"}");
-    out.to_vec()
+/// The parts of a span's JSON that are the same in every span of an exporter, written once.
+#[derive(Debug)]
+struct Fixed {
+    /// `,"localEndpoint":{"serviceName":...}`.
+    local_endpoint: Vec<u8>,
+    /// `,"weft.mesh":...`, a tag.
+    mesh_tag: Vec<u8>,
+}
+
+impl Fixed {
+    fn new(local_service: &str, mesh: &str) -> Self {
+        let mut local_endpoint = BytesMut::new();
+        local_endpoint.extend_from_slice(b",\"localEndpoint\":{\"serviceName\":");
+        string(&mut local_endpoint, local_service);
+        local_endpoint.extend_from_slice(b"}");
+        let mut mesh_tag = BytesMut::new();
+        tag(&mut mesh_tag, b",\"weft.mesh\":\"", mesh);
+        Self {
+            local_endpoint: local_endpoint.to_vec(),
+            mesh_tag: mesh_tag.to_vec(),
+        }
+    }
 }
 
 /// Writes a batch as a Zipkin v2 JSON array into `out` (emptied first). Reuses `out`'s
 /// allocation when the last batch taken from it has been dropped.
-fn encode_into<S: Borrow<SpanRecord>>(out: &mut BytesMut, batch: &[S], local_endpoint: &[u8]) {
+fn encode_into<S: Borrow<SpanRecord>>(out: &mut BytesMut, batch: &[S], fixed: &Fixed) {
     out.clear();
     // About 600 bytes per span: no regrowth in the common case.
     out.reserve(batch.len() * 640 + 2);
@@ -125,7 +140,7 @@ fn encode_into<S: Borrow<SpanRecord>>(out: &mut BytesMut, batch: &[S], local_end
         if i > 0 {
             out.extend_from_slice(b",");
         }
-        encode_span(out, span.borrow(), local_endpoint);
+        encode_span(out, span.borrow(), fixed);
     }
     out.extend_from_slice(b"]");
 }
@@ -205,7 +220,7 @@ fn micros(nanos: u64) -> u64 {
     nanos / 1_000
 }
 
-fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
+fn encode_span(out: &mut BytesMut, s: &SpanRecord, fixed: &Fixed) {
     out.extend_from_slice(b"{\"traceId\":\"");
     out.extend_from_slice(&trace_hex(s.trace_id));
     out.extend_from_slice(b"\",\"id\":\"");
@@ -233,7 +248,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
     number(out, start);
     out.extend_from_slice(b",\"duration\":");
     number(out, duration);
-    out.extend_from_slice(local_endpoint);
+    out.extend_from_slice(&fixed.local_endpoint);
     if s.peer_service.is_some() || s.peer.is_some() {
         out.extend_from_slice(b",\"remoteEndpoint\":{");
         let mut first = true;
@@ -274,7 +289,7 @@ fn encode_span(out: &mut BytesMut, s: &SpanRecord, local_endpoint: &[u8]) {
             tag_number(out, key!("server.port"), u64::from(p));
         }
     }
-    tag(out, key!("weft.mesh"), &s.mesh);
+    out.extend_from_slice(&fixed.mesh_tag);
     tag(out, key!("weft.direction"), s.direction());
     tag(out, key!("weft.service"), &s.service);
     if let Some(p) = &s.peer_service {
@@ -305,9 +320,9 @@ mod tests {
     #[test]
     fn refuses_urls_it_cannot_post_to() {
         for url in ["", "jaeger:9411", "https://jaeger/api/v2/spans", "ftp://x/"] {
-            assert!(ZipkinExporter::new(url, "web").is_err(), "{url}");
+            assert!(ZipkinExporter::new(url, "web", "m").is_err(), "{url}");
         }
-        assert!(ZipkinExporter::new("http://127.0.0.1:9411/api/v2/spans", "web").is_ok());
+        assert!(ZipkinExporter::new("http://127.0.0.1:9411/api/v2/spans", "web", "m").is_ok());
     }
 
     #[tokio::test]
@@ -316,8 +331,8 @@ mod tests {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        let mut exporter =
-            ZipkinExporter::new(&format!("http://{addr}/api/v2/spans"), "web").expect("exporter");
+        let mut exporter = ZipkinExporter::new(&format!("http://{addr}/api/v2/spans"), "web", "m")
+            .expect("exporter");
         let error = exporter
             .export::<SpanRecord>(&[])
             .await
@@ -337,7 +352,6 @@ mod tests {
             path: InlineStr::new("/a\"b\\c"),
             https: false,
             server: ServerName::new(b"backend:8080"),
-            mesh: Arc::from("default"),
             service: Arc::from("backend"),
             peer_service: Some(Arc::from("web\u{1}")),
             start: SystemTime::now(),
@@ -346,7 +360,7 @@ mod tests {
             peer: Some("10.0.0.1:40000".parse().expect("addr")),
             error: Some(SpanError::Status(503)),
         };
-        let json = encode(&[span.clone(), span.clone()], "backend");
+        let json = encode(&[span.clone(), span.clone()], "backend", "default");
         let v: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
         let s = &v[1];
         assert_eq!(s["traceId"], span.trace_id.to_string());
@@ -372,6 +386,6 @@ mod tests {
         assert_eq!(tags["http.response.status_code"], "503");
         assert_eq!(tags["error.type"], "503");
         assert_eq!(tags["error"], "true");
-        assert_eq!(encode::<SpanRecord>(&[], "x"), &b"[]"[..]);
+        assert_eq!(encode::<SpanRecord>(&[], "x", "m"), &b"[]"[..]);
     }
 }
