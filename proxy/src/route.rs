@@ -29,15 +29,24 @@ pub struct Subset {
     pub balancer: Balancer,
 }
 
-/// Weighted subsets; the ones with no endpoint are left out.
+/// Weighted subsets; the ones with no endpoint are left out, and their share goes to the
+/// others (as Linkerd's traffic split does; Envoy answers 503 for it).
 #[derive(Debug, Default)]
 pub struct Destinations {
     subsets: Vec<Subset>,
     total_weight: u64,
     next: AtomicUsize,
+    /// Some destination was given (with a weight), whether or not it has endpoints.
+    configured: bool,
 }
 
 impl Destinations {
+    /// Whether the policy named any destination. A rule that names none sends to the
+    /// service's default route; one whose destinations have no endpoint sends nowhere.
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
     /// Whether no subset has an endpoint.
     pub fn is_empty(&self) -> bool {
         self.subsets.is_empty()
@@ -225,7 +234,8 @@ impl HeaderModifier {
 pub struct HttpRule {
     /// When it applies.
     pub matcher: RequestMatch,
-    /// Where it sends; empty means the service's default route.
+    /// Where it sends; none configured means the service's default route (a rule that only
+    /// modifies headers).
     pub destinations: Destinations,
     /// Changes to the request.
     pub request_headers: HeaderModifier,
@@ -277,7 +287,10 @@ impl Service {
         exclude: &[SocketAddr],
     ) -> Option<Target<'a>> {
         match rule {
-            Some(r) if !r.destinations.is_empty() => pick_in(&r.destinations, exclude),
+            // A rule whose destinations have no endpoint does not fall back to the default
+            // route: that may be another service or version than the rule asked for (a
+            // `/admin` rule to `admin`), so the request fails (503) as Envoy's does.
+            Some(r) if r.destinations.is_configured() => pick_in(&r.destinations, exclude),
             _ => pick_in(&self.default_route, exclude),
         }
     }
@@ -366,6 +379,7 @@ pub(crate) fn build_service(
             subsets,
             total_weight,
             next: AtomicUsize::new(0),
+            configured: dests.iter().any(|d| d.weight > 0),
         }
     };
     let default_route = if out.default_route.is_empty() {
@@ -575,6 +589,28 @@ mod tests {
         }
         let both = [first, svc.pick(&[first]).unwrap().endpoint.addr];
         assert!(svc.pick(&both).is_none());
+    }
+
+    #[test]
+    fn a_subset_without_endpoints_gives_its_share_to_the_others_of_its_rule() {
+        let mut out = sample();
+        out.endpoints = vec![ep("10.0.0.1", "v1")];
+        let svc = service(&out);
+        for _ in 0..20 {
+            let t = svc.pick(&[]).expect("v1 takes v2's share");
+            assert_eq!(t.endpoint.addr.ip().to_string(), "10.0.0.1");
+        }
+        // The rule sends to v2 only, which has no endpoint: nowhere, not the default route.
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("tester-7"));
+        let rule = svc.rule_for(&Method::GET, "/beta/x", &h).expect("matches");
+        assert!(svc.pick_for(Some(rule), &[]).is_none());
+        // A rule without destinations (headers only) takes the default route.
+        out.http_rules[0].destinations.clear();
+        let svc = service(&out);
+        let rule = svc.rule_for(&Method::GET, "/beta/x", &h).expect("matches");
+        let t = svc.pick_for(Some(rule), &[]).expect("the default route");
+        assert_eq!(t.endpoint.addr.ip().to_string(), "10.0.0.1");
     }
 
     #[test]
