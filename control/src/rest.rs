@@ -136,7 +136,38 @@ pub fn router(state: Arc<ApiState>) -> Router {
             state.clone(),
             guard_mutations,
         ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// The longest error text of axum's own that [`json_errors`] reads: its rejections are a line.
+const MAX_REJECTION_TEXT: usize = 16 * 1024;
+
+/// Turns the errors axum answers by itself (a path that is not valid percent-encoding, a body
+/// over the size limit, ...) from plain text into the JSON error every handler answers, so a
+/// client reads one error shape whatever went wrong.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), MAX_REJECTION_TEXT).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let title = status.canonical_reason().unwrap_or("Error");
+    let detail = if text.is_empty() {
+        title.to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, title, detail).into_response()
 }
 
 /// Any path the API does not have: a JSON error like every other (it was an empty 404).

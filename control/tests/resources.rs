@@ -383,6 +383,30 @@ fn references_and_paths_are_checked() {
             "{body}"
         );
     }
+    // So are the errors axum answers by itself: a path that is not valid percent-encoding,
+    // a body over the size limit.
+    let too_big = format!(
+        r#"{{"type":"Mesh","name":"big","x":"{}"}}"#,
+        "a".repeat(3 << 20)
+    );
+    for (method, path, body, want) in [
+        (reqwest::Method::GET, "/meshes/%FF", String::new(), 400),
+        (reqwest::Method::PUT, "/meshes/big", too_big, 413),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}{path}", cp.url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .expect("request");
+        assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        let body = r.json::<Value>().expect("a JSON error body");
+        assert_eq!(body["status"], want, "{body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
+    }
     // A provided CA is checked when it is written, as in Kuma, not when proxies need it.
     let (status, body) = put(
         "/meshes/p",
