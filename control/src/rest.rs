@@ -301,20 +301,94 @@ fn plural_type(plural: &str) -> ApiResult<ResourceType> {
         })
 }
 
-fn list_body(items: Vec<StoredResource>) -> Json<Value> {
+/// The `size` and `offset` query parameters of a listing, as Kuma's API takes them.
+#[derive(Debug, Default, Deserialize)]
+struct PageQuery {
+    size: Option<String>,
+    offset: Option<String>,
+}
+
+/// Which part of a listing to answer: `size` items from `offset` (the items are in name
+/// order). Without `size` every item from `offset` is answered: Kuma answers pages of 100 by
+/// default, which a client that reads only the first page would take for everything.
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    size: Option<usize>,
+    offset: usize,
+}
+
+impl PageQuery {
+    fn page(&self) -> ApiResult<Page> {
+        let number = |name: &str, value: &Option<String>, min: usize| -> ApiResult<Option<usize>> {
+            match value.as_deref() {
+                None | Some("") => Ok(None),
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if n >= min => Ok(Some(n)),
+                    _ => Err(ApiError::bad_request(format!(
+                        "query parameter {name}: {v:?} is not a whole number of at least {min}"
+                    ))),
+                },
+            }
+        };
+        Ok(Page {
+            size: number("size", &self.size, 1)?,
+            offset: number("offset", &self.offset, 0)?.unwrap_or(0),
+        })
+    }
+}
+
+/// A listing's body: `total` counts every item, `items` holds the page, and `next` is the URL
+/// of the page after it (`null` on the last), as in Kuma.
+fn page_body(items: Vec<Value>, page: Page, uri: &axum::http::Uri, headers: &HeaderMap) -> Value {
+    let total = items.len();
+    let end = page
+        .size
+        .map_or(total, |size| page.offset.saturating_add(size).min(total));
+    let next = match page.size {
+        Some(size) if end < total => {
+            let host = headers
+                .get(axum::http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let path = uri.path();
+            Value::String(match host {
+                Some(host) => format!("http://{host}{path}?offset={end}&size={size}"),
+                None => format!("{path}?offset={end}&size={size}"),
+            })
+        }
+        _ => Value::Null,
+    };
+    let items: Vec<Value> = items
+        .into_iter()
+        .skip(page.offset)
+        .take(end.saturating_sub(page.offset))
+        .collect();
+    json!({"total": total, "items": items, "next": next})
+}
+
+fn list_body(
+    items: Vec<StoredResource>,
+    page: Page,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Json<Value> {
     let items: Vec<Value> = items
         .iter()
         .map(|s| s.resource.to_universal(Some(&s.meta)))
         .collect();
-    Json(json!({"total": items.len(), "items": items, "next": null}))
+    Json(page_body(items, page, uri, headers))
 }
 
 async fn list_meshes(
     State(s): State<Arc<ApiState>>,
     Extension(Trusted(trusted)): Extension<Trusted>,
+    Query(query): Query<PageQuery>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
+    let page = query.page()?;
     let store = s.store.clone();
-    let Json(mut body) = list_body(blocking(move || store.list(ResourceType::Mesh, None)).await?);
+    let meshes = blocking(move || store.list(ResourceType::Mesh, None)).await?;
+    let Json(mut body) = list_body(meshes, page, &uri, &headers);
     if !trusted && let Some(items) = body.get_mut("items").and_then(Value::as_array_mut) {
         items.iter_mut().for_each(redact_ca_keys);
     }
@@ -324,9 +398,13 @@ async fn list_meshes(
 async fn list_in_mesh(
     State(s): State<Arc<ApiState>>,
     Path((mesh, plural)): Path<(String, String)>,
+    Query(query): Query<PageQuery>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
+    let page = query.page()?;
     if plural == "dataplanes+insights" {
-        return dataplanes_insights(&s, mesh).await;
+        return dataplanes_insights(&s, mesh, page, &uri, &headers).await;
     }
     let ty = plural_type(&plural)?;
     let store = s.store.clone();
@@ -338,7 +416,7 @@ async fn list_in_mesh(
         store.list(ty, Some(&mesh))
     })
     .await?;
-    Ok(list_body(items))
+    Ok(list_body(items, page, &uri, &headers))
 }
 
 async fn get_one(s: &ApiState, key: ResourceKey) -> ApiResult<Json<Value>> {
@@ -539,7 +617,13 @@ async fn delete_in_mesh(
 }
 
 /// `GET /meshes/{mesh}/dataplanes+insights`: each dataplane with its proxy's status.
-async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value>> {
+async fn dataplanes_insights(
+    s: &ApiState,
+    mesh: String,
+    page: Page,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> ApiResult<Json<Value>> {
     let store = s.store.clone();
     let m = mesh.clone();
     let (items, published) = blocking(move || {
@@ -572,9 +656,7 @@ async fn dataplanes_insights(s: &ApiState, mesh: String) -> ApiResult<Json<Value
             })
         })
         .collect();
-    Ok(Json(
-        json!({"total": items.len(), "items": items, "next": null}),
-    ))
+    Ok(Json(page_body(items, page, uri, headers)))
 }
 
 /// The header that says where a `_config` answer came from, when it is not this replica's own

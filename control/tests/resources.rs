@@ -437,6 +437,71 @@ fn references_and_paths_are_checked() {
     let _ = ResourceType::ALL;
 }
 
+/// Listings page as Kuma's do: `size` items from `offset`, `total` over all, `next` the URL of
+/// the following page; without `size`, everything.
+#[test]
+fn listings_page_by_size_and_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[]);
+    let http = reqwest::blocking::Client::new();
+    for name in ["m1", "m2", "m3", "m4"] {
+        let r = http
+            .put(format!("{}/meshes/{name}", cp.url()))
+            .body(format!(r#"{{"type":"Mesh","name":"{name}"}}"#))
+            .send()
+            .expect("put");
+        assert!(r.status().is_success(), "{name}: {}", r.status());
+    }
+    let get = |url: &str| -> (u16, Value) {
+        let r = http.get(url).send().expect("get");
+        (r.status().as_u16(), r.json::<Value>().expect("json"))
+    };
+    let names = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    // default, m1..m4: five meshes, in name order.
+    let (_, all) = get(&format!("{}/meshes", cp.url()));
+    assert_eq!(all["total"], 5, "{all}");
+    assert_eq!(names(&all), ["default", "m1", "m2", "m3", "m4"]);
+    assert!(all["next"].is_null());
+    let mut url = format!("{}/meshes?size=2", cp.url());
+    let mut pages = Vec::new();
+    loop {
+        let (status, page) = get(&url);
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"], 5, "{page}");
+        pages.push(names(&page));
+        match page["next"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [vec!["default", "m1"], vec!["m2", "m3"], vec!["m4"]],
+        "following next walks every item once"
+    );
+    let (_, past) = get(&format!("{}/meshes?offset=9&size=2", cp.url()));
+    assert_eq!(names(&past), Vec::<String>::new());
+    assert!(past["next"].is_null());
+    let (_, dps) = get(&format!("{}/meshes/m1/dataplanes?size=1", cp.url()));
+    assert_eq!(dps["total"], 0, "{dps}");
+    for bad in ["size=0", "size=x", "offset=-1"] {
+        let (status, body) = get(&format!("{}/meshes?{bad}", cp.url()));
+        assert_eq!(status, 400, "{bad}: {body}");
+        let param = bad.split('=').next().unwrap_or_default();
+        assert!(
+            body["detail"].as_str().is_some_and(|d| d.contains(param)),
+            "{bad}: {body}"
+        );
+    }
+}
+
 /// Two `weft-control` processes on one PostgreSQL store, driven through REST and `weftctl`:
 /// what is applied through one is read, updated and deleted through the other, a stale write
 /// through either is a 409, and either issues dataplane tokens.
