@@ -153,13 +153,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(is_json_media_type);
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let text = match axum::body::to_bytes(response.into_body(), MAX_REJECTION_TEXT).await {
+    let (parts, body) = response.into_parts();
+    // axum's rejections are a line of text; a longer body is cut rather than lost.
+    let text = match axum::body::to_bytes(body, MAX_REJECTION_TEXT).await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
-        Err(_) => String::new(),
+        Err(_) => String::from("(an error body too long to show)"),
     };
     let title = status.canonical_reason().unwrap_or("Error");
     let detail = if text.is_empty() {
@@ -167,7 +169,26 @@ async fn json_errors(req: Request, next: Next) -> Response {
     } else {
         text
     };
-    ApiError::new(status, title, detail).into_response()
+    let mut json = ApiError::new(status, title, detail).into_response();
+    // The other headers (`Allow`, `Retry-After`, ...) still hold.
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            json.headers_mut().append(name, value.clone());
+        }
+    }
+    json
+}
+
+/// Whether a `Content-Type` is JSON: `application/json` or a `+json` type such as
+/// `application/problem+json`, in any case, with any parameters.
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 /// Any path the API does not have: a JSON error like every other (it was an empty 404).
@@ -337,32 +358,61 @@ impl PageQuery {
     }
 }
 
-/// A listing's body: `total` counts every item, `items` holds the page, and `next` is the URL
-/// of the page after it (`null` on the last), as in Kuma.
-fn page_body(items: Vec<Value>, page: Page, uri: &axum::http::Uri, headers: &HeaderMap) -> Value {
-    let total = items.len();
-    let end = page
-        .size
-        .map_or(total, |size| page.offset.saturating_add(size).min(total));
-    let next = match page.size {
-        Some(size) if end < total => {
-            let host = headers
-                .get(axum::http::header::HOST)
-                .and_then(|h| h.to_str().ok());
-            let path = uri.path();
-            Value::String(match host {
-                Some(host) => format!("http://{host}{path}?offset={end}&size={size}"),
-                None => format!("{path}?offset={end}&size={size}"),
-            })
-        }
-        _ => Value::Null,
-    };
-    let items: Vec<Value> = items
-        .into_iter()
-        .skip(page.offset)
-        .take(end.saturating_sub(page.offset))
-        .collect();
-    json!({"total": total, "items": items, "next": next})
+/// One page of a listing.
+struct Paged<T> {
+    /// How many items the whole listing has.
+    total: usize,
+    /// The page's items.
+    items: Vec<T>,
+    /// The URL of the page after this one, `null` on the last (as in Kuma).
+    next: Value,
+}
+
+impl Page {
+    /// Cuts this page out of `items`, the whole listing in order, before anything is made of
+    /// them; the request's `uri` and `headers` give the `next` URL.
+    fn cut<T>(self, items: Vec<T>, uri: &axum::http::Uri, headers: &HeaderMap) -> Paged<T> {
+        let total = items.len();
+        let end = self
+            .size
+            .map_or(total, |size| self.offset.saturating_add(size).min(total));
+        let next = match self.size {
+            Some(size) if end < total => Value::String(next_url(uri, headers, end, size)),
+            _ => Value::Null,
+        };
+        let items = items
+            .into_iter()
+            .skip(self.offset)
+            .take(end.saturating_sub(self.offset))
+            .collect();
+        Paged { total, items, next }
+    }
+}
+
+/// The URL of the page of `size` items from `offset` of the listing at `uri`: absolute, as
+/// Kuma's, when the request names a valid authority (its `Host`, or an HTTP/2 `:authority`),
+/// with `https` when a TLS proxy in front says so (`X-Forwarded-Proto`); else the path alone.
+fn next_url(uri: &axum::http::Uri, headers: &HeaderMap, offset: usize, size: usize) -> String {
+    let path_and_query = format!("{}?offset={offset}&size={size}", uri.path());
+    let authority = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| axum::http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| uri.authority().cloned());
+    let https = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    match authority {
+        Some(a) => format!(
+            "{}://{a}{path_and_query}",
+            if https { "https" } else { "http" }
+        ),
+        None => path_and_query,
+    }
+}
+
+/// A page as a listing's JSON body.
+fn page_json(page: Paged<Value>) -> Json<Value> {
+    Json(json!({"total": page.total, "items": page.items, "next": page.next}))
 }
 
 fn list_body(
@@ -371,11 +421,17 @@ fn list_body(
     uri: &axum::http::Uri,
     headers: &HeaderMap,
 ) -> Json<Value> {
-    let items: Vec<Value> = items
+    let page = page.cut(items, uri, headers);
+    let items = page
+        .items
         .iter()
         .map(|s| s.resource.to_universal(Some(&s.meta)))
         .collect();
-    Json(page_body(items, page, uri, headers))
+    page_json(Paged {
+        total: page.total,
+        items,
+        next: page.next,
+    })
 }
 
 async fn list_meshes(
@@ -639,7 +695,9 @@ async fn dataplanes_insights(
     .await?;
     let published: HashMap<&str, &PublishedInsight> =
         published.iter().map(|p| (p.name.as_str(), p)).collect();
-    let items: Vec<Value> = items
+    let page = page.cut(items, uri, headers);
+    let items: Vec<Value> = page
+        .items
         .iter()
         .map(|d| {
             let name = d.resource.name.as_str();
@@ -656,7 +714,11 @@ async fn dataplanes_insights(
             })
         })
         .collect();
-    Ok(Json(page_body(items, page, uri, headers)))
+    Ok(page_json(Paged {
+        total: page.total,
+        items,
+        next: page.next,
+    }))
 }
 
 /// The header that says where a `_config` answer came from, when it is not this replica's own
@@ -868,4 +930,49 @@ async fn revoke_dataplane_token(
         })?
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({"revoked": req.id, "mesh": req.mesh})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_names_the_authority_only_when_it_is_one() {
+        let uri: axum::http::Uri = "/meshes/default/dataplanes?size=2".parse().expect("uri");
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().expect("header value"));
+            }
+            next_url(&uri, &h, 4, 2)
+        };
+        assert_eq!(
+            with(&[("host", "cp:5681")]),
+            "http://cp:5681/meshes/default/dataplanes?offset=4&size=2"
+        );
+        assert_eq!(
+            with(&[("host", "cp.example"), ("x-forwarded-proto", "HTTPS")]),
+            "https://cp.example/meshes/default/dataplanes?offset=4&size=2"
+        );
+        assert_eq!(
+            with(&[("host", "evil/x?")]),
+            "/meshes/default/dataplanes?offset=4&size=2",
+            "a Host that is no authority is left out"
+        );
+        assert_eq!(with(&[]), "/meshes/default/dataplanes?offset=4&size=2");
+    }
+
+    #[test]
+    fn json_media_types_are_recognised() {
+        for t in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/problem+json",
+        ] {
+            assert!(is_json_media_type(t), "{t}");
+        }
+        for t in ["text/plain; charset=utf-8", "application/jsonl", ""] {
+            assert!(!is_json_media_type(t), "{t}");
+        }
+    }
 }
