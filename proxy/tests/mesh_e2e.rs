@@ -466,6 +466,51 @@ fn proxies_survive_a_control_plane_restart() {
     request_from(client_host, to, "cp-back").expect("traffic after the restart");
 }
 
+/// A control plane whose host goes silent (packets to it vanish: no reset, no end of stream,
+/// as when its machine dies or the network splits) is noticed through the proxies' HTTP/2
+/// keepalive pings (`CP_KEEPALIVE`, 20 s, and as long for the answer): without them the
+/// discovery stream would wait for TCP to give up, about 15 minutes. Traffic flows meanwhile,
+/// and the proxies reconnect once the host answers again.
+#[test]
+fn proxies_notice_a_silent_control_plane_host() {
+    let env = env_or_skip!("proxies_notice_a_silent_control_plane_host");
+    let hosts = ThreeHosts::new(&env);
+    let (cp_host, client_host) = (&hosts.cp, &hosts.client);
+    let mesh = TwoHosts::start(&env, cp_host, client_host, &hosts.server, "24h");
+    let to = mesh.server_addr();
+    let connected = "weft_control_plane_connected";
+    for s in [&mesh.client, &mesh.server] {
+        assert_eq!(s.metric(connected), 1.0);
+    }
+    // Every packet to or from the control plane's host is dropped from now on (so neither
+    // its own pings nor its closing of the connection reach the proxies); its ARP still
+    // answers, so the senders see no error at all. The rules go with the host's namespace.
+    cp_host
+        .sh("iptables -I INPUT -j DROP && iptables -I OUTPUT -j DROP")
+        .expect("black-hole the control plane's host");
+    // A ping goes out at most 20 s after the last one, and its answer is awaited 20 s.
+    let keepalive_bound = Duration::from_secs(2 * 20 + 15);
+    for s in [&mesh.client, &mesh.server] {
+        wait_for(
+            &format!("{} to notice the silent control plane", s.name),
+            keepalive_bound,
+            || s.metric(connected) == 0.0,
+        );
+    }
+    request_from(client_host, to, "cp-silent").expect("traffic flows without the control plane");
+    cp_host
+        .sh("iptables -D INPUT -j DROP && iptables -D OUTPUT -j DROP")
+        .expect("let the control plane's host answer again");
+    // The reconnect backoff is capped at 15 s, a connect attempt at 5 s.
+    let reconnect_bound = Duration::from_secs(15 + 5 + 15);
+    for s in [&mesh.client, &mesh.server] {
+        wait_for(&format!("{} to reconnect", s.name), reconnect_bound, || {
+            s.metric(connected) == 1.0
+        });
+    }
+    request_from(client_host, to, "cp-answers").expect("traffic after the reconnect");
+}
+
 /// A dataplane whose services change (here: an inbound added through the REST API while its
 /// proxy is connected) gets a certificate naming them at once, not at its next renewal (at
 /// 4/5 of 24 h): until then its peers could not verify it as the new service.
