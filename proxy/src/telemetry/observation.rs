@@ -269,7 +269,7 @@ pub(super) fn begin(
             let started = t.start(b.headers, b.direction == Direction::Inbound);
             if started.sampled {
                 let r = record(&b, obs.handles.service(), started, now());
-                obs.span = Some((Box::new(r), t.sink().clone()));
+                obs.span = Some((SpanRecord::boxed(r), t.sink().clone()));
             }
             Some(started.trace_id)
         }

@@ -379,7 +379,7 @@ async fn export_loop(mut exporter: Exporter, task_queue: TaskQueue, options: Tel
                 }
             }
         }
-        batch.clear();
+        SpanRecord::recycle(batch.drain(..));
         // After a backlog (a slow backend), give back what a normal batch does not need.
         if batch.capacity() > 2 * max {
             batch.shrink_to(max);
