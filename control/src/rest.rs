@@ -158,7 +158,8 @@ async fn json_errors(req: Request, next: Next) -> Response {
         return response;
     }
     let (parts, body) = response.into_parts();
-    // axum's rejections are a line of text; a longer body is cut rather than lost.
+    // axum's rejections are a line of text; a body over the bound (none is) is named, not
+    // read further.
     let text = match axum::body::to_bytes(body, MAX_REJECTION_TEXT).await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
         Err(_) => String::from("(an error body too long to show)"),
