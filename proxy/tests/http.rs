@@ -687,10 +687,29 @@ async fn limits_timeouts_and_permissions_answer_with_their_status() {
 
 /// The request timeout runs from the end of the request, as Envoy's route timeout: an upload
 /// (or a gRPC client stream) that takes longer than it to send is not cut while it is still
-/// sending. From HTTP/1.1 and h2 clients.
+/// sending. From HTTP/1.1 and h2 clients; with mTLS on, and off (the default mesh's), where
+/// the inbound proxy sees a plaintext caller and bounds the request to its HTTP/1.1 app
+/// itself.
 #[tokio::test]
 async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
-    let m = mesh(vec![vec![endpoint("v1", app("one").await)]], |_| {});
+    for mtls_off in [false, true] {
+        let m = mesh_full(
+            Duration::from_millis(500),
+            |s| {
+                if mtls_off {
+                    s.mtls = Some(pb::Mtls::default());
+                }
+            },
+            vec![vec![endpoint("v1", app("one").await)]],
+            |_| {},
+        );
+        upload_slowly(&m, mtls_off).await;
+    }
+}
+
+/// Posts 6 KiB to `/upload` through `m` in 1.2 s from an HTTP/1.1 and an h2 client, and wants
+/// the app's count back.
+async fn upload_slowly(m: &Mesh, mtls_off: bool) {
     let url = format!("http://{}/upload", m.outbound);
     for client in [http1_client(), h2c_client()] {
         // Six chunks of 1 KiB, 200 ms apart: 1.2 s of sending against a 500 ms timeout.
@@ -715,7 +734,11 @@ async fn an_upload_longer_than_the_request_timeout_is_not_cut() {
             .expect("a response");
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!((status, &body[..]), (StatusCode::OK, &b"6144"[..]));
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"6144"[..]),
+            "mTLS off: {mtls_off}"
+        );
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Body {
     idle: Option<Box<IdleWatch>>,
     /// Finished when this (response) body ends: with the request's bytes and this body's.
     observation: Option<(RequestObservation, Option<ByteCount>)>,
+    /// Told when this (request) body has ended; dropped with it otherwise, which tells too.
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 enum Kind {
@@ -123,7 +125,15 @@ impl Body {
             idle_timeout: None,
             idle: None,
             observation: None,
+            ended: None,
         }
+    }
+
+    /// Tells `ended` when this body has ended (or was dropped before its end): a request
+    /// timeout that runs from the end of the request waits for it.
+    pub fn on_end(mut self, ended: tokio::sync::oneshot::Sender<()>) -> Self {
+        self.ended = Some(ended);
+        self
     }
 
     /// Ends the body with [`BodyError::Idle`] when it brings no frame for `timeout`.
@@ -191,6 +201,9 @@ impl Body {
 
     fn end(&mut self, clean: bool) {
         self.hold = None;
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
         if let Some(c) = &self.count {
             c.fetch_add(self.bytes, Ordering::Relaxed);
             self.bytes = 0;

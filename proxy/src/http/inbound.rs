@@ -423,16 +423,24 @@ async fn forward(
     if let Some(c) = &request_bytes {
         body = body.count_into(c.clone());
     }
-    let req = Request::from_parts(parts, body);
     // The caller's own proxy bounds a mesh caller's request (Kuma's 15 s, then 504 and a
-    // reset); a plaintext caller has none, and the request timeout is applied here: to an
-    // h2c app from the end of the request as on the mesh hop (`RequestTimeout`), to an
-    // HTTP/1.1 app from its arrival.
+    // reset); a plaintext caller (PERMISSIVE, or a mesh with mTLS off) has none, and the
+    // request timeout is applied here, from the end of the request as on the mesh hop: by the
+    // h2c client (`RequestTimeout`), and for an HTTP/1.1 app below, once the body has ended.
     let plaintext_timeout = (!ctx.peer_is_mesh()).then(|| RequestTimeout {
         began: observation.started(),
         limit: ctx.shared.opts.request_timeout,
         idle: ctx.shared.opts.stream_idle_timeout,
     });
+    let body_ended = match plaintext_timeout {
+        Some(_) if !app_http2 && !hyper::body::Body::is_end_stream(&body) => {
+            let (tell, ended) = tokio::sync::oneshot::channel();
+            body = body.on_end(tell);
+            Some(ended)
+        }
+        _ => None,
+    };
+    let req = Request::from_parts(parts, body);
     let send = async {
         if app_http2 {
             ctx.clients
@@ -456,10 +464,25 @@ async fn forward(
     // An error is `None` when the request timed out.
     let sent = match plaintext_timeout {
         Some(t) if !app_http2 => {
-            let deadline = crate::http::request_deadline(t.began, t.limit);
-            tokio::time::timeout_at(deadline, send)
-                .await
-                .unwrap_or(Err(None))
+            // From the arrival for a request without a body; from the end of its body
+            // otherwise, so that an upload longer than the timeout is not cut while it is
+            // still sending (a stalled one is ended by the connection's idle timeout).
+            let expired = async {
+                match body_ended {
+                    None => {
+                        tokio::time::sleep_until(crate::http::request_deadline(t.began, t.limit))
+                            .await
+                    }
+                    Some(ended) => {
+                        let _ = ended.await;
+                        tokio::time::sleep(t.limit).await;
+                    }
+                }
+            };
+            tokio::select! {
+                sent = send => sent,
+                () = expired => Err(None),
+            }
         }
         _ => send.await,
     };
